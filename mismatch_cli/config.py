@@ -1,0 +1,128 @@
+"""The run configuration: one dataclass, validated up front and saved in run.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import MismatchError
+
+DTYPES = ("float32", "bfloat16", "float16")
+INFER_ENGINES = ("vllm", "hf")
+# Above this, vLLM builds one Python object per returned log-prob and per token: a
+# 49k-vocabulary model then costs ~0.3 s per generated token. Top-K is the practical path.
+MAX_TOP_LOGPROBS = 1000
+
+
+@dataclass
+class MeasureConfig:
+    """Every setting of a `measure` run. Sampling settings apply to BOTH sides: vLLM samples
+    with them and the training side replays them (temperature, then min-p, top-k, top-p, in
+    vLLM's order, with renormalisation)."""
+
+    model: str = "default"
+    prompts: str = "builtin"
+    prompt_column: str = "prompt"
+    num_prompts: int | None = None
+    chat_template: bool = True
+    samples_per_prompt: int = 4
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int = 0
+    infer_engine: str = "vllm"
+    infer_dtype: str = "bfloat16"
+    train_dtype: str = "float32"
+    top_logprobs: int = 20
+    device: str | None = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    kv_cache_dtype: str = "auto"
+    max_model_len: int | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    chunk_prompts: int = 64
+    rescore_batch_tokens: int = 4096
+
+    def validate(self) -> None:
+        """Raise a one-line MismatchError for any impossible value."""
+
+        def bad(msg: str) -> None:
+            raise MismatchError(msg)
+
+        if self.max_tokens < 1:
+            bad(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        if not self.temperature > 0:
+            bad(
+                f"--temperature must be > 0, got {self.temperature} (greedy decoding has no "
+                "sampling distribution to compare; use e.g. 0.1)"
+            )
+        if not 0 < self.top_p <= 1:
+            bad(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            bad(f"--top-k must be -1 (off) or >= 1, got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            bad(f"--min-p must be in [0, 1), got {self.min_p}")
+        if self.samples_per_prompt < 1:
+            bad(f"--samples-per-prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            bad(f"--num-prompts must be >= 1, got {self.num_prompts}")
+        if not 1 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            bad(
+                f"--top-logprobs must be in [1, {MAX_TOP_LOGPROBS}], got {self.top_logprobs} "
+                "(vLLM returns top-K log-probs as Python objects; full-vocabulary is impractical)"
+            )
+        for name in ("infer_dtype", "train_dtype"):
+            if getattr(self, name) not in DTYPES:
+                bad(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPES)}")
+        if self.infer_engine not in INFER_ENGINES:
+            bad(f"--infer-engine must be one of {', '.join(INFER_ENGINES)}")
+        if self.tensor_parallel_size < 1:
+            bad(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            bad(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.chunk_prompts < 1:
+            bad(f"--chunk-prompts must be >= 1, got {self.chunk_prompts}")
+        if self.rescore_batch_tokens < 1:
+            bad(f"--rescore-batch-tokens must be >= 1, got {self.rescore_batch_tokens}")
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling settings both sides use (recorded in run.json)."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "max_tokens": self.max_tokens,
+            "samples_per_prompt": self.samples_per_prompt,
+            "seed": self.seed,
+            "replay_order": "temperature -> min_p -> top_k -> top_p -> renormalise (vLLM's)",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MeasureConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def parse_engine_args(items: list[str] | None) -> dict[str, Any]:
+    """Parse repeated `key=value` engine arguments; values are read as JSON when they parse."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise MismatchError(f"--engine-arg expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if not key:
+            raise MismatchError(f"--engine-arg has an empty key: {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out

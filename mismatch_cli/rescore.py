@@ -1,0 +1,208 @@
+"""Training side: a transformers forward pass over the rollouts, replaying the sampling settings.
+
+For each generated position t of a completion (prompt c, response y):
+    z_t       = logits of the model at the position that predicts y_t            [V]
+    processed = temperature, then min-p, top-k, top-p masks (vLLM's order), renormalised
+    logp_t    = log_softmax(processed)                                            [V]
+and we keep per position only what the analysis needs (a few scalars, two top-K lists,
+the pruned-mass grid), never the [tokens x V] array: memory grows with the batch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .dvp import pruned_mass_grid_from_logp
+from .schema import RHO_GRID
+
+# Rows of [n, V] logits processed at once in the per-position step (bounds peak memory).
+_ROW_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings replayed on the training side."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+
+
+def processed_logprobs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """log-probs of the sampling distribution, as vLLM's sampler builds it. [n, V] -> [n, V].
+
+    temperature -> min_p (p < min_p * max p, on probabilities) -> top_k -> top_p (on the
+    top-k-masked distribution; drop the ascending-sorted tokens whose cumulative mass is
+    <= 1 - top_p, always keeping the most likely) -> log_softmax. Masked tokens are -inf.
+    """
+    z = logits.float()
+    if s.temperature != 1.0:
+        z = z / s.temperature
+    if s.min_p > 0:
+        probs = torch.softmax(z, dim=-1)
+        z = z.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * s.min_p, float("-inf"))
+    if s.top_k > 0 and s.top_k < z.shape[-1]:
+        kth = z.topk(s.top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if s.top_p < 1.0:
+        z_sorted, idx = z.sort(dim=-1, descending=False)
+        cum = torch.softmax(z_sorted, dim=-1).cumsum(dim=-1)
+        drop = cum <= 1.0 - s.top_p
+        drop[..., -1] = False
+        z = z.scatter(-1, idx, z_sorted.masked_fill(drop, float("-inf")))
+    return torch.log_softmax(z, dim=-1)
+
+
+def position_stats(
+    logp: torch.Tensor,
+    tokens: torch.Tensor,
+    infer_topk_ids: torch.Tensor,
+    infer_topk_logp: torch.Tensor,
+    logp_infer: torch.Tensor,
+    top_k: int,
+) -> dict[str, torch.Tensor]:
+    """Per-position quantities from processed training log-probs.
+
+    logp [n, V] float32; tokens [n]; infer_topk_ids / infer_topk_logp [n, K] (padded with
+    id -1 / -inf); logp_infer [n]. Returns tensors of shape [n] or [n, k] / [n, G].
+    """
+    logp_train = logp.gather(1, tokens[:, None]).squeeze(1)  # [n]
+    logp_max = logp.amax(dim=1)  # [n]
+    p = logp.exp()
+    entropy = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=1)  # [n]
+    k = min(top_k, logp.shape[1])
+    topk = logp.topk(k, dim=1)  # [n, k]
+
+    # eps_hat: spread of d_i = logq_i - logp_i over {infer top-K} U {sampled}, both finite.
+    ids = torch.cat([infer_topk_ids, tokens[:, None]], dim=1)  # [n, K+1]
+    lq = torch.cat([infer_topk_logp, logp_infer[:, None]], dim=1)  # [n, K+1]
+    valid_id = ids >= 0
+    lp = logp.gather(1, ids.clamp(min=0))  # [n, K+1]
+    d = (lq.double() - lp.double()).masked_fill(~valid_id, float("nan"))
+    ok = torch.isfinite(d)
+    d_max = torch.where(ok, d, torch.full_like(d, -np.inf)).amax(dim=1)
+    d_min = torch.where(ok, d, torch.full_like(d, np.inf)).amin(dim=1)
+    eps_hat = torch.where(ok.sum(dim=1) >= 2, (d_max - d_min) / 2, torch.zeros_like(d_max))
+
+    return {
+        "logp_train": logp_train,
+        "logp_max_train": logp_max,
+        "entropy_train": entropy,
+        "topk_ids_train": topk.indices.to(torch.int32),
+        "topk_logp_train": topk.values,
+        "eps_hat": eps_hat,
+        "pruned_mass_minp": pruned_mass_grid_from_logp(logp, RHO_GRID, "min-p"),
+        "pruned_mass_abs": pruned_mass_grid_from_logp(logp, RHO_GRID, "absolute"),
+    }
+
+
+@dataclass
+class SeqInput:
+    """What rescoring needs of one completion."""
+
+    prompt_token_ids: Sequence[int]
+    response_token_ids: Sequence[int]
+    topk_ids_infer: np.ndarray  # [T, K] int32, -1 padded
+    topk_logp_infer: np.ndarray  # [T, K] float32, -inf padded
+    logp_infer: np.ndarray  # [T] float
+
+
+def make_batches(lengths: Sequence[tuple[int, int]], batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices (sorted by prompt length) so each padded batch stays within
+    `batch_tokens` (rows x padded length); a single long sequence forms its own batch."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i][0], lengths[i][1]))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        n = lengths[i][0] + lengths[i][1]
+        new_max = max(cur_max, n)
+        if cur and new_max * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, new_max = [], n
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@torch.inference_mode()
+def forward_logits(
+    model: Any, seqs: Sequence[SeqInput], device: torch.device
+) -> tuple[torch.Tensor, list[slice]]:
+    """One batched forward pass (right padding). Returns the logits that predict every
+    response token, concatenated over the batch [N_tokens, V], and each sequence's slice."""
+    B = len(seqs)
+    full = [list(s.prompt_token_ids) + list(s.response_token_ids)[:-1] for s in seqs]
+    L = max(len(f) for f in full)
+    input_ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for i, f in enumerate(full):
+        input_ids[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+        mask[i, : len(f)] = 1
+    starts = [len(s.prompt_token_ids) - 1 for s in seqs]  # logits at P-1 predict y_0
+    ends = [st + len(s.response_token_ids) for st, s in zip(starts, seqs, strict=True)]
+    lo, hi = min(starts), max(ends)
+    keep = torch.arange(lo, hi, device=device)  # only the window that holds responses
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    logits = out.logits  # [B, hi - lo, V]
+    rows, slices, n = [], [], 0
+    for i in range(B):
+        t = ends[i] - starts[i]
+        rows.append(logits[i, starts[i] - lo : ends[i] - lo])
+        slices.append(slice(n, n + t))
+        n += t
+    return torch.cat(rows, dim=0), slices
+
+
+@torch.inference_mode()
+def score_sequences(
+    model: Any,
+    seqs: Sequence[SeqInput],
+    sampling: Sampling,
+    top_k: int,
+    device: torch.device,
+    batch_tokens: int = 4096,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Score every response token of `seqs` on the training side, batched.
+
+    Returns, per sequence, a dict of numpy arrays with one row per response token.
+    `on_batch(n_tokens)` is called after each forward pass (progress bars).
+    """
+    results: list[dict[str, np.ndarray] | None] = [None] * len(seqs)
+    lengths = [(len(s.prompt_token_ids), len(s.response_token_ids)) for s in seqs]
+    for batch in make_batches(lengths, batch_tokens):
+        bseqs = [seqs[i] for i in batch]
+        logits, slices = forward_logits(model, bseqs, device)  # [N, V]
+        tokens = torch.cat([torch.as_tensor(np.asarray(s.response_token_ids)) for s in bseqs])
+        tokens = tokens.long().to(logits.device)
+        ids_q = torch.cat([torch.as_tensor(s.topk_ids_infer) for s in bseqs]).long()
+        lq_topk = torch.cat([torch.as_tensor(s.topk_logp_infer) for s in bseqs]).float()
+        lq = torch.cat([torch.as_tensor(np.asarray(s.logp_infer)) for s in bseqs]).float()
+        parts: list[dict[str, torch.Tensor]] = []
+        for r in range(0, logits.shape[0], _ROW_CHUNK):
+            sl = slice(r, r + _ROW_CHUNK)
+            logp = processed_logprobs(logits[sl], sampling).cpu()  # [n, V] float32
+            parts.append(
+                position_stats(logp, tokens[sl].cpu(), ids_q[sl], lq_topk[sl], lq[sl], top_k)
+            )
+        merged = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
+        for j, i in enumerate(batch):
+            results[i] = {k: v[slices[j]] for k, v in merged.items()}
+        if on_batch is not None:
+            on_batch(int(logits.shape[0]))
+        del logits
+    return [r for r in results if r is not None]

@@ -1,0 +1,262 @@
+"""Inference side: generate completions with per-token log-probs of the sampling distribution.
+
+Two engines:
+- `vllm` (default): vLLM with `logprobs_mode="processed_logprobs"`, so the returned log-probs
+  are those of the distribution the tokens were sampled from (after temperature and
+  truncation), with the top-K alternatives at every position.
+- `hf`: transformers `generate` with the same sampling rules (vLLM's order), then the
+  log-probs from a teacher-forced forward pass in `--infer-dtype` through the same code as
+  the training side. With equal dtypes the two sides are then bit-identical: the null check
+  that proves the pipeline is wired correctly (positions, prompts, replayed sampling).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .config import MeasureConfig
+
+# One record per completion, the columns of a `rollout` part file.
+Record = dict[str, Any]
+
+
+class RichTqdm:
+    """The slice of tqdm's interface vLLM's `LLM.generate(use_tqdm=...)` uses, over a callback.
+
+    vLLM calls update(n) with the number of finished completions of each request. It also
+    wraps the iterable of requests it adds (``tqdm_func(iterable, ...)``): that pass is silent.
+    """
+
+    def __init__(self, advance: Callable[[int], None], iterable: Any = None, **_: Any) -> None:
+        import time
+
+        self._iterable = iterable
+        self._advance = advance
+        self._t0 = time.monotonic()
+        self.n = 0
+        self.postfix = ""
+
+    @property
+    def format_dict(self) -> dict[str, float]:
+        import time
+
+        return {"elapsed": max(time.monotonic() - self._t0, 1e-9)}
+
+    def __iter__(self) -> Any:
+        return iter(self._iterable if self._iterable is not None else ())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._advance(n)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class VllmEngine:
+    """vLLM generation with processed (sampling-distribution) log-probs."""
+
+    def __init__(self, model_path: str, cfg: MeasureConfig) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = {
+            "model": model_path,
+            "dtype": cfg.infer_dtype,
+            "seed": cfg.seed,
+            "max_logprobs": cfg.top_logprobs,
+            "logprobs_mode": "processed_logprobs",
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "enforce_eager": cfg.enforce_eager,
+            "kv_cache_dtype": cfg.kv_cache_dtype,
+        }
+        if cfg.max_model_len is not None:
+            kwargs["max_model_len"] = cfg.max_model_len
+        kwargs.update(cfg.engine_args)
+        self.cfg = cfg
+        self.llm = LLM(**kwargs)
+
+    def sampling_params(self, prompt_id: int) -> Any:
+        from vllm import SamplingParams
+
+        c = self.cfg
+        return SamplingParams(
+            n=c.samples_per_prompt,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k if c.top_k > 0 else 0,
+            min_p=c.min_p,
+            max_tokens=c.max_tokens,
+            logprobs=c.top_logprobs,
+            seed=c.seed + prompt_id,  # per prompt: reproducible whatever the chunking
+        )
+
+    def generate(
+        self, prompts: Sequence[tuple[int, list[int]]], advance: Callable[[int], None]
+    ) -> list[Record]:
+        """Generate `samples_per_prompt` completions for each (prompt_id, token ids)."""
+        from vllm.inputs import TokensPrompt
+
+        inputs = [TokensPrompt(prompt_token_ids=ids) for _, ids in prompts]
+        params = [self.sampling_params(pid) for pid, _ in prompts]
+        outs = self.llm.generate(
+            inputs, params, use_tqdm=lambda *a, **kw: RichTqdm(advance, *a, **kw)
+        )
+        records: list[Record] = []
+        K = self.cfg.top_logprobs
+        for (pid, ids), out in zip(prompts, outs, strict=True):
+            for j, comp in enumerate(out.outputs):
+                toks = list(comp.token_ids)
+                T = len(toks)
+                top_ids = np.full((T, K), -1, dtype=np.int32)
+                top_lp = np.full((T, K), -np.inf, dtype=np.float32)
+                lp = np.empty(T, dtype=np.float64)
+                for t, (tok, d) in enumerate(zip(toks, comp.logprobs or [], strict=True)):
+                    lp[t] = d[tok].logprob
+                    ranked = sorted(
+                        ((v.rank, k, v.logprob) for k, v in d.items() if v.rank is not None),
+                        key=lambda x: x[0],
+                    )[:K]
+                    for r, (_, k, v) in enumerate(ranked):
+                        top_ids[t, r] = k
+                        top_lp[t, r] = v
+                records.append(
+                    _record(pid, j, ids, toks, lp, top_ids, top_lp, comp.finish_reason, comp.text)
+                )
+        return records
+
+    def close(self) -> None:
+        """Shut the engine process down explicitly (frees memory before rescoring)."""
+        try:
+            engine = getattr(self.llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+        except Exception:  # best effort: the process is going away anyway
+            pass
+        del self.llm
+        import gc
+
+        gc.collect()
+
+
+def _record(
+    prompt_id: int,
+    sample_idx: int,
+    prompt_ids: Sequence[int],
+    toks: Sequence[int],
+    logp: np.ndarray,
+    top_ids: np.ndarray,
+    top_lp: np.ndarray,
+    finish_reason: str | None,
+    text: str,
+) -> Record:
+    return {
+        "prompt_id": int(prompt_id),
+        "sample_idx": int(sample_idx),
+        "prompt_token_ids": np.asarray(prompt_ids, dtype=np.int32),
+        "response_token_ids": np.asarray(toks, dtype=np.int32),
+        "logp_infer": logp.astype(np.float64),
+        "topk_ids_infer": list(top_ids),
+        "topk_logp_infer": list(top_lp),
+        "finish_reason": str(finish_reason or "length"),
+        "text": text,
+    }
+
+
+class HfEngine:
+    """transformers generation with vLLM's sampling rules, scored teacher-forced."""
+
+    def __init__(self, model_path: str, cfg: MeasureConfig, device: Any) -> None:
+        from .rescore import Sampling
+        from .training import load_model
+
+        self.cfg = cfg
+        self.device = device
+        self.model, self.tokenizer = load_model(model_path, cfg.infer_dtype, device)
+        self.sampling = Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p)
+
+    def generate(
+        self, prompts: Sequence[tuple[int, list[int]]], advance: Callable[[int], None]
+    ) -> list[Record]:
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        from .rescore import SeqInput, processed_logprobs, score_sequences
+
+        sampling = self.sampling
+
+        class Replay(LogitsProcessor):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                return processed_logprobs(scores, sampling)
+
+        c = self.cfg
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        records: list[Record] = []
+        for pid, ids in prompts:
+            torch.manual_seed(c.seed + pid)
+            inp = torch.tensor([ids], dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                gen = self.model.generate(
+                    input_ids=inp,
+                    attention_mask=torch.ones_like(inp),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_p=1.0,
+                    top_k=0,
+                    min_p=None,
+                    max_new_tokens=c.max_tokens,
+                    num_return_sequences=c.samples_per_prompt,
+                    logits_processor=LogitsProcessorList([Replay()]),
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                )
+            for j in range(gen.shape[0]):
+                out = gen[j, len(ids) :].tolist()
+                finish = "length"
+                if eos is not None and eos in out:
+                    out = out[: out.index(eos) + 1]
+                    finish = "stop"
+                records.append({"pid": pid, "j": j, "ids": ids, "toks": out, "finish": finish})
+            advance(gen.shape[0])
+        # Log-probs of the sampling distribution, teacher-forced, in the inference dtype.
+        K = c.top_logprobs
+        seqs = [
+            SeqInput(
+                r["ids"],
+                r["toks"],
+                np.full((len(r["toks"]), 0), -1, dtype=np.int32),
+                np.full((len(r["toks"]), 0), -np.inf, dtype=np.float32),
+                np.zeros(len(r["toks"])),
+            )
+            for r in records
+        ]
+        scored = score_sequences(self.model, seqs, sampling, K, self.device, c.rescore_batch_tokens)
+        out_records = []
+        for r, s in zip(records, scored, strict=True):
+            text = self.tokenizer.decode(r["toks"], skip_special_tokens=True)
+            out_records.append(
+                _record(
+                    r["pid"],
+                    r["j"],
+                    r["ids"],
+                    r["toks"],
+                    s["logp_train"].astype(np.float64),
+                    s["topk_ids_train"].astype(np.int32),
+                    s["topk_logp_train"].astype(np.float32),
+                    r["finish"],
+                    text,
+                )
+            )
+        return out_records
+
+    def close(self) -> None:
+        del self.model
