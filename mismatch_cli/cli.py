@@ -26,9 +26,11 @@ app = typer.Typer(
 
 from .commands import demo as _demo  # noqa: E402
 from .commands import measure as _measure  # noqa: E402
+from .commands import sweep as _sweep  # noqa: E402
 
 app.command("measure", no_args_is_help=False)(_measure.measure)
 app.command("demo")(_demo.demo)
+app.command("sweep-threshold")(_sweep.sweep_threshold)
 
 
 def main() -> None:

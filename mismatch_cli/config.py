@@ -37,6 +37,7 @@ class MeasureConfig:
     train_dtype: str = "float32"
     top_logprobs: int = 20
     device: str | None = None
+    attn_implementation: str = "eager"
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     kv_cache_dtype: str = "auto"

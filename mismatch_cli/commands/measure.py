@@ -120,6 +120,13 @@ def measure(
             help="Training-side device (default: cuda if available, else cpu).", rich_help_panel=_T
         ),
     ] = None,
+    attn_implementation: Annotated[
+        str,
+        typer.Option(
+            help="transformers attention: `eager` (default; batch-invariant, bit-identical to one sequence at a time), `sdpa`, `flash_attention_2`.",
+            rich_help_panel=_T,
+        ),
+    ] = "eager",
     rescore_batch_tokens: Annotated[
         int,
         typer.Option(
@@ -186,6 +193,7 @@ def measure(
         train_dtype=train_dtype,
         top_logprobs=top_logprobs,
         device=device,
+        attn_implementation=attn_implementation,
         tensor_parallel_size=tensor_parallel_size,
         enforce_eager=enforce_eager,
         kv_cache_dtype=kv_cache_dtype,
