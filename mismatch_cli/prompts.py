@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ class Prompt:
 
 def builtin_prompts() -> list[Prompt]:
     """The 240 prompts shipped with the package (math, code, reasoning, writing)."""
-    text = resources.files("mismatch_cli").joinpath("data/prompts.jsonl").read_text()
+    text = (Path(__file__).parent / "data" / "prompts.jsonl").read_text()
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [Prompt(int(r["id"]), r["prompt"], r.get("category")) for r in rows]
 

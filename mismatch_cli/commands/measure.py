@@ -123,7 +123,7 @@ def measure(
     attn_implementation: Annotated[
         str,
         typer.Option(
-            help="transformers attention: `eager` (default; batch-invariant, bit-identical to one sequence at a time), `sdpa`, `flash_attention_2`.",
+            help="transformers attention: `eager` (default; batched results match one sequence at a time), `sdpa`, `flash_attention_2`.",
             rich_help_panel=_T,
         ),
     ] = "eager",
