@@ -65,6 +65,9 @@ class VllmEngine:
 
     def __init__(self, model_path: str, cfg: MeasureConfig) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        # vLLM logs every engine setting at INFO; keep the terminal for our progress bars
+        # (set VLLM_LOGGING_LEVEL=INFO to see them).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         kwargs: dict[str, Any] = {

@@ -59,6 +59,29 @@ CsvOpt = Annotated[
 ]
 
 
+_V = "Validation (reruns the model)"
+ValidateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--validate",
+        help="Measure the recommended rho (or the single --rho given) for real: rerun the "
+        "run's rollouts with vLLM min_p = rho, replay it on the training side, and print the "
+        "observed kept-token mismatch next to the prediction. min-p rule only.",
+        rich_help_panel=_V,
+    ),
+]
+ValidateOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--validate-out",
+        help="Run directory of the validation run (default: <RUN>-validate-minp-<rho> beside RUN). "
+        "A complete one is reused, an incomplete one resumed.",
+        show_default=False,
+        rich_help_panel=_V,
+    ),
+]
+
+
 def sweep_threshold(
     run: RunArg,
     rule: RuleOpt = "min-p",
@@ -67,6 +90,8 @@ def sweep_threshold(
     target_mismatch: TargetOpt = None,
     json_out: JsonOpt = False,
     csv: CsvOpt = None,
+    validate: ValidateOpt = False,
+    validate_out: ValidateOutOpt = None,
 ) -> None:
     """Sweep the vocabulary-pruning threshold rho over a run and recommend one.
 
@@ -94,10 +119,60 @@ def sweep_threshold(
             from ..errors import MismatchError
 
             raise MismatchError(f"cannot write {csv}: {e.strerror or e}") from e
+    validation = None
+    if validate:
+        validation = _validate(run, rule, result, validate_out)
+        result["validation"] = validation
     if json_out:
         typer.echo(json.dumps(result, indent=2, allow_nan=False))
         return
     _print_table(result, csv)
+    if validation is not None:
+        _print_validation(validation)
+
+
+def _validate(run: Path, rule: str, result: dict[str, Any], out: Path | None) -> dict[str, Any]:
+    """Pick the rho to validate (a single --rho, else the recommendation) and measure it."""
+    from rich.console import Console
+
+    from ..errors import MismatchError
+    from ..validate import validate
+
+    if rule != "min-p":
+        raise MismatchError(
+            "--validate supports --rule min-p only (vLLM's min_p); the absolute rule has no engine-side equivalent"
+        )
+    rows = result["rows"]
+    if len(rows) == 1:
+        row = rows[0]
+    else:
+        rec = result["recommended"]["rho"]
+        if rec is None:
+            raise MismatchError("no recommended rho to validate; pass a single --rho")
+        row = next(r for r in rows if r["rho"] == rec)
+    return validate(Path(run), row["rho"], row, out, Console(stderr=True))
+
+
+def _print_validation(v: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(
+        title=f"Validation at rho = {v['rho']:g} (min-p): predicted vs observed",
+        title_justify="left",
+    )
+    for h in ("quantity (kept tokens, nats)", "predicted", "observed"):
+        t.add_column(h, justify="right")
+    for k in v["predicted"]:
+        t.add_row(k, _num(v["predicted"][k], ".5f"), _num(v["observed"][k], ".5f"))
+    console = Console()
+    console.print(t)
+    console.print(
+        f"safe-set disagreements: {v['safe_set_disagreements']} of {v['num_tokens']} sampled tokens "
+        f"({_pct(v['safe_set_disagreement_rate'])}) were kept by vLLM but pruned by the training side. "
+        f"Validation run: {v['run']}",
+        highlight=False,
+    )
 
 
 def _pct(x: Any) -> str:
