@@ -1,0 +1,870 @@
+"""Summaries of a run's token table: buckets by p, the (1 - p) bound, tail bias, accumulation
+over sequences, and the metrics RL frameworks log. The numbers behind `mismatch report`.
+
+Conventions (also in every result under `conventions`):
+- delta = logp_infer - logp_train (nats); rho = exp(-delta) is the token importance ratio.
+- p is the training-side probability p_train (`by="train"`), or p_infer with `by="infer"`;
+  the same p is used for the buckets, the envelope, the fit and the tail split.
+- Buckets are [lo, hi), except the last, which includes hi (so p = 1 is counted).
+- Tokens with an infinite delta (a token one side's truncation prunes) are counted in
+  `num_infinite` and excluded from every mean; sequences holding one are excluded from
+  the sequence-level statistics (their log-ratio is infinite).
+- Standard errors treat tokens as independent unless named `*_seq` (clustered by sequence).
+
+Everything is vectorised over the token table (numpy bincount / sort); the only Python loops
+run over buckets or length bins. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import metrics as M
+from . import theory
+from .errors import MismatchError
+from .schema import CONVENTIONS, STATUS_COMPLETE, TOKENS_FILE
+
+# The columns `report` reads from tokens.parquet (and nothing else).
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "seq_id",
+    "delta",
+    "p_train",
+    "p_infer",
+    "eps_hat",
+    "kept_train",
+)
+DEFAULT_EDGES: tuple[float, ...] = (
+    0.0,
+    1e-6,
+    1e-5,
+    1e-4,
+    1e-3,
+    1e-2,
+    0.1,
+    0.5,
+    0.9,
+    0.99,
+    0.999,
+    1.0,
+)
+DEFAULT_TAIL = 0.1
+SIDES = ("train", "infer")
+QUANTILES = (0.5, 0.9, 0.99)
+MAX_LENGTH_BINS = 8
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def parse_edges(edges: str | Sequence[float] | None) -> np.ndarray:
+    """Bucket edges from '0,1e-3,0.1,1' or a sequence (None: DEFAULT_EDGES), validated:
+    at least two, finite, strictly increasing, inside [0, 1]. Raises MismatchError."""
+    if edges is None:
+        return np.asarray(DEFAULT_EDGES, dtype=np.float64)
+    if isinstance(edges, str):
+        try:
+            values = [float(s) for s in edges.replace(" ", "").split(",") if s != ""]
+        except ValueError as e:
+            raise MismatchError(
+                f"--edges must be comma-separated numbers, e.g. 0,1e-3,0.1,1; got {edges!r}"
+            ) from e
+    else:
+        values = [float(v) for v in edges]
+    e = np.asarray(values, dtype=np.float64)
+    if e.size < 2:
+        raise MismatchError(f"--edges needs at least two values, got {e.size}")
+    if not np.all(np.isfinite(e)) or e.min() < 0 or e.max() > 1:
+        raise MismatchError(f"--edges must lie in [0, 1], got {_fmt_list(e)}")
+    if np.any(np.diff(e) <= 0):
+        raise MismatchError(f"--edges must be strictly increasing, got {_fmt_list(e)}")
+    return e
+
+
+def _fmt_list(e: np.ndarray) -> str:
+    return ",".join(f"{v:g}" for v in e)
+
+
+def _check_by(by: str) -> str:
+    if by not in SIDES:
+        raise MismatchError(f"--by must be one of {', '.join(SIDES)}, got {by!r}")
+    return by
+
+
+@dataclass
+class TokenArrays:
+    """The token table as flat arrays, split once into finite and infinite deltas.
+
+    Arrays of the finite tokens have shape [n]; per-sequence arrays [S]. `p` is the
+    bucketing side's probability (p_train or p_infer, per `by`).
+    """
+
+    by: str
+    num_tokens: int  # N, all tokens
+    delta: np.ndarray  # [n] finite deltas
+    p: np.ndarray  # [n] probability of the bucketing side
+    p_train: np.ndarray  # [n]
+    p_infer: np.ndarray  # [n]
+    seq: np.ndarray  # [n] sequence index in 0..S-1
+    eps_hat: np.ndarray  # [N] per-position eps_hat (all tokens)
+    p_inf: np.ndarray  # [N - n] bucketing-side p of the infinite tokens
+    seq_inf: np.ndarray  # [N - n] their sequence index
+    seq_ids: np.ndarray  # [S] the seq_id of each sequence index
+
+    @property
+    def num_finite(self) -> int:
+        return int(self.delta.size)
+
+    @property
+    def num_infinite(self) -> int:
+        return self.num_tokens - self.num_finite
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.seq_ids.size)
+
+    @property
+    def one_minus_p(self) -> np.ndarray:
+        return 1.0 - self.p
+
+
+def token_arrays(df: pd.DataFrame | TokenArrays, by: str | None = None) -> TokenArrays:
+    """Split a token DataFrame into finite / infinite deltas (see TokenArrays).
+
+    Needs seq_id, delta, p_train, p_infer; eps_hat (NaN if absent) and kept_train (True if
+    absent) are optional. A delta is infinite when kept_train is False or delta is not finite.
+    `by` None: "train" for a DataFrame; a TokenArrays keeps its own (and must match `by`).
+    """
+    if isinstance(df, TokenArrays):
+        if by is not None and df.by != by:
+            raise ValueError(f"TokenArrays built with by={df.by!r}, asked for by={by!r}")
+        return df
+    by = _check_by(by or "train")
+    missing = [c for c in ("seq_id", "delta", "p_train", "p_infer") if c not in df.columns]
+    if missing:
+        raise MismatchError(f"token table lacks column(s) {', '.join(missing)}")
+    N = len(df)
+    delta = df["delta"].to_numpy(dtype=np.float64, copy=False)  # [N]
+    p_all = df[f"p_{by}"].to_numpy(dtype=np.float64, copy=False)  # [N]
+    finite = np.isfinite(delta)
+    if "kept_train" in df.columns:
+        finite &= df["kept_train"].to_numpy(dtype=bool, copy=False)
+    codes, uniques = pd.factorize(df["seq_id"], sort=True)  # [N], [S]
+    eps_hat = (
+        df["eps_hat"].to_numpy(dtype=np.float64, copy=False)
+        if "eps_hat" in df.columns
+        else np.full(N, np.nan)
+    )
+    all_finite = bool(finite.all())
+
+    def keep(a: np.ndarray) -> np.ndarray:
+        return a if all_finite else a[finite]
+
+    inf = ~finite
+    return TokenArrays(
+        by=by,
+        num_tokens=N,
+        delta=keep(delta),
+        p=keep(p_all),
+        p_train=keep(df["p_train"].to_numpy(dtype=np.float64, copy=False)),
+        p_infer=keep(df["p_infer"].to_numpy(dtype=np.float64, copy=False)),
+        seq=keep(codes),
+        eps_hat=eps_hat,
+        p_inf=p_all[inf],
+        seq_inf=codes[inf],
+        seq_ids=np.asarray(uniques),
+    )
+
+
+def load_tokens(
+    path: str | Path, columns: Sequence[str] = REQUIRED_COLUMNS
+) -> tuple[pd.DataFrame, dict[str, Any], list[str]]:
+    """Read only `columns` of a run's tokens.parquet: (tokens, run.json, warnings).
+
+    Raises MismatchError for a path that is not a run, a run without tokens.parquet, a table
+    lacking a column, or an empty table; an incomplete run yields a warning, not an error.
+    """
+    from .runs import open_run, read_tokens
+
+    run, meta = open_run(path)
+    status = meta.get("status", "incomplete")
+    if not (run.path / TOKENS_FILE).is_file():
+        raise MismatchError(
+            f"run {run.path} has no {TOKENS_FILE} (status: {status}): nothing to report yet; "
+            f"finish it with `mismatch measure --resume --out {run.path}`"
+        )
+    warnings = []
+    if status != STATUS_COMPLETE:
+        warnings.append(
+            f"run {run.path} is {status}, not complete: reporting the {TOKENS_FILE} it has, "
+            "which may not hold every prompt"
+        )
+    df = read_tokens(run.path, columns=list(columns))
+    if len(df) == 0:
+        raise MismatchError(f"run {run.path} has no tokens: nothing to report")
+    return df, meta, warnings
+
+
+# ----------------------------------------------------------------------------- eps
+
+
+def estimate_eps(df: pd.DataFrame | TokenArrays, q: float = theory.EPS_QUANTILE) -> float:
+    """The global eps of a token table: theory.estimate_eps (q-quantile of eps_hat)."""
+    return theory.estimate_eps(token_arrays(df).eps_hat, q)
+
+
+# ----------------------------------------------------------------------------- buckets
+
+
+def bucket_index(p: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bucket of each p: i with edges[i] <= p < edges[i+1]; p == edges[-1] goes to the last
+    bucket; -1 for p outside [edges[0], edges[-1]]. [n] -> [n] int64"""
+    nb = len(edges) - 1
+    idx = np.searchsorted(edges, p, side="right") - 1  # [n]
+    idx[p == edges[-1]] = nb - 1
+    idx[(idx < 0) | (idx >= nb) | ~np.isfinite(p)] = -1
+    return idx
+
+
+def group_quantiles(
+    values: np.ndarray, group: np.ndarray, num_groups: int, qs: Sequence[float]
+) -> np.ndarray:
+    """Quantiles (numpy's linear rule) of `values` within each group: [n], [n] -> [G, Q].
+
+    A stable counting-style sort by group, then np.quantile (a partition, not a sort) per
+    group: the loop runs over groups, never over tokens. Empty groups give NaN.
+    """
+    out = np.full((num_groups, len(qs)), np.nan)
+    if values.size == 0:
+        return out
+    key = group.astype(np.int16 if num_groups < 2**15 else np.int64)
+    v = values[np.argsort(key, kind="stable")]  # [n] grouped (radix sort for int16)
+    counts = np.bincount(group, minlength=num_groups)
+    ends = np.cumsum(counts)
+    for g in np.flatnonzero(counts):
+        out[g] = np.quantile(v[ends[g] - counts[g] : ends[g]], qs)
+    return out
+
+
+def bucket_stats(
+    df: pd.DataFrame | TokenArrays,
+    edges: Sequence[float] | np.ndarray = DEFAULT_EDGES,
+    by: str | None = None,
+    eps: float | None = None,
+) -> pd.DataFrame:
+    """One row per bucket of p: the mismatch and the bound in that bucket.
+
+    Columns: lo, hi, count (finite tokens), share (of finite tokens), num_infinite,
+    mean_abs_delta, mean_delta, se_delta (std / sqrt(count), ddof 1), p50/p90/p99/max_abs_delta,
+    mean_one_minus_p, abs_delta_per_one_minus_p (mean |delta| / mean (1 - p)),
+    envelope_first_order and envelope_exact (evaluated at the bucket's mean 1 - p),
+    frac_above_envelope (tokens with |delta| above the exact envelope at their own p),
+    frac_above_first_order, share_abs_delta (the bucket's share of the run's sum |delta|).
+    Empty buckets have count 0 and NaN statistics. eps None: estimate_eps.
+    """
+    t = token_arrays(df, by)
+    edges = parse_edges(edges)
+    nb = len(edges) - 1
+    if eps is None:
+        eps = theory.estimate_eps(t.eps_hat)
+    eps = float(eps)
+
+    idx = bucket_index(t.p, edges)  # [n]
+    inb = idx >= 0
+    b = idx[inb]  # [m] tokens inside the edges
+    d = t.delta[inb]  # [m]
+    ad = np.abs(d)  # [m]
+    x = 1.0 - t.p[inb]  # [m] one minus p
+
+    count = np.bincount(b, minlength=nb).astype(np.int64)  # [B]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_d = np.bincount(b, weights=d, minlength=nb) / count
+        mean_ad = np.bincount(b, weights=ad, minlength=nb) / count
+        sum_ad = np.bincount(b, weights=ad, minlength=nb)
+        mean_x = np.bincount(b, weights=x, minlength=nb) / count
+        ss = np.bincount(b, weights=np.square(d - mean_d[b]), minlength=nb)  # two-pass variance
+        se = np.sqrt(ss / (count - 1)) / np.sqrt(count)
+        se[count < 2] = np.nan
+        above = np.bincount(b, weights=ad > theory.envelope_exact(x, eps), minlength=nb) / count
+        above1 = (
+            np.bincount(b, weights=ad > theory.envelope_first_order(x, eps), minlength=nb) / count
+        )
+        ratio = mean_ad / mean_x
+
+    qs = group_quantiles(ad, b, nb, (*QUANTILES, 1.0))  # [B, 4]: p50, p90, p99, max
+
+    bi = bucket_index(t.p_inf, edges)  # [N - n]
+    n_inf = np.bincount(bi[bi >= 0], minlength=nb)
+    if not math.isfinite(eps):  # no eps: no envelope, not "nothing above it"
+        above[:] = np.nan
+        above1[:] = np.nan
+    total_ad = float(np.sum(np.abs(t.delta)))
+    n_fin = max(t.num_finite, 1)
+    return pd.DataFrame(
+        {
+            "lo": edges[:-1],
+            "hi": edges[1:],
+            "count": count,
+            "share": count / n_fin,
+            "num_infinite": n_inf.astype(np.int64),
+            "mean_abs_delta": mean_ad,
+            "mean_delta": mean_d,
+            "se_delta": se,
+            "p50_abs_delta": qs[:, 0],
+            "p90_abs_delta": qs[:, 1],
+            "p99_abs_delta": qs[:, 2],
+            "max_abs_delta": qs[:, 3],
+            "mean_one_minus_p": mean_x,
+            "abs_delta_per_one_minus_p": ratio,
+            "envelope_first_order": theory.envelope_first_order(mean_x, eps),
+            "envelope_exact": theory.envelope_exact(mean_x, eps),
+            "frac_above_envelope": above,
+            "frac_above_first_order": above1,
+            "share_abs_delta": sum_ad / total_ad if total_ad > 0 else np.full(nb, np.nan),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- the bound
+
+
+def envelope_check(
+    df: pd.DataFrame | TokenArrays, eps: float, by: str | None = None
+) -> dict[str, Any]:
+    """Tokens above each envelope at eps: first order 2 eps (1 - p), exact (two-sided, tight),
+    weak (exp(2 eps) - 1)(1 - p), and the flat 2 eps. {name: {num_above, frac_above}}."""
+    t = token_arrays(df, by)
+    ad = np.abs(t.delta)  # [n]
+    x = t.one_minus_p  # [n]
+    out: dict[str, Any] = {"eps": eps}
+    bounds = {
+        "first_order": theory.envelope_first_order(x, eps),
+        "exact": theory.envelope_exact(x, eps),
+        "weak": theory.envelope_weak(x, eps),
+        "two_eps": np.full_like(x, 2.0 * eps),
+    }
+    for name, env in bounds.items():
+        k = int(np.count_nonzero(ad > env)) if math.isfinite(eps) else 0
+        out[name] = {
+            "num_above": k if math.isfinite(eps) else None,
+            "frac_above": k / t.num_finite if t.num_finite and math.isfinite(eps) else math.nan,
+        }
+    return out
+
+
+def eps_needed(df: pd.DataFrame | TokenArrays, q: float = 0.99, by: str | None = None) -> float:
+    """The smallest eps whose exact envelope covers a fraction q of the finite tokens."""
+    t = token_arrays(df, by)
+    if not t.num_finite:
+        return math.nan
+    return float(np.quantile(theory.eps_to_cover(np.abs(t.delta), t.one_minus_p), q))
+
+
+def fit_slope(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Least squares y ~ slope * x through the origin: slope = sum xy / sum x^2.
+
+    r2 = 1 - SS_res / SS_tot with SS_tot centred on mean y: the share of the variance of y
+    the line explains (can be negative, honest for a fit without intercept).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    sxx = float(np.dot(x, x))
+    if x.size == 0 or sxx == 0:
+        return {"slope": math.nan, "r2": math.nan, "n": int(x.size)}
+    slope = float(np.dot(x, y)) / sxx
+    ss_res = float(np.sum(np.square(y - slope * x)))
+    ss_tot = float(np.sum(np.square(y - y.mean())))
+    return {
+        "slope": slope,
+        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan,
+        "n": int(x.size),
+    }
+
+
+# ----------------------------------------------------------------------------- tail bias
+
+
+def _mean_se(d: np.ndarray) -> tuple[float, float]:
+    if d.size == 0:
+        return math.nan, math.nan
+    m = float(d.mean())
+    return m, float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
+
+
+def _z_p(mean: float, se: float) -> tuple[float, float]:
+    """z = mean / se and its two-sided normal p-value."""
+    if not (math.isfinite(mean) and math.isfinite(se)) or se <= 0:
+        return math.nan, math.nan
+    z = mean / se
+    return z, math.erfc(abs(z) / math.sqrt(2.0))
+
+
+def tail_bias(
+    df: pd.DataFrame | TokenArrays, threshold: float = DEFAULT_TAIL, by: str | None = None
+) -> dict[str, Any]:
+    """Signed mean delta of tail tokens (p < threshold) against head tokens (p >= threshold).
+
+    theory.md s.3: sampled from q, E[delta] = KL(q || p) >= 0, and the bias lives in the tail.
+    Returns threshold, n, token_share, abs_delta_share (of the run's sum |delta|), mean_delta,
+    se (iid), z, p_value (two-sided, normal), se_seq / z_seq (clustered by sequence), `head`
+    (n, mean_delta, se, z, p_value) and diff / se_diff / z_diff (tail minus head).
+    """
+    if not 0 < threshold <= 1:
+        raise MismatchError(f"--tail must be in (0, 1], got {threshold}")
+    t = token_arrays(df, by)
+    is_tail = t.p < threshold  # [n]
+    d_tail, d_head = t.delta[is_tail], t.delta[~is_tail]
+    ad = np.abs(t.delta)
+    total_ad = float(ad.sum())
+    m_t, se_t = _mean_se(d_tail)
+    m_h, se_h = _mean_se(d_head)
+    z_t, p_t = _z_p(m_t, se_t)
+    z_h, p_h = _z_p(m_h, se_h)
+    # Cluster-robust (CR0) standard error: residuals summed per sequence first.
+    se_seq = math.nan
+    if d_tail.size > 1:
+        r = np.bincount(t.seq[is_tail], weights=d_tail - m_t, minlength=t.num_sequences)  # [S]
+        se_seq = float(math.sqrt(float(np.sum(np.square(r)))) / d_tail.size)
+    z_seq, p_seq = _z_p(m_t, se_seq)
+    diff = m_t - m_h
+    se_diff = (
+        math.sqrt(se_t**2 + se_h**2) if math.isfinite(se_t) and math.isfinite(se_h) else math.nan
+    )
+    z_diff, p_diff = _z_p(diff, se_diff)
+    n = max(t.num_finite, 1)
+    return {
+        "threshold": float(threshold),
+        "n": int(d_tail.size),
+        "token_share": d_tail.size / n if t.num_finite else math.nan,
+        "abs_delta_share": float(ad[is_tail].sum()) / total_ad if total_ad > 0 else math.nan,
+        "mean_delta": m_t,
+        "se": se_t,
+        "z": z_t,
+        "p_value": p_t,
+        "se_seq": se_seq,
+        "z_seq": z_seq,
+        "p_value_seq": p_seq,
+        "head": {"n": int(d_head.size), "mean_delta": m_h, "se": se_h, "z": z_h, "p_value": p_h},
+        "diff": diff,
+        "se_diff": se_diff,
+        "z_diff": z_diff,
+        "p_value_diff": p_diff,
+    }
+
+
+# ----------------------------------------------------------------------------- sequences
+
+
+def sequence_stats(df: pd.DataFrame | TokenArrays, by: str | None = None) -> pd.DataFrame:
+    """One row per sequence: seq_id, num_tokens, num_infinite, sum_delta (+inf if any token
+    is infinite), sum_abs_delta, mean_delta (the log-PPL gap, mean_t logp_infer - mean_t
+    logp_train; inf likewise), sum_one_minus_p (over all its tokens, p as in `by`)."""
+    t = token_arrays(df, by)
+    S = t.num_sequences
+    n_fin = np.bincount(t.seq, minlength=S)  # [S]
+    n_inf = np.bincount(t.seq_inf, minlength=S)  # [S]
+    num = n_fin + n_inf
+    sum_d = np.bincount(t.seq, weights=t.delta, minlength=S)
+    sum_ad = np.bincount(t.seq, weights=np.abs(t.delta), minlength=S)
+    sum_x = np.bincount(t.seq, weights=t.one_minus_p, minlength=S) + np.bincount(
+        t.seq_inf, weights=1.0 - t.p_inf, minlength=S
+    )
+    has_inf = n_inf > 0
+    sum_d = np.where(has_inf, np.inf, sum_d)
+    return pd.DataFrame(
+        {
+            "seq_id": t.seq_ids,
+            "num_tokens": num.astype(np.int64),
+            "num_infinite": n_inf.astype(np.int64),
+            "sum_delta": sum_d,
+            "sum_abs_delta": np.where(has_inf, np.inf, sum_ad),
+            "mean_delta": sum_d / np.maximum(num, 1),
+            "sum_one_minus_p": sum_x,
+        }
+    )
+
+
+def _ols(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """y ~ a + b x: slope b, intercept a, Pearson r."""
+    if x.size < 2 or np.ptp(x) == 0:
+        return {"slope": math.nan, "intercept": math.nan, "corr": math.nan}
+    xc, yc = x - x.mean(), y - y.mean()
+    sxx, syy = float(np.dot(xc, xc)), float(np.dot(yc, yc))
+    b = float(np.dot(xc, yc)) / sxx
+    r = float(np.dot(xc, yc)) / math.sqrt(sxx * syy) if syy > 0 else math.nan
+    return {"slope": b, "intercept": float(y.mean() - b * x.mean()), "corr": r}
+
+
+def length_bins(seqs: pd.DataFrame, max_bins: int = MAX_LENGTH_BINS) -> pd.DataFrame:
+    """Mean sum delta per length bin (finite sequences; bins of roughly equal count).
+
+    Columns: lo, hi (lengths, [lo, hi), last bin includes hi), count, mean_length,
+    mean_sum_delta, se_sum_delta, std_sum_delta. A linear drift of mean_sum_delta with
+    length and a sqrt growth of its std are theory.md s.3's accumulation."""
+    fin = seqs[np.isfinite(seqs["sum_delta"].to_numpy())]
+    L = fin["num_tokens"].to_numpy(dtype=np.float64)
+    y = fin["sum_delta"].to_numpy(dtype=np.float64)
+    cols = ["lo", "hi", "count", "mean_length", "mean_sum_delta", "se_sum_delta", "std_sum_delta"]
+    if L.size == 0:
+        return pd.DataFrame(columns=cols)
+    edges = np.unique(np.round(np.quantile(L, np.linspace(0, 1, max_bins + 1))))
+    if edges.size == 1:
+        edges = np.array([edges[0], edges[0]])
+    idx = bucket_index(L, edges)
+    nb = len(edges) - 1
+    count = np.bincount(idx, minlength=nb)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_y = np.bincount(idx, weights=y, minlength=nb) / count
+        mean_l = np.bincount(idx, weights=L, minlength=nb) / count
+        var = np.bincount(idx, weights=np.square(y - mean_y[idx]), minlength=nb) / (count - 1)
+    std = np.where(count > 1, np.sqrt(var), np.nan)
+    out = pd.DataFrame(
+        {
+            "lo": edges[:-1],
+            "hi": edges[1:],
+            "count": count.astype(np.int64),
+            "mean_length": mean_l,
+            "mean_sum_delta": mean_y,
+            "se_sum_delta": std / np.sqrt(count),
+            "std_sum_delta": std,
+        }
+    )
+    return out[out["count"] > 0].reset_index(drop=True)
+
+
+def accumulation(seqs: pd.DataFrame) -> dict[str, Any]:
+    """How sum delta grows over a sequence: OLS of sum delta on length and on sum (1 - p)
+    (slope, intercept, corr) over sequences without an infinite delta, plus `length_bins`."""
+    fin = seqs[np.isfinite(seqs["sum_delta"].to_numpy())]
+    y = fin["sum_delta"].to_numpy(dtype=np.float64)
+    return {
+        "num_sequences": len(fin),
+        "vs_length": _ols(fin["num_tokens"].to_numpy(dtype=np.float64), y),
+        "vs_sum_one_minus_p": _ols(fin["sum_one_minus_p"].to_numpy(dtype=np.float64), y),
+        "length_bins": length_bins(seqs).to_dict(orient="records"),
+    }
+
+
+# ----------------------------------------------------------------------------- RL metrics
+
+
+def _stats3(w: np.ndarray, prefix: str) -> dict[str, float]:
+    if not w.size:
+        return {f"{prefix}_mean": math.nan, f"{prefix}_min": math.nan, f"{prefix}_max": math.nan}
+    return {
+        f"{prefix}_mean": float(w.mean()),
+        f"{prefix}_min": float(w.min()),
+        f"{prefix}_max": float(w.max()),
+    }
+
+
+def rl_metrics(
+    df: pd.DataFrame | TokenArrays, seqs: pd.DataFrame | None = None, by: str | None = None
+) -> dict[str, float]:
+    """The metrics RL frameworks log (theory.md s.5), finite tokens / sequences only.
+
+    d = -delta (verl); rho = exp(d) per token; a sequence's ratio is the product exp(sum d)
+    (log clamped to +-20, as chi2_seq) or the geometric mean exp(mean d). ESS is the fraction
+    1 / mean((w / mean w)^2). Caps count ratios ABOVE C (what truncated IS clips).
+    """
+    t = token_arrays(df, by)
+    seqs = sequence_stats(t) if seqs is None else seqs
+    d = t.delta  # [n]
+    ad = np.abs(d)
+    dp = np.abs(t.p_train - t.p_infer)  # [n]
+    fin = seqs[np.isfinite(seqs["sum_delta"].to_numpy())]
+    sum_delta = fin["sum_delta"].to_numpy(dtype=np.float64)  # [S']
+    gap = fin["mean_delta"].to_numpy(dtype=np.float64)  # [S'] log-PPL gap per sequence
+    rho = np.exp(-d)  # [n]
+    w_seq = np.exp(np.clip(-sum_delta, -M.SEQ_LOG_CLAMP, M.SEQ_LOG_CLAMP))  # [S']
+    w_geo = np.exp(-gap)  # [S']
+    pearson = math.nan
+    if d.size > 1 and np.std(t.p_train) > 0 and np.std(t.p_infer) > 0:
+        pearson = float(np.corrcoef(t.p_train, t.p_infer)[0, 1])
+
+    def mean_or_nan(a: np.ndarray) -> float:
+        return float(a.mean()) if a.size else math.nan
+
+    out: dict[str, float] = {
+        "k1": M.k1(d),
+        "k2": M.k2(d),
+        "k3": M.k3(d),
+        "mean_delta": M.k1(d),
+        "std_delta": float(d.std()) if d.size else math.nan,
+        "mean_abs_delta": M.mean_abs(d),
+        "max_abs_delta": M.max_abs(d),
+        "std_abs_delta": float(ad.std()) if d.size else math.nan,
+        "mean_abs_dp": mean_or_nan(dp),
+        "max_abs_dp": float(dp.max()) if dp.size else math.nan,
+        "pearson_p": pearson,
+        "log_ppl_gap_mean": mean_or_nan(gap),
+        "log_ppl_gap_abs_mean": mean_or_nan(np.abs(gap)),
+        "ppl_ratio": mean_or_nan(np.exp(gap)),
+        "chi2_token": M.chi2_token(d),
+        "chi2_seq": M.chi2_seq(-sum_delta),
+        **_stats3(rho, "is_token"),
+        **_stats3(w_seq, "is_seq"),
+        **_stats3(w_geo, "is_seq_geo"),
+        "ess_token": M.ess(rho),
+        "ess_seq": M.ess(w_seq),
+        "ess_seq_geo": M.ess(w_geo),
+    }
+    for c in M.CAPS:
+        out[f"frac_token_above_cap_{c:g}"] = mean_or_nan(rho > c)
+        out[f"frac_seq_above_cap_{c:g}"] = mean_or_nan(w_seq > c)
+    return out
+
+
+# ----------------------------------------------------------------------------- verdict
+
+
+def _pct(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    if x == 0 or x == 1:
+        return f"{100 * x:.0f}%"
+    return f"{100 * x:.3g}%" if 0.001 <= x <= 0.999 else f"{100 * x:.2g}%"
+
+
+def _num(x: float | None, sign: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    s = f"{x:+.3g}" if sign else f"{x:.3g}"
+    return s
+
+
+def verdict(result: dict[str, Any]) -> str:
+    """The plain-words paragraph: the bound, the tail, the accumulation, the RL metrics."""
+    parts: list[str] = []
+    n, ni = result["num_tokens"], result["num_infinite"]
+    if ni:
+        parts.append(
+            f"{ni} of {n} tokens ({_pct(ni / n)}) have an infinite delta (a token one side's "
+            "truncation prunes) and are left out of every statistic below."
+        )
+    env, eps = result["envelope"], result["eps"]
+    side = "p_train" if result["by"] == "train" else "p_infer"
+    if eps is not None and math.isfinite(eps):
+        hold = 1 - env["exact"]["frac_above"] if env["exact"]["frac_above"] is not None else None
+        hold1 = (
+            1 - env["first_order"]["frac_above"]
+            if env["first_order"]["frac_above"] is not None
+            else None
+        )
+        parts.append(
+            f"The exact (1 - p) bound holds for {_pct(hold)} of tokens with eps = {_num(eps)} "
+            f"({result['eps_estimator']}), the first-order 2 eps (1 - p) envelope for "
+            f"{_pct(hold1)}; covering 99% of tokens would need "
+            f"eps = {_num(result['eps_needed_q99'])}."
+        )
+    fit = result["fit"]
+    parts.append(
+        f"|delta| against (1 - p) through the origin: slope {_num(fit['slope'])} nats, "
+        f"R^2 = {_num(fit['r2'])}."
+    )
+    tl = result["tail"]
+    if tl["n"]:
+        z = tl["z"]
+        if z is None or not math.isfinite(z):
+            sig = "too few tokens for a standard error"
+        elif abs(z) < 2:
+            sig = f"{abs(z):.1f} standard errors from zero: not distinguishable from zero"
+        else:
+            sig = f"{abs(z):.1f} standard errors {'above' if z > 0 else 'below'} zero"
+        parts.append(
+            f"Tokens with {side} < {tl['threshold']:g} are {_pct(tl['token_share'])} of tokens "
+            f"but carry {_pct(tl['abs_delta_share'])} of total |delta|; their signed mean is "
+            f"{_num(tl['mean_delta'], True)} nats ({sig}), against "
+            f"{_num(tl['head']['mean_delta'], True)} for the other tokens."
+        )
+    else:
+        parts.append(f"No token has {side} < {tl['threshold']:g}.")
+    acc = result["accumulation"]
+    vl, vx = acc["vs_length"], acc["vs_sum_one_minus_p"]
+    if acc["num_sequences"] > 1 and vl["slope"] is not None:
+        parts.append(
+            f"Per sequence, sum delta drifts by {_num(vl['slope'], True)} nats per token "
+            f"(correlation with length {_num(vl['corr'])}, with sum (1 - p) {_num(vx['corr'])})."
+        )
+    m = result["metrics"]
+    parts.append(
+        f"RL metrics: k3 = {_num(m['k3'])}, mean |delta| = {_num(m['mean_abs_delta'])} "
+        f"(slime fails CI above 0.1), mean |delta p| = {_num(m['mean_abs_dp'])} (verl: below "
+        f"0.005 normal, above 0.01 suspicious); {_pct(m['frac_token_above_cap_2'])} of tokens "
+        f"and {_pct(m['frac_seq_above_cap_2'])} of sequences have an importance ratio above 2."
+    )
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------- analyze
+
+
+def json_ready(obj: Any) -> Any:
+    """A copy of `obj` that json.dumps(allow_nan=False) accepts: NaN / inf -> None, numpy
+    scalars -> Python numbers, DataFrames -> lists of records, Paths -> str."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, pd.DataFrame):
+        return json_ready(obj.to_dict(orient="records"))
+    if isinstance(obj, np.ndarray):
+        return json_ready(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _run_info(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    cfg = meta.get("config", {}) or {}
+    keys = ("infer_engine", "infer_dtype", "train_dtype", "temperature", "top_p", "top_k", "min_p")
+    return {
+        "path": str(path),
+        "status": meta.get("status"),
+        "model": (meta.get("model") or {}).get("name") or cfg.get("model"),
+        **{k: cfg.get(k) for k in keys},
+    }
+
+
+def analyze(
+    source: pd.DataFrame | str | Path,
+    *,
+    edges: Sequence[float] | str | None = DEFAULT_EDGES,
+    by: str = "train",
+    tail: float = DEFAULT_TAIL,
+    eps: float | None = None,
+    sequences: pd.DataFrame | None = None,
+) -> dict[str, Any]:
+    """The full report of a run (path) or token DataFrame, as a JSON-ready dict.
+
+    Keys: run, warnings, conventions, by, num_tokens, num_finite, num_infinite,
+    num_sequences, num_sequences_infinite, num_outside_edges, eps (used for the envelopes),
+    eps_hat (the data's estimate, q0.99 of per-position eps_hat), eps_estimator,
+    eps_hat_quantiles, eps_needed_q99, edges, buckets, envelope, fit, tail, accumulation,
+    metrics, verdict. NaN becomes None. `sequences` (optional) only supplies num_sequences
+    when it lists completions the token table lacks; every statistic comes from the tokens.
+    """
+    by = _check_by(by)
+    e = parse_edges(edges)
+    if not 0 < tail <= 1:
+        raise MismatchError(f"--tail must be in (0, 1], got {tail}")
+    if eps is not None and not (math.isfinite(eps) and eps >= 0):
+        raise MismatchError(f"--eps must be a finite number >= 0, got {eps}")
+    run: dict[str, Any] | None = None
+    warnings: list[str] = []
+    if isinstance(source, (str, Path)):
+        df, meta, warnings = load_tokens(source)
+        run = _run_info(Path(source), meta)
+    else:
+        df = source
+        if len(df) == 0:
+            raise MismatchError("the token table is empty: nothing to report")
+    t = token_arrays(df, by)
+    del df
+
+    eps_data = theory.estimate_eps(t.eps_hat)
+    eps_used = float(eps) if eps is not None else eps_data
+    estimator = "--eps" if eps is not None else theory.eps_estimator_name()
+    finite_eh = t.eps_hat[np.isfinite(t.eps_hat)]
+    eh_q = (
+        dict(
+            zip(
+                ("p50", "p90", "p99", "max"),
+                np.quantile(finite_eh, [0.5, 0.9, 0.99, 1.0]),
+                strict=True,
+            )
+        )
+        if finite_eh.size
+        else {}
+    )
+
+    buckets = bucket_stats(t, e, by, eps_used)
+    seqs = sequence_stats(t)
+    n_seq_inf = int((seqs["num_infinite"] > 0).sum())
+    num_sequences = t.num_sequences
+    if sequences is not None and "seq_id" in sequences.columns:
+        num_sequences = max(num_sequences, int(sequences["seq_id"].nunique()))
+    if t.num_infinite:
+        warnings.append(
+            f"{t.num_infinite} token(s) have an infinite delta (kept-set disagreement): "
+            "counted in num_infinite, excluded from every statistic"
+        )
+    side = f"p_{by}"
+    result: dict[str, Any] = {
+        "run": run,
+        "warnings": warnings,
+        "conventions": {
+            "delta": CONVENTIONS["delta"],
+            "p": f"p = {side} (buckets, envelope, fit and tail use this side)",
+            "buckets": "[lo, hi); the last bucket includes hi",
+            "envelope_exact": (
+                "log(1 + (1 - p)(exp(2 eps) - 1)), the tight two-sided bound on |delta|"
+            ),
+            "envelope_first_order": "2 eps (1 - p)",
+            "eps_hat": CONVENTIONS["eps_hat"],
+            "infinite_delta": CONVENTIONS["infinite_delta"],
+            "se": "standard errors treat tokens as independent; *_seq ones cluster by sequence",
+        },
+        "by": by,
+        "num_tokens": t.num_tokens,
+        "num_finite": t.num_finite,
+        "num_infinite": t.num_infinite,
+        "frac_infinite": t.num_infinite / t.num_tokens,
+        "num_sequences": num_sequences,
+        "num_sequences_infinite": n_seq_inf,
+        "num_outside_edges": t.num_finite - int(buckets["count"].sum()),
+        "eps": eps_used,
+        "eps_hat": eps_data,
+        "eps_estimator": estimator,
+        "eps_hat_quantiles": eh_q,
+        "eps_needed_q99": eps_needed(t, 0.99, by),
+        "edges": e,
+        "buckets": buckets,
+        "envelope": envelope_check(t, eps_used, by),
+        "fit": fit_slope(t.one_minus_p, np.abs(t.delta)),
+        "tail": tail_bias(t, tail, by),
+        "accumulation": accumulation(seqs),
+        "metrics": rl_metrics(t, seqs),
+    }
+    result = json_ready(result)
+    result["verdict"] = verdict(result)
+    return result
+
+
+__all__ = [
+    "DEFAULT_EDGES",
+    "DEFAULT_TAIL",
+    "REQUIRED_COLUMNS",
+    "TokenArrays",
+    "accumulation",
+    "analyze",
+    "bucket_index",
+    "bucket_stats",
+    "envelope_check",
+    "eps_needed",
+    "estimate_eps",
+    "fit_slope",
+    "group_quantiles",
+    "json_ready",
+    "length_bins",
+    "load_tokens",
+    "parse_edges",
+    "rl_metrics",
+    "sequence_stats",
+    "tail_bias",
+    "token_arrays",
+    "verdict",
+]

@@ -1,0 +1,132 @@
+"""`mismatch plot`: the figures of one run, or of several overlaid, from their Parquet files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..options import EdgesOpt
+
+_F = "Figures"
+_A = "Analysis"
+
+
+def plot(
+    runs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="One or more run directories written by `mismatch measure`; several are "
+            "overlaid in every figure.",
+            metavar="RUN...",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Directory for the figures (created if needed). Default with one run: "
+            "RUN/figures.",
+            show_default=False,
+            rich_help_panel=_F,
+        ),
+    ] = None,
+    fmt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            metavar="png|pdf|svg",
+            help="Output format; repeat for several (`--format png --format pdf`). Default: png.",
+            show_default=False,
+            rich_help_panel=_F,
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            metavar="NAME",
+            help="Legend name of each run, in order (repeat once per run). Default: the "
+            "run directory names.",
+            show_default=False,
+            rich_help_panel=_F,
+        ),
+    ] = None,
+    figure: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--figure",
+            metavar="bound|bias|sequence|distribution|sweep",
+            help="Draw only these figures (repeatable). Default: all five.",
+            show_default=False,
+            rich_help_panel=_F,
+        ),
+    ] = None,
+    dpi: Annotated[
+        int, typer.Option(help="Resolution of PNG output.", rich_help_panel=_F, min=50, max=1200)
+    ] = 200,
+    edges: EdgesOpt = None,
+    eps: Annotated[
+        float | None,
+        typer.Option(
+            help="Logit perturbation eps for the envelopes (nats); default: the 0.99 quantile "
+            "of the per-position eps_hat of each run.",
+            show_default=False,
+            rich_help_panel=_A,
+        ),
+    ] = None,
+    show_table: Annotated[
+        bool,
+        typer.Option("--show-table", help="Also print the report of each run.", rich_help_panel=_A),
+    ] = False,
+) -> None:
+    """Draw the figures of one or several runs: bound (|delta| against 1 - p with the
+    envelopes), bias (signed mean delta per p_train bucket), sequence (accumulation),
+    distribution (delta and importance ratios with caps 2 / 3 / 5), sweep (pruning
+    trade-off). delta = logp_infer - logp_train (nats); p = p_train, the training side.
+    Reads the runs' Parquet files only (never loads a model).
+    """
+    from rich.console import Console
+
+    from ..errors import MismatchError
+
+    if not runs:
+        raise MismatchError("no runs given: `mismatch plot RUN [RUN ...] --out DIR`")
+    from ..analysis import parse_edges
+    from ..plots import check_figures, check_formats, make_figures
+
+    formats = check_formats(fmt or ["png"])  # bad flags fail before any file is read
+    names = check_figures(figure)
+    edge_values = parse_edges(edges)
+    if eps is not None and not (eps >= 0):
+        raise MismatchError(f"--eps must be >= 0, got {eps}")
+    if out is None:
+        if len(runs) > 1:
+            raise MismatchError("--out DIR is required with several runs")
+        out = runs[0] / "figures"
+    console, err = Console(), Console(stderr=True)
+    notes: list[str] = []
+    paths = make_figures(
+        runs,
+        out,
+        formats,
+        label,
+        figures=names,
+        dpi=dpi,
+        edges=edge_values,
+        eps=eps,
+        notes=notes,
+    )
+    for n in notes:
+        err.print(f"[bold yellow]note:[/] {n}", highlight=False, soft_wrap=True)
+    if show_table:
+        from ..analysis import analyze
+        from ..report import print_report
+
+        for r in runs:
+            print_report(analyze(r, edges=edge_values, eps=eps), console)
+    console.print(f"wrote {len(paths)} file(s) to {out}:", highlight=False)
+    for p in paths:
+        console.print(f"  {p}", highlight=False)

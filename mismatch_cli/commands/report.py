@@ -1,0 +1,89 @@
+"""`mismatch report`: the tables and verdict of a run, from its Parquet files only."""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..options import EdgesOpt, JsonOpt, RunArg
+
+_A = "Analysis"
+_O = "Output"
+
+
+class Side(str, enum.Enum):
+    """Which probability buckets the tokens (and is the p of the envelope and the tail)."""
+
+    train = "train"
+    infer = "infer"
+
+
+def report(
+    run: RunArg,
+    edges: EdgesOpt = None,
+    by: Annotated[
+        Side,
+        typer.Option(
+            help="Bucket by the training-side p (p_train, the default) or the inference side "
+            "(p_infer); the envelope, fit and tail use the same p.",
+            rich_help_panel=_A,
+        ),
+    ] = Side.train,
+    tail: Annotated[
+        float,
+        typer.Option(help="Tail threshold: tokens with p < TAIL are the tail.", rich_help_panel=_A),
+    ] = 0.1,
+    eps: Annotated[
+        float | None,
+        typer.Option(
+            help="Logit perturbation eps for the envelopes (nats); default: the 0.99 quantile "
+            "of the per-position eps_hat.",
+            rich_help_panel=_A,
+            show_default=False,
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+    csv: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv",
+            help="Also write each table as a CSV file into this directory.",
+            rich_help_panel=_O,
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Summarise a run: mismatch by token-probability bucket, the (1 - p) bound, tail bias,
+    accumulation over sequences, the metrics RL frameworks log, and a verdict.
+
+    Reads the run's tokens.parquet only (never loads a model). Conventions: delta =
+    logp_infer - logp_train (nats); buckets are by the training-side probability p_train
+    ([lo, hi), the last bucket includes 1); tokens with an infinite delta (kept-set
+    disagreement) are counted and excluded from every mean.
+    """
+    from rich.console import Console
+
+    from ..analysis import analyze, parse_edges
+
+    edge_values = parse_edges(edges)  # bad --edges fail before any file is read
+    result = analyze(run, edges=edge_values, by=by.value, tail=tail, eps=eps)
+    err = Console(stderr=True)
+    for w in result["warnings"]:
+        if "infinite delta" not in w:  # the report itself states those
+            err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if csv is not None:
+        from ..report import write_csv
+
+        paths = write_csv(result, csv)
+        err.print(f"wrote {len(paths)} CSV files to {csv}", highlight=False)
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        return
+    from ..report import print_report
+
+    print_report(result, Console())

@@ -1,0 +1,397 @@
+"""Rendering of an `analysis.analyze` result: rich tables for people, CSV files for tools.
+
+`print_report(result, console)` is what `mismatch report` and the end of `measure` print.
+Nothing here computes a statistic: every number comes from the result dict.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich import box
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+DASH = "–"  # an empty bucket or an undefined statistic: never printed as 0
+
+
+def fmt(x: float | None, digits: int = 3, sign: bool = False) -> str:
+    """A number in `digits` significant figures; compact scientific when tiny or huge
+    (2.6e-6); '–' if None or NaN."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return DASH
+    if isinstance(x, int) and not isinstance(x, bool):
+        return f"{x:,}"
+    s = "+" if sign else ""
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        mant, exp = f"{x:{s}.{digits - 1}e}".split("e")
+        return f"{mant}e{int(exp)}"
+    return f"{x:{s}.{digits}g}"
+
+
+def pct(x: float | None) -> str:
+    """A share as a percentage ('–' if None)."""
+    if x is None or not math.isfinite(x):
+        return DASH
+    if x == 0:
+        return "0%"
+    if abs(x) < 1e-4:
+        return f"{fmt(100 * x, 2)}%"
+    return f"{100 * x:.3g}%"
+
+
+def _edge(v: float) -> str:
+    """A bucket edge, short: 0, 1e-5, 0.01, 0.5, 0.999, 1."""
+    if 0 < v < 0.01:
+        mant, exp = f"{v:.6g}".split("e") if "e" in f"{v:.6g}" else (f"{v:.6e}".split("e"))
+        mant = mant.rstrip("0").rstrip(".")
+        return f"{mant}e{int(exp)}"
+    return f"{v:g}"
+
+
+def _table(title: str, caption: str | None = None) -> Table:
+    return Table(
+        title=title,
+        caption=caption,
+        box=box.SIMPLE_HEAVY,
+        title_style="bold",
+        title_justify="left",
+        caption_justify="left",
+        header_style="bold cyan",
+        pad_edge=False,
+    )
+
+
+def _side(result: dict[str, Any]) -> str:
+    return "p_train" if result.get("by", "train") == "train" else "p_infer"
+
+
+def header(result: dict[str, Any]) -> str:
+    """One line: model, engines, dtypes, sampling, token counts (for titles and tables)."""
+    run = result.get("run") or {}
+    bits = []
+    if run.get("model"):
+        bits.append(str(run["model"]))
+    if run.get("infer_engine"):
+        bits.append(
+            f"{run['infer_engine']} {run.get('infer_dtype', '?')} vs transformers "
+            f"{run.get('train_dtype', '?')}"
+        )
+    if run.get("temperature") is not None:
+        bits.append(
+            f"T={run['temperature']:g} top_p={run.get('top_p')} top_k={run.get('top_k')} "
+            f"min_p={run.get('min_p')}"
+        )
+    bits.append(f"{result['num_tokens']:,} tokens, {result['num_sequences']:,} sequences")
+    return " · ".join(bits)
+
+
+def _label(r: dict[str, Any], last: bool) -> str:
+    return f"[{_edge(r['lo'])}, {_edge(r['hi'])}{']' if last else ')'}"
+
+
+def bucket_tables(result: dict[str, Any]) -> tuple[Table, Table, Table]:
+    """The bucket table, in three narrow parts: counts and signed mean, the |delta|
+    distribution, and |delta| against the (1 - p) bound."""
+    side = _side(result)
+    b = result["buckets"]
+    last = len(b) - 1
+
+    def new(title: str, caption: str | None, cols: tuple[str, ...]) -> Table:
+        t = _table(title, caption)
+        t.add_column(side, justify="right", no_wrap=True)
+        for c in cols:
+            t.add_column(c, justify="right", no_wrap=True)
+        return t
+
+    t1 = new(
+        f"Mismatch by {side} bucket (delta = logp_infer - logp_train, nats)",
+        "buckets are [lo, hi), the last includes hi; Σ|δ| = the bucket's share of the run's "
+        "total |delta|; se = standard error of the mean, z = mean / se; – = empty bucket",
+        ("tokens", "share", "Σ|δ|", "mean δ", "se", "z", "inf δ"),
+    )
+    t2 = new(
+        f"|delta| by {side} bucket (nats)",
+        None,
+        ("mean", "p50", "p90", "p99", "max"),
+    )
+    eps = result.get("eps")
+    t3 = new(
+        f"|delta| against the (1 - p) bound, eps = {fmt(eps)} ({result.get('eps_estimator')})",
+        "|δ|/(1-p) = mean |delta| / mean (1 - p); 2ε(1-p) and exact = the envelopes at the "
+        "bucket's mean (1 - p); above = share of tokens over the exact envelope at their own "
+        "p (above 1st: over 2ε(1-p))",
+        ("mean 1-p", "|δ|/(1-p)", "2ε(1-p)", "exact", "above", "above 1st"),
+    )
+    for i, r in enumerate(b):
+        lab = _label(r, i == last)
+        empty = not r["count"]
+        z = (
+            r["mean_delta"] / r["se_delta"]
+            if r["mean_delta"] is not None and r["se_delta"]
+            else None
+        )
+        t1.add_row(
+            lab,
+            f"{r['count']:,}",
+            pct(r["share"]),
+            DASH if empty else pct(r["share_abs_delta"]),
+            fmt(r["mean_delta"], 2, sign=True),
+            fmt(r["se_delta"], 2),
+            fmt(z, 2, sign=True),
+            f"{r['num_infinite']:,}" if r["num_infinite"] else "",
+        )
+        t2.add_row(
+            lab,
+            fmt(r["mean_abs_delta"], 2),
+            fmt(r["p50_abs_delta"], 2),
+            fmt(r["p90_abs_delta"], 2),
+            fmt(r["p99_abs_delta"], 2),
+            fmt(r["max_abs_delta"], 2),
+        )
+        t3.add_row(
+            lab,
+            fmt(r["mean_one_minus_p"], 2),
+            fmt(r["abs_delta_per_one_minus_p"], 2),
+            fmt(r["envelope_first_order"], 2),
+            fmt(r["envelope_exact"], 2),
+            pct(r["frac_above_envelope"]),
+            pct(r["frac_above_first_order"]),
+        )
+    return t1, t2, t3
+
+
+def bound_table(result: dict[str, Any]) -> Table:
+    """eps (used, estimated, needed), the fraction above each envelope, the slope fit."""
+    env, fit = result["envelope"], result["fit"]
+    t = _table("The bound  |delta| <= f(1 - p; eps)")
+    t.add_column("quantity", no_wrap=True)
+    t.add_column("value", justify="right", no_wrap=True)
+    t.add_column("note", style="dim")
+    q = result.get("eps_hat_quantiles") or {}
+    rows = [
+        ("eps used", fmt(result["eps"]), result["eps_estimator"]),
+        ("eps_hat estimate", fmt(result["eps_hat"]), "q0.99 of per-position eps_hat"),
+        (
+            "eps_hat p50 / p90 / max",
+            f"{fmt(q.get('p50'))} / {fmt(q.get('p90'))} / {fmt(q.get('max'))}",
+            "each is a lower bound on its position's eps",
+        ),
+        ("eps to cover 99% of tokens", fmt(result["eps_needed_q99"]), "inverse of the exact bound"),
+        ("above 2 eps (1 - p)", pct(env["first_order"]["frac_above"]), "first order"),
+        ("above exact envelope", pct(env["exact"]["frac_above"]), "log(1 + (1-p)(e^(2eps) - 1))"),
+        ("above (e^(2eps) - 1)(1 - p)", pct(env["weak"]["frac_above"]), "linear upper bound"),
+        ("above 2 eps", pct(env["two_eps"]["frac_above"]), "holds for any p"),
+        ("fit |δ| = slope (1 - p)", fmt(fit["slope"]), "least squares through the origin"),
+        ("fit R^2", fmt(fit["r2"]), "centred; can be negative"),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def tail_table(result: dict[str, Any]) -> Table:
+    """Tail against head: shares of tokens and of |delta|, signed mean and its test."""
+    tl = result["tail"]
+    side = _side(result)
+    thr = f"{tl['threshold']:g}"
+    t = _table(
+        f"Tail bias: tokens with p = {side} < {thr} against the rest",
+        "Σ|δ| = share of total |delta|; z = mean / se, p two-sided (normal); z seq clusters "
+        "tokens by sequence",
+    )
+    for col in ("", "tokens", "share", "Σ|δ|", "mean δ", "se", "z", "p", "z seq"):
+        t.add_column(col, justify="right", no_wrap=True)
+    h = tl["head"]
+    n = max(result["num_finite"], 1)
+    abs_tail = tl["abs_delta_share"]
+    t.add_row(
+        f"p < {thr}",
+        f"{tl['n']:,}",
+        pct(tl["token_share"]),
+        pct(abs_tail),
+        fmt(tl["mean_delta"], 2, sign=True),
+        fmt(tl["se"], 2),
+        fmt(tl["z"], 2),
+        fmt(tl["p_value"], 2),
+        fmt(tl["z_seq"], 2),
+    )
+    t.add_row(
+        f"p >= {thr}",
+        f"{h['n']:,}",
+        pct(h["n"] / n),
+        pct(1 - abs_tail) if abs_tail is not None else DASH,
+        fmt(h["mean_delta"], 2, sign=True),
+        fmt(h["se"], 2),
+        fmt(h["z"], 2),
+        fmt(h["p_value"], 2),
+        "",
+    )
+    t.add_row(
+        "tail - head",
+        "",
+        "",
+        "",
+        fmt(tl["diff"], 2, sign=True),
+        fmt(tl["se_diff"], 2),
+        fmt(tl["z_diff"], 2),
+        fmt(tl["p_value_diff"], 2),
+        "",
+    )
+    return t
+
+
+def accumulation_table(result: dict[str, Any]) -> Table:
+    """Mean sum delta per length bin, with the regressions in the caption."""
+    acc = result["accumulation"]
+    vl, vx = acc["vs_length"], acc["vs_sum_one_minus_p"]
+    t = _table(
+        "Accumulation over a sequence: sum_t delta by completion length",
+        f"{acc['num_sequences']:,} sequences without an infinite delta.  sum δ vs length: "
+        f"slope {fmt(vl['slope'], sign=True)} nats/token, corr {fmt(vl['corr'])};  "
+        f"vs sum (1 - p): slope {fmt(vx['slope'], sign=True)}, corr {fmt(vx['corr'])}",
+    )
+    for col in ("length", "sequences", "mean length", "mean sum δ", "se", "std sum δ"):
+        t.add_column(col, justify="right", no_wrap=True)
+    bins = acc["length_bins"]
+    for i, r in enumerate(bins):
+        close = "]" if i == len(bins) - 1 else ")"
+        t.add_row(
+            f"[{r['lo']:g}, {r['hi']:g}{close}",
+            f"{r['count']:,}",
+            fmt(r["mean_length"]),
+            fmt(r["mean_sum_delta"], sign=True),
+            fmt(r["se_sum_delta"], 2),
+            fmt(r["std_sum_delta"]),
+        )
+    return t
+
+
+# (key, label, note) in display order; caps are appended.
+METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("k1", "k1  mean(delta)", "KL(q||p) estimate; can be < 0"),
+    ("k2", "k2  mean(d^2 / 2)", "d = -delta"),
+    ("k3", "k3  mean(e^d - 1 - d)", ">= 0"),
+    ("mean_abs_delta", "mean |delta|", "slime: > 0.1 fails CI"),
+    ("max_abs_delta", "max |delta|", ""),
+    ("std_abs_delta", "std |delta|", ""),
+    ("mean_abs_dp", "mean |delta p|", "verl: < 0.005 normal, > 0.01 suspicious"),
+    ("max_abs_dp", "max |delta p|", ""),
+    ("pearson_p", "Pearson(p_train,p_infer)", ""),
+    ("log_ppl_gap_mean", "log-PPL gap, mean", "per sequence mean_t delta"),
+    ("log_ppl_gap_abs_mean", "log-PPL gap, mean |.|", ""),
+    ("ppl_ratio", "PPL ratio  mean exp(gap)", "PPL_train / PPL_infer"),
+    ("chi2_token", "chi^2 token mean(rho^2-1)", ""),
+    ("chi2_seq", "chi^2 sequence", "log-ratio clamped to +-20"),
+    ("is_token_mean", "IS ratio token: mean", "rho = exp(-delta)"),
+    ("is_token_min", "IS ratio token: min", ""),
+    ("is_token_max", "IS ratio token: max", ""),
+    ("is_seq_mean", "IS ratio seq (product): mean", "exp(-sum delta)"),
+    ("is_seq_min", "IS ratio seq (product): min", ""),
+    ("is_seq_max", "IS ratio seq (product): max", ""),
+    ("is_seq_geo_mean", "IS ratio seq (geo mean): mean", "exp(-mean delta)"),
+    ("is_seq_geo_min", "IS ratio seq (geo mean): min", ""),
+    ("is_seq_geo_max", "IS ratio seq (geo mean): max", ""),
+    ("ess_token", "ESS token", "fraction 1 / mean((w / mean w)^2)"),
+    ("ess_seq", "ESS seq (product)", ""),
+    ("ess_seq_geo", "ESS seq (geo mean)", ""),
+)
+
+
+def metrics_table(result: dict[str, Any]) -> Table:
+    """The metrics RL frameworks log, under their usual names."""
+    m = result["metrics"]
+    t = _table("Metrics RL frameworks log (finite tokens; sequences without an infinite delta)")
+    t.add_column("metric", no_wrap=True)
+    t.add_column("value", justify="right", no_wrap=True)
+    t.add_column("reference", style="dim")
+    for key, label, note in METRIC_ROWS:
+        if key in m:
+            t.add_row(label, fmt(m[key], 4), note)
+    caps = sorted(
+        {k.rsplit("_", 1)[1] for k in m if k.startswith("frac_token_above_cap_")}, key=float
+    )
+    for c in caps:
+        t.add_row(
+            f"ratio > {c}: tokens / sequences",
+            f"{pct(m[f'frac_token_above_cap_{c}'])} / {pct(m[f'frac_seq_above_cap_{c}'])}",
+            "token IS caps 2-5" if c == caps[0] else "",
+        )
+    return t
+
+
+def print_report(result: dict[str, Any], console: Console | None = None) -> None:
+    """Print every table of an analyze() result, then the verdict paragraph."""
+    console = console or Console()
+    console.print(f"[bold]mismatch report[/]  {header(result)}", highlight=False)
+    if result.get("run"):
+        console.print(f"[dim]{result['run']['path']}[/]", highlight=False)
+    if result["num_infinite"]:
+        console.print(
+            f"[yellow]{result['num_infinite']:,} token(s) "
+            f"({pct(result['frac_infinite'])}) have an infinite delta (kept-set disagreement) "
+            f"in {result['num_sequences_infinite']:,} sequence(s): counted, excluded from "
+            "every statistic[/]",
+            highlight=False,
+        )
+    if result.get("num_outside_edges"):
+        console.print(
+            f"[yellow]{result['num_outside_edges']:,} token(s) fall outside the bucket edges[/]"
+        )
+    for t in (*bucket_tables(result), bound_table(result), tail_table(result)):
+        console.print(t)
+    for t in (accumulation_table(result),):
+        console.print(t)
+    console.print(metrics_table(result))
+    console.print(Panel(result["verdict"], title="verdict", title_align="left", expand=True))
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def _kv_frame(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            rows += _kv_frame(v, f"{prefix}{k}.")
+        elif not isinstance(v, list):
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def write_csv(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write each table as CSV into out_dir: buckets, bound, tail, length_bins, metrics."""
+    from .runs import check_writable_dir
+
+    out = Path(out_dir)
+    check_writable_dir(out)
+    bound = {
+        "eps": result["eps"],
+        "eps_hat": result["eps_hat"],
+        "eps_estimator": result["eps_estimator"],
+        "eps_needed_q99": result["eps_needed_q99"],
+        "eps_hat_quantiles": result.get("eps_hat_quantiles") or {},
+        "envelope": result["envelope"],
+        "fit": result["fit"],
+        "num_tokens": result["num_tokens"],
+        "num_infinite": result["num_infinite"],
+    }
+    acc = {k: v for k, v in result["accumulation"].items() if k != "length_bins"}
+    frames = {
+        "buckets": pd.DataFrame(result["buckets"]),
+        "bound": pd.DataFrame(_kv_frame(bound), columns=["name", "value"]),
+        "tail": pd.DataFrame(_kv_frame(result["tail"]), columns=["name", "value"]),
+        "accumulation": pd.DataFrame(_kv_frame(acc), columns=["name", "value"]),
+        "length_bins": pd.DataFrame(result["accumulation"]["length_bins"]),
+        "metrics": pd.DataFrame(list(result["metrics"].items()), columns=["name", "value"]),
+    }
+    paths = []
+    for name, df in frames.items():
+        p = out / f"{name}.csv"
+        df.to_csv(p, index=False)
+        paths.append(p)
+    return paths
