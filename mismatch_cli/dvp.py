@@ -109,32 +109,36 @@ def pruned_mass(
 
 
 def pruned_mass_grid_from_logp(
-    logp: torch.Tensor, grid: Sequence[float], rule: Literal["min-p", "absolute"] = "min-p"
+    logp: torch.Tensor,
+    grid: Sequence[float],
+    rule: Literal["min-p", "absolute"] = "min-p",
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pruned mass at every threshold of an ascending `grid` at once. [..., V] -> [..., G].
 
     One pass: each token goes into the bin of the largest threshold it falls below, its
     probability is summed per bin, and a cumulative sum over bins gives m(rho_g). The
-    keep/prune comparison is the same float32 one as `safe_vocab_mask_from_logp`.
+    keep/prune comparison is the same float32 one as `safe_vocab_mask_from_logp`. `probs`
+    (= logp.exp()) may be passed in to avoid recomputing it.
     """
     log_grid = [math.log(r) for r in grid]
     if any(b <= a for a, b in itertools.pairwise(log_grid)):
         raise ValueError("the pruning grid must be strictly ascending")
     # [G] ascending, on logp's device (a CPU tensor here breaks CUDA inputs)
     g = torch.tensor(log_grid, dtype=logp.dtype, device=logp.device)
+    n = len(grid)
+    flat_logp = logp.reshape(-1, logp.shape[-1])  # [N, V]
     if rule == "min-p":
-        thresholds = logp.amax(dim=-1, keepdim=True) + g  # [..., G]
+        thresholds = flat_logp.amax(dim=-1, keepdim=True) + g  # [N, G]
+        # bin b(i) = number of thresholds logp_i is NOT below: token i is pruned at g >= b(i)
+        bins = torch.searchsorted(thresholds.contiguous(), flat_logp, right=True)  # [N, V]
     elif rule == "absolute":
-        thresholds = g.expand(*logp.shape[:-1], len(grid))
+        bins = torch.bucketize(flat_logp, g, right=True)  # [N, V] in 0..G, same thresholds
     else:
         raise ValueError(f"grid pruned mass supports min-p and absolute, not {rule!r}")
-    # bin b(i) = number of thresholds that logp_i is NOT below (token i pruned at g >= b(i))
-    n = thresholds.shape[-1]
-    flat_logp = logp.reshape(-1, logp.shape[-1])  # [N, V]
-    flat_thr = thresholds.reshape(-1, n).contiguous()  # [N, G]
-    bins = torch.searchsorted(flat_thr, flat_logp, right=True)  # [N, V] in 0..G
+    flat_p = flat_logp.exp() if probs is None else probs.reshape(flat_logp.shape)  # [N, V]
     mass = torch.zeros(flat_logp.shape[0], n + 1, dtype=logp.dtype, device=logp.device)
-    mass.scatter_add_(1, bins, flat_logp.exp())  # [N, G+1]
+    mass.scatter_add_(1, bins, flat_p)  # [N, G+1]
     # tokens in bin b are pruned at thresholds g >= b: m_g = sum_{b <= g} mass_b
     out = mass[:, :n].cumsum(dim=1)  # [N, G]
     return out.reshape(*logp.shape[:-1], n)

@@ -74,8 +74,8 @@ def position_stats(
     """
     logp_train = logp.gather(1, tokens[:, None]).squeeze(1)  # [n]
     logp_max = logp.amax(dim=1)  # [n]
-    p = logp.exp()
-    entropy = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=1)  # [n]
+    p = logp.exp()  # [n, V]; exactly 0 where a truncation set logp = -inf
+    entropy = -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=1)  # [n]
     k = min(top_k, logp.shape[1])
     topk = logp.topk(k, dim=1)  # [n, k]
 
@@ -97,8 +97,8 @@ def position_stats(
         "topk_ids_train": topk.indices.to(torch.int32),
         "topk_logp_train": topk.values,
         "eps_hat": eps_hat,
-        "pruned_mass_minp": pruned_mass_grid_from_logp(logp, RHO_GRID, "min-p"),
-        "pruned_mass_abs": pruned_mass_grid_from_logp(logp, RHO_GRID, "absolute"),
+        "pruned_mass_minp": pruned_mass_grid_from_logp(logp, RHO_GRID, "min-p", p),
+        "pruned_mass_abs": pruned_mass_grid_from_logp(logp, RHO_GRID, "absolute", p),
     }
 
 

@@ -93,6 +93,7 @@ def measure(
     enforce_eager: Annotated[
         bool,
         typer.Option(
+            "--enforce-eager",
             help="vLLM: skip torch.compile / CUDA graphs (faster start, slower decode).",
             rich_help_panel=_E,
         ),
@@ -150,11 +151,14 @@ def measure(
     resume: Annotated[
         bool,
         typer.Option(
-            help="Continue the incomplete run in --out with its saved settings.", rich_help_panel=_O
+            "--resume",
+            help="Continue the incomplete run in --out with its saved settings.",
+            rich_help_panel=_O,
         ),
     ] = False,
     overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing run in --out.", rich_help_panel=_O)
+        bool,
+        typer.Option("--overwrite", help="Replace an existing run in --out.", rich_help_panel=_O),
     ] = False,
     plots: Annotated[
         bool,
