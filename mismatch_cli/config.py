@@ -12,6 +12,13 @@ INFER_ENGINES = ("vllm", "hf")
 # Above this, vLLM builds one Python object per returned log-prob and per token: a
 # 49k-vocabulary model then costs ~0.3 s per generated token. Top-K is the practical path.
 MAX_TOP_LOGPROBS = 1000
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 2.0
+# Engine settings `measure` owns: overriding them with --engine-arg would make run.json lie.
+RESERVED_ENGINE_ARGS = frozenset(
+    {"model", "tokenizer", "dtype", "seed", "max_logprobs", "logprobs_mode",
+     "tensor_parallel_size", "enforce_eager", "kv_cache_dtype", "max_model_len"}
+)  # fmt: skip
 
 
 @dataclass
@@ -54,10 +61,12 @@ class MeasureConfig:
 
         if self.max_tokens < 1:
             bad(f"--max-tokens must be >= 1, got {self.max_tokens}")
-        if not self.temperature > 0:
+        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
             bad(
-                f"--temperature must be > 0, got {self.temperature} (greedy decoding has no "
-                "sampling distribution to compare; use e.g. 0.1)"
+                f"--temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got "
+                f"{self.temperature} (vLLM raises smaller values to 0.01, which the training "
+                "side could not replay, and refuses larger ones; greedy has no sampling "
+                "distribution to compare)"
             )
         if not 0 < self.top_p <= 1:
             bad(f"--top-p must be in (0, 1], got {self.top_p}")
@@ -122,6 +131,11 @@ def parse_engine_args(items: list[str] | None) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if not key:
             raise MismatchError(f"--engine-arg has an empty key: {item!r}")
+        if key in RESERVED_ENGINE_ARGS:
+            raise MismatchError(
+                f"--engine-arg {key} is set by measure itself; use its own flag "
+                "(e.g. --infer-dtype, --seed, --max-model-len) so run.json records it"
+            )
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:

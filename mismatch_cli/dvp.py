@@ -64,7 +64,7 @@ def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
         return torch.ones_like(logp, dtype=torch.bool)
     sorted_logp, idx = logp.sort(dim=-1, descending=False)  # [..., V] ascending
     cum = sorted_logp.exp().cumsum(dim=-1)
-    drop_sorted = cum <= 1.0 - top_p
+    drop_sorted = cum <= 1 - torch.tensor(top_p, dtype=cum.dtype, device=cum.device)
     drop_sorted[..., -1] = False  # the most likely token always stays
     drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
     return ~drop

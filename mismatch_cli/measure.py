@@ -9,6 +9,8 @@ chunk is done, and only then does run.json say `complete`.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import platform
 import shutil
 import time
@@ -65,11 +67,10 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> RunDir:
     elif resume:
         raise MismatchError(f"nothing to resume: {out} is not a run directory")
     elif out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise MismatchError(
-                f"--out {out} is a non-empty directory; pass --overwrite or another path"
-            )
-        shutil.rmtree(out)
+        # never delete a folder that is not a run, --overwrite or not
+        raise MismatchError(
+            f"--out {out} is a non-empty directory that is not a run; choose another path"
+        )
     check_writable_dir(out)
     return run
 
@@ -139,6 +140,7 @@ def _timed(timings: dict[str, float], key: str):
 def _rollout_frame(records: list[dict[str, Any]], first_seq_id: int) -> pd.DataFrame:
     df = pd.DataFrame(records)
     df.insert(0, "seq_id", np.arange(first_seq_id, first_seq_id + len(df), dtype=np.int64))
+    df["sample_idx"] = df["sample_idx"].astype(np.int32)
     return df
 
 
@@ -184,13 +186,18 @@ def _token_frame(rollouts: pd.DataFrame, scored: list[dict[str, np.ndarray]]) ->
 
 
 def _sequence_frame(rollouts: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
-    g = tokens.groupby("seq_id", sort=True)
+    # bincount propagates inf / NaN (a pruned token), where groupby().sum() would skip NaN
+    ids, codes = np.unique(tokens["seq_id"].to_numpy(), return_inverse=True)
     sums = pd.DataFrame(
         {
-            "sum_delta": g["delta"].sum(),
-            "logp_infer_sum": g["logp_infer"].sum(),
-            "logp_train_sum": g["logp_train"].sum(),
-        }
+            k: np.bincount(codes, weights=tokens[c].to_numpy(), minlength=len(ids))
+            for k, c in (
+                ("sum_delta", "delta"),
+                ("logp_infer_sum", "logp_infer"),
+                ("logp_train_sum", "logp_train"),
+            )
+        },
+        index=pd.Index(ids, name="seq_id"),
     )
     df = rollouts[
         ["seq_id", "prompt_id", "sample_idx", "prompt_token_ids", "response_token_ids"]
@@ -255,8 +262,18 @@ def run_measure(
         for i in range(0, len(prompts), cfg.chunk_prompts)
     ]
 
+    prompts_sha = hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()
     if resume:
         meta = run.read_meta()
+        # a resumed run must continue the same work: same prompt tokens, same weights
+        if meta.get("prompt_ids_sha256") not in (None, prompts_sha):
+            raise MismatchError(
+                f"cannot resume {out}: its prompts ({cfg.prompts}) changed since the run started"
+            )
+        if meta["model"].get("weights_sha256") != weights_hash(model_path):
+            raise MismatchError(
+                f"cannot resume {out}: the model weights changed since the run started"
+            )
     else:
         meta = {
             "format_version": FORMAT_VERSION,
@@ -280,6 +297,7 @@ def run_measure(
                 },
             },
             "num_prompts": len(prompts),
+            "prompt_ids_sha256": prompts_sha,
             "num_chunks": len(chunks),
             "rho_grid": list(RHO_GRID),
             "conventions": CONVENTIONS,
@@ -362,7 +380,6 @@ def _phase_rescore(cfg, run, chunks, model_path, device, timings, prog, save) ->
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p)
     for i in todo:
         df = rollouts[i]
-        df = df[df["response_token_ids"].map(len) > 0].reset_index(drop=True)
         seqs = [
             SeqInput(
                 r.prompt_token_ids,

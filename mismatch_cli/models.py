@@ -83,7 +83,13 @@ def provision_default_model(quiet: bool = False) -> Path:
             del config.quantization_config
         config.dtype = torch.bfloat16
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(src.state_dict(), strict=False)
+        res = model.load_state_dict(src.state_dict(), strict=False)
+        missing = [k for k in res.missing_keys if k != "lm_head.weight"]  # tied embeddings
+        if missing or res.unexpected_keys:
+            raise MismatchError(
+                f"converting the default model failed: missing {missing[:3]}, "
+                f"unexpected {res.unexpected_keys[:3]}"
+            )
         model.tie_weights()
         model = model.to(torch.bfloat16)
         model.save_pretrained(tmp)

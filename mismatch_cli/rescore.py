@@ -53,7 +53,7 @@ def processed_logprobs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     if s.top_p < 1.0:
         z_sorted, idx = z.sort(dim=-1, descending=False)
         cum = torch.softmax(z_sorted, dim=-1).cumsum(dim=-1)
-        drop = cum <= 1.0 - s.top_p
+        drop = cum <= 1 - torch.tensor(s.top_p, dtype=torch.float32)  # vLLM's float32 1 - p
         drop[..., -1] = False
         z = z.scatter(-1, idx, z_sorted.masked_fill(drop, float("-inf")))
     return torch.log_softmax(z, dim=-1)
@@ -188,17 +188,17 @@ def score_sequences(
         bseqs = [seqs[i] for i in batch]
         logits, slices = forward_logits(model, bseqs, device)  # [N, V]
         tokens = torch.cat([torch.as_tensor(np.asarray(s.response_token_ids)) for s in bseqs])
-        tokens = tokens.long().to(logits.device)
-        ids_q = torch.cat([torch.as_tensor(s.topk_ids_infer) for s in bseqs]).long()
-        lq_topk = torch.cat([torch.as_tensor(s.topk_logp_infer) for s in bseqs]).float()
-        lq = torch.cat([torch.as_tensor(np.asarray(s.logp_infer)) for s in bseqs]).float()
+        dev = logits.device  # per-position work stays on the device; only results move
+        tokens = tokens.long().to(dev)
+        ids_q = torch.cat([torch.as_tensor(s.topk_ids_infer) for s in bseqs]).long().to(dev)
+        lq_topk = torch.cat([torch.as_tensor(s.topk_logp_infer) for s in bseqs]).float().to(dev)
+        lq = torch.cat([torch.as_tensor(np.asarray(s.logp_infer)) for s in bseqs]).float().to(dev)
         parts: list[dict[str, torch.Tensor]] = []
         for r in range(0, logits.shape[0], _ROW_CHUNK):
             sl = slice(r, r + _ROW_CHUNK)
-            logp = processed_logprobs(logits[sl], sampling).cpu()  # [n, V] float32
-            parts.append(
-                position_stats(logp, tokens[sl].cpu(), ids_q[sl], lq_topk[sl], lq[sl], top_k)
-            )
+            logp = processed_logprobs(logits[sl], sampling)  # [n, V] float32
+            st = position_stats(logp, tokens[sl], ids_q[sl], lq_topk[sl], lq[sl], top_k)
+            parts.append({k: v.cpu() for k, v in st.items()})
         merged = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
         for j, i in enumerate(batch):
             results[i] = {k: v[slices[j]] for k, v in merged.items()}

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .config import MeasureConfig
+from .errors import MismatchError
 
 # One record per completion, the columns of a `rollout` part file.
 Record = dict[str, Any]
@@ -84,7 +85,10 @@ class VllmEngine:
             kwargs["max_model_len"] = cfg.max_model_len
         kwargs.update(cfg.engine_args)
         self.cfg = cfg
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except (ValueError, TypeError) as e:  # bad engine argument, dtype, length, device
+            raise MismatchError(f"vLLM could not start: {_first_line(e)}") from e
 
     def sampling_params(self, prompt_id: int) -> Any:
         from vllm import SamplingParams
@@ -98,7 +102,9 @@ class VllmEngine:
             min_p=c.min_p,
             max_tokens=c.max_tokens,
             logprobs=c.top_logprobs,
-            seed=c.seed + prompt_id,  # per prompt: reproducible whatever the chunking
+            # vLLM seeds sample j of a request with seed + j: space prompts apart so no two
+            # samples of the run share a seed (and results do not depend on the chunking)
+            seed=c.seed + prompt_id * c.samples_per_prompt,
         )
 
     def generate(
@@ -109,9 +115,12 @@ class VllmEngine:
 
         inputs = [TokensPrompt(prompt_token_ids=ids) for _, ids in prompts]
         params = [self.sampling_params(pid) for pid, _ in prompts]
-        outs = self.llm.generate(
-            inputs, params, use_tqdm=lambda *a, **kw: RichTqdm(advance, *a, **kw)
-        )
+        try:
+            outs = self.llm.generate(
+                inputs, params, use_tqdm=lambda *a, **kw: RichTqdm(advance, *a, **kw)
+            )
+        except ValueError as e:  # e.g. a prompt longer than the model's context
+            raise MismatchError(f"vLLM refused the request: {_first_line(e)}") from e
         records: list[Record] = []
         K = self.cfg.top_logprobs
         for (pid, ids), out in zip(prompts, outs, strict=True):
@@ -148,6 +157,11 @@ class VllmEngine:
         import gc
 
         gc.collect()
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
 
 
 def _record(
@@ -202,33 +216,46 @@ class HfEngine:
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
                 return processed_logprobs(scores, sampling)
 
+        from transformers import GenerationConfig
+
         c = self.cfg
+        # Stop where vLLM stops: the tokenizer's EOS and the generation config's EOS list.
+        gen_eos = self.model.generation_config.eos_token_id
+        eos_ids = {
+            self.tokenizer.eos_token_id,
+            *(gen_eos if isinstance(gen_eos, list) else [gen_eos]),
+        }
+        eos_ids.discard(None)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        # A fresh config: the model's own (repetition penalty, default top-k, ...) must not apply.
+        gen_cfg = GenerationConfig(
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=c.max_tokens,
+            num_return_sequences=c.samples_per_prompt,
+            pad_token_id=pad,
+            eos_token_id=sorted(eos_ids),
+        )
         records: list[Record] = []
         for pid, ids in prompts:
-            torch.manual_seed(c.seed + pid)
+            torch.manual_seed(c.seed + pid * c.samples_per_prompt)
             inp = torch.tensor([ids], dtype=torch.long, device=self.device)
             with torch.inference_mode():
                 gen = self.model.generate(
                     input_ids=inp,
                     attention_mask=torch.ones_like(inp),
-                    do_sample=True,
-                    temperature=1.0,
-                    top_p=1.0,
-                    top_k=0,
-                    min_p=None,
-                    max_new_tokens=c.max_tokens,
-                    num_return_sequences=c.samples_per_prompt,
+                    generation_config=gen_cfg,
                     logits_processor=LogitsProcessorList([Replay()]),
-                    pad_token_id=pad,
-                    eos_token_id=eos,
                 )
             for j in range(gen.shape[0]):
                 out = gen[j, len(ids) :].tolist()
                 finish = "length"
-                if eos is not None and eos in out:
-                    out = out[: out.index(eos) + 1]
+                stop = next((t for t, tok in enumerate(out) if tok in eos_ids), None)
+                if stop is not None:
+                    out = out[: stop + 1]
                     finish = "stop"
                 records.append({"pid": pid, "j": j, "ids": ids, "toks": out, "finish": finish})
             advance(gen.shape[0])

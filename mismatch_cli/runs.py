@@ -113,15 +113,11 @@ class RunDir:
             ) from e
         except json.JSONDecodeError as e:
             raise RunNotFoundError(f"{self.meta_path} is not valid JSON: {e}") from e
+        except OSError as e:
+            raise RunNotFoundError(f"{self.path} is not a run directory: {e.strerror or e}") from e
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         atomic_write_json(self.meta_path, meta)
-
-    def update_meta(self, **fields: Any) -> dict[str, Any]:
-        meta = self.read_meta()
-        meta.update(fields)
-        self.write_meta(meta)
-        return meta
 
     def part_path(self, kind: str, index: int) -> Path:
         return self.parts / f"{kind}-{index:05d}.parquet"

@@ -27,7 +27,9 @@ def _assert_clean_failure(proc, needle: str) -> None:
     ("flags", "needle"),
     [
         (["--max-tokens", "0"], "--max-tokens must be >= 1"),
-        (["--temperature", "-1"], "--temperature must be > 0"),
+        (["--temperature", "-1"], "--temperature must be in [0.01, 2.0]"),
+        (["--temperature", "0.001"], "--temperature must be in [0.01, 2.0]"),
+        (["--engine-arg", "dtype=float32"], "is set by measure itself"),
         (["--top-p", "0"], "--top-p must be in (0, 1]"),
         (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--top-k", "0"], "--top-k must be -1"),

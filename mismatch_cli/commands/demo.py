@@ -7,17 +7,10 @@ from typing import Annotated
 
 import typer
 
-DEMO_SETTINGS = {
-    "num_prompts": 48,
-    "samples_per_prompt": 2,
-    "max_tokens": 128,
-    "temperature": 1.0,
-}
-
 
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory of the demo.")] = Path("runs/demo"),
-    num_prompts: Annotated[int, typer.Option(help="Prompts of the built-in set to use.")] = 48,
+    num_prompts: Annotated[int, typer.Option(help="Prompts of the built-in set to use.")] = 32,
     samples_per_prompt: Annotated[int, typer.Option(help="Completions per prompt.")] = 2,
     max_tokens: Annotated[int, typer.Option(help="Maximum completion length.")] = 128,
 ) -> None:
