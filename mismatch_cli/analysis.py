@@ -629,7 +629,9 @@ def _pct(x: float | None) -> str:
         return "n/a"
     if x == 0 or x == 1:
         return f"{100 * x:.0f}%"
-    return f"{100 * x:.3g}%" if 0.001 <= x <= 0.999 else f"{100 * x:.2g}%"
+    if x > 0.999:  # never round a shortfall up to 100%: 0.99984 -> "99.984%"
+        return f"{100 * x:.{max(1, int(-math.log10(1 - x)))}f}%"
+    return f"{100 * x:.3g}%" if x >= 0.001 else f"{100 * x:.2g}%"
 
 
 def _num(x: float | None, sign: bool = False) -> str:

@@ -187,7 +187,7 @@ def score_sequences(
     for batch in make_batches(lengths, batch_tokens):
         bseqs = [seqs[i] for i in batch]
         logits, slices = forward_logits(model, bseqs, device)  # [N, V]
-        tokens = torch.cat([torch.as_tensor(np.asarray(s.response_token_ids)) for s in bseqs])
+        tokens = torch.cat([torch.tensor(np.asarray(s.response_token_ids)) for s in bseqs])
         dev = logits.device  # per-position work stays on the device; only results move
         tokens = tokens.long().to(dev)
         ids_q = torch.cat([torch.as_tensor(s.topk_ids_infer) for s in bseqs]).long().to(dev)

@@ -69,6 +69,11 @@ class VllmEngine:
         # vLLM logs every engine setting at INFO; keep the terminal for our progress bars
         # (set VLLM_LOGGING_LEVEL=INFO to see them).
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM's CPU build keeps one core for its front-end by default; on a small machine
+        # binding the worker to every core roughly doubled bf16 decoding here (20 -> 37 tok/s
+        # on 2 cores). Set VLLM_CPU_OMP_THREADS_BIND yourself to override.
+        if not _cuda_available() and os.cpu_count():
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
         from vllm import LLM
 
         kwargs: dict[str, Any] = {
@@ -157,6 +162,12 @@ class VllmEngine:
         import gc
 
         gc.collect()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _first_line(e: BaseException) -> str:

@@ -44,8 +44,9 @@ CONVENTIONS: dict[str, str] = {
         "on eps = max_i |logit perturbation_i|"
     ),
     "infinite_delta": (
-        "a token kept by one side's truncation and pruned by the other has an infinite "
-        "delta; it is counted (kept_train == False) and excluded from means"
+        "a sampled token (kept by the inference side, which sampled it) that the training "
+        "side's replayed truncation prunes has logp_train = -inf and delta = +inf; it is "
+        "counted (kept_train == False) and excluded from means"
     ),
 }
 
