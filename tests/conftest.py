@@ -22,13 +22,23 @@ def run_cli(*args: str, timeout: int = 900, check: bool = False) -> subprocess.C
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
     )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"mismatch {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """A user error: non-zero exit, no traceback, exactly one non-empty stderr line."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
 
 
 SMALL = ["--num-prompts", "4", "--samples-per-prompt", "2", "--max-tokens", "32", "--no-plots"]

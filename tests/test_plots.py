@@ -4,9 +4,6 @@ expected size, drawn data equal to `report`'s numbers, and every bad input as on
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,9 @@ from PIL import Image
 from mismatch_cli import analysis as A
 from mismatch_cli import plots as P
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import assert_one_line_error
+from .conftest import run_cli as cli
+
 DPI = 60  # small images keep the tests fast; one test checks the default 200 dpi
 
 
@@ -183,25 +182,6 @@ def test_run_without_pruning_grid_skips_only_the_sweep(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mismatch_cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_cli_plot_two_runs_with_table(two_runs: tuple[Path, Path], tmp_path: Path) -> None:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,9 @@ from mismatch_cli import analysis as A
 from mismatch_cli.cli import app
 from mismatch_cli.report import print_report
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import assert_one_line_error
+from .conftest import run_cli as cli
+
 runner = CliRunner()
 
 
@@ -69,16 +68,6 @@ def write_run(path: Path, df: pd.DataFrame | None, status: str = "complete") -> 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_run(tmp_path_factory.mktemp("rep") / "run", token_table())
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mismatch_cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 # ----------------------------------------------------------------------------- output
@@ -179,15 +168,6 @@ def test_help_states_conventions() -> None:
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_not_a_run(tmp_path: Path) -> None:
