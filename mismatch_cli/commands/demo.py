@@ -43,8 +43,6 @@ def demo(
         resume = run.exists()
         measure_with_progress(cfg, out, resume=resume, overwrite=False, console=err)
     finish_run(out, json_out=False, plots=True, console=err)
-    try:
-        from .sweep import sweep_threshold
-    except ImportError:
-        return
+    from .sweep import sweep_threshold
+
     sweep_threshold(out)

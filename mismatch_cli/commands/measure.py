@@ -273,66 +273,51 @@ def measure_with_progress(cfg, out, *, resume: bool, overwrite: bool, console) -
 
 def finish_run(run_path: Path, *, json_out: bool, plots: bool, console) -> None:
     """After a run: print the report (tables or JSON), draw figures, say where things are."""
+    from ..analysis import analyze
     from ..runs import open_run
 
     _, meta = open_run(run_path)
-    summary = meta.get("summary", {})
-    result = None
-    try:
-        from ..analysis import analyze
-
-        result = analyze(run_path)
-    except ImportError:
-        result = None
+    result = analyze(run_path)
     if json_out:
-        payload = {"run": str(run_path), "summary": summary}
-        if result is not None:
-            payload["report"] = result
+        payload = {"run": str(run_path), "summary": meta.get("summary", {}), "report": result}
         sys.stdout.write(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     else:
         from rich.console import Console
 
-        out = Console()
-        _summary_table(out, run_path, meta)
-        if result is not None:
-            from ..report import print_report
+        from ..report import print_report
 
-            print_report(result, out)
+        out = Console()
+        _summary_table(out, run_path, meta, result)
+        print_report(result, out)
     if plots:
-        try:
-            from ..plots import make_figures
-        except ImportError:
-            return
+        from ..plots import make_figures
+
         files = make_figures([run_path], run_path / "figures", formats=["png"])
         console.print(f"figures: {run_path / 'figures'} ({len(files)} files)")
     console.print(f"[bold green]run complete:[/] {run_path}")
 
 
-def _summary_table(console, run_path: Path, meta: dict) -> None:
-    import numpy as np
+def _summary_table(console, run_path: Path, meta: dict, result: dict) -> None:
+    """The headline numbers, taken from the report's analysis (no second read of the run)."""
     from rich.table import Table
 
-    from .. import metrics
-    from ..runs import read_tokens
-
-    df = read_tokens(run_path, columns=["delta"])
-    d_all = df["delta"].to_numpy()
-    d = d_all[np.isfinite(d_all)]
+    m = result["metrics"]
     cfg = meta["config"]
     t = Table(
-        title=f"mismatch: {meta['model']['name']}  ({meta['engines']['infer']['engine']} {cfg['infer_dtype']} vs transformers {cfg['train_dtype']})"
+        title=f"mismatch: {meta['model']['name']}  ({meta['engines']['infer']['engine']} "
+        f"{cfg['infer_dtype']} vs transformers {cfg['train_dtype']})"
     )
     t.add_column("quantity")
     t.add_column("value", justify="right")
     rows = [
-        ("sequences", f"{meta['summary']['num_sequences']:,}"),
-        ("tokens", f"{len(d_all):,}"),
-        ("tokens with infinite delta (kept-set disagreement)", f"{len(d_all) - len(d):,}"),
-        ("mean |delta| (nats)", f"{metrics.mean_abs(d):.5f}"),
-        ("max |delta| (nats)", f"{metrics.max_abs(d):.5f}"),
-        ("signed mean delta (nats)", f"{metrics.k1(d):+.6f}"),
-        ("k1 KL(q||p)", f"{metrics.k1(d):+.6f}"),
-        ("k3 KL(q||p)", f"{metrics.k3(d):.6f}"),
+        ("sequences", f"{result['num_sequences']:,}"),
+        ("tokens", f"{result['num_tokens']:,}"),
+        ("tokens with infinite delta (kept-set disagreement)", f"{result['num_infinite']:,}"),
+        ("mean |delta| (nats)", f"{m['mean_abs_delta']:.5f}"),
+        ("max |delta| (nats)", f"{m['max_abs_delta']:.5f}"),
+        ("signed mean delta (nats)", f"{m['k1']:+.6f}"),
+        ("k1 KL(q||p)", f"{m['k1']:+.6f}"),
+        ("k3 KL(q||p)", f"{m['k3']:.6f}"),
         ("run", str(run_path)),
     ]
     for r in rows:
