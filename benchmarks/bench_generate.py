@@ -23,11 +23,9 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     from mismatch_cli.config import MeasureConfig
-    from mismatch_cli.measure import encode_prompts
-    from mismatch_cli.models import provision_default_model
-    from mismatch_cli.prompts import builtin_prompts
+    from mismatch_cli.models import load_tokenizer, provision_default_model
+    from mismatch_cli.prompts import builtin_prompts, encode_prompts
     from mismatch_cli.rollout import VllmEngine
-    from mismatch_cli.training import load_tokenizer
 
     try:
         from benchmarks.common import interleaved

@@ -19,59 +19,34 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mismatch_cli.analysis import REQUIRED_COLUMNS  # noqa: E402
+from mismatch_cli.synthetic import bulk_token_columns, synthetic_meta  # noqa: E402
+from mismatch_cli.tokens import REQUIRED_COLUMNS  # noqa: E402
 
 
-def build_run(path: Path, num_tokens: int, eps: float = 0.1, seed: int = 0) -> None:
-    """A run whose deltas follow the (1 - p) shape: |delta| <= 2 eps (1 - p), signed noise,
-    a few kept-set disagreements (infinite delta), mean completion length 256."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(16, 497, size=num_tokens // 256 + 2)
-    lengths = lengths[: np.searchsorted(np.cumsum(lengths), num_tokens) + 1]
-    lengths[-1] -= lengths.sum() - num_tokens  # exactly num_tokens
-    seq_id = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)  # [N]
-    # p_train: most tokens confident, a long tail down to 1e-8.
-    logp_train = -rng.exponential(1.0, num_tokens) * rng.choice([0.05, 2.0, 8.0], num_tokens)
-    p_train = np.exp(logp_train)
-    delta = 2 * eps * (1 - p_train) * rng.uniform(-1, 1, num_tokens) + 0.002 * (1 - p_train)
-    p_infer = np.minimum(p_train * np.exp(delta), 1.0)
-    kept = rng.random(num_tokens) > 1e-5
-    delta[~kept] = np.inf
-    table = pa.table(
-        {
-            "seq_id": seq_id,
-            "delta": delta,
-            "p_train": np.where(kept, p_train, 0.0),
-            "p_infer": p_infer,
-            "eps_hat": rng.uniform(0.5 * eps, eps, num_tokens),
-            "kept_train": kept,
-        }
-    )
-    assert set(table.column_names) == set(REQUIRED_COLUMNS)
+def build_run(path: Path, num_tokens: int, eps: float = 0.1, chunk: int = 5_000_000) -> None:
+    """A run of `num_tokens` synthetic tokens (synthetic.bulk_token_columns: the columns
+    `report` reads), generated and written chunk by chunk (bounded memory)."""
     path.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path / "tokens.parquet", compression="zstd")
-    meta = {
-        "format_version": 1,
-        "status": "complete",
-        "model": {"name": "bench-synthetic"},
-        "config": {
-            "infer_engine": "synthetic",
-            "infer_dtype": "bfloat16",
-            "train_dtype": "float32",
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "top_k": -1,
-            "min_p": 0.0,
-        },
-        "summary": {"num_tokens": num_tokens, "num_sequences": int(lengths.size)},
-    }
+    writer, first_seq, num_seqs = None, 0, 0
+    for i, start in enumerate(range(0, num_tokens, chunk)):
+        cols = bulk_token_columns(min(chunk, num_tokens - start), first_seq, eps, seed=i)
+        table = pa.table(cols)
+        assert set(table.column_names) == set(REQUIRED_COLUMNS)
+        if writer is None:
+            writer = pq.ParquetWriter(path / "tokens.parquet", table.schema, compression="zstd")
+        writer.write_table(table)
+        first_seq = int(cols["seq_id"][-1]) + 1
+        num_seqs = first_seq
+    if writer is not None:
+        writer.close()
+    meta = synthetic_meta(summary={"num_tokens": num_tokens, "num_sequences": num_seqs})
+    meta["status"] = "complete"
     (path / "run.json").write_text(json.dumps(meta))
 
 

@@ -15,9 +15,8 @@ import argparse
 import numpy as np
 import torch
 
-from mismatch_cli.models import provision_default_model
+from mismatch_cli.models import load_model, provision_default_model
 from mismatch_cli.rescore import Sampling, SeqInput, forward_logits, make_batches, score_sequences
-from mismatch_cli.training import load_model
 
 try:
     from benchmarks.common import interleaved

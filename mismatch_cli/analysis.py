@@ -2,7 +2,7 @@
 over sequences, and the metrics RL frameworks log. The numbers behind `mismatch report`.
 
 Conventions (also in every result under `conventions`):
-- delta = logp_infer - logp_train (nats); rho = exp(-delta) is the token importance ratio.
+- delta = logp_infer - logp_train (nats); r = exp(-delta) is the token importance ratio.
 - p is the training-side probability p_train (`by="train"`), or p_infer with `by="infer"`;
   the same p is used for the buckets, the envelope, the fit and the tail split.
 - Buckets are [lo, hi), except the last, which includes hi (so p = 1 is counted).
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,11 @@ import pandas as pd
 from . import metrics as M
 from . import theory
 from .errors import MismatchError
-from .schema import CONVENTIONS, STATUS_COMPLETE, TOKENS_FILE
+from .results import json_ready
+from .schema import CONVENTIONS
+from .tokens import REQUIRED_COLUMNS, TokenArrays, check_by, load_tokens, token_arrays
+from .verdict import verdict
 
-# The columns `report` reads from tokens.parquet (and nothing else).
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "seq_id",
-    "delta",
-    "p_train",
-    "p_infer",
-    "eps_hat",
-    "kept_train",
-)
 DEFAULT_EDGES: tuple[float, ...] = (
     0.0,
     1e-6,
@@ -55,7 +48,6 @@ DEFAULT_EDGES: tuple[float, ...] = (
     1.0,
 )
 DEFAULT_TAIL = 0.1
-SIDES = ("train", "infer")
 QUANTILES = (0.5, 0.9, 0.99)
 MAX_LENGTH_BINS = 8
 
@@ -89,126 +81,6 @@ def parse_edges(edges: str | Sequence[float] | None) -> np.ndarray:
 
 def _fmt_list(e: np.ndarray) -> str:
     return ",".join(f"{v:g}" for v in e)
-
-
-def _check_by(by: str) -> str:
-    if by not in SIDES:
-        raise MismatchError(f"--by must be one of {', '.join(SIDES)}, got {by!r}")
-    return by
-
-
-@dataclass
-class TokenArrays:
-    """The token table as flat arrays, split once into finite and infinite deltas.
-
-    Arrays of the finite tokens have shape [n]; per-sequence arrays [S]. `p` is the
-    bucketing side's probability (p_train or p_infer, per `by`).
-    """
-
-    by: str
-    num_tokens: int  # N, all tokens
-    delta: np.ndarray  # [n] finite deltas
-    p: np.ndarray  # [n] probability of the bucketing side
-    p_train: np.ndarray  # [n]
-    p_infer: np.ndarray  # [n]
-    seq: np.ndarray  # [n] sequence index in 0..S-1
-    eps_hat: np.ndarray  # [N] per-position eps_hat (all tokens)
-    p_inf: np.ndarray  # [N - n] bucketing-side p of the infinite tokens
-    seq_inf: np.ndarray  # [N - n] their sequence index
-    seq_ids: np.ndarray  # [S] the seq_id of each sequence index
-
-    @property
-    def num_finite(self) -> int:
-        return int(self.delta.size)
-
-    @property
-    def num_infinite(self) -> int:
-        return self.num_tokens - self.num_finite
-
-    @property
-    def num_sequences(self) -> int:
-        return int(self.seq_ids.size)
-
-    @property
-    def one_minus_p(self) -> np.ndarray:
-        return 1.0 - self.p
-
-
-def token_arrays(df: pd.DataFrame | TokenArrays, by: str | None = None) -> TokenArrays:
-    """Split a token DataFrame into finite / infinite deltas (see TokenArrays).
-
-    Needs seq_id, delta, p_train, p_infer; eps_hat (NaN if absent) and kept_train (True if
-    absent) are optional. A delta is infinite when kept_train is False or delta is not finite.
-    `by` None: "train" for a DataFrame; a TokenArrays keeps its own (and must match `by`).
-    """
-    if isinstance(df, TokenArrays):
-        if by is not None and df.by != by:
-            raise ValueError(f"TokenArrays built with by={df.by!r}, asked for by={by!r}")
-        return df
-    by = _check_by(by or "train")
-    missing = [c for c in ("seq_id", "delta", "p_train", "p_infer") if c not in df.columns]
-    if missing:
-        raise MismatchError(f"token table lacks column(s) {', '.join(missing)}")
-    N = len(df)
-    delta = df["delta"].to_numpy(dtype=np.float64, copy=False)  # [N]
-    p_all = df[f"p_{by}"].to_numpy(dtype=np.float64, copy=False)  # [N]
-    finite = np.isfinite(delta)
-    if "kept_train" in df.columns:
-        finite &= df["kept_train"].to_numpy(dtype=bool, copy=False)
-    codes, uniques = pd.factorize(df["seq_id"], sort=True)  # [N], [S]
-    eps_hat = (
-        df["eps_hat"].to_numpy(dtype=np.float64, copy=False)
-        if "eps_hat" in df.columns
-        else np.full(N, np.nan)
-    )
-    all_finite = bool(finite.all())
-
-    def keep(a: np.ndarray) -> np.ndarray:
-        return a if all_finite else a[finite]
-
-    inf = ~finite
-    return TokenArrays(
-        by=by,
-        num_tokens=N,
-        delta=keep(delta),
-        p=keep(p_all),
-        p_train=keep(df["p_train"].to_numpy(dtype=np.float64, copy=False)),
-        p_infer=keep(df["p_infer"].to_numpy(dtype=np.float64, copy=False)),
-        seq=keep(codes),
-        eps_hat=eps_hat,
-        p_inf=p_all[inf],
-        seq_inf=codes[inf],
-        seq_ids=np.asarray(uniques),
-    )
-
-
-def load_tokens(
-    path: str | Path, columns: Sequence[str] = REQUIRED_COLUMNS
-) -> tuple[pd.DataFrame, dict[str, Any], list[str]]:
-    """Read only `columns` of a run's tokens.parquet: (tokens, run.json, warnings).
-
-    Raises MismatchError for a path that is not a run, a run without tokens.parquet, a table
-    lacking a column, or an empty table; an incomplete run yields a warning, not an error.
-    """
-    from .runs import open_run, read_tokens
-
-    run, meta = open_run(path)
-    status = meta.get("status", "incomplete")
-    if not (run.path / TOKENS_FILE).is_file():
-        raise MismatchError(
-            f"run {run.path} has no {TOKENS_FILE} (status: {status}): nothing to report yet; "
-            f"finish it with `mismatch measure --resume --out {run.path}`"
-        )
-    warnings = []
-    if status != STATUS_COMPLETE:
-        warnings.append(
-            f"run {run.path} is {status}, not complete: reporting the {TOKENS_FILE} it has, "
-            "which may not hold every prompt"
-        )
-    df = read_tokens(run.path, columns=list(columns))
-    if len(df) == 0:
-        raise MismatchError(f"run {run.path} has no tokens: nothing to report")
-    return df, meta, warnings
 
 
 # ----------------------------------------------------------------------------- eps
@@ -299,7 +171,7 @@ def bucket_stats(
 
     qs = group_quantiles(ad, b, nb, (*QUANTILES, 1.0))  # [B, 4]: p50, p90, p99, max
 
-    bi = bucket_index(t.p_inf, edges)  # [N - n]
+    bi = bucket_index(t.p_infinite, edges)  # [N - n]
     n_inf = np.bincount(bi[bi >= 0], minlength=nb)
     if not math.isfinite(eps):  # no eps: no envelope, not "nothing above it"
         above[:] = np.nan
@@ -410,7 +282,7 @@ def tail_bias(
 ) -> dict[str, Any]:
     """Signed mean delta of tail tokens (p < threshold) against head tokens (p >= threshold).
 
-    theory.md s.3: sampled from q, E[delta] = KL(q || p) >= 0, and the bias lives in the tail.
+    docs/theory.md, "Why sampled tail tokens are biased": sampled from q, E[delta] = KL(q || p) >= 0, and the bias lives in the tail.
     Returns threshold, n, token_share, abs_delta_share (of the run's sum |delta|), mean_delta,
     se (iid), z, p_value (two-sided, normal), se_seq / z_seq (clustered by sequence), `head`
     (n, mean_delta, se, z, p_value) and diff / se_diff / z_diff (tail minus head).
@@ -468,12 +340,12 @@ def sequence_stats(df: pd.DataFrame | TokenArrays, by: str | None = None) -> pd.
     t = token_arrays(df, by)
     S = t.num_sequences
     n_fin = np.bincount(t.seq, minlength=S)  # [S]
-    n_inf = np.bincount(t.seq_inf, minlength=S)  # [S]
+    n_inf = np.bincount(t.seq_infinite, minlength=S)  # [S]
     num = n_fin + n_inf
     sum_d = np.bincount(t.seq, weights=t.delta, minlength=S)
     sum_ad = np.bincount(t.seq, weights=np.abs(t.delta), minlength=S)
     sum_x = np.bincount(t.seq, weights=t.one_minus_p, minlength=S) + np.bincount(
-        t.seq_inf, weights=1.0 - t.p_inf, minlength=S
+        t.seq_infinite, weights=1.0 - t.p_infinite, minlength=S
     )
     has_inf = n_inf > 0
     sum_d = np.where(has_inf, np.inf, sum_d)
@@ -506,7 +378,8 @@ def length_bins(seqs: pd.DataFrame, max_bins: int = MAX_LENGTH_BINS) -> pd.DataF
 
     Columns: lo, hi (lengths, [lo, hi), last bin includes hi), count, mean_length,
     mean_sum_delta, se_sum_delta, std_sum_delta. A linear drift of mean_sum_delta with
-    length and a sqrt growth of its std are theory.md s.3's accumulation."""
+    length and a sqrt growth of its std are the accumulation of docs/theory.md, "Accumulation
+    over a sequence"."""
     fin = seqs[np.isfinite(seqs["sum_delta"].to_numpy())]
     L = fin["num_tokens"].to_numpy(dtype=np.float64)
     y = fin["sum_delta"].to_numpy(dtype=np.float64)
@@ -567,11 +440,13 @@ def _stats3(w: np.ndarray, prefix: str) -> dict[str, float]:
 def rl_metrics(
     df: pd.DataFrame | TokenArrays, seqs: pd.DataFrame | None = None, by: str | None = None
 ) -> dict[str, float]:
-    """The metrics RL frameworks log (theory.md s.5), finite tokens / sequences only.
+    """The metrics RL frameworks log (docs/theory.md, "The metrics RL frameworks log"), finite tokens / sequences only.
 
-    d = -delta (verl); rho = exp(d) per token; a sequence's ratio is the product exp(sum d)
-    (log clamped to +-20, as chi2_seq) or the geometric mean exp(mean d). ESS is the fraction
-    1 / mean((w / mean w)^2). Caps count ratios ABOVE C (what truncated IS clips).
+    d = -delta (verl); the token ratio r = exp(d) with d clamped to +-20 as verl clamps it
+    (is_token_*, ess_token, chi2_token, k2; k1 and k3 are unclamped, like verl's kl and
+    k3_kl); a sequence's ratio is the product exp(sum d) (the sum clamped to +-20, as chi2_seq)
+    or the geometric mean exp(mean d). ESS is the fraction 1 / mean((w / mean w)^2). Caps
+    count ratios ABOVE C (what truncated IS clips).
     """
     t = token_arrays(df, by)
     seqs = sequence_stats(t) if seqs is None else seqs
@@ -581,7 +456,7 @@ def rl_metrics(
     fin = seqs[np.isfinite(seqs["sum_delta"].to_numpy())]
     sum_delta = fin["sum_delta"].to_numpy(dtype=np.float64)  # [S']
     gap = fin["mean_delta"].to_numpy(dtype=np.float64)  # [S'] log-PPL gap per sequence
-    rho = np.exp(-d)  # [n]
+    ratio = M.importance_ratio(d)  # [n] exp(clamp(-delta, +-20)), verl's token ratio
     w_seq = np.exp(np.clip(-sum_delta, -M.SEQ_LOG_CLAMP, M.SEQ_LOG_CLAMP))  # [S']
     w_geo = np.exp(-gap)  # [S']
     pearson = math.nan
@@ -608,126 +483,20 @@ def rl_metrics(
         "ppl_ratio": mean_or_nan(np.exp(gap)),
         "chi2_token": M.chi2_token(d),
         "chi2_seq": M.chi2_seq(-sum_delta),
-        **_stats3(rho, "is_token"),
+        **_stats3(ratio, "is_token"),
         **_stats3(w_seq, "is_seq"),
         **_stats3(w_geo, "is_seq_geo"),
-        "ess_token": M.ess(rho),
+        "ess_token": M.ess(ratio),
         "ess_seq": M.ess(w_seq),
         "ess_seq_geo": M.ess(w_geo),
     }
     for c in M.CAPS:
-        out[f"frac_token_above_cap_{c:g}"] = mean_or_nan(rho > c)
+        out[f"frac_token_above_cap_{c:g}"] = mean_or_nan(ratio > c)
         out[f"frac_seq_above_cap_{c:g}"] = mean_or_nan(w_seq > c)
     return out
 
 
-# ----------------------------------------------------------------------------- verdict
-
-
-def _pct(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    if x == 0 or x == 1:
-        return f"{100 * x:.0f}%"
-    if x > 0.999:  # never round a shortfall up to 100%: 0.99984 -> "99.984%"
-        return f"{100 * x:.{max(1, int(-math.log10(1 - x)))}f}%"
-    return f"{100 * x:.3g}%" if x >= 0.001 else f"{100 * x:.2g}%"
-
-
-def _num(x: float | None, sign: bool = False) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    s = f"{x:+.3g}" if sign else f"{x:.3g}"
-    return s
-
-
-def verdict(result: dict[str, Any]) -> str:
-    """The plain-words paragraph: the bound, the tail, the accumulation, the RL metrics."""
-    parts: list[str] = []
-    n, ni = result["num_tokens"], result["num_infinite"]
-    if ni:
-        parts.append(
-            f"{ni} of {n} tokens ({_pct(ni / n)}) have an infinite delta (a token one side's "
-            "truncation prunes) and are left out of every statistic below."
-        )
-    env, eps = result["envelope"], result["eps"]
-    side = "p_train" if result["by"] == "train" else "p_infer"
-    if eps is not None and math.isfinite(eps):
-        hold = 1 - env["exact"]["frac_above"] if env["exact"]["frac_above"] is not None else None
-        hold1 = (
-            1 - env["first_order"]["frac_above"]
-            if env["first_order"]["frac_above"] is not None
-            else None
-        )
-        parts.append(
-            f"The exact (1 - p) bound holds for {_pct(hold)} of tokens with eps = {_num(eps)} "
-            f"({result['eps_estimator']}), the first-order 2 eps (1 - p) envelope for "
-            f"{_pct(hold1)}; covering 99% of tokens would need "
-            f"eps = {_num(result['eps_needed_q99'])}."
-        )
-    fit = result["fit"]
-    parts.append(
-        f"|delta| against (1 - p) through the origin: slope {_num(fit['slope'])} nats, "
-        f"R^2 = {_num(fit['r2'])}."
-    )
-    tl = result["tail"]
-    if tl["n"]:
-        z = tl["z"]
-        if z is None or not math.isfinite(z):
-            sig = "too few tokens for a standard error"
-        elif abs(z) < 2:
-            sig = f"{abs(z):.1f} standard errors from zero: not distinguishable from zero"
-        else:
-            sig = f"{abs(z):.1f} standard errors {'above' if z > 0 else 'below'} zero"
-        parts.append(
-            f"Tokens with {side} < {tl['threshold']:g} are {_pct(tl['token_share'])} of tokens "
-            f"but carry {_pct(tl['abs_delta_share'])} of total |delta|; their signed mean is "
-            f"{_num(tl['mean_delta'], True)} nats ({sig}), against "
-            f"{_num(tl['head']['mean_delta'], True)} for the other tokens."
-        )
-    else:
-        parts.append(f"No token has {side} < {tl['threshold']:g}.")
-    acc = result["accumulation"]
-    vl, vx = acc["vs_length"], acc["vs_sum_one_minus_p"]
-    if acc["num_sequences"] > 1 and vl["slope"] is not None:
-        parts.append(
-            f"Per sequence, sum delta drifts by {_num(vl['slope'], True)} nats per token "
-            f"(correlation with length {_num(vl['corr'])}, with sum (1 - p) {_num(vx['corr'])})."
-        )
-    m = result["metrics"]
-    parts.append(
-        f"RL metrics: k3 = {_num(m['k3'])}, mean |delta| = {_num(m['mean_abs_delta'])} "
-        f"(slime fails CI above 0.1), mean |delta p| = {_num(m['mean_abs_dp'])} (verl: below "
-        f"0.005 normal, above 0.01 suspicious); {_pct(m['frac_token_above_cap_2'])} of tokens "
-        f"and {_pct(m['frac_seq_above_cap_2'])} of sequences have an importance ratio above 2."
-    )
-    return " ".join(parts)
-
-
 # ----------------------------------------------------------------------------- analyze
-
-
-def json_ready(obj: Any) -> Any:
-    """A copy of `obj` that json.dumps(allow_nan=False) accepts: NaN / inf -> None, numpy
-    scalars -> Python numbers, DataFrames -> lists of records, Paths -> str."""
-    if isinstance(obj, dict):
-        return {str(k): json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, pd.DataFrame):
-        return json_ready(obj.to_dict(orient="records"))
-    if isinstance(obj, np.ndarray):
-        return json_ready(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _run_info(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -759,7 +528,7 @@ def analyze(
     metrics, verdict. NaN becomes None. `sequences` (optional) only supplies num_sequences
     when it lists completions the token table lacks; every statistic comes from the tokens.
     """
-    by = _check_by(by)
+    by = check_by(by)
     e = parse_edges(edges)
     if not 0 < tail <= 1:
         raise MismatchError(f"--tail must be in (0, 1], got {tail}")

@@ -15,3 +15,10 @@ class RunNotFoundError(MismatchError):
 
 class IncompleteRunError(MismatchError):
     """The run was interrupted; its tables are not final."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): what a
+    one-line `error:` shows of a library's multi-line message."""
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__

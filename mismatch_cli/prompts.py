@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import MismatchError
+from .errors import MismatchError, first_line
 
 BUILTIN = "builtin"
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -56,8 +56,7 @@ def _read_frame(path: Path) -> pd.DataFrame:
         if suffix == ".parquet":
             return pd.read_parquet(path)
     except (ValueError, json.JSONDecodeError, pd.errors.ParserError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MismatchError(f"cannot parse prompt file {path}: {first}") from e
+        raise MismatchError(f"cannot parse prompt file {path}: {first_line(e)}") from e
     raise MismatchError(
         f"unsupported prompt file type {suffix!r}; use one of {', '.join(SUFFIXES)}"
     )
@@ -125,3 +124,25 @@ def load_prompts(source: str | Path, column: str = "prompt") -> list[Prompt]:
     if not prompts:
         raise MismatchError(f"prompt file {path} is empty")
     return prompts
+
+
+def encode_prompts(prompts: list[Prompt], tokenizer: Any, chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt, with the chat template when the model has one."""
+    use_template = chat_template and getattr(tokenizer, "chat_template", None)
+    out = []
+    for p in prompts:
+        if use_template:
+            ids = tokenizer.apply_chat_template(
+                p.messages(), add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            text = (
+                p.content
+                if isinstance(p.content, str)
+                else "\n".join(m["content"] for m in p.content)
+            )
+            ids = tokenizer(text)["input_ids"]
+        out.append([int(i) for i in ids])
+    return out

@@ -1,9 +1,10 @@
-"""Training side: a transformers forward pass over the rollouts, replaying the sampling settings.
+"""Transformers scoring of token sequences, replaying the sampling settings: the training side
+of every run (and the teacher-forced log-probs of `rollout.HfEngine`).
 
 For each generated position t of a completion (prompt c, response y):
     z_t       = logits of the model at the position that predicts y_t            [V]
-    processed = temperature, then min-p, top-k, top-p masks (vLLM's order), renormalised
-    logp_t    = log_softmax(processed)                                            [V]
+    processed = `sampling.processed_logits` (temperature, min-p, top-k, top-p)    [V]
+    p_t       = softmax(processed), logp_t = log_softmax(processed)              [V]
 and we keep per position only what the analysis needs (a few scalars, two top-K lists,
 the pruned-mass grid), never the [tokens x V] array: memory grows with the batch only.
 """
@@ -17,46 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .dvp import pruned_mass_grid_from_logp
+from .dvp import pruned_mass_grid
+from .sampling import Sampling, processed_logits, processed_logprobs
 from .schema import RHO_GRID
 
 # Rows of [n, V] logits processed at once in the per-position step (bounds peak memory).
 _ROW_CHUNK = 256
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """The sampling settings replayed on the training side."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-
-
-def processed_logprobs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """log-probs of the sampling distribution, as vLLM's sampler builds it. [n, V] -> [n, V].
-
-    temperature -> min_p (p < min_p * max p, on probabilities) -> top_k -> top_p (on the
-    top-k-masked distribution; drop the ascending-sorted tokens whose cumulative mass is
-    <= 1 - top_p, always keeping the most likely) -> log_softmax. Masked tokens are -inf.
-    """
-    z = logits.float()
-    if s.temperature != 1.0:
-        z = z / s.temperature
-    if s.min_p > 0:
-        probs = torch.softmax(z, dim=-1)
-        z = z.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * s.min_p, float("-inf"))
-    if s.top_k > 0 and s.top_k < z.shape[-1]:
-        kth = z.topk(s.top_k, dim=-1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if s.top_p < 1.0:
-        z_sorted, idx = z.sort(dim=-1, descending=False)
-        cum = torch.softmax(z_sorted, dim=-1).cumsum(dim=-1)
-        drop = cum <= 1 - torch.tensor(s.top_p, dtype=torch.float32)  # vLLM's float32 1 - p
-        drop[..., -1] = False
-        z = z.scatter(-1, idx, z_sorted.masked_fill(drop, float("-inf")))
-    return torch.log_softmax(z, dim=-1)
 
 
 def position_stats(
@@ -66,15 +33,20 @@ def position_stats(
     infer_topk_logp: torch.Tensor,
     logp_infer: torch.Tensor,
     top_k: int,
+    probs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-position quantities from processed training log-probs.
 
-    logp [n, V] float32; tokens [n]; infer_topk_ids / infer_topk_logp [n, K] (padded with
-    id -1 / -inf); logp_infer [n]. Returns tensors of shape [n] or [n, k] / [n, G].
+    logp [n, V] float32 = log_softmax(z); probs [n, V] = softmax(z), the float32 values the
+    pruning rules compare (exp(logp) if not given); tokens [n]; infer_topk_ids /
+    infer_topk_logp [n, K] (padded with id -1 / -inf); logp_infer [n]. Returns tensors of
+    shape [n] or [n, k] / [n, G].
     """
+    p = logp.exp() if probs is None else probs  # [n, V]; 0 where a truncation set -inf
     logp_train = logp.gather(1, tokens[:, None]).squeeze(1)  # [n]
+    p_train = p.gather(1, tokens[:, None]).squeeze(1)  # [n]
     logp_max = logp.amax(dim=1)  # [n]
-    p = logp.exp()  # [n, V]; exactly 0 where a truncation set logp = -inf
+    p_max = p.amax(dim=1)  # [n]
     entropy = -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=1)  # [n]
     k = min(top_k, logp.shape[1])
     topk = logp.topk(k, dim=1)  # [n, k]
@@ -92,13 +64,15 @@ def position_stats(
 
     return {
         "logp_train": logp_train,
+        "p_train": p_train,
         "logp_max_train": logp_max,
+        "p_max_train": p_max,
         "entropy_train": entropy,
         "topk_ids_train": topk.indices.to(torch.int32),
         "topk_logp_train": topk.values,
         "eps_hat": eps_hat,
-        "pruned_mass_minp": pruned_mass_grid_from_logp(logp, RHO_GRID, "min-p", p),
-        "pruned_mass_abs": pruned_mass_grid_from_logp(logp, RHO_GRID, "absolute", p),
+        "pruned_mass_minp": pruned_mass_grid(p, RHO_GRID, "min-p"),
+        "pruned_mass_abs": pruned_mass_grid(p, RHO_GRID, "absolute"),
     }
 
 
@@ -186,18 +160,22 @@ def score_sequences(
     lengths = [(len(s.prompt_token_ids), len(s.response_token_ids)) for s in seqs]
     for batch in make_batches(lengths, batch_tokens):
         bseqs = [seqs[i] for i in batch]
+        if not any(len(s.response_token_ids) for s in bseqs):  # nothing to score
+            for i in batch:
+                results[i] = _empty_result(top_k, min(top_k, model.config.vocab_size))
+            continue
         logits, slices = forward_logits(model, bseqs, device)  # [N, V]
-        tokens = torch.cat([torch.tensor(np.asarray(s.response_token_ids)) for s in bseqs])
         dev = logits.device  # per-position work stays on the device; only results move
-        tokens = tokens.long().to(dev)
-        ids_q = torch.cat([torch.as_tensor(s.topk_ids_infer) for s in bseqs]).long().to(dev)
-        lq_topk = torch.cat([torch.as_tensor(s.topk_logp_infer) for s in bseqs]).float().to(dev)
-        lq = torch.cat([torch.as_tensor(np.asarray(s.logp_infer)) for s in bseqs]).float().to(dev)
+        tokens = _cat([s.response_token_ids for s in bseqs], torch.long).to(dev)
+        ids_q = _cat([s.topk_ids_infer for s in bseqs], torch.long, 2).to(dev)
+        lq_topk = _cat([s.topk_logp_infer for s in bseqs], torch.float32, 2).to(dev)
+        lq = _cat([s.logp_infer for s in bseqs], torch.float32).to(dev)
         parts: list[dict[str, torch.Tensor]] = []
         for r in range(0, logits.shape[0], _ROW_CHUNK):
             sl = slice(r, r + _ROW_CHUNK)
-            logp = processed_logprobs(logits[sl], sampling)  # [n, V] float32
-            st = position_stats(logp, tokens[sl], ids_q[sl], lq_topk[sl], lq[sl], top_k)
+            z = processed_logits(logits[sl], sampling)  # [n, V] float32
+            logp, probs = torch.log_softmax(z, dim=-1), torch.softmax(z, dim=-1)
+            st = position_stats(logp, tokens[sl], ids_q[sl], lq_topk[sl], lq[sl], top_k, probs)
             parts.append({k: v.cpu() for k, v in st.items()})
         merged = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
         for j, i in enumerate(batch):
@@ -206,3 +184,43 @@ def score_sequences(
             on_batch(int(logits.shape[0]))
         del logits
     return [r for r in results if r is not None]
+
+
+def _cat(arrays: Sequence[Any], dtype: torch.dtype, ndim: int = 1) -> torch.Tensor:
+    """Concatenate per-sequence arrays (possibly read-only, from Parquet) into one tensor.
+
+    np.array copies, so torch never wraps a non-writable buffer (no "NumPy array is not
+    writable" warning); empty rows keep their trailing shape."""
+    rows = [np.array(a) for a in arrays]
+    if ndim == 2:
+        k = max((r.shape[1] for r in rows if r.ndim == 2 and r.size), default=0)
+        rows = [r.reshape(len(r), k) if r.size == 0 else r for r in rows]
+    return torch.from_numpy(np.concatenate(rows)).to(dtype)
+
+
+_GRID_KEYS = ("pruned_mass_minp", "pruned_mass_abs")
+
+
+def _empty_result(top_k: int, k: int) -> dict[str, np.ndarray]:
+    """The per-position arrays of a sequence with no response token."""
+    out: dict[str, np.ndarray] = {
+        key: np.zeros(0, dtype=np.float32)
+        for key in ("logp_train", "p_train", "logp_max_train", "p_max_train", "entropy_train")
+    }
+    out["eps_hat"] = np.zeros(0, dtype=np.float64)
+    out["topk_ids_train"] = np.zeros((0, k), dtype=np.int32)
+    out["topk_logp_train"] = np.zeros((0, k), dtype=np.float32)
+    for key in _GRID_KEYS:
+        out[key] = np.zeros((0, len(RHO_GRID)), dtype=np.float32)
+    return out
+
+
+__all__ = [
+    "Sampling",
+    "SeqInput",
+    "forward_logits",
+    "make_batches",
+    "position_stats",
+    "processed_logprobs",
+    "score_sequences",
+]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .config import MeasureConfig
-from .errors import MismatchError
+from .errors import MismatchError, first_line
 
 # One record per completion, the columns of a `rollout` part file.
 Record = dict[str, Any]
@@ -90,10 +90,13 @@ class VllmEngine:
             kwargs["max_model_len"] = cfg.max_model_len
         kwargs.update(cfg.engine_args)
         self.cfg = cfg
+        from .models import check_vllm_supports
+
+        check_vllm_supports(model_path)
         try:
             self.llm = LLM(**kwargs)
         except (ValueError, TypeError) as e:  # bad engine argument, dtype, length, device
-            raise MismatchError(f"vLLM could not start: {_first_line(e)}") from e
+            raise MismatchError(f"vLLM could not start: {first_line(e)}") from e
 
     def sampling_params(self, prompt_id: int) -> Any:
         from vllm import SamplingParams
@@ -125,7 +128,14 @@ class VllmEngine:
                 inputs, params, use_tqdm=lambda *a, **kw: RichTqdm(advance, *a, **kw)
             )
         except ValueError as e:  # e.g. a prompt longer than the model's context
-            raise MismatchError(f"vLLM refused the request: {_first_line(e)}") from e
+            raise MismatchError(f"vLLM refused the request: {first_line(e)}") from e
+        except Exception as e:  # the engine process died (its log above names the cause)
+            if type(e).__name__ != "EngineDeadError":
+                raise
+            raise MismatchError(
+                "vLLM's engine died while generating (the cause is in vLLM's log above; "
+                "a model this vLLM build cannot run can still be measured with --infer-engine hf)"
+            ) from e
         records: list[Record] = []
         K = self.cfg.top_logprobs
         for (pid, ids), out in zip(prompts, outs, strict=True):
@@ -170,11 +180,6 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
 def _record(
     prompt_id: int,
     sample_idx: int,
@@ -203,8 +208,8 @@ class HfEngine:
     """transformers generation with vLLM's sampling rules, scored teacher-forced."""
 
     def __init__(self, model_path: str, cfg: MeasureConfig, device: Any) -> None:
-        from .rescore import Sampling
-        from .training import load_model
+        from .models import load_model
+        from .sampling import Sampling
 
         self.cfg = cfg
         self.device = device
@@ -219,7 +224,8 @@ class HfEngine:
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList
 
-        from .rescore import SeqInput, processed_logprobs, score_sequences
+        from .rescore import SeqInput, score_sequences
+        from .sampling import processed_logprobs
 
         sampling = self.sampling
 

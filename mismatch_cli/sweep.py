@@ -1,4 +1,5 @@
-"""Threshold sweep for dynamic vocabulary pruning (theory.md section 4), and a recommended rho.
+"""Threshold sweep for dynamic vocabulary pruning (docs/theory.md, "Dynamic vocabulary pruning
+(DVP)"), and a recommended rho.
 
 For every candidate threshold rho of a pruning rule
     min-p      S_rho(c) = {a : p(a|c) >= rho * max_b p(b|c)}
@@ -11,16 +12,17 @@ the sweep reports, from a stored run and without any model:
     cost       pruned mass m(c) = 1 - P(S) per position (= TV(p, p~)), and its sum over a
                sequence, the bias bound |J(p) - J(p~)| <= sum_t m(c_t)
 
-Exactness. The keep/prune decision of the sampled token is the float32 comparison of
-`dvp.safe_vocab_mask_from_logp` applied to the stored float32 log-probs, so it agrees
-bit for bit with what a trainer computes from the same logits. Pruned mass is read from
-the run's per-position grid (`pruned_mass_minp` / `pruned_mass_abs`, computed by
-`dvp.pruned_mass_grid_from_logp`), so thresholds must be values of the stored grid.
+Exactness. The keep/prune decision of the sampled token is vLLM's min-p comparison
+(`sampling.min_p_keep`: float32 p >= float32(rho) * float32 max p) on the stored float32
+softmax probabilities (p_train, p_max_train), so it agrees bit for bit with `dvp`, with the
+replay of `measure --min-p` and with a vLLM engine sampling at min_p = rho. Pruned mass is
+read from the run's per-position grid (`pruned_mass_minp` / `pruned_mass_abs`, computed by
+`dvp.pruned_mass_grid`), so thresholds must be values of the stored grid.
 
-Tokens the training side's own sampling truncation removed (kept_train False, infinite
-delta: a kept-set disagreement) have p = 0 on the training sampling distribution: they are
-outside every safe set, so they count as pruned at every rho (and in the baseline's
-pruned fraction), and are excluded from every mean, as everywhere in the tool.
+Tokens with an infinite delta (the training side's own sampling truncation removed them,
+kept_train False) have p = 0 on the training sampling distribution: they are outside every
+safe set, so they count as pruned at every rho (and in the baseline's pruned fraction), and
+are excluded from every mean, as everywhere in the tool.
 
 No torch here: the command must start fast.
 """
@@ -39,6 +41,7 @@ import pyarrow.parquet as pq
 
 from . import metrics
 from .errors import MismatchError
+from .results import json_ready
 from .runs import open_run, read_tokens
 from .schema import CONVENTIONS, FORMAT_VERSION, RHO_GRID, TOKENS_FILE
 
@@ -140,22 +143,22 @@ def resolve_rhos(rhos: Sequence[float] | None, grid: Sequence[float]) -> list[tu
 
 
 def kept_mask(
-    logp_train: np.ndarray, logp_max_train: np.ndarray | None, rho: float, rule: str = "min-p"
+    p_train: np.ndarray, p_max_train: np.ndarray | None, rho: float, rule: str = "min-p"
 ) -> np.ndarray:
     """Is the sampled token in the safe set at `rho`? [N] bool.
 
-    Exactly `dvp.safe_vocab_mask_from_logp` in float32:
-        min-p     logp >= logp_max + float32(log rho)
-        absolute  logp >= float32(log tau)
+    Exactly `sampling.min_p_keep` / `dvp.safe_vocab_mask_from_probs` in float32:
+        min-p     p >= float32(rho) * p_max
+        absolute  p >= float32(tau)
     """
-    lp = np.asarray(logp_train, dtype=np.float32)
-    log_rho = np.float32(math.log(rho))
+    p = np.asarray(p_train, dtype=np.float32)
+    r = np.float32(rho)
     if rule == "min-p":
-        if logp_max_train is None:
-            raise ValueError("min-p needs logp_max_train")
-        return lp >= np.asarray(logp_max_train, dtype=np.float32) + log_rho
+        if p_max_train is None:
+            raise ValueError("min-p needs p_max_train")
+        return p >= np.asarray(p_max_train, dtype=np.float32) * r
     check_rule(rule)
-    return lp >= log_rho
+    return p >= r
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,8 @@ class SweepInputs:
 
     rule: str
     grid: np.ndarray  # [G] float64, the run's pruning grid
-    logp_train: np.ndarray  # [N] float32
-    logp_max_train: np.ndarray | None  # [N] float32 (min-p rule only)
+    p_train: np.ndarray  # [N] float32, training-side probability of the sampled token
+    p_max_train: np.ndarray | None  # [N] float32 (min-p rule only)
     delta: np.ndarray  # [N] float64, +inf where the training side pruned the token
     support: np.ndarray  # [N] bool: kept by the training side's own truncation
     seq: np.ndarray  # [N] int64 sequence index in 0..S-1
@@ -179,9 +182,9 @@ class SweepInputs:
 
 def sweep_columns(rule: str) -> list[str]:
     """The tokens.parquet columns the sweep reads under `rule`."""
-    cols = ["seq_id", "logp_train", "delta", "kept_train", MASS_COLUMN[check_rule(rule)]]
+    cols = ["seq_id", "p_train", "delta", "kept_train", MASS_COLUMN[check_rule(rule)]]
     if rule == "min-p":
-        cols.insert(2, "logp_max_train")
+        cols.insert(2, "p_max_train")
     return cols
 
 
@@ -209,18 +212,16 @@ def prepare(
             f"column {mass_col} holds {mass.shape[-1]} values per token but the grid has "
             f"{g.size}; the run's rho_grid and its table disagree"
         )
-    logp = tokens["logp_train"].to_numpy(dtype=np.float64)
-    support = np.isfinite(logp)
+    p = tokens["p_train"].to_numpy(dtype=np.float64)
+    support = p > 0
     if "kept_train" in tokens.columns:
         support &= tokens["kept_train"].to_numpy(dtype=bool)
     seq, uniq = pd.factorize(tokens["seq_id"], sort=True)
     return SweepInputs(
         rule=rule,
         grid=g,
-        logp_train=logp.astype(np.float32),
-        logp_max_train=(
-            tokens["logp_max_train"].to_numpy(dtype=np.float32) if rule == "min-p" else None
-        ),
+        p_train=p.astype(np.float32),
+        p_max_train=(tokens["p_max_train"].to_numpy(dtype=np.float32) if rule == "min-p" else None),
         delta=tokens["delta"].to_numpy(dtype=np.float64),
         support=support,
         seq=seq.astype(np.int64),
@@ -297,7 +298,7 @@ def baseline_row(inp: SweepInputs) -> dict[str, Any]:
 
 def sweep_row(inp: SweepInputs, rho: float, index: int, base: dict[str, Any]) -> dict[str, Any]:
     """The row at grid value `rho` = inp.grid[index]; `base` is `baseline_row(inp)`."""
-    kept = inp.support & kept_mask(inp.logp_train, inp.logp_max_train, rho, inp.rule)
+    kept = inp.support & kept_mask(inp.p_train, inp.p_max_train, rho, inp.rule)
     return _with_rel(_row(inp, rho, kept, inp.pruned_mass[:, index]), base)
 
 
@@ -366,19 +367,6 @@ def recommend(
     }
 
 
-def json_ready(obj: Any) -> Any:
-    """Strict-JSON copy: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
-    if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def sweep(
     source: pd.DataFrame | str | Path | SweepInputs,
     rule: str = "min-p",
@@ -393,7 +381,7 @@ def sweep(
     pruning grid (None: run.json's `rho_grid`, else schema.RHO_GRID). The recommendation
     uses the MEAN per-sequence bias bound against `max_bias` (see `recommend`).
     Returns a strict-JSON-ready dict: run, rule, grid, num_tokens, num_sequences,
-    kept_set_disagreements, nonfinite_delta_tokens, max_bias, target_mismatch,
+    num_infinite, max_bias, target_mismatch,
     baseline (a row with rho None), rows (ROW_KEYS each), recommended {rho, reason,
     criterion}, conventions.
     """
@@ -422,8 +410,7 @@ def sweep(
             "grid": inp.grid.tolist(),
             "num_tokens": inp.num_tokens,
             "num_sequences": inp.num_sequences,
-            "kept_set_disagreements": int((~inp.support).sum()),
-            "nonfinite_delta_tokens": int((~np.isfinite(inp.delta)).sum()),
+            "num_infinite": int((~(inp.support & np.isfinite(inp.delta))).sum()),
             "max_bias": max_bias,
             "target_mismatch": target_mismatch,
             "baseline": base,
@@ -433,11 +420,11 @@ def sweep(
                 "delta": CONVENTIONS["delta"],
                 "pruned_mass": CONVENTIONS["pruned_mass"],
                 "bias_bound": (
-                    "per sequence: sum_t m(c_t) over its positions (theory.md section 4); "
+                    "per sequence: sum_t m(c_t) over its positions (docs/theory.md, 'The bias bound'); "
                     "its mean decides the recommendation, p95 is the 95th percentile "
                     "(linear interpolation)"
                 ),
-                "kept_set_disagreements": (
+                "infinite_delta": (
                     "tokens the training side's own truncation removed (infinite delta): "
                     "outside every safe set, counted as pruned, excluded from means"
                 ),
@@ -461,7 +448,6 @@ __all__ = [
     "SweepInputs",
     "baseline_row",
     "check_rule",
-    "json_ready",
     "kept_mask",
     "load",
     "parse_rhos",

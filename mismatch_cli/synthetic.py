@@ -1,9 +1,13 @@
-"""Synthetic runs with a known ground truth, for tests and benchmarks.
+"""Synthetic runs with a known ground truth, for tests and benchmarks (one shared generator).
 
-Each position draws training logits z [V], a logit perturbation delta [V] with
-max |delta_i| = eps, defines p = softmax(z) (training side) and q = softmax(z + delta)
+`synthetic_tables`: each position draws training logits z [V], a logit perturbation delta [V]
+with max |delta_i| = eps, defines p = softmax(z) (training side) and q = softmax(z + delta)
 (inference side), samples a ~ q and stores exactly the columns `measure` stores, computed by
-the same per-position code. The (1 - p) bound therefore holds for every token.
+the same per-position code (`rescore.position_stats`). The (1 - p) bound therefore holds for
+every token. Torch is imported only when this function runs.
+
+`bulk_token_columns`: numpy only, the columns `report` reads, for runs of 10^7-10^8 tokens
+generated chunk by chunk (benchmarks); |delta| <= 2 eps (1 - p) by construction.
 """
 
 from __future__ import annotations
@@ -13,12 +17,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import torch
 
-from .rescore import position_stats
-from .runs import RunDir, atomic_write_table
-from .schema import CONVENTIONS, FORMAT_VERSION, RHO_GRID, SEQUENCES_FILE, TOKENS_FILE
+from .runs import new_meta, token_frame, write_run
+
+SYNTHETIC_CONFIG: dict[str, Any] = {
+    "model": "synthetic",
+    "infer_engine": "synthetic",
+    "infer_dtype": "float32",
+    "train_dtype": "float32",
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": -1,
+    "min_p": 0.0,
+}
 
 
 def synthetic_tables(
@@ -31,6 +42,10 @@ def synthetic_tables(
     seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(tokens, sequences) DataFrames of a synthetic run with the given perturbation size."""
+    import torch
+
+    from .rescore import position_stats
+
     rng = np.random.default_rng(seed)
     lengths = rng.integers(max(1, max_len // 4), max_len + 1, size=num_sequences)
     N = int(lengths.sum())
@@ -44,29 +59,24 @@ def synthetic_tables(
     tok = torch.as_tensor(tokens)
     q_top = logq.topk(min(top_k, vocab), dim=-1)
     lq = logq.gather(1, tok[:, None]).squeeze(1)
-    st = position_stats(logp, tok, q_top.indices, q_top.values, lq, top_k)
+    st = position_stats(logp, tok, q_top.indices, q_top.values, lq, top_k, torch.softmax(z, -1))
 
     seq_id = np.repeat(np.arange(num_sequences), lengths)
-    pos = np.concatenate([np.arange(n) for n in lengths])
-    logp_infer = lq.double().numpy()
-    logp_train = st["logp_train"].double().numpy()
-    df = pd.DataFrame(
+    f64 = lambda k: st[k].double().numpy()  # noqa: E731
+    df = token_frame(
         {
             "seq_id": seq_id.astype(np.int64),
             "prompt_id": (seq_id // 2).astype(np.int64),
             "sample_idx": (seq_id % 2).astype(np.int32),
-            "pos": pos.astype(np.int32),
+            "pos": np.concatenate([np.arange(n) for n in lengths]).astype(np.int32),
             "token_id": tokens.astype(np.int32),
-            "logp_infer": logp_infer,
-            "logp_train": logp_train,
-            "delta": logp_infer - logp_train,
-            "p_infer": np.exp(logp_infer),
-            "p_train": np.exp(logp_train),
-            "p_max_train": np.exp(st["logp_max_train"].double().numpy()),
-            "logp_max_train": st["logp_max_train"].double().numpy(),
-            "entropy_train": st["entropy_train"].double().numpy(),
-            "eps_hat": st["eps_hat"].double().numpy(),
-            "kept_train": np.isfinite(logp_train),
+            "logp_infer": lq.double().numpy(),
+            "logp_train": f64("logp_train"),
+            "p_train": f64("p_train"),
+            "p_max_train": f64("p_max_train"),
+            "logp_max_train": f64("logp_max_train"),
+            "entropy_train": f64("entropy_train"),
+            "eps_hat": f64("eps_hat"),
             "topk_ids_infer": list(q_top.indices.numpy().astype(np.int32)),
             "topk_logp_infer": list(q_top.values.numpy()),
             "topk_ids_train": list(st["topk_ids_train"].numpy()),
@@ -75,18 +85,16 @@ def synthetic_tables(
             "pruned_mass_abs": list(st["pruned_mass_abs"].numpy()),
         }
     )
-    g = df.groupby("seq_id", sort=True)
+    ids = np.arange(num_sequences)
     seqs = pd.DataFrame(
         {
-            "seq_id": np.arange(num_sequences, dtype=np.int64),
-            "prompt_id": (np.arange(num_sequences) // 2).astype(np.int64),
-            "sample_idx": (np.arange(num_sequences) % 2).astype(np.int32),
+            "seq_id": ids.astype(np.int64),
+            "prompt_id": (ids // 2).astype(np.int64),
+            "sample_idx": (ids % 2).astype(np.int32),
             "prompt_token_ids": [np.array([1, 2, 3], dtype=np.int32)] * num_sequences,
-            "response_token_ids": [np.asarray(v, dtype=np.int32) for _, v in g["token_id"]],
-            "num_tokens": lengths.astype(np.int32),
-            "sum_delta": g["delta"].sum().to_numpy(),
-            "logp_infer_sum": g["logp_infer"].sum().to_numpy(),
-            "logp_train_sum": g["logp_train"].sum().to_numpy(),
+            "response_token_ids": [
+                np.asarray(v, dtype=np.int32) for _, v in df.groupby("seq_id")["token_id"]
+            ],
             "finish_reason": ["length"] * num_sequences,
             "text": [""] * num_sequences,
         }
@@ -94,33 +102,46 @@ def synthetic_tables(
     return df, seqs
 
 
+def synthetic_meta(**fields: Any) -> dict[str, Any]:
+    """run.json of a synthetic run: `new_meta` with the synthetic config and model."""
+    return new_meta(
+        "synthetic",
+        config=dict(SYNTHETIC_CONFIG),
+        model={"name": "synthetic", "path": None, "weights_sha256": None},
+        **fields,
+    )
+
+
 def write_synthetic_run(path: str | Path, **kwargs: Any) -> Path:
     """Write a complete synthetic run directory (run.json + both tables) and return its path."""
-    path = Path(path)
     tokens, seqs = synthetic_tables(**kwargs)
-    run = RunDir(path)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_table(path / TOKENS_FILE, pa.Table.from_pandas(tokens, preserve_index=False))
-    atomic_write_table(path / SEQUENCES_FILE, pa.Table.from_pandas(seqs, preserve_index=False))
-    run.write_meta(
-        {
-            "format_version": FORMAT_VERSION,
-            "status": "complete",
-            "synthetic": {"eps": kwargs.get("eps", 0.1), **{k: v for k, v in kwargs.items()}},
-            "model": {"name": "synthetic", "path": None, "weights_sha256": None},
-            "config": {
-                "model": "synthetic",
-                "infer_engine": "synthetic",
-                "infer_dtype": "float32",
-                "train_dtype": "float32",
-                "temperature": 1.0,
-                "top_p": 1.0,
-                "top_k": -1,
-                "min_p": 0.0,
-            },
-            "rho_grid": list(RHO_GRID),
-            "conventions": CONVENTIONS,
-            "summary": {"num_tokens": len(tokens), "num_sequences": len(seqs)},
-        }
-    )
-    return path
+    return write_run(path, tokens, seqs, synthetic_meta(synthetic={"eps": 0.1, **kwargs}))
+
+
+def bulk_token_columns(
+    num_tokens: int, first_seq: int = 0, eps: float = 0.1, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """The columns `report` reads for `num_tokens` synthetic tokens, numpy only (fast).
+
+    The deltas follow the (1 - p) shape: |delta| <= 2 eps (1 - p), signed noise plus a small
+    positive tail bias; most tokens confident, a long tail of p down to 1e-8; about 1e-5 of
+    tokens have an infinite delta. Completion lengths 16..496 (mean 256); sequence ids start
+    at `first_seq` (so chunks of one run can be generated separately)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(16, 497, size=num_tokens // 256 + 2)
+    lengths = lengths[: np.searchsorted(np.cumsum(lengths), num_tokens) + 1]
+    lengths[-1] -= lengths.sum() - num_tokens  # exactly num_tokens
+    seq_id = first_seq + np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)  # [N]
+    logp_train = -rng.exponential(1.0, num_tokens) * rng.choice([0.05, 2.0, 8.0], num_tokens)
+    p_train = np.exp(logp_train)
+    delta = 2 * eps * (1 - p_train) * rng.uniform(-1, 1, num_tokens) + 0.002 * (1 - p_train)
+    kept = rng.random(num_tokens) > 1e-5
+    delta[~kept] = np.inf
+    return {
+        "seq_id": seq_id,
+        "delta": delta,
+        "p_train": np.where(kept, p_train, 0.0),
+        "p_infer": np.minimum(p_train * np.exp(np.where(kept, delta, 0.0)), 1.0),
+        "eps_hat": rng.uniform(0.5 * eps, eps, num_tokens),
+        "kept_train": kept,
+    }

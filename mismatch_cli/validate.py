@@ -3,12 +3,17 @@
 The sweep predicts, from an unpruned run, what pruning at rho would leave. Validation reruns
 the same rollouts with vLLM's `min_p = rho` (the min-p safe set, renormalised, on the engine
 side) and replays the same rule on the training side, then puts the observed kept-token
-mismatch next to the prediction, with the rate at which the two sides' safe sets disagree
-about the sampled token (tokens vLLM kept and sampled but the training side prunes).
+mismatch next to the prediction, with the tokens whose delta is infinite (sampled by vLLM
+but outside the training side's safe set).
+
+A run already at the validation path is reused (complete) or resumed (incomplete) only if
+it was made with min_p = rho and the source run's prompts, model weights, seed and every
+other setting; anything else is refused with one line.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,9 @@ from .runs import RunDir, open_run
 from .schema import STATUS_COMPLETE
 
 COMPARED = ("kept_mean_abs_delta", "kept_mean_delta", "kept_k3", "kept_seq_mean_abs_sum_delta")
+# Settings that may differ between the source run and its validation run (they do not change
+# what is sampled or how it is scored).
+_FREE = frozenset({"chunk_prompts", "rescore_batch_tokens", "device"})
 
 
 def validation_out(run: Path, rho: float) -> Path:
@@ -29,6 +37,11 @@ def validation_config(run: Path, rho: float) -> Any:
     from .config import MeasureConfig
 
     _, meta = open_run(run, allow_incomplete=False)
+    if meta.get("command", "measure") != "measure":
+        raise MismatchError(
+            f"run {run} was not made by `mismatch measure` ({meta.get('command')}): "
+            "--validate reruns its rollouts, which needs the original prompts and model"
+        )
     cfg = MeasureConfig.from_dict(meta["config"])
     if cfg.min_p > 0:
         raise MismatchError(
@@ -39,13 +52,38 @@ def validation_config(run: Path, rho: float) -> Any:
     return cfg
 
 
+def check_reusable(source: Path, target: Path, cfg: Any) -> None:
+    """Refuse a run at `target` that was not made with `cfg` (min_p = rho and the source
+    run's prompts, model and seed): reusing or resuming it would compare the wrong run."""
+    meta = RunDir(target).read_meta()
+    src = RunDir(source).read_meta()
+    have = meta.get("config") or {}
+    want = cfg.to_dict()
+    for key, value in want.items():
+        if key in _FREE:
+            continue
+        if have.get(key) != value:
+            raise MismatchError(
+                f"{target} is not the validation run of {source} at min_p={cfg.min_p:g}: its "
+                f"{key} is {have.get(key)!r}, expected {value!r}; pass another --validate-out"
+            )
+    for key, what in (("prompt_ids_sha256", "prompt tokens"), ("model", "model weights")):
+        a, b = meta.get(key), src.get(key)
+        if key == "model":
+            a, b = (a or {}).get("weights_sha256"), (b or {}).get("weights_sha256")
+        if a != b:
+            raise MismatchError(
+                f"{target} was made with other {what} than {source}; pass another --validate-out"
+            )
+
+
 def compare(
     predicted: dict[str, Any], observed_sweep: dict[str, Any], rho: float
 ) -> dict[str, Any]:
     """Prediction (the original run's sweep row at rho) against the validation run's numbers."""
     obs = observed_sweep["baseline"]  # the pruned run, no further pruning
     n = observed_sweep["num_tokens"]
-    dis = observed_sweep["kept_set_disagreements"]
+    n_inf = observed_sweep["num_infinite"]
     return {
         "rho": rho,
         "rule": "min-p",
@@ -53,32 +91,39 @@ def compare(
         "predicted": {k: predicted.get(k) for k in COMPARED},
         "observed": {k: obs.get(k) for k in COMPARED},
         "num_tokens": n,
-        "safe_set_disagreements": dis,
-        "safe_set_disagreement_rate": dis / n if n else None,
+        "num_infinite": n_inf,
+        "frac_infinite": n_inf / n if n else None,
         "note": (
             "predicted: original (unpruned) run, tokens outside S_rho dropped, unrenormalised "
             "log-probs; observed: rollouts sampled with vLLM min_p=rho, both sides renormalised "
-            "over their own safe set; disagreements: sampled by vLLM but outside the training "
+            "over their own safe set; num_infinite: sampled by vLLM but outside the training "
             "side's safe set (infinite delta, excluded from the means)"
         ),
     }
 
 
 def validate(
-    run: Path, rho: float, predicted: dict[str, Any], out: Path | None, console: Any
+    run: Path,
+    rho: float,
+    predicted: dict[str, Any],
+    out: Path | None,
+    measure: Callable[..., Path],
+    log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Run (or reuse / resume) the validation measurement and compare it with the prediction."""
-    from .commands.measure import measure_with_progress
+    """Run (or reuse / resume) the validation measurement and compare it with the prediction.
+
+    `measure(cfg, out, resume=...)` runs the pipeline (the CLI passes one with progress bars).
+    """
     from .sweep import sweep
 
     cfg = validation_config(run, rho)
     out = out or validation_out(run, rho)
     vrun = RunDir(out)
+    if vrun.exists():
+        check_reusable(run, out, cfg)
     if vrun.exists() and vrun.read_meta().get("status") == STATUS_COMPLETE:
-        console.print(f"reusing the complete validation run {out}", highlight=False)
+        log(f"reusing the complete validation run {out}")
     else:
-        console.print(
-            f"validating rho={rho:g}: rerunning the rollouts with vLLM min_p={rho:g} into {out}"
-        )
-        measure_with_progress(cfg, out, resume=vrun.exists(), overwrite=False, console=console)
+        log(f"validating rho={rho:g}: rerunning the rollouts with vLLM min_p={rho:g} into {out}")
+        measure(cfg, out, resume=vrun.exists())
     return compare(predicted, sweep(out), rho)

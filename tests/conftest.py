@@ -49,11 +49,23 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_runs_untouched() -> object:
+    """Runs made by tests land in temporary folders, never under the checkout's runs/."""
+    runs = ROOT / "runs"
+    before = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
+    yield
+    after = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
+    assert after == before, f"tests wrote into {runs}: {sorted(set(after) - set(before))}"
+
+
 @pytest.fixture(scope="session")
 def vllm_run(runs_dir: Path) -> Path:
-    """4 prompts x 2 samples x 32 tokens, vLLM bf16 vs transformers fp32, temperature 1."""
+    """4 prompts x 2 samples x 32 tokens, vLLM bf16 vs transformers fp32, temperature 1.
+    Its stderr (a pipe, not a terminal: plain progress lines) is kept beside it."""
     out = runs_dir / "vllm_t1"
-    run_cli("measure", *SMALL, "--enforce-eager", "--out", str(out), check=True)
+    proc = run_cli("measure", *SMALL, "--enforce-eager", "--out", str(out), check=True)
+    (runs_dir / "vllm_t1.stderr").write_text(proc.stderr)
     return out
 
 
@@ -77,3 +89,29 @@ def hf_null_run(runs_dir: Path) -> Path:
         "--train-dtype", "float32", "--out", str(out), check=True,
     )  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (vocab 97) with a word-level tokenizer, saved as a model folder:
+    what `models.load_model` loads, in a second, with no hub and no default model."""
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    vocab = {f"t{i}": i for i in range(97)}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")),
+        unk_token="t0", eos_token="t1", bos_token="t2", pad_token="t0",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=2, eos_token_id=1,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from mismatch_cli import analysis as A
 from mismatch_cli import theory
@@ -380,7 +382,7 @@ def test_analysis_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, mismatch_cli.analysis, mismatch_cli.report; print('torch' in sys.modules)"
+    code = "import sys, mismatch_cli.analysis, mismatch_cli.render; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -390,3 +392,31 @@ def test_theory_envelope_is_the_one_used() -> None:
     np.testing.assert_allclose(
         b["envelope_exact"], theory.envelope_exact(b["mean_one_minus_p"].to_numpy(), 0.3)
     )
+
+
+def test_verl_named_metrics_clamp_the_log_ratio_like_verl(tmp_path: Path) -> None:
+    """verl clamps d = -delta to +-20 (SAFETY_BOUND, verl/trainer/ppo/rollout_corr_helper.py
+    @1dda039) in k2, chi2_token and the token IS statistics; k3 (`k3_kl`) is unclamped."""
+    from mismatch_cli.cli import app
+    from mismatch_cli.runs import write_run
+    from mismatch_cli.synthetic import synthetic_meta, synthetic_tables
+
+    tokens, seqs = synthetic_tables(num_sequences=6, max_len=12, seed=3)
+    tokens.loc[0, "delta"] = -30.0  # d = +30: ratio e^30, clamped to e^20
+    tokens.loc[1, "delta"] = 30.0  # d = -30
+    run = write_run(tmp_path / "run", tokens, seqs, synthetic_meta())
+    res = CliRunner().invoke(app, ["report", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.output)["metrics"]
+
+    d = -tokens["delta"].to_numpy()  # every delta is finite here
+    dc = np.clip(d, -20, 20)
+    w = np.exp(dc)
+    assert m["k2"] == pytest.approx(np.mean(0.5 * dc**2), rel=1e-12)
+    assert m["chi2_token"] == pytest.approx(np.mean(w**2) - 1, rel=1e-9)
+    assert m["is_token_max"] == pytest.approx(math.exp(20), rel=1e-12)
+    assert m["is_token_min"] == pytest.approx(math.exp(-20), rel=1e-12)
+    assert m["is_token_mean"] == pytest.approx(w.mean(), rel=1e-12)
+    assert m["ess_token"] == pytest.approx(1 / np.mean((w / w.mean()) ** 2), rel=1e-9)
+    assert m["k3"] == pytest.approx(np.mean(np.expm1(d) - d), rel=1e-9)  # unclamped
+    assert m["k3"] > np.mean(np.expm1(dc) - dc) * 1e3  # e^30 is really in it

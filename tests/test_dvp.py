@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from mismatch_cli import dvp
 from mismatch_cli import sweep as sw
-from mismatch_cli.rescore import Sampling, position_stats, processed_logprobs
+from mismatch_cli.rescore import position_stats
 from mismatch_cli.runs import RunDir, atomic_write_table
+from mismatch_cli.sampling import Sampling, processed_logits
 from mismatch_cli.schema import RHO_GRID, TOKENS_FILE
 
 RHOS = (1e-6, 1e-3, 0.02, 0.3)
@@ -95,14 +96,15 @@ def test_top_p_mask_vs_numpy(top_p: float) -> None:
 
 
 def test_mask_threshold_is_inclusive_and_float32() -> None:
-    """A token exactly at logp_max + float32(log rho) is kept; one ulp below is pruned."""
-    at = np.float32(0.0) + np.float32(math.log(1e-3))
-    below = np.nextafter(at, np.float32(-np.inf))
-    logp = torch.tensor([[0.0, at, below, -30.0]])
-    assert dvp.safe_vocab_mask_from_logp(logp, 1e-3).tolist() == [[True, True, False, False]]
-    tau = np.float32(math.log(0.25))
-    logp = torch.tensor([[tau, np.nextafter(tau, np.float32(-np.inf))]])
-    assert dvp.safe_vocab_mask_from_logp(logp, 0.25, "absolute").tolist() == [[True, False]]
+    """vLLM's rule: a token exactly at float32(rho) * p_max is kept; one ulp below is pruned."""
+    pmax = np.float32(0.7)
+    at = pmax * np.float32(1e-3)
+    below = np.nextafter(at, np.float32(0))
+    probs = torch.tensor([[pmax, at, below, 1e-9]])
+    assert dvp.safe_vocab_mask_from_probs(probs, 1e-3).tolist() == [[True, True, False, False]]
+    tau = np.float32(0.25)
+    probs = torch.tensor([[tau, np.nextafter(tau, np.float32(0))]])
+    assert dvp.safe_vocab_mask_from_probs(probs, 0.25, "absolute").tolist() == [[True, False]]
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, 1.5])
@@ -232,11 +234,12 @@ def test_grid_is_bit_exact_across_batch_shapes() -> None:
 def test_grid_boundary_matches_mask() -> None:
     """A token exactly at the min-p threshold of a grid value is kept there, pruned above."""
     g = RHO_GRID.index(1e-3)
-    at = float(np.float32(0.0) + np.float32(math.log(1e-3)))
-    logp = torch.tensor([[0.0, at, -40.0]])
-    m = dvp.pruned_mass_grid_from_logp(logp, RHO_GRID)[0]
-    assert m[g].item() == pytest.approx(math.exp(-40.0))  # only the -40 token is pruned
-    assert m[g + 1].item() == pytest.approx(math.exp(at) + math.exp(-40.0))
+    pmax = np.float32(0.9)
+    at = float(pmax * np.float32(1e-3))
+    probs = torch.tensor([[pmax, at, 1e-12]])
+    m = dvp.pruned_mass_grid(probs, RHO_GRID)[0]
+    assert m[g].item() == pytest.approx(1e-12)  # only the 1e-12 token is pruned
+    assert m[g + 1].item() == pytest.approx(at + 1e-12)
 
 
 def test_grid_follows_the_input_device() -> None:
@@ -297,15 +300,17 @@ def test_grid_monotone(logits, rule: str) -> None:
 # --- exact agreement with sweep-threshold ---------------------------------------------
 
 
-def stored_run(path: Path, logp: torch.Tensor, tokens: torch.Tensor, seq_len: int) -> Path:
-    """Store a run for these training log-probs [N, V] the way `measure` does (position_stats
-    on float32 log-probs; Parquet round trip), with a small fake inference side."""
+def stored_run(
+    path: Path, logp: torch.Tensor, probs: torch.Tensor, tokens: torch.Tensor, seq_len: int
+) -> Path:
+    """Store a run for these training log-probs and probabilities [N, V] the way `measure`
+    does (position_stats; Parquet round trip), with a small fake inference side."""
     N = logp.shape[0]
     noise = torch.randn(N, generator=torch.Generator().manual_seed(0)).double() * 0.05
     ids = torch.full((N, 2), -1)
     lq_top = torch.full((N, 2), float("-inf"))
     lq = (logp.gather(1, tokens[:, None]).squeeze(1).double() + noise).float()
-    s = position_stats(logp, tokens, ids, lq_top, lq, top_k=4)
+    s = position_stats(logp, tokens, ids, lq_top, lq, top_k=4, probs=probs)
     logp_train = s["logp_train"].double().numpy()
     lq_np = lq.double().numpy()
     lq_np[~np.isfinite(logp_train)] = -1.0  # the engine sampled it: finite on its side
@@ -313,7 +318,8 @@ def stored_run(path: Path, logp: torch.Tensor, tokens: torch.Tensor, seq_len: in
         {
             "seq_id": np.arange(N) // seq_len,
             "logp_train": logp_train,
-            "logp_max_train": s["logp_max_train"].double().numpy(),
+            "p_train": s["p_train"].double().numpy(),
+            "p_max_train": s["p_max_train"].double().numpy(),
             "delta": lq_np - logp_train,
             "kept_train": np.isfinite(logp_train),
             "pruned_mass_minp": list(s["pruned_mass_minp"].numpy()),
@@ -332,39 +338,38 @@ def test_sweep_agrees_exactly_with_dvp(tmp_path: Path, rule: str) -> None:
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(N, V, generator=gen) * 4.0
     # the training side replays a top-p truncation: some sampled tokens fall outside it
-    logp = processed_logprobs(logits, Sampling(temperature=temp, top_p=0.95))  # [N, V] float32
+    z = processed_logits(logits, Sampling(temperature=temp, top_p=0.95))  # [N, V] float32
+    logp, probs = torch.log_softmax(z, -1), torch.softmax(z, -1)
     tokens = torch.multinomial(torch.softmax(logits / temp, -1), 1, generator=gen).squeeze(1)
     # put some sampled tokens exactly on a threshold, where only an exact comparison agrees
     finite = torch.isfinite(logp.gather(1, tokens[:, None]).squeeze(1))
     for i, r in zip(range(0, N, 7), [1e-3, 0.02, 0.2, 5e-5] * 100, strict=False):
-        if finite[i]:
-            base = logp[i].amax() if rule == "min-p" else torch.tensor(0.0)
-            logp[i, tokens[i]] = base + torch.tensor(math.log(r), dtype=torch.float32)
-    run = stored_run(tmp_path / "run", logp, tokens, seq_len=20)
+        if finite[i] and probs[i].amax() > probs[i, tokens[i]]:
+            base = probs[i].amax() if rule == "min-p" else torch.tensor(1.0)
+            probs[i, tokens[i]] = base * torch.tensor(r, dtype=torch.float32)
+    run = stored_run(tmp_path / "run", logp, probs, tokens, seq_len=20)
 
     inp = sw.load(run, rule)
-    expect_mass = dvp.pruned_mass_grid_from_logp(logp, RHO_GRID, rule).numpy()  # [N, G]
+    expect_mass = dvp.pruned_mass_grid(probs, RHO_GRID, rule).numpy()  # [N, G]
     assert np.array_equal(inp.pruned_mass, expect_mass)  # bit for bit
     res = sw.sweep(run, rule=rule)
-    assert res["kept_set_disagreements"] == int((~finite).sum()) > 0
+    assert res["num_infinite"] == int((~finite).sum()) > 0
     ties = 0
     for g, row in enumerate(res["rows"]):
         rho = RHO_GRID[g]
-        mask = dvp.safe_vocab_mask_from_logp(logp, rho, rule)  # [N, V]
+        mask = dvp.safe_vocab_mask_from_probs(probs, rho, rule)  # [N, V]
         dvp_kept = mask.gather(1, tokens[:, None]).squeeze(1).numpy()  # [N]
-        sweep_kept = inp.support & sw.kept_mask(inp.logp_train, inp.logp_max_train, rho, rule)
+        sweep_kept = inp.support & sw.kept_mask(inp.p_train, inp.p_max_train, rho, rule)
         assert np.array_equal(sweep_kept, dvp_kept), rho
         assert row["pruned_tokens"] == int((~dvp_kept).sum())
         assert row["max_pruned_mass"] == float(expect_mass[:, g].max())
-        thr = (logp.amax(-1) if rule == "min-p" else 0.0) + torch.tensor(
-            math.log(rho), dtype=torch.float32
-        )
-        ties += int((logp.gather(1, tokens[:, None]).squeeze(1) == thr).sum())
+        thr = (probs.amax(-1) if rule == "min-p" else 1.0) * torch.tensor(rho, dtype=torch.float32)
+        ties += int((probs.gather(1, tokens[:, None]).squeeze(1) == thr).sum())
     assert ties > 0  # the boundary cases were really exercised
     # and pruned_mass's masked sum (a different summation order) agrees to float32 rounding
-    mask = dvp.safe_vocab_mask_from_logp(logp, 0.02, rule)
+    mask = dvp.safe_vocab_mask_from_probs(probs, 0.02, rule)
     torch.testing.assert_close(
-        logp.exp().masked_fill(mask, 0.0).sum(-1).numpy(),
+        probs.masked_fill(mask, 0.0).sum(-1).numpy(),
         inp.pruned_mass[:, RHO_GRID.index(0.02)],
         rtol=1e-5,
         atol=1e-7,

@@ -49,7 +49,9 @@ def test_run_is_complete_and_has_every_column(vllm_run: Path) -> None:
 
 def test_logp_train_matches_an_independent_transformers_computation(vllm_run: Path) -> None:
     """Unbatched, unpadded fp32 forward per sequence, written here from scratch, with the
-    attention implementation the run recorded (eager vs SDPA alone differ by ~1e-5)."""
+    attention implementation the run recorded. The run scores padded batches, whose GEMM
+    shapes round differently in float32 (up to 2.6e-5 nats seen on the default model); an
+    off-by-one position or a wrong temperature would be off by whole nats."""
     from transformers import AutoModelForCausalLM
 
     meta = json.loads((vllm_run / "run.json").read_text())
@@ -69,7 +71,7 @@ def test_logp_train_matches_an_independent_transformers_computation(vllm_run: Pa
         expect = logp.gather(1, torch.tensor(resp)[:, None]).squeeze(1).double().numpy()
         got = tok[tok.seq_id == r.seq_id].sort_values("pos")["logp_train"].to_numpy()
         worst = max(worst, float(np.max(np.abs(got - expect))))
-    assert worst < 1e-5, worst
+    assert worst < 1e-4, worst
 
 
 def test_mismatch_is_small_and_shows_the_one_minus_p_shape(vllm_run: Path) -> None:
@@ -108,3 +110,13 @@ def test_hf_null_check_is_exactly_zero(hf_null_run: Path) -> None:
     meta = json.loads((hf_null_run / "run.json").read_text())
     assert meta["engines"]["infer"] == {"engine": "hf", "dtype": "float32"}
     assert meta["engines"]["train"]["attn_implementation"] == "eager"
+
+
+def test_progress_in_a_log_is_plain_lines(vllm_run: Path) -> None:
+    """stderr is a pipe here: each long phase prints plain lines, not rich bars."""
+    err = (vllm_run.parent / "vllm_t1.stderr").read_text()
+    lines = err.splitlines()
+    assert any(ln.startswith("generate: 0/8 completions, started") for ln in lines), err
+    assert any(ln.startswith("generate: 8/8 completions") and "done in" in ln for ln in lines)
+    assert any(ln.startswith("rescore: ") and "done in" in ln for ln in lines), err
+    assert "\x1b[" not in err or "━" not in err  # no progress-bar drawing in a log

@@ -222,3 +222,24 @@ def test_cli_bad_inputs(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
     assert_one_line_error(cli("plot", run, run, "--out", str(tmp_path), "--label", "x"), "--label")
     assert_one_line_error(cli("plot", run, "--out", str(tmp_path), "--figure", "pie"), "figure")
     assert_one_line_error(cli("plot", run, "--edges", "1,0"), "--edges")
+
+
+def test_skipped_figures_are_named_with_the_reason(tmp_path: Path) -> None:
+    """measure and demo end with draw_figures: a figure that cannot be drawn gets one line."""
+    import io
+
+    from rich.console import Console
+
+    from mismatch_cli.commands.measure import draw_figures
+    from mismatch_cli.runs import write_run
+    from mismatch_cli.synthetic import synthetic_meta, synthetic_tables
+
+    tokens, seqs = synthetic_tables(num_sequences=1, max_len=1, seed=1)
+    tokens = tokens.drop(columns=["pruned_mass_minp", "pruned_mass_abs"])
+    run = write_run(tmp_path / "tiny", tokens, seqs, synthetic_meta())
+    buf = io.StringIO()
+    files = draw_figures(run, Console(file=buf, width=300))
+    out = buf.getvalue()
+    assert "note: figure sweep: skipped" in out and "pruning grid" in out
+    assert "note: figure sequence: skipped (too few sequences" in out
+    assert {f.stem for f in files} == {"bound", "bias", "distribution"}

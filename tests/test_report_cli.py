@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mismatch_cli import analysis as A
 from mismatch_cli.cli import app
-from mismatch_cli.report import print_report
+from mismatch_cli.render import print_report
 
 from .conftest import assert_one_line_error
 from .conftest import run_cli as cli

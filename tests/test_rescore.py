@@ -176,3 +176,45 @@ def test_scores_do_not_depend_on_the_batch_budget(tiny_llama) -> None:
                 np.testing.assert_array_equal(x[k], y[k])
             else:
                 np.testing.assert_allclose(x[k], y[k], atol=2e-6, rtol=0)
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.array(a)
+    a.setflags(write=False)  # what Parquet / Arrow hands back
+    return a
+
+
+def test_batches_of_empty_responses_do_not_crash(tiny_llama) -> None:
+    """A batch holding only empty responses used to raise IndexError; mixed batches work."""
+    empty = SeqInput(
+        [1, 2, 3], [], np.zeros((0, 3), np.int32), np.zeros((0, 3), np.float32), np.zeros(0)
+    )
+    seqs = [empty, *_seqs(3, seed=5), empty]
+    dev = torch.device("cpu")
+    only = score_sequences(tiny_llama, [empty, empty], Sampling(), 5, dev, 64)
+    assert [r["logp_train"].shape for r in only] == [(0,), (0,)]
+    assert only[0]["pruned_mass_minp"].shape == (0, len(RHO_GRID))
+    mixed = score_sequences(tiny_llama, seqs, Sampling(), 5, dev, 10_000)
+    alone = score_sequences(tiny_llama, seqs[1:4], Sampling(), 5, dev, 10_000)
+    assert mixed[0]["logp_train"].size == 0 and mixed[-1]["logp_train"].size == 0
+    for x, y in zip(mixed[1:4], alone, strict=True):
+        np.testing.assert_allclose(x["logp_train"], y["logp_train"], atol=2e-6)
+
+
+def test_read_only_arrays_raise_no_warning(tiny_llama) -> None:
+    """Arrays read back from Parquet are not writable; torch must never be handed them."""
+    import warnings
+
+    seqs = [
+        SeqInput(
+            s.prompt_token_ids,
+            _readonly(s.response_token_ids),
+            _readonly(s.topk_ids_infer),
+            _readonly(s.topk_logp_infer),
+            _readonly(s.logp_infer),
+        )
+        for s in _seqs(4, seed=6)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        score_sequences(tiny_llama, seqs, Sampling(), 5, torch.device("cpu"), 10_000)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ..options import JsonOpt
-
-_S = "Sampling (replayed on the training side)"
-_E = "Inference engine"
-_T = "Training side"
-_I = "Input"
-_O = "Output"
+from ..options import (
+    PANEL_ENGINE,
+    PANEL_INPUT,
+    PANEL_OUTPUT,
+    PANEL_SAMPLING,
+    PANEL_TRAINING,
+    JsonOpt,
+)
 
 
 def measure(
@@ -31,120 +32,137 @@ def measure(
         typer.Option(
             help="`builtin` (240 prompts: math, code, reasoning, writing) or a JSONL / JSON / "
             "CSV / Parquet / text file.",
-            rich_help_panel=_I,
+            rich_help_panel=PANEL_INPUT,
         ),
     ] = "builtin",
     prompt_column: Annotated[
         str,
         typer.Option(
             help="Column holding the prompt text (else a `messages` column of chat turns).",
-            rich_help_panel=_I,
+            rich_help_panel=PANEL_INPUT,
         ),
     ] = "prompt",
     num_prompts: Annotated[
-        int | None, typer.Option(help="Use only the first N prompts.", rich_help_panel=_I)
+        int | None, typer.Option(help="Use only the first N prompts.", rich_help_panel=PANEL_INPUT)
     ] = None,
     chat_template: Annotated[
         bool,
-        typer.Option(help="Apply the model's chat template when it has one.", rich_help_panel=_I),
+        typer.Option(
+            help="Apply the model's chat template when it has one.", rich_help_panel=PANEL_INPUT
+        ),
     ] = True,
     samples_per_prompt: Annotated[
-        int, typer.Option(help="Completions per prompt.", rich_help_panel=_S)
+        int, typer.Option(help="Completions per prompt.", rich_help_panel=PANEL_SAMPLING)
     ] = 4,
     max_tokens: Annotated[
-        int, typer.Option(help="Maximum completion length.", rich_help_panel=_S)
+        int, typer.Option(help="Maximum completion length.", rich_help_panel=PANEL_SAMPLING)
     ] = 256,
     temperature: Annotated[
-        float, typer.Option(help="Sampling temperature (> 0).", rich_help_panel=_S)
+        float, typer.Option(help="Sampling temperature (> 0).", rich_help_panel=PANEL_SAMPLING)
     ] = 1.0,
     top_p: Annotated[
-        float, typer.Option(help="Nucleus sampling mass in (0, 1].", rich_help_panel=_S)
+        float, typer.Option(help="Nucleus sampling mass in (0, 1].", rich_help_panel=PANEL_SAMPLING)
     ] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Top-k sampling (-1 = off).", rich_help_panel=_S)] = -1,
+    top_k: Annotated[
+        int, typer.Option(help="Top-k sampling (-1 = off).", rich_help_panel=PANEL_SAMPLING)
+    ] = -1,
     min_p: Annotated[
         float,
         typer.Option(
             help="Min-p sampling in [0, 1): the DVP min-p rule with rho = min_p on both sides.",
-            rich_help_panel=_S,
+            rich_help_panel=PANEL_SAMPLING,
         ),
     ] = 0.0,
     seed: Annotated[
-        int, typer.Option(help="Sampling seed (prompt i uses seed + i).", rich_help_panel=_S)
+        int,
+        typer.Option(
+            help="Sampling seed (prompt i uses seed + i).", rich_help_panel=PANEL_SAMPLING
+        ),
     ] = 0,
     infer_engine: Annotated[
         str,
         typer.Option(
             help="`vllm`, or `hf` (transformers generation: the null check / precision ablation).",
-            rich_help_panel=_E,
+            rich_help_panel=PANEL_ENGINE,
         ),
     ] = "vllm",
     infer_dtype: Annotated[
-        str, typer.Option(help="Inference dtype: float32, bfloat16, float16.", rich_help_panel=_E)
+        str,
+        typer.Option(
+            help="Inference dtype: float32, bfloat16, float16.", rich_help_panel=PANEL_ENGINE
+        ),
     ] = "bfloat16",
     top_logprobs: Annotated[
         int,
         typer.Option(
-            help="Top-K log-probs stored per position from each side (1..1000).", rich_help_panel=_E
+            help="Top-K log-probs stored per position from each side (1..1000).",
+            rich_help_panel=PANEL_ENGINE,
         ),
     ] = 20,
     tensor_parallel_size: Annotated[
-        int, typer.Option(help="vLLM tensor parallel size.", rich_help_panel=_E)
+        int, typer.Option(help="vLLM tensor parallel size.", rich_help_panel=PANEL_ENGINE)
     ] = 1,
     enforce_eager: Annotated[
         bool,
         typer.Option(
             "--enforce-eager",
             help="vLLM: skip torch.compile / CUDA graphs (faster start, slower decode).",
-            rich_help_panel=_E,
+            rich_help_panel=PANEL_ENGINE,
         ),
     ] = False,
     kv_cache_dtype: Annotated[
-        str, typer.Option(help="vLLM KV-cache dtype (auto, fp8, ...).", rich_help_panel=_E)
+        str,
+        typer.Option(help="vLLM KV-cache dtype (auto, fp8, ...).", rich_help_panel=PANEL_ENGINE),
     ] = "auto",
     max_model_len: Annotated[
-        int | None, typer.Option(help="vLLM maximum context length.", rich_help_panel=_E)
+        int | None, typer.Option(help="vLLM maximum context length.", rich_help_panel=PANEL_ENGINE)
     ] = None,
     engine_arg: Annotated[
         list[str] | None,
         typer.Option(
             help="Extra vLLM `LLM(...)` argument as key=value (JSON values), repeatable.",
-            rich_help_panel=_E,
+            rich_help_panel=PANEL_ENGINE,
         ),
     ] = None,
     train_dtype: Annotated[
         str,
-        typer.Option(help="Training-side dtype: float32, bfloat16, float16.", rich_help_panel=_T),
+        typer.Option(
+            help="Training-side dtype: float32, bfloat16, float16.", rich_help_panel=PANEL_TRAINING
+        ),
     ] = "float32",
     device: Annotated[
         str | None,
         typer.Option(
-            help="Training-side device (default: cuda if available, else cpu).", rich_help_panel=_T
+            help="Training-side device (default: cuda if available, else cpu).",
+            rich_help_panel=PANEL_TRAINING,
         ),
     ] = None,
     attn_implementation: Annotated[
         str,
         typer.Option(
             help="transformers attention: `eager` (default; batched results match one sequence at a time), `sdpa`, `flash_attention_2`.",
-            rich_help_panel=_T,
+            rich_help_panel=PANEL_TRAINING,
         ),
     ] = "eager",
     rescore_batch_tokens: Annotated[
         int,
         typer.Option(
-            help="Padded tokens per training-side forward pass (memory bound).", rich_help_panel=_T
+            help="Padded tokens per training-side forward pass (memory bound).",
+            rich_help_panel=PANEL_TRAINING,
         ),
     ] = 4096,
     chunk_prompts: Annotated[
         int,
         typer.Option(
-            help="Prompts per saved chunk (what an interruption can lose).", rich_help_panel=_O
+            help="Prompts per saved chunk (what an interruption can lose).",
+            rich_help_panel=PANEL_OUTPUT,
         ),
     ] = 64,
     out: Annotated[
         Path | None,
         typer.Option(
             help="Run directory (default runs/<date>-<time>-<model>).",
-            rich_help_panel=_O,
+            rich_help_panel=PANEL_OUTPUT,
             show_default=False,
         ),
     ] = None,
@@ -153,16 +171,20 @@ def measure(
         typer.Option(
             "--resume",
             help="Continue the incomplete run in --out with its saved settings.",
-            rich_help_panel=_O,
+            rich_help_panel=PANEL_OUTPUT,
         ),
     ] = False,
     overwrite: Annotated[
         bool,
-        typer.Option("--overwrite", help="Replace an existing run in --out.", rich_help_panel=_O),
+        typer.Option(
+            "--overwrite", help="Replace an existing run in --out.", rich_help_panel=PANEL_OUTPUT
+        ),
     ] = False,
     plots: Annotated[
         bool,
-        typer.Option(help="Draw the figures into <out>/figures at the end.", rich_help_panel=_O),
+        typer.Option(
+            help="Draw the figures into <out>/figures at the end.", rich_help_panel=PANEL_OUTPUT
+        ),
     ] = True,
     json_out: JsonOpt = False,
 ) -> None:
@@ -212,54 +234,23 @@ def measure(
     finish_run(run_path, json_out=json_out, plots=plots, console=err)
 
 
-def measure_with_progress(cfg, out, *, resume: bool, overwrite: bool, console) -> Path:
-    """Run `measure` with rich progress bars; Ctrl-C leaves a resumable incomplete run."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.progress import Progress as RichProgress
-
-    from ..measure import Progress, run_measure
+def measure_with_progress(
+    cfg: Any, out: Path | None, *, resume: bool, overwrite: bool, console: Any
+) -> Path:
+    """Run the pipeline with progress (bars on a terminal, lines in a log); Ctrl-C leaves a
+    resumable incomplete run and exits 130 with one line saying how to resume it."""
+    from ..pipeline import run_measure
+    from ..render import progress
 
     where: dict[str, Path] = {}
-    bars = RichProgress(
-        TextColumn("[bold]{task.description:<9}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[unit]}"),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-    units = {"generate": "completions", "rescore": "tokens"}
-
-    class Bars(Progress):
-        def __init__(self) -> None:
-            self.tasks: dict[str, int] = {}
-
-        def start(self, phase: str, total: int, done: int = 0) -> None:
-            self.tasks[phase] = bars.add_task(
-                phase, total=total, completed=done, unit=units.get(phase, "")
-            )
-
-        def advance(self, phase: str, n: int) -> None:
-            bars.advance(self.tasks[phase], n)
-
     try:
-        with bars:
+        with progress(console) as prog:
             return run_measure(
                 cfg,
                 out,
                 resume=resume,
                 overwrite=overwrite,
-                progress=Bars(),
+                progress=prog,
                 on_ready=lambda p: where.setdefault("out", p),
             )
     except KeyboardInterrupt:
@@ -267,12 +258,13 @@ def measure_with_progress(cfg, out, *, resume: bool, overwrite: bool, console) -
         msg = "interrupted"
         if p is not None:
             msg += f"; what was computed is kept in {p} (incomplete): resume with `mismatch measure --resume --out {p}`"
-        console.print(f"[bold red]error:[/] {msg}")
+        console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
 
 
-def finish_run(run_path: Path, *, json_out: bool, plots: bool, console) -> None:
-    """After a run: print the report (tables or JSON), draw figures, say where things are."""
+def finish_run(run_path: Path, *, json_out: bool, plots: bool, console: Any) -> None:
+    """After a run: print the report (tables or JSON), draw figures (saying which were
+    skipped and why), say where things are."""
     from ..analysis import analyze
     from ..runs import open_run
 
@@ -284,42 +276,23 @@ def finish_run(run_path: Path, *, json_out: bool, plots: bool, console) -> None:
     else:
         from rich.console import Console
 
-        from ..report import print_report
+        from ..render import print_report, print_run_summary
 
         out = Console()
-        _summary_table(out, run_path, meta, result)
+        print_run_summary(out, run_path, meta, result)
         print_report(result, out)
     if plots:
-        from ..plots import make_figures
-
-        files = make_figures([run_path], run_path / "figures", formats=["png"])
-        console.print(f"figures: {run_path / 'figures'} ({len(files)} files)")
-    console.print(f"[bold green]run complete:[/] {run_path}")
+        draw_figures(run_path, console)
+    console.print(f"[bold green]run complete:[/] {run_path}", highlight=False)
 
 
-def _summary_table(console, run_path: Path, meta: dict, result: dict) -> None:
-    """The headline numbers, taken from the report's analysis (no second read of the run)."""
-    from rich.table import Table
+def draw_figures(run_path: Path, console: Any) -> list[Path]:
+    """Draw every figure of a run into RUN/figures; one `note:` line per skipped figure."""
+    from ..plots import make_figures
 
-    m = result["metrics"]
-    cfg = meta["config"]
-    t = Table(
-        title=f"mismatch: {meta['model']['name']}  ({meta['engines']['infer']['engine']} "
-        f"{cfg['infer_dtype']} vs transformers {cfg['train_dtype']})"
-    )
-    t.add_column("quantity")
-    t.add_column("value", justify="right")
-    rows = [
-        ("sequences", f"{result['num_sequences']:,}"),
-        ("tokens", f"{result['num_tokens']:,}"),
-        ("tokens with infinite delta (kept-set disagreement)", f"{result['num_infinite']:,}"),
-        ("mean |delta| (nats)", f"{m['mean_abs_delta']:.5f}"),
-        ("max |delta| (nats)", f"{m['max_abs_delta']:.5f}"),
-        ("signed mean delta (nats)", f"{m['k1']:+.6f}"),
-        ("k1 KL(q||p)", f"{m['k1']:+.6f}"),
-        ("k3 KL(q||p)", f"{m['k3']:.6f}"),
-        ("run", str(run_path)),
-    ]
-    for r in rows:
-        t.add_row(*r)
-    console.print(t)
+    notes: list[str] = []
+    files = make_figures([run_path], run_path / "figures", formats=["png"], notes=notes)
+    for n in notes:
+        console.print(f"[bold yellow]note:[/] figure {n}", highlight=False, soft_wrap=True)
+    console.print(f"figures: {run_path / 'figures'} ({len(files)} files)", highlight=False)
+    return files

@@ -7,17 +7,16 @@ from typing import Annotated
 
 import typer
 
-from ..options import EdgesOpt
+from ..options import PANEL_ANALYSIS, EdgesOpt, EpsOpt
 
-_F = "Figures"
-_A = "Analysis"
+PANEL_FIGURES = "Figures"
 
 
 def plot(
     runs: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="One or more run directories written by `mismatch measure`; several are "
+            help="One or more run directories (`mismatch measure`, `mismatch import`); several are "
             "overlaid in every figure.",
             metavar="RUN...",
             show_default=False,
@@ -30,7 +29,7 @@ def plot(
             help="Directory for the figures (created if needed). Default with one run: "
             "RUN/figures.",
             show_default=False,
-            rich_help_panel=_F,
+            rich_help_panel=PANEL_FIGURES,
         ),
     ] = None,
     fmt: Annotated[
@@ -40,7 +39,7 @@ def plot(
             metavar="png|pdf|svg",
             help="Output format; repeat for several (`--format png --format pdf`). Default: png.",
             show_default=False,
-            rich_help_panel=_F,
+            rich_help_panel=PANEL_FIGURES,
         ),
     ] = None,
     label: Annotated[
@@ -51,7 +50,7 @@ def plot(
             help="Legend name of each run, in order (repeat once per run). Default: the "
             "run directory names.",
             show_default=False,
-            rich_help_panel=_F,
+            rich_help_panel=PANEL_FIGURES,
         ),
     ] = None,
     figure: Annotated[
@@ -61,25 +60,24 @@ def plot(
             metavar="bound|bias|sequence|distribution|sweep",
             help="Draw only these figures (repeatable). Default: all five.",
             show_default=False,
-            rich_help_panel=_F,
+            rich_help_panel=PANEL_FIGURES,
         ),
     ] = None,
     dpi: Annotated[
-        int, typer.Option(help="Resolution of PNG output.", rich_help_panel=_F, min=50, max=1200)
+        int,
+        typer.Option(
+            help="Resolution of PNG output.", rich_help_panel=PANEL_FIGURES, min=50, max=1200
+        ),
     ] = 200,
     edges: EdgesOpt = None,
-    eps: Annotated[
-        float | None,
-        typer.Option(
-            help="Logit perturbation eps for the envelopes (nats); default: the 0.99 quantile "
-            "of the per-position eps_hat of each run.",
-            show_default=False,
-            rich_help_panel=_A,
-        ),
-    ] = None,
+    eps: EpsOpt = None,
     show_table: Annotated[
         bool,
-        typer.Option("--show-table", help="Also print the report of each run.", rich_help_panel=_A),
+        typer.Option(
+            "--show-table",
+            help="Also print the report of each run.",
+            rich_help_panel=PANEL_ANALYSIS,
+        ),
     ] = False,
 ) -> None:
     """Draw the figures of one or several runs: bound (|delta| against 1 - p with the
@@ -123,7 +121,7 @@ def plot(
         err.print(f"[bold yellow]note:[/] {n}", highlight=False, soft_wrap=True)
     if show_table:
         from ..analysis import analyze
-        from ..report import print_report
+        from ..render import print_report
 
         for r in runs:
             print_report(analyze(r, edges=edge_values, eps=eps), console)

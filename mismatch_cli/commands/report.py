@@ -10,10 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import EdgesOpt, JsonOpt, RunArg
-
-_A = "Analysis"
-_O = "Output"
+from ..options import PANEL_ANALYSIS, PANEL_OUTPUT, EdgesOpt, EpsOpt, JsonOpt, RunArg
 
 
 class Side(str, enum.Enum):
@@ -31,29 +28,24 @@ def report(
         typer.Option(
             help="Bucket by the training-side p (p_train, the default) or the inference side "
             "(p_infer); the envelope, fit and tail use the same p.",
-            rich_help_panel=_A,
+            rich_help_panel=PANEL_ANALYSIS,
         ),
     ] = Side.train,
     tail: Annotated[
         float,
-        typer.Option(help="Tail threshold: tokens with p < TAIL are the tail.", rich_help_panel=_A),
-    ] = 0.1,
-    eps: Annotated[
-        float | None,
         typer.Option(
-            help="Logit perturbation eps for the envelopes (nats); default: the 0.99 quantile "
-            "of the per-position eps_hat.",
-            rich_help_panel=_A,
-            show_default=False,
+            help="Tail threshold: tokens with p < TAIL are the tail.",
+            rich_help_panel=PANEL_ANALYSIS,
         ),
-    ] = None,
+    ] = 0.1,
+    eps: EpsOpt = None,
     json_out: JsonOpt = False,
     csv: Annotated[
         Path | None,
         typer.Option(
             "--csv",
             help="Also write each table as a CSV file into this directory.",
-            rich_help_panel=_O,
+            rich_help_panel=PANEL_OUTPUT,
             show_default=False,
         ),
     ] = None,
@@ -77,13 +69,13 @@ def report(
         if "infinite delta" not in w:  # the report itself states those
             err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     if csv is not None:
-        from ..report import write_csv
+        from ..render import write_csv
 
         paths = write_csv(result, csv)
         err.print(f"wrote {len(paths)} CSV files to {csv}", highlight=False)
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
         return
-    from ..report import print_report
+    from ..render import print_report
 
     print_report(result, Console())

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from ..options import JsonOpt, RunArg
-
-_R = "Recommendation"
+from ..options import PANEL_RECOMMENDATION, PANEL_VALIDATION, JsonOpt, RunArg
 
 RuleOpt = Annotated[
     str,
@@ -38,7 +35,7 @@ MaxBiasOpt = Annotated[
         "--max-bias",
         help="Recommend the largest rho whose MEAN per-sequence bias bound "
         "(sum over the sequence of pruned mass) is at most this.",
-        rich_help_panel=_R,
+        rich_help_panel=PANEL_RECOMMENDATION,
     ),
 ]
 TargetOpt = Annotated[
@@ -48,7 +45,7 @@ TargetOpt = Annotated[
         help="Instead, recommend the smallest rho whose kept-token mean |delta| (nats) is at "
         "most this.",
         show_default=False,
-        rich_help_panel=_R,
+        rich_help_panel=PANEL_RECOMMENDATION,
     ),
 ]
 CsvOpt = Annotated[
@@ -59,7 +56,6 @@ CsvOpt = Annotated[
 ]
 
 
-_V = "Validation (reruns the model)"
 ValidateOpt = Annotated[
     bool,
     typer.Option(
@@ -67,7 +63,7 @@ ValidateOpt = Annotated[
         help="Measure the recommended rho (or the single --rho given) for real: rerun the "
         "run's rollouts with vLLM min_p = rho, replay it on the training side, and print the "
         "observed kept-token mismatch next to the prediction. min-p rule only.",
-        rich_help_panel=_V,
+        rich_help_panel=PANEL_VALIDATION,
     ),
 ]
 ValidateOutOpt = Annotated[
@@ -75,9 +71,10 @@ ValidateOutOpt = Annotated[
     typer.Option(
         "--validate-out",
         help="Run directory of the validation run (default: <RUN>-validate-minp-<rho> beside RUN). "
-        "A complete one is reused, an incomplete one resumed.",
+        "A complete one is reused, an incomplete one resumed, if it was made with min_p = rho "
+        "and the run's prompts, model and seed (else refused).",
         show_default=False,
-        rich_help_panel=_V,
+        rich_help_panel=PANEL_VALIDATION,
     ),
 ]
 
@@ -126,9 +123,13 @@ def sweep_threshold(
     if json_out:
         typer.echo(json.dumps(result, indent=2, allow_nan=False))
         return
-    _print_table(result, csv)
+    from ..render import print_sweep, print_validation
+
+    print_sweep(result)
+    if csv is not None:
+        typer.echo(f"rows written to {csv}")
     if validation is not None:
-        _print_validation(validation)
+        print_validation(validation)
 
 
 def _validate(run: Path, rule: str, result: dict[str, Any], out: Path | None) -> dict[str, Any]:
@@ -137,6 +138,7 @@ def _validate(run: Path, rule: str, result: dict[str, Any], out: Path | None) ->
 
     from ..errors import MismatchError
     from ..validate import validate
+    from .measure import measure_with_progress
 
     if rule != "min-p":
         raise MismatchError(
@@ -150,121 +152,11 @@ def _validate(run: Path, rule: str, result: dict[str, Any], out: Path | None) ->
         if rec is None:
             raise MismatchError("no recommended rho to validate; pass a single --rho")
         row = next(r for r in rows if r["rho"] == rec)
-    return validate(Path(run), row["rho"], row, out, Console(stderr=True))
+    err = Console(stderr=True)
 
+    def measure(cfg: Any, path: Path, resume: bool) -> Path:
+        return measure_with_progress(cfg, path, resume=resume, overwrite=False, console=err)
 
-def _print_validation(v: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(
-        title=f"Validation at rho = {v['rho']:g} (min-p): predicted vs observed",
-        title_justify="left",
+    return validate(
+        Path(run), row["rho"], row, out, measure, lambda m: err.print(m, highlight=False)
     )
-    for h in ("quantity (kept tokens, nats)", "predicted", "observed"):
-        t.add_column(h, justify="right")
-    for k in v["predicted"]:
-        t.add_row(k, _num(v["predicted"][k], ".5f"), _num(v["observed"][k], ".5f"))
-    console = Console()
-    console.print(t)
-    console.print(
-        f"safe-set disagreements: {v['safe_set_disagreements']} of {v['num_tokens']} sampled tokens "
-        f"({_pct(v['safe_set_disagreement_rate'])}) were kept by vLLM but pruned by the training side. "
-        f"Validation run: {v['run']}",
-        highlight=False,
-    )
-
-
-def _pct(x: Any) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _num(x: Any, fmt: str = ".3g") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def _x(x: Any) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.2f}"
-
-
-def _print_table(result: dict[str, Any], csv: Path | None) -> None:
-    """Two tables (what pruning removes and costs; what mismatch remains), recommended row
-    highlighted in both, then the recommendation and its reason."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:  # piped: never squeeze numbers to fit 80 columns
-        console = Console(width=max(console.width, 120))
-    rec = result["recommended"]
-    rows = [(result["baseline"], "none")] + [(r, f"{r['rho']:g}") for r in result["rows"]]
-
-    def table(title: str, heads: list[str], cells: Any) -> Table:
-        t = Table(title=title, title_justify="left")
-        for h in heads:
-            t.add_column(h, justify="right", no_wrap=True)
-        for r, label in rows:
-            hit = rec["rho"] is not None and r["rho"] == rec["rho"]
-            style = "bold green" if hit else ("dim" if r["rho"] is None else None)
-            t.add_row(label + (" *" if hit else ""), *cells(r), style=style)
-        return t
-
-    console.print(
-        f"[bold]sweep-threshold[/] {result['run']}: rule {result['rule']}, "
-        f"{result['num_tokens']} tokens, {result['num_sequences']} sequences",
-        highlight=False,
-    )
-    console.print(
-        table(
-            "Removed by pruning, and the cost (m = pruned mass)",
-            [
-                "rho",
-                "pruned\ntokens",
-                "pruned\nseqs",
-                "share of\nsum |Δ|",
-                "mean m",
-                "max m",
-                "bias bound\nmean",
-                "bias bound\np95",
-            ],
-            lambda r: [
-                _pct(r["pruned_token_frac"]),
-                _pct(r["pruned_seq_frac"]),
-                _pct(r["pruned_abs_delta_share"]),
-                _num(r["mean_pruned_mass"], ".2e"),
-                _num(r["max_pruned_mass"], ".2e"),
-                _num(r["seq_bias_bound_mean"], ".4f"),
-                _num(r["seq_bias_bound_p95"], ".4f"),
-            ],
-        )
-    )
-    console.print(
-        table(
-            "Mismatch on kept tokens (nats; x = vs none)",
-            ["rho", "mean |Δ|", "x", "mean Δ", "k3", "x", "mean |ΣΔ|\nper seq", "x"],
-            lambda r: [
-                _num(r["kept_mean_abs_delta"], ".4f"),
-                _x(r["kept_mean_abs_delta_rel"]),
-                _num(r["kept_mean_delta"], "+.4f"),
-                _num(r["kept_k3"], ".2e"),
-                _x(r["kept_k3_rel"]),
-                _num(r["kept_seq_mean_abs_sum_delta"], ".4f"),
-                _x(r["kept_seq_mean_abs_sum_delta_rel"]),
-            ],
-        )
-    )
-    if result["kept_set_disagreements"]:
-        console.print(
-            f"{result['kept_set_disagreements']} token(s) were removed by the training side's "
-            "own truncation (infinite delta): pruned at every rho, excluded from means.",
-            highlight=False,
-        )
-    if rec["rho"] is not None:
-        console.print(
-            f"[bold green]recommended rho = {rec['rho']:g}[/] (*): {rec['reason']}",
-            highlight=False,
-        )
-    else:
-        console.print(f"[bold yellow]no recommendation:[/] {rec['reason']}", highlight=False)
-    if csv is not None:
-        console.print(f"rows written to {csv}", highlight=False)

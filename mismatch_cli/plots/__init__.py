@@ -1,0 +1,131 @@
+"""Figures of one or several runs (matplotlib, headless): one module per figure.
+
+Each figure module defines NAME, TITLE and `plot_<name>(runs)`; `FIGURES` lists them in the
+order they are drawn. A new figure is a new module here plus one line in `_MODULES`. The
+numbers drawn come from `analysis` (the same functions `report` uses); figures read the run
+directory only (`data.RunData`), never a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from .. import analysis as A
+from ..errors import MismatchError
+from . import bias, bound, distribution, sequence, sweep
+from .bias import plot_bias
+from .bound import plot_bound
+from .data import PLOT_COLUMNS, RunData, load_runs, run_data
+from .distribution import plot_distribution
+from .sequence import cumulative_by_position, plot_sequence
+from .style import DEFAULT_DPI, FORMATS, PALETTE, STYLE, check_formats, draw_title, plotted
+from .sweep import plot_sweep
+
+_MODULES = (bound, bias, sequence, distribution, sweep)
+FIGURES: tuple[str, ...] = tuple(m.NAME for m in _MODULES)
+PLOTTERS: dict[str, Callable[[Sequence[RunData]], Figure]] = {
+    m.NAME: getattr(m, f"plot_{m.NAME}") for m in _MODULES
+}
+TITLES: dict[str, str] = {m.NAME: m.TITLE for m in _MODULES}
+
+
+def check_figures(figures: Sequence[str] | None) -> list[str]:
+    """Validated figure names (all of FIGURES when None or empty)."""
+    if not figures:
+        return list(FIGURES)
+    bad = [f for f in figures if f not in FIGURES]
+    if bad:
+        raise MismatchError(f"unknown figure {bad[0]!r}; choose from {', '.join(FIGURES)}")
+    return [f for f in FIGURES if f in figures]
+
+
+def make_figures(
+    run_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    formats: Sequence[str] = ("png",),
+    labels: Sequence[str] | None = None,
+    *,
+    figures: Sequence[str] | None = None,
+    dpi: int = DEFAULT_DPI,
+    edges: Sequence[float] | str | None = A.DEFAULT_EDGES,
+    eps: float | None = None,
+    notes: list[str] | None = None,
+) -> list[Path]:
+    """Draw the figures of one or several runs into out_dir as <figure>.<format>.
+
+    A figure that cannot be drawn for these runs (e.g. `sweep` on a run without a stored
+    pruning grid) is skipped with a line appended to `notes`. Returns the written paths.
+    """
+    from ..runs import check_writable_dir
+
+    fmts = check_formats(formats)
+    names = check_figures(figures)
+    out = Path(out_dir)
+    runs = load_runs(run_paths, labels, edges=edges, eps=eps)
+    check_writable_dir(out)
+    written: list[Path] = []
+    with plt.rc_context(STYLE):
+        for name in names:
+            try:
+                fig = PLOTTERS[name](runs)
+            except MismatchError as e:
+                if notes is not None:
+                    notes.append(f"{name}: skipped ({e})")
+                continue
+            except ImportError as e:
+                if notes is not None:
+                    notes.append(f"{name}: skipped ({e})")
+                continue
+            draw_title(fig, TITLES[name], runs)
+            for fmt in fmts:
+                path = out / f"{name}.{fmt}"
+                try:
+                    fig.savefig(path, dpi=dpi, format=fmt)
+                except OSError as e:
+                    plt.close(fig)
+                    raise MismatchError(f"cannot write {path}: {e.strerror or e}") from e
+                written.append(path)
+            plt.close(fig)
+    return written
+
+
+def figure(name: str, runs: Sequence[RunData]) -> Figure:
+    """One figure by name, styled and titled as make_figures draws it (not saved)."""
+    with plt.rc_context(STYLE):
+        fig = PLOTTERS[check_figures([name])[0]](runs)
+        draw_title(fig, TITLES[name], runs)
+    return fig
+
+
+__all__ = [
+    "DEFAULT_DPI",
+    "FIGURES",
+    "FORMATS",
+    "PALETTE",
+    "PLOTTERS",
+    "PLOT_COLUMNS",
+    "STYLE",
+    "TITLES",
+    "RunData",
+    "check_figures",
+    "check_formats",
+    "cumulative_by_position",
+    "figure",
+    "load_runs",
+    "make_figures",
+    "plot_bias",
+    "plot_bound",
+    "plot_distribution",
+    "plot_sequence",
+    "plot_sweep",
+    "plotted",
+    "run_data",
+]

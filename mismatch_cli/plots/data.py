@@ -1,0 +1,121 @@
+"""What the figures need of a run, loaded once: the analysis arrays and tables (`RunData`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import analysis as A
+from .. import theory
+from ..errors import MismatchError
+from .style import PALETTE
+
+PLOT_COLUMNS: tuple[str, ...] = (*A.REQUIRED_COLUMNS, "pos")
+
+
+@dataclass
+class RunData:
+    """What the figures need of one run, computed once: the analysis arrays and tables."""
+
+    label: str
+    tokens: pd.DataFrame  # PLOT_COLUMNS
+    arrays: A.TokenArrays
+    buckets: pd.DataFrame  # analysis.bucket_stats
+    seqs: pd.DataFrame  # analysis.sequence_stats
+    eps: float
+    eps_estimator: str
+    edges: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    color: str = PALETTE[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.arrays.num_tokens
+
+    def describe(self) -> str:
+        """Model, engines and dtypes, sampling settings, token count: one line."""
+        cfg = self.meta.get("config", {}) or {}
+        model = (self.meta.get("model") or {}).get("name") or cfg.get("model") or "model ?"
+        bits = [str(model)]
+        if cfg.get("infer_engine"):
+            bits.append(
+                f"{cfg['infer_engine']} {cfg.get('infer_dtype', '?')} vs transformers "
+                f"{cfg.get('train_dtype', '?')}"
+            )
+        if cfg.get("temperature") is not None:
+            samp = f"T={cfg['temperature']:g}"
+            for k in ("top_p", "top_k", "min_p"):
+                if cfg.get(k) is not None:
+                    samp += f" {k}={cfg[k]:g}"
+            bits.append(samp)
+        bits.append(f"{self.num_tokens:,} tokens")
+        return ", ".join(bits)
+
+
+def run_data(
+    source: pd.DataFrame | str | Path,
+    label: str | None = None,
+    *,
+    edges: Sequence[float] | str | None = A.DEFAULT_EDGES,
+    eps: float | None = None,
+    meta: dict[str, Any] | None = None,
+) -> RunData:
+    """Load a run (path) or take a token DataFrame, and compute what the figures draw."""
+    path = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        df, meta, _ = A.load_tokens(path, columns=PLOT_COLUMNS)
+        label = label or path.name
+    else:
+        df = source
+        if len(df) == 0:
+            raise MismatchError("the token table is empty: nothing to plot")
+        label = label or "run"
+    e = A.parse_edges(edges)
+    t = A.token_arrays(df, "train")
+    est = theory.estimate_eps(t.eps_hat)
+    eps_used = float(eps) if eps is not None else est
+    return RunData(
+        label=label,
+        tokens=df,
+        arrays=t,
+        buckets=A.bucket_stats(t, e, eps=eps_used),
+        seqs=A.sequence_stats(t),
+        eps=eps_used,
+        eps_estimator="--eps" if eps is not None else theory.eps_estimator_name(),
+        edges=e,
+        meta=meta or {},
+        path=path,
+    )
+
+
+def load_runs(
+    run_paths: Sequence[str | Path],
+    labels: Sequence[str] | None = None,
+    *,
+    edges: Sequence[float] | str | None = A.DEFAULT_EDGES,
+    eps: float | None = None,
+) -> list[RunData]:
+    """RunData of each run, coloured in order; labels default to the directory names."""
+    if not run_paths:
+        raise MismatchError("no runs given: pass one or more run directories")
+    if labels and len(labels) != len(run_paths):
+        raise MismatchError(
+            f"got {len(labels)} --label value(s) for {len(run_paths)} run(s): give one per run"
+        )
+    runs = []
+    for i, p in enumerate(run_paths):
+        r = run_data(p, labels[i] if labels else None, edges=edges, eps=eps)
+        r.color = PALETTE[i % len(PALETTE)]
+        runs.append(r)
+    names = [r.label for r in runs]
+    if len(set(names)) < len(names):  # same directory names: disambiguate by position
+        for i, r in enumerate(runs):
+            r.label = f"{i + 1}:{r.label}"
+    return runs

@@ -1,0 +1,54 @@
+"""Number formatting (one set of formatters) and progress lines for logs."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from mismatch_cli.render import LogProgress, fmt, pct, times
+
+
+@pytest.mark.parametrize(
+    ("x", "text"),
+    [
+        (0.99984, "99.984%"),  # a shortfall is never rounded up to 100%
+        (0.9995, "99.950%"),
+        (1.0, "100%"),
+        (0.0, "0%"),
+        (0.5, "50%"),
+        (0.123456, "12.3%"),
+        (2.5e-6, "2.5e-4%"),  # small shares are never rounded down to 0%
+        (None, "–"),
+        (float("nan"), "–"),
+    ],
+)
+def test_pct(x: float | None, text: str) -> None:
+    assert pct(x) == text
+
+
+def test_fmt_and_times() -> None:
+    assert fmt(0.0123456) == "0.0123"
+    assert fmt(2.6e-6) == "2.60e-6"
+    assert fmt(-0.5, sign=True) == "-0.5"
+    assert fmt(1234) == "1,234"
+    assert times(0.4321) == "0.43x" and times(None) == "–"
+
+
+def test_log_progress_prints_plain_lines() -> None:
+    buf = io.StringIO()
+    clock = iter([0.0, 0.0, 10.0, 31.0, 40.0, 50.0, 61.0, 61.0])
+    prog = LogProgress(Console(file=buf, width=200), interval=30.0)
+    prog._time = lambda: next(clock)  # type: ignore[method-assign]
+    prog.start("rescore", 1000)  # t = 0
+    prog.advance("rescore", 100)  # t = 10: within 30 s of the last line, silent
+    prog.advance("rescore", 200)  # t = 31: a line
+    prog.advance("rescore", 100)  # t = 40: silent
+    prog.advance("rescore", 600)  # t = 50: done
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "rescore: 0/1,000 tokens, started"
+    assert lines[1].startswith("rescore: 300/1,000 tokens, ") and "ETA" in lines[1]
+    assert "/s" in lines[1]
+    assert lines[2].startswith("rescore: 1,000/1,000 tokens") and "done in" in lines[2]
+    assert len(lines) == 3
