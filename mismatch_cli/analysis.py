@@ -496,6 +496,111 @@ def rl_metrics(
     return out
 
 
+# ----------------------------------------------------------------------------- imported runs
+
+NO_EPS_HAT_ESTIMATOR = (
+    "q0.99 of the eps needed to cover |delta| (this run has no eps_hat: a check of the "
+    "(1 - p) shape, not an independent bound)"
+)
+
+
+def choose_eps(
+    t: TokenArrays, eps: float | None, eps_data: float | None = None
+) -> tuple[float, str]:
+    """The eps of the envelopes and how it was chosen: --eps if given; else the q0.99 of
+    eps_hat; else, for a run without eps_hat (imports: no dump stores the inference top-K),
+    the q0.99 of the per-token eps needed to cover |delta| (`eps_needed`), which makes 1%
+    of tokens exceed the exact envelope by construction (the label says so)."""
+    if eps is not None:
+        return float(eps), "--eps"
+    est = theory.estimate_eps(t.eps_hat) if eps_data is None else eps_data
+    if math.isfinite(est):
+        return est, theory.eps_estimator_name()
+    return eps_needed(t, 0.99), NO_EPS_HAT_ESTIMATOR
+
+
+GROUP_KEYS: tuple[str, ...] = ("step", "env")
+RATIO_BAND = (0.5, 2.0)
+
+
+def group_metrics(
+    df: pd.DataFrame, key: str, tail: float = DEFAULT_TAIL, by: str = "train"
+) -> list[dict[str, Any]]:
+    """Headline metrics per value of column `key` (step, env), ascending: num_tokens,
+    num_infinite, num_sequences, mean_abs_delta, mean_delta, k3, tail_abs_delta_share
+    (share of the group's sum |delta| on tokens with p < tail) and
+    frac_ratio_outside_0.5_2 (tokens with r = exp(-delta) outside [0.5, 2], verl's clamp).
+    Finite tokens only, as everywhere; rows whose key is null are left out. Vectorised:
+    one factorize and a bincount per statistic."""
+    if key not in df.columns:
+        raise MismatchError(
+            f"the run has no {key} column: only imported runs (`mismatch import`) carry {key}"
+        )
+    by = check_by(by)
+    keys = df[key]
+    has = keys.notna().to_numpy()
+    d_all = df["delta"].to_numpy(dtype=np.float64)  # [N]
+    fin = np.isfinite(d_all)
+    if "kept_train" in df.columns:
+        fin &= df["kept_train"].to_numpy(dtype=bool)
+    codes, uniq = pd.factorize(keys[has], sort=True)  # [N'], [G]
+    G = len(uniq)
+    seq = df["seq_id"].to_numpy()[has]
+    f = fin[has]
+    d = np.where(f, d_all[has], 0.0)  # [N'] zero where infinite: bincount weights
+    p = df[f"p_{by}"].to_numpy(dtype=np.float64)[has]
+    ad = np.abs(d)
+    r = M.importance_ratio(d)
+    w = f.astype(np.float64)
+    n_tok = np.bincount(codes, minlength=G)
+    n_fin = np.bincount(codes, weights=w, minlength=G)
+    pairs = pd.DataFrame({"g": codes, "s": seq}).drop_duplicates()
+    n_seq = np.bincount(pairs["g"].to_numpy(), minlength=G)
+    sum_ad = np.bincount(codes, weights=ad, minlength=G)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_ad = sum_ad / n_fin
+        mean_d = np.bincount(codes, weights=d, minlength=G) / n_fin
+        k3 = np.bincount(codes, weights=np.where(f, M.k3_per_token(d), 0.0), minlength=G) / n_fin
+        tail_share = np.bincount(codes, weights=ad * (p < tail), minlength=G) / sum_ad
+        outside = ((r < RATIO_BAND[0]) | (r > RATIO_BAND[1])) & f
+        frac_out = np.bincount(codes, weights=outside.astype(np.float64), minlength=G) / n_fin
+    values = uniq.tolist() if hasattr(uniq, "tolist") else list(uniq)
+    return [
+        {
+            key: values[g],
+            "num_tokens": int(n_tok[g]),
+            "num_infinite": int(n_tok[g] - n_fin[g]),
+            "num_sequences": int(n_seq[g]),
+            "mean_abs_delta": float(mean_ad[g]),
+            "mean_delta": float(mean_d[g]),
+            "k3": float(k3[g]),
+            "tail_abs_delta_share": float(tail_share[g]),
+            "frac_ratio_outside_0.5_2": float(frac_out[g]),
+        }
+        for g in range(G)
+    ]
+
+
+def analyze_groups(
+    path: str | Path, key: str, tail: float = DEFAULT_TAIL, by: str = "train"
+) -> list[dict[str, Any]]:
+    """`group_metrics` of a run directory (reads only the columns it needs)."""
+    import pyarrow.parquet as pq
+
+    from .runs import read_tokens
+    from .schema import TOKENS_FILE
+
+    if key not in GROUP_KEYS:
+        raise MismatchError(f"--group-by must be one of {', '.join(GROUP_KEYS)}, got {key!r}")
+    file = Path(path) / TOKENS_FILE
+    if key not in pq.read_schema(file).names:
+        raise MismatchError(
+            f"run {path} has no {key} column: only imported runs (`mismatch import`) carry {key}"
+        )
+    cols = ["seq_id", "delta", f"p_{check_by(by)}", "kept_train", key]
+    return json_ready(group_metrics(read_tokens(path, columns=cols), key, tail, by))
+
+
 # ----------------------------------------------------------------------------- analyze
 
 
@@ -507,6 +612,7 @@ def _run_info(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "status": meta.get("status"),
         "model": (meta.get("model") or {}).get("name") or cfg.get("model"),
         **{k: cfg.get(k) for k in keys},
+        "train_engine": ((meta.get("engines") or {}).get("train") or {}).get("engine"),
     }
 
 
@@ -547,8 +653,7 @@ def analyze(
     del df
 
     eps_data = theory.estimate_eps(t.eps_hat)
-    eps_used = float(eps) if eps is not None else eps_data
-    estimator = "--eps" if eps is not None else theory.eps_estimator_name()
+    eps_used, estimator = choose_eps(t, eps, eps_data)
     finite_eh = t.eps_hat[np.isfinite(t.eps_hat)]
     eh_q = (
         dict(
@@ -622,12 +727,15 @@ __all__ = [
     "TokenArrays",
     "accumulation",
     "analyze",
+    "analyze_groups",
     "bucket_index",
     "bucket_stats",
+    "choose_eps",
     "envelope_check",
     "eps_needed",
     "estimate_eps",
     "fit_slope",
+    "group_metrics",
     "group_quantiles",
     "json_ready",
     "length_bins",
