@@ -529,41 +529,59 @@ def group_metrics(
     """Headline metrics per value of column `key` (step, env), ascending: num_tokens,
     num_infinite, num_sequences, mean_abs_delta, mean_delta, k3, tail_abs_delta_share
     (share of the group's sum |delta| on tokens with p < tail) and
-    frac_ratio_outside_0.5_2 (tokens with r = exp(-delta) outside [0.5, 2], verl's clamp).
-    Finite tokens only, as everywhere; rows whose key is null are left out. Vectorised:
-    one factorize and a bincount per statistic."""
+    frac_ratio_outside_0.5_2 (tokens with r = exp(-delta) outside [0.5, 2], i.e.
+    |delta| > log 2). Finite tokens only, as everywhere; rows whose key is null are left
+    out. Needs seq_id, delta, p_<by> and `key`; kept_train is optional."""
     if key not in df.columns:
         raise MismatchError(
             f"the run has no {key} column: only imported runs (`mismatch import`) carry {key}"
         )
-    by = check_by(by)
-    keys = df[key]
-    has = keys.notna().to_numpy()
-    d_all = df["delta"].to_numpy(dtype=np.float64)  # [N]
-    fin = np.isfinite(d_all)
-    if "kept_train" in df.columns:
-        fin &= df["kept_train"].to_numpy(dtype=bool)
-    codes, uniq = pd.factorize(keys[has], sort=True)  # [N'], [G]
+    kept = df["kept_train"].to_numpy(dtype=bool) if "kept_train" in df.columns else None
+    return _group_metrics(
+        df[key],
+        df["seq_id"].to_numpy(),
+        df["delta"].to_numpy(dtype=np.float64),
+        df[f"p_{check_by(by)}"].to_numpy(dtype=np.float64),
+        kept,
+        key,
+        tail,
+    )
+
+
+def _group_metrics(
+    keys: pd.Series,
+    seq: np.ndarray,
+    delta: np.ndarray,
+    p: np.ndarray,
+    kept: np.ndarray | None,
+    key: str,
+    tail: float,
+) -> list[dict[str, Any]]:
+    """`group_metrics` on arrays: keys [N] (nulls allowed), seq / delta / p / kept [N].
+    One factorize, then a bincount per statistic (no loop over tokens)."""
+    codes, uniq = pd.factorize(keys, sort=True)  # [N] group index, -1 where null; [G]
     G = len(uniq)
-    seq = df["seq_id"].to_numpy()[has]
-    f = fin[has]
-    d = np.where(f, d_all[has], 0.0)  # [N'] zero where infinite: bincount weights
-    p = df[f"p_{by}"].to_numpy(dtype=np.float64)[has]
+    has = codes >= 0  # [N]
+    fin = np.isfinite(delta) & has  # [N] counted in the means
+    if kept is not None:
+        fin &= kept
+    n_tok = np.bincount(codes[has], minlength=G)  # [G]
+    c = codes[fin]  # [n]
+    d = delta[fin]  # [n]
     ad = np.abs(d)
-    r = M.importance_ratio(d)
-    w = f.astype(np.float64)
-    n_tok = np.bincount(codes, minlength=G)
-    n_fin = np.bincount(codes, weights=w, minlength=G)
-    pairs = pd.DataFrame({"g": codes, "s": seq}).drop_duplicates()
-    n_seq = np.bincount(pairs["g"].to_numpy(), minlength=G)
-    sum_ad = np.bincount(codes, weights=ad, minlength=G)
+    n_fin = np.bincount(c, minlength=G)
+    sum_ad = np.bincount(c, weights=ad, minlength=G)
+    sum_d = np.bincount(c, weights=d, minlength=G)
+    sum_k3 = np.bincount(c, weights=M.k3_per_token(d), minlength=G)
+    tail_ad = np.bincount(c, weights=np.where(p[fin] < tail, ad, 0.0), minlength=G)
+    n_out = np.bincount(c[ad > math.log(RATIO_BAND[1])], minlength=G)  # r outside [1/2, 2]
+    # sequences per group: distinct (group, sequence) pairs
+    sc, su = pd.factorize(seq[has])  # [N'] sequence index, [S]
+    pairs = np.unique(codes[has].astype(np.int64) * max(len(su), 1) + sc)
+    n_seq = np.bincount(pairs // max(len(su), 1), minlength=G)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean_ad = sum_ad / n_fin
-        mean_d = np.bincount(codes, weights=d, minlength=G) / n_fin
-        k3 = np.bincount(codes, weights=np.where(f, M.k3_per_token(d), 0.0), minlength=G) / n_fin
-        tail_share = np.bincount(codes, weights=ad * (p < tail), minlength=G) / sum_ad
-        outside = ((r < RATIO_BAND[0]) | (r > RATIO_BAND[1])) & f
-        frac_out = np.bincount(codes, weights=outside.astype(np.float64), minlength=G) / n_fin
+        mean_ad, mean_d, k3 = sum_ad / n_fin, sum_d / n_fin, sum_k3 / n_fin
+        tail_share, frac_out = tail_ad / sum_ad, n_out / n_fin
     values = uniq.tolist() if hasattr(uniq, "tolist") else list(uniq)
     return [
         {
@@ -584,10 +602,9 @@ def group_metrics(
 def analyze_groups(
     path: str | Path, key: str, tail: float = DEFAULT_TAIL, by: str = "train"
 ) -> list[dict[str, Any]]:
-    """`group_metrics` of a run directory (reads only the columns it needs)."""
+    """`group_metrics` of a run directory, reading only the five columns it needs."""
     import pyarrow.parquet as pq
 
-    from .runs import read_tokens
     from .schema import TOKENS_FILE
 
     if key not in GROUP_KEYS:
@@ -597,8 +614,19 @@ def analyze_groups(
         raise MismatchError(
             f"run {path} has no {key} column: only imported runs (`mismatch import`) carry {key}"
         )
-    cols = ["seq_id", "delta", f"p_{check_by(by)}", "kept_train", key]
-    return json_ready(group_metrics(read_tokens(path, columns=cols), key, tail, by))
+    side = f"p_{check_by(by)}"
+    t = pq.read_table(file, columns=["seq_id", "delta", side, "kept_train", key])
+    col = lambda name: t.column(name).to_numpy()  # noqa: E731
+    groups = _group_metrics(
+        t.column(key).to_pandas(),
+        col("seq_id"),
+        col("delta"),
+        col(side),
+        col("kept_train"),
+        key,
+        tail,
+    )
+    return json_ready(groups)
 
 
 # ----------------------------------------------------------------------------- analyze

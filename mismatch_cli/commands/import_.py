@@ -14,7 +14,7 @@ from ..options import PANEL_INPUT, PANEL_OUTPUT, PANEL_SAMPLING, PANEL_TRAINING,
 
 
 def import_(
-    fmt: Annotated[
+    format: Annotated[
         str,
         typer.Argument(
             metavar="FORMAT",
@@ -22,7 +22,7 @@ def import_(
             show_default=False,
         ),
     ],
-    sources: Annotated[
+    source: Annotated[
         list[str] | None,
         typer.Argument(
             metavar="SOURCE...",
@@ -148,8 +148,8 @@ def import_(
     if out is None:
         raise MismatchError("--out RUN is required: the run directory to write")
     opts = ImportOptions(
-        fmt=fmt,
-        sources=sources or [],
+        fmt=format,
+        sources=source or [],
         out=out,
         model=model,
         rescore=rescore,

@@ -165,10 +165,12 @@ def jsonl_tables(
             if not lines:
                 continue
             buf = b"".join(ln if ln.endswith(b"\n") else ln + b"\n" for ln in lines)
+            # Arrow parses blocks in parallel; a line must fit in one block
+            block = max(1 << 22, max(len(ln) for ln in lines) + 2)
             try:
                 table = pj.read_json(
                     pa.BufferReader(buf),
-                    read_options=pj.ReadOptions(block_size=len(buf) + 1, use_threads=False),
+                    read_options=pj.ReadOptions(block_size=block, use_threads=True),
                     parse_options=popts,
                 )
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
