@@ -65,7 +65,9 @@ def _merged(imported: Path, original: Path) -> pd.DataFrame:
     )
 
 
-def test_verl_dump_of_vllm_rollouts_rescored_matches_measure(vllm_run: Path, tmp_path: Path) -> None:
+def test_verl_dump_of_vllm_rollouts_rescored_matches_measure(
+    vllm_run: Path, tmp_path: Path
+) -> None:
     known = known_from_run(vllm_run)
     F.write_verl(known, tmp_path / "dump", prompt_len=4, response_len=8)
     out = tmp_path / "run"
@@ -73,7 +75,10 @@ def test_verl_dump_of_vllm_rollouts_rescored_matches_measure(vllm_run: Path, tmp
                    "--out", str(out), "--json", check=True)  # fmt: skip
     res = json.loads(proc.stdout)
     assert res["mode"] == "rescored" and res["steps"] == [1]
-    assert res["num_tokens"] == json.loads((vllm_run / "run.json").read_text())["summary"]["num_tokens"]
+    assert (
+        res["num_tokens"]
+        == json.loads((vllm_run / "run.json").read_text())["summary"]["num_tokens"]
+    )
     m = _merged(out, vllm_run)
     # the verl tensor holds float32: vLLM's log-probs are float32 values, so they survive
     np.testing.assert_array_equal(m["li_imp"], m["li_orig"])
