@@ -551,3 +551,51 @@ def test_verl_without_model_and_slime_trust_fallback(known: F.Known, tmp_path: P
                 "metadata": {"n": np.int64(3)}}]}, p)  # fmt: skip
     res = run_import(ImportOptions("slime", [str(p)], tmp_path / "run", trust_pickle=True))
     assert res["num_tokens"] == 2 and any("weights_only=False" in w for w in res["warnings"])
+
+
+# ----------------------------------------------------------------------------- docs hooks
+
+
+def test_openrlhf_hook_in_the_docs_writes_an_importable_tokens_file(
+    known: F.Known, tmp_path: Path
+) -> None:
+    """docs/import.md's OpenRLHF hook, run on Experience-shaped tensors built from the known
+    run (OpenRLHF's layout: right-padded sequences, per-token tensors shifted by one:
+    index j describes token j + 1), then imported: delta is reproduced exactly."""
+    import re
+    from types import SimpleNamespace
+
+    import torch
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "import.md").read_text()
+    block = re.search(r"<!-- test: openrlhf-hook[^>]*-->\s*```python\n(.*?)\n```", doc, re.S)
+    assert block is not None
+    ns: dict[str, Any] = {}
+    exec(compile(block.group(1), "docs/import.md", "exec"), ns)
+
+    comps = known.completions
+    T = max(c.prompt.size + c.tokens.size for c in comps)
+    B = len(comps)
+    seq = torch.zeros(B, T, dtype=torch.long)
+    att = torch.zeros(B, T, dtype=torch.long)
+    am = torch.zeros(B, T - 1, dtype=torch.bool)
+    li = torch.zeros(B, T - 1)
+    lt = torch.zeros(B, T - 1)
+    adv = torch.zeros(B, T - 1)
+    for b, c in enumerate(comps):
+        P, n = c.prompt.size, c.prompt.size + c.tokens.size
+        seq[b, :n] = torch.from_numpy(np.concatenate([c.prompt, c.tokens]))
+        att[b, :n] = 1
+        j = np.arange(P - 1, n - 1)  # actions of tokens P .. n - 1
+        am[b, j] = torch.from_numpy(c.mask)
+        li[b, j] = torch.from_numpy(np.nan_to_num(c.logp_infer)).float()
+        lt[b, j] = torch.from_numpy(np.nan_to_num(c.logp_train)).float()
+        adv[b, j] = c.advantage
+    exp = SimpleNamespace(sequences=seq, attention_mask=att, action_mask=am,
+                          rollout_log_probs=li, action_log_probs=lt, advantages=adv)  # fmt: skip
+    ns["dump_experiences"]([exp], step=7, out_dir=str(tmp_path / "dump"))
+    res = run_import(ImportOptions("tokens", [str(tmp_path / "dump")], tmp_path / "run"))
+    assert res["steps"] == [7] and res["num_dropped_tokens"] == known.num_dropped()
+    e, tok = aligned(known, tmp_path / "run", list(range(len(comps))))
+    np.testing.assert_array_equal(tok["delta"].to_numpy(), e["delta"].to_numpy())
+    np.testing.assert_array_equal(tok["pos"].to_numpy(), e["pos"].to_numpy())
