@@ -496,6 +496,139 @@ def rl_metrics(
     return out
 
 
+# ----------------------------------------------------------------------------- imported runs
+
+NO_EPS_HAT_ESTIMATOR = (
+    "q0.99 of the eps needed to cover |delta| (this run has no eps_hat: a check of the "
+    "(1 - p) shape, not an independent bound)"
+)
+
+
+def choose_eps(
+    t: TokenArrays, eps: float | None, eps_data: float | None = None
+) -> tuple[float, str]:
+    """The eps of the envelopes and how it was chosen: --eps if given; else the q0.99 of
+    eps_hat; else, for a run without eps_hat (imports: no dump stores the inference top-K),
+    the q0.99 of the per-token eps needed to cover |delta| (`eps_needed`), which makes 1%
+    of tokens exceed the exact envelope by construction (the label says so)."""
+    if eps is not None:
+        return float(eps), "--eps"
+    est = theory.estimate_eps(t.eps_hat) if eps_data is None else eps_data
+    if math.isfinite(est):
+        return est, theory.eps_estimator_name()
+    return eps_needed(t, 0.99), NO_EPS_HAT_ESTIMATOR
+
+
+GROUP_KEYS: tuple[str, ...] = ("step", "env")
+RATIO_BAND = (0.5, 2.0)
+
+
+def group_metrics(
+    df: pd.DataFrame, key: str, tail: float = DEFAULT_TAIL, by: str = "train"
+) -> list[dict[str, Any]]:
+    """Headline metrics per value of column `key` (step, env), ascending: num_tokens,
+    num_infinite, num_sequences, mean_abs_delta, mean_delta, k3, tail_abs_delta_share
+    (share of the group's sum |delta| on tokens with p < tail) and
+    frac_ratio_outside_0.5_2 (tokens with r = exp(-delta) outside [0.5, 2], i.e.
+    |delta| > log 2). Finite tokens only, as everywhere; rows whose key is null are left
+    out. Needs seq_id, delta, p_<by> and `key`; kept_train is optional."""
+    if key not in df.columns:
+        raise MismatchError(
+            f"the run has no {key} column: only imported runs (`mismatch import`) carry {key}"
+        )
+    kept = df["kept_train"].to_numpy(dtype=bool) if "kept_train" in df.columns else None
+    return _group_metrics(
+        df[key],
+        df["seq_id"].to_numpy(),
+        df["delta"].to_numpy(dtype=np.float64),
+        df[f"p_{check_by(by)}"].to_numpy(dtype=np.float64),
+        kept,
+        key,
+        tail,
+    )
+
+
+def _group_metrics(
+    keys: pd.Series,
+    seq: np.ndarray,
+    delta: np.ndarray,
+    p: np.ndarray,
+    kept: np.ndarray | None,
+    key: str,
+    tail: float,
+) -> list[dict[str, Any]]:
+    """`group_metrics` on arrays: keys [N] (nulls allowed), seq / delta / p / kept [N].
+    One factorize, then a bincount per statistic (no loop over tokens)."""
+    codes, uniq = pd.factorize(keys, sort=True)  # [N] group index, -1 where null; [G]
+    G = len(uniq)
+    has = codes >= 0  # [N]
+    fin = np.isfinite(delta) & has  # [N] counted in the means
+    if kept is not None:
+        fin &= kept
+    n_tok = np.bincount(codes[has], minlength=G)  # [G]
+    c = codes[fin]  # [n]
+    d = delta[fin]  # [n]
+    ad = np.abs(d)
+    n_fin = np.bincount(c, minlength=G)
+    sum_ad = np.bincount(c, weights=ad, minlength=G)
+    sum_d = np.bincount(c, weights=d, minlength=G)
+    sum_k3 = np.bincount(c, weights=M.k3_per_token(d), minlength=G)
+    tail_ad = np.bincount(c, weights=np.where(p[fin] < tail, ad, 0.0), minlength=G)
+    n_out = np.bincount(c[ad > math.log(RATIO_BAND[1])], minlength=G)  # r outside [1/2, 2]
+    # sequences per group: distinct (group, sequence) pairs
+    sc, su = pd.factorize(seq[has])  # [N'] sequence index, [S]
+    pairs = np.unique(codes[has].astype(np.int64) * max(len(su), 1) + sc)
+    n_seq = np.bincount(pairs // max(len(su), 1), minlength=G)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_ad, mean_d, k3 = sum_ad / n_fin, sum_d / n_fin, sum_k3 / n_fin
+        tail_share, frac_out = tail_ad / sum_ad, n_out / n_fin
+    values = uniq.tolist() if hasattr(uniq, "tolist") else list(uniq)
+    return [
+        {
+            key: values[g],
+            "num_tokens": int(n_tok[g]),
+            "num_infinite": int(n_tok[g] - n_fin[g]),
+            "num_sequences": int(n_seq[g]),
+            "mean_abs_delta": float(mean_ad[g]),
+            "mean_delta": float(mean_d[g]),
+            "k3": float(k3[g]),
+            "tail_abs_delta_share": float(tail_share[g]),
+            "frac_ratio_outside_0.5_2": float(frac_out[g]),
+        }
+        for g in range(G)
+    ]
+
+
+def analyze_groups(
+    path: str | Path, key: str, tail: float = DEFAULT_TAIL, by: str = "train"
+) -> list[dict[str, Any]]:
+    """`group_metrics` of a run directory, reading only the five columns it needs."""
+    import pyarrow.parquet as pq
+
+    from .schema import TOKENS_FILE
+
+    if key not in GROUP_KEYS:
+        raise MismatchError(f"--group-by must be one of {', '.join(GROUP_KEYS)}, got {key!r}")
+    file = Path(path) / TOKENS_FILE
+    if key not in pq.read_schema(file).names:
+        raise MismatchError(
+            f"run {path} has no {key} column: only imported runs (`mismatch import`) carry {key}"
+        )
+    side = f"p_{check_by(by)}"
+    t = pq.read_table(file, columns=["seq_id", "delta", side, "kept_train", key])
+    col = lambda name: t.column(name).to_numpy()  # noqa: E731
+    groups = _group_metrics(
+        t.column(key).to_pandas(),
+        col("seq_id"),
+        col("delta"),
+        col(side),
+        col("kept_train"),
+        key,
+        tail,
+    )
+    return json_ready(groups)
+
+
 # ----------------------------------------------------------------------------- analyze
 
 
@@ -507,6 +640,7 @@ def _run_info(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "status": meta.get("status"),
         "model": (meta.get("model") or {}).get("name") or cfg.get("model"),
         **{k: cfg.get(k) for k in keys},
+        "train_engine": ((meta.get("engines") or {}).get("train") or {}).get("engine"),
     }
 
 
@@ -547,8 +681,7 @@ def analyze(
     del df
 
     eps_data = theory.estimate_eps(t.eps_hat)
-    eps_used = float(eps) if eps is not None else eps_data
-    estimator = "--eps" if eps is not None else theory.eps_estimator_name()
+    eps_used, estimator = choose_eps(t, eps, eps_data)
     finite_eh = t.eps_hat[np.isfinite(t.eps_hat)]
     eh_q = (
         dict(
@@ -622,12 +755,15 @@ __all__ = [
     "TokenArrays",
     "accumulation",
     "analyze",
+    "analyze_groups",
     "bucket_index",
     "bucket_stats",
+    "choose_eps",
     "envelope_check",
     "eps_needed",
     "estimate_eps",
     "fit_slope",
+    "group_metrics",
     "group_quantiles",
     "json_ready",
     "length_bins",

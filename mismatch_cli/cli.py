@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 
 from .commands import demo as _demo  # noqa: E402
+from .commands import import_ as _import  # noqa: E402
 from .commands import measure as _measure  # noqa: E402
 from .commands import plot as _plot  # noqa: E402
 from .commands import report as _report  # noqa: E402
@@ -35,6 +36,7 @@ app.command("report")(_report.report)
 app.command("plot")(_plot.plot)
 app.command("demo")(_demo.demo)
 app.command("sweep-threshold")(_sweep.sweep_threshold)
+app.command("import")(_import.import_)
 
 
 def main() -> None:

@@ -93,10 +93,11 @@ def header(result: dict[str, Any]) -> str:
     if run.get("model"):
         bits.append(str(run["model"]))
     if run.get("infer_engine"):
-        bits.append(
-            f"{run['infer_engine']} {run.get('infer_dtype', '?')} vs transformers "
-            f"{run.get('train_dtype', '?')}"
+        infer = " ".join(filter(None, (run["infer_engine"], run.get("infer_dtype"))))
+        train = " ".join(
+            filter(None, (run.get("train_engine") or "transformers", run.get("train_dtype")))
         )
+        bits.append(f"{infer} vs {train}")
     if run.get("temperature") is not None:
         bits.append(
             f"T={run['temperature']:g} top_p={run.get('top_p')} top_k={run.get('top_k')} "
@@ -677,3 +678,74 @@ def progress(console: Console) -> Iterator[Any]:
     )
     with bars:
         yield _BarsProgress(bars)
+
+
+# ----------------------------------------------------------------------------- import (issue 10)
+
+PROGRESS_UNITS["read"] = "files"  # `mismatch import` reads the dump file by file
+
+
+def print_import(result: dict[str, Any], console: Console | None = None) -> None:
+    """What `mismatch import` wrote: format, mode, counts, steps; then the next command."""
+    console = console or Console()
+    s = result.get("summary") or {}
+    t = _table(f"mismatch import: {result['format']} ({result['mode']})")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    steps = result.get("steps") or []
+    rows = [
+        ("files", f"{result['num_files']:,}"),
+        ("steps", _steps_text(steps)),
+        ("completions", f"{result['num_sequences']:,}"),
+        ("tokens (model-generated, imported)", f"{result['num_tokens']:,}"),
+        ("masked completion tokens (not imported)", f"{result['num_dropped_tokens']:,}"),
+        ("model tokens with a null log-prob", f"{result.get('num_null_tokens', 0):,}"),
+        ("tokens with an infinite delta", f"{s.get('num_infinite', 0):,}"),
+        ("mean |delta| (nats)", fmt(s.get("mean_abs_delta"), 4)),
+        ("mean delta (nats)", fmt(s.get("mean_delta"), 4, sign=True)),
+        ("run", str(result["run"])),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    by = " --group-by step" if len(steps) > 1 else ""
+    console.print(f"next: mismatch report {result['run']}{by}", highlight=False)
+
+
+def _steps_text(steps: list[int]) -> str:
+    if not steps:
+        return DASH
+    if len(steps) <= 6:
+        return ", ".join(str(s) for s in steps)
+    return f"{len(steps)} steps, {steps[0]} to {steps[-1]}"
+
+
+def groups_table(result: dict[str, Any]) -> Table:
+    """`report --group-by`: the headline metrics of each step / env."""
+    key = result["group_by"]
+    side = _side(result)
+    t = _table(
+        f"Per {key}",
+        caption=f"tail = tokens with {side} < {result['tail']['threshold']:g}; "
+        "r = exp(-delta), the token importance ratio",
+    )
+    for h in (key, "tokens", "seqs", "mean |δ|", "mean δ", "k3", "tail |δ| share",
+              "r ∉ [0.5, 2]"):  # fmt: skip
+        t.add_column(h, justify="right", no_wrap=True)
+    for g in result["groups"]:
+        t.add_row(
+            str(g[key]),
+            f"{g['num_tokens']:,}",
+            f"{g['num_sequences']:,}",
+            fmt(g["mean_abs_delta"]),
+            fmt(g["mean_delta"], sign=True),
+            fmt(g["k3"]),
+            pct(g["tail_abs_delta_share"]),
+            pct(g["frac_ratio_outside_0.5_2"]),
+        )
+    return t
+
+
+def print_groups(result: dict[str, Any], console: Console | None = None) -> None:
+    """The `report --group-by` table (wide enough when piped)."""
+    (console or _wide_console()).print(groups_table(result))

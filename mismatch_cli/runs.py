@@ -346,6 +346,41 @@ def write_run(
     return path
 
 
+def stream_sequences(run: RunDir, n_parts: int, kind: str) -> int:
+    """Rewrite sequences.parquet from static per-completion parts `kind` 0..n_parts-1 joined
+    with the counts and sums `finalize(n_parts, None)` wrote there, one part in memory at a
+    time (imports, where the run's token ids do not fit in memory). Completions without
+    token rows get num_tokens 0 (`sequence_frame`). Returns the number of completions."""
+    file = run.path / SEQUENCES_FILE
+    sums = pq.read_table(file, columns=["seq_id", *(c for c in _SUM_COLUMNS)]).to_pandas()
+    files = [run.part_path(kind, i) for i in range(n_parts)]
+
+    def part(f: Path) -> pa.Table:
+        static = pq.read_table(f).to_pandas()
+        return pa.Table.from_pandas(sequence_frame(static, sums), preserve_index=False)
+
+    first = part(files[0]) if files else None
+    if first is None:
+        return 0
+    schema = pa.unify_schemas(
+        [first.schema, *(pq.read_schema(f) for f in files[1:])], promote_options="permissive"
+    )
+    order = [n for n in first.schema.names] + [
+        n for n in schema.names if n not in first.schema.names
+    ]
+    schema = pa.schema([schema.field(n) for n in order])
+    n = 0
+    with _atomic_path(file) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for i, f in enumerate(files):
+            table = _conform(first if i == 0 else part(f), schema)
+            writer.write_table(table)
+            n += table.num_rows
+    return n
+
+
+_SUM_COLUMNS = ("num_tokens", "sum_delta", "logp_infer_sum", "logp_train_sum")
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -407,6 +442,7 @@ __all__ = [
     "read_tokens",
     "sequence_frame",
     "sequence_sums",
+    "stream_sequences",
     "summarize",
     "token_frame",
     "versions",

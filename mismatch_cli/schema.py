@@ -104,6 +104,16 @@ SEQUENCE_COLUMNS: dict[str, str] = {
     "text": "string: decoded completion",
 }
 
+# Optional sequence columns of imported runs (`mismatch import`); readers treat them as optional.
+SEQUENCE_EXTRA_COLUMNS: dict[str, str] = {
+    "num_dropped_tokens": "int32: completion tokens with loss_mask 0 (tool / observation tokens): no token rows",
+    "step": "int64: training step of the rollout",
+    "env": "string: environment / task name",
+    "reward": "float64: the completion's reward, where the dump has one",
+    "source_file": "int32: index of the file in run.json's source.files",
+    "source_row": "int64: record (prime-rl, tokens) or batch row (slime, SkyRL, verl) in that file",
+}
+
 
 def rho_grid() -> np.ndarray:
     """The stored pruning grid as a float64 array, shape [G]."""

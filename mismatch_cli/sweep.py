@@ -86,6 +86,19 @@ def _no_grid_error(where: str, column: str) -> MismatchError:
     )
 
 
+def check_scored_import(path: Path, meta: dict[str, Any]) -> None:
+    """A run imported with both sides as dumped ("scored") has no training-side
+    distribution, so no pruned-mass grid: say how to get one (`import --rescore`)."""
+    source = meta.get("source") or {}
+    if source.get("mode") == "scored":
+        raise MismatchError(
+            f"run {path} was imported from {source.get('format', 'a dump')} without rescoring: "
+            "it has both sides' log-probs of the sampled tokens but not the training-side "
+            "distribution the sweep needs; re-import it with `mismatch import ... --rescore "
+            "--model MODEL`"
+        )
+
+
 def check_rule(rule: str) -> str:
     """Return `rule` if the sweep supports it (the rules with a stored pruned-mass grid)."""
     if rule not in SWEEP_RULES:
@@ -234,6 +247,7 @@ def load(path: str | Path, rule: str = "min-p", grid: Sequence[float] | None = N
     """Read the columns the sweep needs from a run directory (grid: the run's `rho_grid`)."""
     check_rule(rule)
     run, meta = open_run(path, allow_incomplete=False)
+    check_scored_import(run.path, meta)
     mass_col = MASS_COLUMN[rule]
     file = run.path / TOKENS_FILE
     if file.is_file() and mass_col not in pq.read_schema(file).names:

@@ -27,6 +27,10 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("plots")
     a = write_synthetic_run(base / "fp32", num_sequences=40, max_len=48, eps=0.1, seed=1)
     b = write_synthetic_run(base / "bf16", num_sequences=40, max_len=48, eps=0.03, seed=2)
+    for run in (a, b):  # training steps, as imported runs carry them (the drift figure)
+        tok = pd.read_parquet(run / "tokens.parquet")
+        tok["step"] = (tok["seq_id"] // 10).astype(np.int64)
+        tok.to_parquet(run / "tokens.parquet")
     return a, b
 
 
@@ -178,7 +182,8 @@ def test_run_without_pruning_grid_skips_only_the_sweep(tmp_path: Path) -> None:
     notes: list[str] = []
     files = P.make_figures([run], tmp_path / "out", dpi=DPI, notes=notes)
     assert {f.stem for f in files} == {"bound", "bias", "sequence", "distribution"}
-    assert len(notes) == 1 and notes[0].startswith("sweep: skipped")
+    assert len(notes) == 2 and notes[0].startswith("sweep: skipped")
+    assert notes[1].startswith("drift: skipped (no step column")  # a measured run has no steps
 
 
 # ----------------------------------------------------------------------------- CLI

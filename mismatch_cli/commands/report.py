@@ -39,6 +39,17 @@ def report(
         ),
     ] = 0.1,
     eps: EpsOpt = None,
+    group_by: Annotated[
+        str | None,
+        typer.Option(
+            "--group-by",
+            metavar="step|env",
+            help="Also give the headline metrics per training step or environment "
+            "(imported runs carry them); JSON key `groups`.",
+            rich_help_panel=PANEL_ANALYSIS,
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     csv: Annotated[
         Path | None,
@@ -60,10 +71,16 @@ def report(
     """
     from rich.console import Console
 
-    from ..analysis import analyze, parse_edges
+    from ..analysis import GROUP_KEYS, analyze, analyze_groups, parse_edges
+    from ..errors import MismatchError
 
     edge_values = parse_edges(edges)  # bad --edges fail before any file is read
+    if group_by is not None and group_by not in GROUP_KEYS:
+        raise MismatchError(f"--group-by must be one of {', '.join(GROUP_KEYS)}, got {group_by!r}")
     result = analyze(run, edges=edge_values, by=by.value, tail=tail, eps=eps)
+    if group_by is not None:
+        result["group_by"] = group_by
+        result["groups"] = analyze_groups(run, group_by, tail, by.value)
     err = Console(stderr=True)
     for w in result["warnings"]:
         if "infinite delta" not in w:  # the report itself states those
@@ -76,6 +93,8 @@ def report(
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
         return
-    from ..render import print_report
+    from ..render import print_groups, print_report
 
     print_report(result, Console())
+    if group_by is not None:
+        print_groups(result)

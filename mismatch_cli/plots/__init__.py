@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from .. import analysis as A
 from ..errors import MismatchError
-from . import bias, bound, distribution, sequence, sweep
+from . import bias, bound, distribution, drift, sequence, sweep
 from .bias import plot_bias
 from .bound import plot_bound
 from .data import PLOT_COLUMNS, RunData, load_runs, run_data
@@ -29,7 +29,7 @@ from .sequence import cumulative_by_position, plot_sequence
 from .style import DEFAULT_DPI, FORMATS, PALETTE, STYLE, check_formats, draw_title, plotted
 from .sweep import plot_sweep
 
-_MODULES = (bound, bias, sequence, distribution, sweep)
+_MODULES = (bound, bias, sequence, distribution, sweep, drift)
 FIGURES: tuple[str, ...] = tuple(m.NAME for m in _MODULES)
 PLOTTERS: dict[str, Callable[[Sequence[RunData]], Figure]] = {
     m.NAME: getattr(m, f"plot_{m.NAME}") for m in _MODULES

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 
 from .. import analysis as A
-from .. import theory
 from ..errors import MismatchError
 from .style import PALETTE
 
 PLOT_COLUMNS: tuple[str, ...] = (*A.REQUIRED_COLUMNS, "pos")
+OPTIONAL_PLOT_COLUMNS: tuple[str, ...] = ("step",)  # read when present (imported runs)
 
 
 @dataclass
@@ -44,10 +44,10 @@ class RunData:
         model = (self.meta.get("model") or {}).get("name") or cfg.get("model") or "model ?"
         bits = [str(model)]
         if cfg.get("infer_engine"):
-            bits.append(
-                f"{cfg['infer_engine']} {cfg.get('infer_dtype', '?')} vs transformers "
-                f"{cfg.get('train_dtype', '?')}"
-            )
+            train = ((self.meta.get("engines") or {}).get("train") or {}).get("engine")
+            infer = " ".join(filter(None, (cfg["infer_engine"], cfg.get("infer_dtype"))))
+            train = " ".join(filter(None, (train or "transformers", cfg.get("train_dtype"))))
+            bits.append(f"{infer} vs {train}")
         if cfg.get("temperature") is not None:
             samp = f"T={cfg['temperature']:g}"
             for k in ("top_p", "top_k", "min_p"):
@@ -70,7 +70,7 @@ def run_data(
     path = None
     if isinstance(source, (str, Path)):
         path = Path(source)
-        df, meta, _ = A.load_tokens(path, columns=PLOT_COLUMNS)
+        df, meta, _ = A.load_tokens(path, columns=(*PLOT_COLUMNS, *_optional(path)))
         label = label or path.name
     else:
         df = source
@@ -79,8 +79,7 @@ def run_data(
         label = label or "run"
     e = A.parse_edges(edges)
     t = A.token_arrays(df, "train")
-    est = theory.estimate_eps(t.eps_hat)
-    eps_used = float(eps) if eps is not None else est
+    eps_used, estimator = A.choose_eps(t, eps)
     return RunData(
         label=label,
         tokens=df,
@@ -88,11 +87,22 @@ def run_data(
         buckets=A.bucket_stats(t, e, eps=eps_used),
         seqs=A.sequence_stats(t),
         eps=eps_used,
-        eps_estimator="--eps" if eps is not None else theory.eps_estimator_name(),
+        eps_estimator=estimator,
         edges=e,
         meta=meta or {},
         path=path,
     )
+
+
+def _optional(path: Path) -> tuple[str, ...]:
+    """The OPTIONAL_PLOT_COLUMNS a run's token table has (older runs lack them)."""
+    import pyarrow.parquet as pq
+
+    from ..schema import TOKENS_FILE
+
+    file = path / TOKENS_FILE
+    have = set(pq.read_schema(file).names) if file.is_file() else set()
+    return tuple(c for c in OPTIONAL_PLOT_COLUMNS if c in have)
 
 
 def load_runs(

@@ -1,0 +1,176 @@
+"""`mismatch import`: read the rollouts an RL framework saved into a run directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..importers import FORMATS
+from ..options import PANEL_INPUT, PANEL_OUTPUT, PANEL_SAMPLING, PANEL_TRAINING, JsonOpt
+
+
+def import_(
+    format: Annotated[
+        str,
+        typer.Argument(
+            metavar="FORMAT",
+            help=f"The framework's dump format: {', '.join(FORMATS)} (docs/import.md).",
+            show_default=False,
+        ),
+    ],
+    source: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="SOURCE...",
+            help="Files, folders (searched recursively for the format's files, e.g. prime-rl's "
+            "output folder, its token_exports/ or one step_N/) or globs; several steps at once.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="The run directory to write (required).",
+            rich_help_panel=PANEL_OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model of the run (folder, hub id or `default`). Needed to rescore: dumps "
+            "with only the inference side are rescored with it; without --rescore a dump "
+            "with both sides only records its name.",
+            rich_help_panel=PANEL_TRAINING,
+            show_default=False,
+        ),
+    ] = None,
+    rescore: Annotated[
+        bool,
+        typer.Option(
+            "--rescore",
+            help="Recompute the training side with transformers (float32, eager attention, "
+            "like `measure`) even if the dump has trainer log-probs: fills the columns "
+            "`sweep-threshold` needs (entropy, training top-K, pruned-mass grid).",
+            rich_help_panel=PANEL_TRAINING,
+        ),
+    ] = False,
+    steps: Annotated[
+        str | None,
+        typer.Option(
+            metavar="10,20-30",
+            help="Import only these training steps (comma-separated steps and ranges).",
+            rich_help_panel=PANEL_INPUT,
+            show_default=False,
+        ),
+    ] = None,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            help="Temperature the run sampled with (replayed when rescoring; recorded).",
+            rich_help_panel=PANEL_SAMPLING,
+        ),
+    ] = 1.0,
+    top_p: Annotated[
+        float,
+        typer.Option(
+            help="Top-p of the run (replayed when rescoring).", rich_help_panel=PANEL_SAMPLING
+        ),
+    ] = 1.0,
+    top_k: Annotated[
+        int,
+        typer.Option(
+            help="Top-k of the run, -1 = off (replayed when rescoring).",
+            rich_help_panel=PANEL_SAMPLING,
+        ),
+    ] = -1,
+    min_p: Annotated[
+        float,
+        typer.Option(
+            help="Min-p of the run (replayed when rescoring).", rich_help_panel=PANEL_SAMPLING
+        ),
+    ] = 0.0,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Allow reading pickles (skyrl, verl; slime .pt files that weights_only "
+            "loading refuses). Loading a pickle can run code from the file: trust its origin.",
+            rich_help_panel=PANEL_INPUT,
+        ),
+    ] = False,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Training-side device when rescoring (default: cuda if available, else cpu).",
+            rich_help_panel=PANEL_TRAINING,
+            show_default=False,
+        ),
+    ] = None,
+    rescore_batch_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Padded tokens per training-side forward pass when rescoring.",
+            rich_help_panel=PANEL_TRAINING,
+            min=1,
+        ),
+    ] = 4096,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing run in --out.", rich_help_panel=PANEL_OUTPUT
+        ),
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Import the rollouts an RL framework saved (prime-rl, slime, SkyRL, verl, or the
+    generic `tokens` format) into a run directory that `report`, `plot` and
+    `sweep-threshold` read like any other.
+
+    A dump with both sides (inference and trainer log-probs) is imported as measured
+    ("scored", no model needed). A dump with only the inference side, or any dump with
+    `--rescore --model MODEL`, is rescored by transformers replaying the sampling flags.
+    Conventions are normalised: delta = logp_infer - logp_train (nats) whatever sign the
+    framework used; token rows exist only for model-generated (loss-masked) tokens; the
+    source files, their sha256 and the mode are recorded in run.json under `source`.
+    """
+    from rich.console import Console
+
+    from ..errors import MismatchError
+    from ..importers.core import ImportOptions, run_import
+    from ..render import print_import, progress
+
+    if out is None:
+        raise MismatchError("--out RUN is required: the run directory to write")
+    opts = ImportOptions(
+        fmt=format,
+        sources=source or [],
+        out=out,
+        model=model,
+        rescore=rescore,
+        steps=steps,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        trust_pickle=trust_pickle,
+        overwrite=overwrite,
+        device=device,
+        batch_tokens=rescore_batch_tokens,
+    )
+    err = Console(stderr=True)
+    with progress(err) as prog:
+        result = run_import(opts, prog)
+    for w in result["warnings"]:
+        err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if json_out:
+        from ..results import json_ready
+
+        sys.stdout.write(json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n")
+        return
+    print_import(result, Console())

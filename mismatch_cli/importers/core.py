@@ -1,0 +1,761 @@
+"""What every import format shares: finding the files, `--steps`, the `Chunk` a reader yields,
+and streaming chunks into the run directory's parts (memory bounded by one part).
+
+A reader turns one file into `Chunk`s: S completions as flat (ragged) arrays, each completion
+being the whole text after its prompt (tool and observation tokens included), with a
+`loss_mask` that is true on the model-generated tokens. `Ingest` turns chunks into
+    scored mode    token parts (both sides present: delta = logp_infer - logp_train now)
+    rescored mode  rollout parts for `pipeline.rescore_parts` (the training side is recomputed)
+plus sequence parts, and `finish` writes the final tables through `runs.py`.
+
+Only loss-masked tokens with a non-null log-prob become token rows; `pos` is their index in
+the completion, so masked tokens leave gaps. Masked completion tokens are counted
+(`num_dropped_tokens`); model tokens whose log-prob the dump stored as null are counted
+separately (`num_null_tokens`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ..errors import MismatchError
+from ..runs import RunDir, atomic_write_table, token_frame
+from .checks import SlopeSums
+
+SCORED = "scored"
+RESCORED = "rescored"
+TOKENS_KIND = "tokens"  # token parts (pipeline.TOKENS)
+ROLLOUT_KIND = "rollout"  # rollout parts (pipeline.ROLLOUT)
+SEQS_KIND = "seqs"  # per-part static sequence columns
+PART_TOKENS = 1_000_000  # completion tokens per part: bounds memory of finalize and rescore
+
+
+# ----------------------------------------------------------------------------- chunks
+
+
+@dataclass
+class Chunk:
+    """S completions of one file (or one block of it), as flat arrays.
+
+    Completion j has prompt tokens prompt_ids[po_j : po_j + prompt_lens[j]] and completion
+    tokens token_ids[o_j : o_j + lens[j]] (o, po: running offsets). Per completion token:
+    logp_infer, logp_train (None when the dump has no trainer side), loss_mask; NaN is a
+    null log-prob. `token_extra` holds per-completion-token columns (advantage, turn),
+    `seq_extra` per-completion ones (step, env, reward, source_row).
+    """
+
+    prompt_lens: np.ndarray  # [S] int64
+    prompt_ids: np.ndarray  # [sum P] int64
+    lens: np.ndarray  # [S] int64
+    token_ids: np.ndarray  # [sum R] int64
+    logp_infer: np.ndarray  # [sum R] float64
+    loss_mask: np.ndarray  # [sum R] bool
+    logp_train: np.ndarray | None = None  # [sum R] float64
+    token_extra: dict[str, np.ndarray] = field(default_factory=dict)  # [sum R] each
+    seq_extra: dict[str, np.ndarray] = field(default_factory=dict)  # [S] each
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.lens.size)
+
+    def select(self, keep: np.ndarray) -> Chunk:
+        """The completions where `keep` [S] is true."""
+        tk = np.repeat(keep, self.lens)  # [sum R]
+        pk = np.repeat(keep, self.prompt_lens)  # [sum P]
+        return Chunk(
+            self.prompt_lens[keep],
+            self.prompt_ids[pk],
+            self.lens[keep],
+            self.token_ids[tk],
+            self.logp_infer[tk],
+            self.loss_mask[tk],
+            None if self.logp_train is None else self.logp_train[tk],
+            {k: v[tk] for k, v in self.token_extra.items()},
+            {k: v[keep] for k, v in self.seq_extra.items()},
+        )
+
+
+def concat_rows(rows: Sequence[np.ndarray], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths [S], flat values) of per-completion arrays (a loop over completions only)."""
+    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    flat = np.concatenate([np.asarray(r, dtype=dtype) for r in rows]) if rows else np.zeros(0)
+    return lens, flat.astype(dtype, copy=False)
+
+
+def check_lengths(where: str, expect: int, what: str, **arrays: Any) -> None:
+    """One-line error when a per-token field's length differs from the token count."""
+    for name, a in arrays.items():
+        if a is not None and len(a) != expect:
+            raise MismatchError(
+                f"{where}: {name} has {len(a)} values for {expect} {what} (length mismatch)"
+            )
+
+
+def missing(where: str, names: Sequence[str], hint: str = "") -> MismatchError:
+    """The one-line error for fields a record lacks, naming them."""
+    s = "s" if len(names) > 1 else ""
+    return MismatchError(f"{where}: missing field{s} {', '.join(names)}{hint}")
+
+
+# ----------------------------------------------------------------------------- arrow helpers
+
+
+def list_column(
+    table: pa.Table, name: str, where: str, dtype: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths [n], flat values) of a list column of an Arrow table; nulls in float values
+    become NaN, in bool values False. A record without the field is an error naming it."""
+    col = table.column(name).combine_chunks()
+    if col.null_count:
+        first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise missing(f"{where} record {first}", [name])
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        raise MismatchError(f"{where}: field {name} is not a list (got {col.type})")
+    lens = col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    values = col.flatten()
+    try:
+        if np.dtype(dtype) == np.bool_:
+            values = values.cast(pa.bool_()).fill_null(False)
+        elif np.dtype(dtype).kind == "f":
+            values = values.cast(pa.float64())
+        elif values.null_count:
+            raise MismatchError(f"{where}: field {name} holds null values")
+        else:
+            values = values.cast(pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise MismatchError(
+            f"{where}: field {name} holds {values.type} values, not numbers ({e})"
+        ) from e
+    return lens, values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def jsonl_tables(
+    path: Path, schema: pa.Schema | None = None, block_bytes: int = 32 << 20
+) -> Iterator[tuple[int, pa.Table]]:
+    """(first record index, Arrow table) per block of whole lines of a JSON-lines file.
+
+    Lines are grouped into blocks of about `block_bytes` (a block always holds whole lines,
+    however long), each parsed by Arrow's JSON reader. `schema`: parse only these fields
+    (others ignored); None infers the types per block.
+    """
+    import pyarrow.json as pj
+
+    popts = (
+        pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        if schema is not None
+        else pj.ParseOptions()
+    )
+    first = 0
+    with open(path, "rb") as f:
+        while True:
+            lines = f.readlines(block_bytes)
+            if not lines:
+                return
+            lines = [ln for ln in lines if ln.strip()]
+            if not lines:
+                continue
+            buf = b"".join(ln if ln.endswith(b"\n") else ln + b"\n" for ln in lines)
+            # Arrow parses blocks in parallel; a line must fit in one block
+            block = max(1 << 22, max(len(ln) for ln in lines) + 2)
+            try:
+                table = pj.read_json(
+                    pa.BufferReader(buf),
+                    read_options=pj.ReadOptions(block_size=block, use_threads=True),
+                    parse_options=popts,
+                )
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise MismatchError(
+                    f"{path}: not readable as JSON lines near record {first} ({msg})"
+                ) from e
+            yield first, table
+            first += len(lines)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def parse_steps(spec: str | None) -> set[int] | None:
+    """`--steps 10,20-30` -> {10, 20, ..., 30}; None -> None (every step)."""
+    if spec is None:
+        return None
+    out: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if m is None:
+            raise MismatchError(
+                f"--steps must look like 10,20-30 (integers and ranges), got {spec!r}"
+            )
+        lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        if hi < lo:
+            raise MismatchError(f"--steps range {part} is empty (the end is before the start)")
+        out.update(range(lo, hi + 1))
+    if not out:
+        raise MismatchError(f"--steps names no step: {spec!r}")
+    return out
+
+
+def discover(sources: Sequence[str | Path], patterns: Sequence[str], fmt: str) -> list[Path]:
+    """The files of SOURCE arguments: a file is taken as given, a folder is searched
+    recursively for `patterns`, anything else is a glob. Sorted, without duplicates."""
+    if not sources:
+        raise MismatchError("no SOURCE given: pass the dump's files, folders or a glob")
+    found: list[Path] = []
+    for src in sources:
+        p = Path(src).expanduser()
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            hits = sorted({h for pat in patterns for h in p.rglob(pat) if h.is_file()})
+            if not hits:
+                raise MismatchError(
+                    f"no {fmt} files ({', '.join(patterns)}) found under {p}: is this a {fmt} dump?"
+                )
+            found.extend(hits)
+        elif glob.has_magic(str(src)):
+            hits = sorted(Path(h) for h in glob.glob(str(p), recursive=True))
+            files = [h for h in hits if h.is_file()]
+            for d in (h for h in hits if h.is_dir()):
+                files.extend(sorted({x for pat in patterns for x in d.rglob(pat) if x.is_file()}))
+            if not files:
+                raise MismatchError(f"no file matches {src}")
+            found.extend(files)
+        else:
+            raise MismatchError(f"source not found: {src}")
+    seen: set[Path] = set()
+    out = []
+    for f in found:
+        r = f.resolve()
+        if r not in seen:
+            seen.add(r)
+            out.append(f)
+    return sorted(out, key=lambda f: _natural_key(str(f)))
+
+
+def _natural_key(s: str) -> list[Any]:
+    """Sort key with numbers compared as numbers (step_9 before step_10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes (recorded in run.json's source block)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ReadContext:
+    """What a reader may need besides the path: the pickle permission, the step filter,
+    a place for warnings."""
+
+    trust_pickle: bool = False
+    steps: set[int] | None = None
+    warn: Callable[[str], None] = lambda message: None
+
+
+def require_trust(path: Path, fmt: str, ctx: ReadContext) -> None:
+    """Pickles run code when loaded: refuse them unless --trust-pickle was given."""
+    if not ctx.trust_pickle:
+        raise MismatchError(
+            f"{path} is a pickle ({fmt} dumps are), and loading a pickle can run code from "
+            "the file: pass --trust-pickle if you trust where it came from"
+        )
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+class _PromptIndex:
+    """prompt_id per distinct prompt (first-seen order) and sample_idx per repeat of it."""
+
+    def __init__(self) -> None:
+        self.ids: dict[bytes, list[int]] = {}
+
+    def assign(
+        self, prompt_lens: np.ndarray, prompt_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        S = prompt_lens.size
+        pid = np.empty(S, np.int64)
+        sidx = np.empty(S, np.int32)
+        off = np.concatenate([[0], np.cumsum(prompt_lens)])
+        flat = np.ascontiguousarray(prompt_ids, dtype=np.int64)
+        for j in range(S):  # one hash per completion, never per token
+            key = hashlib.blake2b(flat[off[j] : off[j + 1]].tobytes(), digest_size=16).digest()
+            entry = self.ids.get(key)
+            if entry is None:
+                entry = self.ids[key] = [len(self.ids), 0]
+            pid[j], sidx[j] = entry[0], entry[1]
+            entry[1] += 1
+        return pid, sidx
+
+
+def span_turns(lens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per completion token, the index of its run of model tokens in the completion (0 for
+    the first run; masked tool / observation tokens separate turns). [sum R] int32"""
+    n = mask.size
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)  # [S]
+    prev = np.concatenate([[False], mask[:-1]])
+    prev[starts[lens > 0]] = False  # a completion's first token starts a run
+    run_start = mask & ~prev  # [sum R]
+    cs = np.cumsum(run_start)
+    before = np.concatenate([[0], cs])[starts]  # runs started before each completion
+    seq = np.repeat(np.arange(lens.size), lens)
+    return (cs - before[seq] - 1).clip(min=0).astype(np.int32) if n else np.zeros(0, np.int32)
+
+
+class Ingest:
+    """Turns chunks into parts of about PART_TOKENS completion tokens: token parts (scored)
+    or rollout parts (rescored), plus sequence parts; counts what it keeps and drops."""
+
+    def __init__(self, run: RunDir, mode: str, part_tokens: int = PART_TOKENS) -> None:
+        self.run, self.mode, self.part_tokens = run, mode, part_tokens
+        self.prompts = _PromptIndex()
+        self.next_seq = 0
+        self.n_parts = 0
+        self._frames: list[pd.DataFrame] = []
+        self._seqs: list[pa.Table] = []
+        self._buffered = 0
+        self.num_sequences = self.num_tokens = self.num_dropped = self.num_null = 0
+        self.steps: set[int] = set()
+        self.max_token_id = -1
+        self.slope = SlopeSums()  # logp_infer against logp_train (scored mode), checks.py
+
+    def add(self, chunk: Chunk, file_index: int) -> None:
+        S = chunk.num_sequences
+        if S == 0:
+            return
+        seq_ids = np.arange(self.next_seq, self.next_seq + S, dtype=np.int64)
+        self.next_seq += S
+        pid, sidx = self.prompts.assign(chunk.prompt_lens, chunk.prompt_ids)
+        tok_seq = np.repeat(np.arange(S), chunk.lens)  # [sum R] completion index
+        starts = np.concatenate([[0], np.cumsum(chunk.lens)[:-1]])
+        pos = (np.arange(tok_seq.size) - starts[tok_seq]).astype(np.int32)
+        li = np.asarray(chunk.logp_infer, dtype=np.float64)
+        lt = None if chunk.logp_train is None else np.asarray(chunk.logp_train, dtype=np.float64)
+        mask = np.asarray(chunk.loss_mask, dtype=bool)
+        nonnull = (
+            ~np.isnan(li) if lt is None or self.mode == RESCORED else ~np.isnan(li) & ~np.isnan(lt)
+        )
+        keep = mask & nonnull  # [sum R] the token rows
+        self.num_dropped += int(mask.size - mask.sum())
+        self.num_null += int((mask & ~nonnull).sum())
+        self.num_sequences += S
+        ids = np.concatenate([chunk.token_ids, chunk.prompt_ids])
+        if ids.size:
+            self.max_token_id = max(self.max_token_id, int(ids.max()))
+        if "step" in chunk.seq_extra:
+            self.steps.update(int(s) for s in np.unique(chunk.seq_extra["step"]))
+        turns = chunk.token_extra.get("turn")
+        if turns is None:
+            turns = span_turns(chunk.lens, mask)
+        per_token = {**chunk.token_extra, "turn": turns}
+        seq_cols = {k: chunk.seq_extra[k] for k in ("step", "env") if k in chunk.seq_extra}
+
+        if self.mode == SCORED:
+            assert lt is not None
+            cols: dict[str, Any] = {
+                "seq_id": seq_ids[tok_seq][keep],
+                "prompt_id": pid[tok_seq][keep],
+                "sample_idx": sidx[tok_seq][keep],
+                "pos": pos[keep],
+                "token_id": chunk.token_ids[keep].astype(np.int32),
+                "logp_infer": li[keep],
+                "logp_train": lt[keep],
+                "eps_hat": np.full(int(keep.sum()), np.nan),  # no inference top-K in a dump
+            }
+            for k, v in seq_cols.items():
+                cols[k] = v[tok_seq][keep]
+            for k, v in per_token.items():
+                cols[k] = v[keep]
+            frame = token_frame(cols)
+            self.slope.add(cols["logp_train"], cols["logp_infer"])
+        else:
+            split = np.cumsum(chunk.lens)[:-1]
+            pos_split = np.cumsum(chunk.prompt_lens)[:-1]
+            frame = pd.DataFrame(
+                {
+                    "seq_id": seq_ids,
+                    "prompt_id": pid,
+                    "sample_idx": sidx,
+                    "prompt_token_ids": np.split(chunk.prompt_ids.astype(np.int32), pos_split),
+                    "response_token_ids": np.split(chunk.token_ids.astype(np.int32), split),
+                    "logp_infer": np.split(li, split),
+                    "topk_ids_infer": [None] * S,  # a dump holds no inference top-K
+                    "topk_logp_infer": [None] * S,
+                    "loss_mask": np.split(keep, split),
+                    **{k: v for k, v in seq_cols.items()},
+                    **{k: np.split(v, split) for k, v in per_token.items()},
+                }
+            )
+        self.num_tokens += int(keep.sum())
+        self._frames.append(frame)
+        self._seqs.append(self._seq_table(chunk, seq_ids, pid, sidx, mask, file_index))
+        self._buffered += int(chunk.lens.sum())
+        if self._buffered >= self.part_tokens:
+            self.flush()
+
+    def _seq_table(self, chunk: Chunk, seq_ids, pid, sidx, mask, file_index: int) -> pa.Table:
+        S = chunk.num_sequences
+        seq = np.repeat(np.arange(S), chunk.lens)
+        dropped = np.bincount(seq[~mask], minlength=S).astype(np.int32)
+
+        def lists(lens: np.ndarray, values: np.ndarray) -> pa.Array:
+            off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+            return pa.ListArray.from_arrays(pa.array(off), pa.array(values.astype(np.int32)))
+
+        cols: dict[str, Any] = {
+            "seq_id": pa.array(seq_ids),
+            "prompt_id": pa.array(pid),
+            "sample_idx": pa.array(sidx),
+            "prompt_token_ids": lists(chunk.prompt_lens, chunk.prompt_ids),
+            "response_token_ids": lists(chunk.lens, chunk.token_ids),
+            "num_dropped_tokens": pa.array(dropped),
+        }
+        for k in ("step", "env", "reward"):
+            if k in chunk.seq_extra:
+                cols[k] = pa.array(chunk.seq_extra[k])
+        cols["source_file"] = pa.array(np.full(S, file_index, np.int32))
+        if "source_row" in chunk.seq_extra:
+            cols["source_row"] = pa.array(np.asarray(chunk.seq_extra["source_row"], np.int64))
+        return pa.table(cols)
+
+    def flush(self) -> None:
+        """Write the buffered chunks as part n_parts (token or rollout part + sequence part)."""
+        if not self._frames:
+            return
+        kind = TOKENS_KIND if self.mode == SCORED else ROLLOUT_KIND
+        frame = pd.concat(self._frames, ignore_index=True)
+        self.run.write_part(kind, self.n_parts, frame)
+        seqs = pa.concat_tables(self._seqs, promote_options="permissive")
+        atomic_write_table(self.run.part_path(SEQS_KIND, self.n_parts), seqs)
+        self.n_parts += 1
+        self._frames, self._seqs, self._buffered = [], [], 0
+
+
+# ----------------------------------------------------------------------------- the import
+
+
+@dataclass
+class ImportOptions:
+    """Everything `mismatch import` was asked to do."""
+
+    fmt: str
+    sources: Sequence[str]
+    out: Path
+    model: str | None = None
+    rescore: bool = False
+    steps: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    trust_pickle: bool = False
+    overwrite: bool = False
+    device: str | None = None
+    batch_tokens: int = 4096
+    part_tokens: int = PART_TOKENS
+
+    def sampling(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "min_p": self.min_p}  # fmt: skip
+
+
+def run_import(opts: ImportOptions, progress: Any = None) -> dict[str, Any]:
+    """Import a framework's dump into the run directory `opts.out` and return the `--json`
+    result (run, format, mode, counts, steps, warnings). Nothing is left behind on failure."""
+    import shutil
+
+    from ..config import MeasureConfig
+    from ..pipeline import Progress, prepare_out
+    from . import get_format
+
+    mod = get_format(opts.fmt)
+    prog = progress or Progress()
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        if message not in warnings:
+            warnings.append(message)
+
+    s = opts.sampling()
+    MeasureConfig(**s).validate()  # the same limits as `measure` (one-line errors)
+    steps = parse_steps(opts.steps)
+    if opts.rescore and not opts.model:
+        raise MismatchError(
+            "--rescore needs --model MODEL: the model whose training side rescores the dump"
+        )
+    files = discover(opts.sources, mod.PATTERNS, mod.NAME)
+    explicit = {
+        Path(p).expanduser().resolve() for p in opts.sources if Path(p).expanduser().is_file()
+    }
+    if hasattr(mod, "select"):
+        files = mod.select(files, warn, explicit)
+    if steps is not None:
+        file_steps = {f: mod.step_of(f) for f in files}
+        kept = [f for f in files if file_steps[f] is None or file_steps[f] in steps]
+        if not kept:
+            have = sorted({v for v in file_steps.values() if v is not None})
+            raise MismatchError(
+                f"no {mod.NAME} file has a step in --steps {opts.steps} (steps found: {_ranges(have)})"
+            )
+        files = kept
+    if not files:
+        raise MismatchError(f"nothing to import: every {mod.NAME} file found was skipped")
+    if mod.PICKLE:
+        require_trust(files[0], mod.NAME, ReadContext(trust_pickle=opts.trust_pickle))
+    mode = RESCORED if opts.rescore else {"both": SCORED, "infer": RESCORED}.get(mod.SIDES)
+    if mode == RESCORED and not opts.model:
+        raise MismatchError(
+            f"{mod.NAME} dumps hold only the inference side: pass --model MODEL to rescore them "
+            "with the training side"
+        )
+    model = _Model(opts.model, rescored=mode == RESCORED)
+    existed = opts.out.exists()
+    run = prepare_out(opts.out, resume=False, overwrite=opts.overwrite)
+    try:
+        result = _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings)
+    except BaseException:
+        shutil.rmtree(opts.out, ignore_errors=True)
+        if existed:
+            opts.out.mkdir(parents=True, exist_ok=True)
+        raise
+    shutil.rmtree(run.parts, ignore_errors=True)
+    return result
+
+
+class _Model:
+    """The --model of an import: only a name in scored mode; resolved (path, vocabulary)
+    when the dump is rescored."""
+
+    def __init__(self, spec: str | None, rescored: bool) -> None:
+        self.spec = spec
+        self.path: str | None = None
+        self.name: str | None = Path(spec).name if spec else None
+        self.vocab: int | None = None
+        if rescored:
+            self.resolve()
+
+    def resolve(self) -> None:
+        from ..models import resolve_model
+        from .checks import vocab_size
+
+        if self.path is None:
+            self.path, self.name = resolve_model(self.spec)
+            self.vocab = vocab_size(self.path)
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """1,2,3,7 -> '1-3,7' (for messages)."""
+    if not values:
+        return "none"
+    out, start, prev = [], values[0], values[0]
+    for v in [*values[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if v is not None:
+            start = prev = v
+    return ",".join(out)
+
+
+def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dict[str, Any]:
+    from ..runs import new_meta, stream_sequences
+    from ..schema import STATUS_COMPLETE
+    from . import checks
+
+    ctx = ReadContext(trust_pickle=opts.trust_pickle, steps=steps, warn=warn)
+    file_info: list[dict[str, Any]] = []
+    meta = new_meta("import", source={"format": mod.NAME, "files": file_info})
+    run.write_meta(meta)
+    ingest: Ingest | None = None
+    seen_steps: set[int] = set()
+    for i, path in enumerate(files):
+        info: dict[str, Any] = {"path": str(path.resolve()), "bytes": path.stat().st_size}
+        info["sha256"] = sha256_file(path)
+        file_info.append(info)
+        for chunk in mod.read(path, ctx):
+            if steps is not None:
+                if "step" not in chunk.seq_extra:
+                    raise MismatchError(f"--steps given, but {path} holds no step")
+                st = chunk.seq_extra["step"]
+                seen_steps.update(int(v) for v in np.unique(st))
+                chunk = chunk.select(np.isin(st, list(steps)))
+            if chunk.num_sequences == 0:
+                continue
+            if mode is None:  # formats with one or both sides: the first data decides
+                if chunk.logp_train is not None:
+                    mode = SCORED
+                elif model.spec:
+                    mode = RESCORED
+                    model.resolve()
+                else:
+                    raise MismatchError(
+                        f"{path} holds only inference log-probs (no trainer side): pass --model "
+                        "MODEL to rescore it with the training side"
+                    )
+            if mode == SCORED and chunk.logp_train is None:
+                raise MismatchError(
+                    f"{path} holds no trainer log-probs, unlike the files before it: import it "
+                    "separately or pass --rescore --model MODEL"
+                )
+            if mode == RESCORED and model.vocab is not None:
+                top = int(max(chunk.token_ids.max(initial=-1), chunk.prompt_ids.max(initial=-1)))
+                if top >= model.vocab:
+                    raise MismatchError(
+                        f"{path} holds token id {top}, outside the vocabulary of {model.name} "
+                        f"({model.vocab} ids): is --model the model that generated these rollouts?"
+                    )
+            if ingest is None:
+                ingest = Ingest(run, mode, opts.part_tokens)
+            ingest.add(chunk, i)
+        if len(files) > 1:  # from the second file on: a bad single file fails in one line
+            if i == 0:
+                prog.start("read", len(files))
+            prog.advance("read", 1)
+    if ingest is not None:
+        ingest.flush()
+    if ingest is None or ingest.num_sequences == 0:
+        if steps is not None:
+            raise MismatchError(
+                f"no completion has a step in --steps {opts.steps} (steps found: {_ranges(sorted(seen_steps))})"
+            )
+        raise MismatchError(f"empty dump: {len(files)} {mod.NAME} file(s) hold no completions")
+    if ingest.num_tokens == 0:
+        raise MismatchError(
+            "no model-generated token to import: every completion token is loss-masked or has "
+            "a null log-prob"
+        )
+    if ingest.num_null:
+        warn(
+            f"{ingest.num_null:,} model token(s) have a null log-prob in the dump (a framework "
+            "writes null for a non-finite value): left out"
+        )
+    for w in getattr(mod, "warnings", lambda s: [])(ingest.steps):
+        warn(w)
+    check: dict[str, Any] = {}
+    if mode == SCORED:
+        check["slope"], w = checks.slope_check(ingest.slope.sums)
+    else:
+        check["temperature_fit"], w = _rescore(opts, model, run, ingest.n_parts, prog)
+    if w:
+        warn(w)
+    summary = run.finalize(ingest.n_parts, None, tokens=TOKENS_KIND)
+    summary["num_sequences"] = stream_sequences(run, ingest.n_parts, SEQS_KIND)
+    summary["num_dropped_tokens"] = ingest.num_dropped
+    rescored = mode == RESCORED
+    steps_sorted = sorted(ingest.steps)
+    samp = opts.sampling()
+    meta.update(
+        config={
+            "model": model.name,
+            "infer_engine": f"{mod.NAME} rollouts",
+            "infer_dtype": None,
+            "train_dtype": "float32" if rescored else None,
+            **samp,
+        },
+        sampling={
+            **samp,
+            "replay_order": "temperature -> min_p -> top_k -> top_p -> renormalise (vLLM's)",
+        },
+        model={"name": model.name, "path": model.path, "vocab_size": model.vocab},
+        engines={
+            "infer": {"engine": f"{mod.NAME} rollouts", "dtype": None},
+            "train": {"engine": "transformers", "dtype": "float32", "attn_implementation": "eager"}
+            if rescored
+            else {"engine": f"{mod.NAME} trainer", "dtype": None},
+        },
+        source={
+            "format": mod.NAME,
+            "mode": mode,
+            "files": file_info,
+            "steps": steps_sorted,
+            "sign_convention": mod.SIGN,
+            "sampling": samp,
+            "num_dropped_tokens": ingest.num_dropped,
+            "num_null_tokens": ingest.num_null,
+            "checks": check,
+            "warnings": list(warnings),
+        },
+        summary=summary,
+        status=STATUS_COMPLETE,
+    )
+    from ..runs import now
+
+    meta["completed"] = now()
+    run.write_meta(meta)
+    return {
+        "run": str(run.path),
+        "format": mod.NAME,
+        "mode": mode,
+        "num_sequences": summary["num_sequences"],
+        "num_tokens": summary["num_tokens"],
+        "num_dropped_tokens": ingest.num_dropped,
+        "num_null_tokens": ingest.num_null,
+        "steps": steps_sorted,
+        "num_files": len(files),
+        "summary": summary,
+        "checks": check,
+        "warnings": list(warnings),
+    }
+
+
+def _rescore(opts, model, run, n_parts, prog) -> tuple[dict[str, Any] | None, str | None]:
+    """Rescore the rollout parts on the training side (float32, eager attention, like
+    `measure`), after fitting the temperature that best explains logp_infer; eps_hat is set
+    to null (no dump stores the inference side's top-K)."""
+    from ..models import load_model, pick_device
+    from ..pipeline import TrainSide, rescore_parts
+    from ..sampling import Sampling
+    from . import checks
+
+    device = pick_device(opts.device)
+    sampling = Sampling(opts.temperature, opts.top_p, opts.top_k, opts.min_p)
+    prog.log("fitting the temperature that explains the inference log-probs")
+    net, _ = load_model(model.path, "float32", device, "eager")
+    fit = checks.fit_temperature(net, run.read_part(ROLLOUT_KIND, 0), sampling, device)
+    del net
+    train = TrainSide(model.path, "float32", "eager", device, opts.batch_tokens)
+    rescore_parts(run, n_parts, train, sampling, prog)
+    for i in range(n_parts):
+        df = run.read_part(TOKENS_KIND, i)
+        df["eps_hat"] = np.nan
+        run.write_part(TOKENS_KIND, i, df)
+    return fit, checks.temperature_warning(fit)
+
+
+__all__ = [
+    "PART_TOKENS",
+    "RESCORED",
+    "SCORED",
+    "Chunk",
+    "ImportOptions",
+    "Ingest",
+    "ReadContext",
+    "check_lengths",
+    "concat_rows",
+    "discover",
+    "jsonl_tables",
+    "list_column",
+    "missing",
+    "parse_steps",
+    "require_trust",
+    "run_import",
+    "sha256_file",
+    "span_turns",
+]
