@@ -357,15 +357,14 @@ def rescore_parts(
     if not todo:
         prog.start("rescore", 1, 1)
         return
-    rollouts = {i: run.read_part(ROLLOUT, i) for i in todo}
-    total = int(sum(df["response_token_ids"].map(len).sum() for df in rollouts.values()))
+    total = sum(_response_tokens(run.part_path(ROLLOUT, i)) for i in todo)
     prog.start("rescore", total)
     with _timed(timings, "train_load"):
         model, _ = load_model(
             train.model_path, train.dtype, train.device, train.attn_implementation
         )
-    for i in todo:
-        df = rollouts[i]
+    for i in todo:  # one part in memory at a time
+        df = run.read_part(ROLLOUT, i)
         seqs = [
             SeqInput(
                 r.prompt_token_ids,
@@ -389,6 +388,15 @@ def rescore_parts(
             tokens = _token_frame(df, scored)
         run.write_part(TOKENS, i, tokens)
         save()
+
+
+def _response_tokens(part: Path) -> int:
+    """Response tokens in a rollout part, from its list lengths (no ids materialised)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    col = pq.read_table(part, columns=["response_token_ids"]).column(0)
+    return int(pc.sum(pc.list_value_length(col)).as_py() or 0)
 
 
 def _stack(rows: Any, dtype: Any, n: int) -> np.ndarray:

@@ -88,6 +88,8 @@ class VllmEngine:
         }
         if cfg.max_model_len is not None:
             kwargs["max_model_len"] = cfg.max_model_len
+        if not _cuda_available():
+            kwargs.update(cpu_prefill_args(model_path, cfg.max_model_len))
         kwargs.update(cfg.engine_args)
         self.cfg = cfg
         from .models import check_vllm_supports
@@ -172,6 +174,29 @@ class VllmEngine:
         import gc
 
         gc.collect()
+
+
+def cpu_prefill_args(model_path: str, max_model_len: int | None) -> dict[str, Any]:
+    """Engine settings that keep vLLM's CPU build from chunking a prefill.
+
+    A chunked prefill samples a token it then discards, and vLLM rewinds the request's
+    seeded generator (`gen.set_offset`), which a CPU torch.Generator refuses ("CPU Generator
+    does not use offset"): the engine dies as soon as a chunk's prompts exceed the step's
+    token budget (4096 on CPU; e.g. 64 prompts x 4 samples). Whole prefills need a budget of
+    at least the context length. --engine-arg overrides either setting."""
+    import json
+    from pathlib import Path
+
+    length = max_model_len
+    cfg_file = Path(model_path) / "config.json"
+    if length is None and cfg_file.is_file():
+        c = json.loads(cfg_file.read_text())
+        c = c.get("text_config", c)  # multimodal wrappers keep the LM's settings inside
+        keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+        found = [int(c[k]) for k in keys if isinstance(c.get(k), int)]
+        factor = (c.get("rope_scaling") or {}).get("factor") or 1
+        length = int(max(found) * max(float(factor), 1.0)) if found else None
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(length or 32768, 4096)}
 
 
 def _cuda_available() -> bool:

@@ -384,6 +384,19 @@ _SUM_COLUMNS = ("num_tokens", "sum_delta", "logp_infer_sum", "logp_train_sum")
 # ----------------------------------------------------------------------------- reading
 
 
+def finish_hint(path: str | Path, meta: dict[str, Any] | None = None) -> str:
+    """How to finish an incomplete run, by the command that made it."""
+    if meta is None:
+        try:
+            meta = RunDir(Path(path)).read_meta()
+        except MismatchError:
+            meta = {}
+    command = meta.get("command", "measure")
+    if command == "measure":
+        return f"finish it with `mismatch measure --resume --out {path}`"
+    return f"it was interrupted: run `mismatch {command}` again with `--overwrite --out {path}`"
+
+
 def open_run(path: str | Path, *, allow_incomplete: bool = True) -> tuple[RunDir, dict[str, Any]]:
     """Open a run for reading; raise a clear error if it is not one (or not complete)."""
     run = RunDir(Path(path))
@@ -395,7 +408,7 @@ def open_run(path: str | Path, *, allow_incomplete: bool = True) -> tuple[RunDir
     status = meta.get("status")
     if status != STATUS_COMPLETE and not allow_incomplete:
         raise IncompleteRunError(
-            f"run {run.path} is {status or STATUS_INCOMPLETE}; finish it with `mismatch measure --resume --out {run.path}`"
+            f"run {run.path} is {status or STATUS_INCOMPLETE}; {finish_hint(run.path, meta)}"
         )
     return run, meta
 
@@ -414,8 +427,7 @@ def _read_table(path: Path, name: str, columns: Sequence[str] | None) -> pd.Data
     file = path / name
     if not file.is_file():
         raise RunNotFoundError(
-            f"{path} has no {name}: the run is incomplete or not a run "
-            f"(resume it with `mismatch measure --resume --out {path}`)"
+            f"{path} has no {name}: the run is incomplete or not a run ({finish_hint(path)})"
         )
     if columns is not None:
         have = set(pq.read_schema(file).names)
@@ -435,6 +447,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_table",
     "check_writable_dir",
+    "finish_hint",
     "new_meta",
     "now",
     "open_run",

@@ -132,14 +132,14 @@ def load_tokens(
     Raises MismatchError for a path that is not a run, a run without tokens.parquet, a table
     lacking a column, or an empty table; an incomplete run yields a warning, not an error.
     """
-    from .runs import open_run, read_tokens
+    from .runs import finish_hint, open_run, read_tokens
 
     run, meta = open_run(path)
     status = meta.get("status", "incomplete")
     if not (run.path / TOKENS_FILE).is_file():
         raise MismatchError(
             f"run {run.path} has no {TOKENS_FILE} (status: {status}): nothing to report yet; "
-            f"finish it with `mismatch measure --resume --out {run.path}`"
+            f"{finish_hint(run.path, meta)}"
         )
     warnings = []
     if status != STATUS_COMPLETE:

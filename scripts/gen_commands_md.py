@@ -16,6 +16,7 @@ import click
 import typer
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's package, not whichever one is installed
 OUT = ROOT / "docs" / "commands.md"
 
 INTRO = """# Command reference

@@ -48,3 +48,19 @@ def test_architecture_vllm_cannot_serve_names_the_hf_engine(tmp_path: Path) -> N
     assert "NoSuchArchForCausalLM" in str(e.value) and "--infer-engine hf" in str(e.value)
     d2 = _folder(tmp_path, "g", {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     check_vllm_supports(str(d2))  # served by vLLM: no error
+
+
+def test_cpu_prefill_args_cover_the_context(tmp_path: Path) -> None:
+    """vLLM's CPU build must never chunk a prefill (a seeded CPU generator cannot rewind)."""
+    from mismatch_cli.rollout import cpu_prefill_args
+
+    d = _folder(tmp_path, "m", {"model_type": "llama", "max_position_embeddings": 8192})
+    assert cpu_prefill_args(str(d), None) == {
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": 8192,
+    }
+    assert cpu_prefill_args(str(d), 512)["max_num_batched_tokens"] == 4096
+    scaled = _folder(
+        tmp_path, "s", {"max_position_embeddings": 4096, "rope_scaling": {"factor": 4.0}}
+    )
+    assert cpu_prefill_args(str(scaled), None)["max_num_batched_tokens"] == 16384

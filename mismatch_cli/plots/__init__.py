@@ -35,6 +35,7 @@ PLOTTERS: dict[str, Callable[[Sequence[RunData]], Figure]] = {
     m.NAME: getattr(m, f"plot_{m.NAME}") for m in _MODULES
 }
 TITLES: dict[str, str] = {m.NAME: m.TITLE for m in _MODULES}
+_MODULE_OF = {m.NAME: m for m in _MODULES}
 
 
 def check_figures(figures: Sequence[str] | None) -> list[str]:
@@ -61,8 +62,11 @@ def make_figures(
 ) -> list[Path]:
     """Draw the figures of one or several runs into out_dir as <figure>.<format>.
 
-    A figure that cannot be drawn for these runs (e.g. `sweep` on a run without a stored
-    pruning grid) is skipped with a line appended to `notes`. Returns the written paths.
+    `figures` None: every figure that applies to these runs (a module's optional
+    `applies(runs)`, e.g. `drift` needs training steps, which measured runs never have).
+    A figure that cannot be drawn (e.g. `sweep` on a run without a stored pruning grid, or
+    one asked for by name that does not apply) is skipped with a line appended to `notes`.
+    Returns the written paths.
     """
     from ..runs import check_writable_dir
 
@@ -70,6 +74,8 @@ def make_figures(
     names = check_figures(figures)
     out = Path(out_dir)
     runs = load_runs(run_paths, labels, edges=edges, eps=eps)
+    if figures is None:
+        names = [n for n in names if getattr(_MODULE_OF[n], "applies", lambda _: True)(runs)]
     check_writable_dir(out)
     written: list[Path] = []
     with plt.rc_context(STYLE):

@@ -34,6 +34,11 @@ def drift_groups(r: RunData) -> list[dict] | None:
     return groups if len(groups) >= 2 else None
 
 
+def applies(runs: Sequence[RunData]) -> bool:
+    """Drawn by default only for runs that carry training steps (imported runs)."""
+    return any("step" in r.tokens.columns for r in runs)
+
+
 def plot_drift(runs: Sequence[RunData]) -> Figure:
     """Four panels against the training step: mean |delta|, k3, the tail (p_train < 0.1)
     share of sum |delta|, and the fraction of tokens whose importance ratio r = exp(-delta)
