@@ -24,6 +24,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+from .commands import corrections as _corrections  # noqa: E402
 from .commands import demo as _demo  # noqa: E402
 from .commands import measure as _measure  # noqa: E402
 from .commands import plot as _plot  # noqa: E402
@@ -35,6 +36,7 @@ app.command("report")(_report.report)
 app.command("plot")(_plot.plot)
 app.command("demo")(_demo.demo)
 app.command("sweep-threshold")(_sweep.sweep_threshold)
+app.command("corrections")(_corrections.corrections)
 
 
 def main() -> None:
