@@ -75,15 +75,40 @@ def _front_line(ax: Any, pts: list[tuple[str, float, float]], front: list[str], 
 
 
 def _annotate(ax: Any, pts: list[tuple[str, float, float]]) -> None:
-    """One label per drawn position: coincident methods share it ('none = tis-token')."""
+    """One label per drawn position (coincident methods share it: 'none and 9 more'),
+    alternately above and below in x order so neighbours do not overwrite each other."""
     groups: dict[tuple[float, float], list[str]] = {}
     for n, x, y in pts:
         groups.setdefault((round(x, 12), round(y, 15)), []).append(n)
-    for (x, y), names in groups.items():
-        text = " = ".join(names) if len(names) <= 3 else f"{names[0]} and {len(names) - 1} more"
+    for k, ((x, y), names) in enumerate(sorted(groups.items())):
+        text = " = ".join(names) if len(names) <= 2 else f"{names[0]} and {len(names) - 1} more"
         ax.annotate(
-            text, (x, y), xytext=(5, 3), textcoords="offset points", fontsize=6.5, color="0.25"
-        )
+            text, (x, y), xytext=(4, 5 if k % 2 == 0 else -11), textcoords="offset points",
+            fontsize=6.5, color="0.2", rotation=0,
+        )  # fmt: skip
+
+
+def _ylim(ax: Any, results: list[dict[str, Any]], y: str, curve_y: str) -> None:
+    """Zoom on the methods: the y range of their points and of the DVP curves up to the
+    largest share any method removes (compare at equal cost); the curves run on below."""
+    ys, xmax = [], 0.0
+    for res in results:
+        pts = _points(res, y)
+        ys += [p[2] for p in pts]
+        xmax = max([xmax, *(p[1] for p in pts)])
+    for res in results:
+        for c in res["dvp_curves"]:
+            ys += [
+                p[curve_y]
+                for p in c["points"]
+                if p[curve_y] is not None and p["removed_token_share"] is not None
+                and p["removed_token_share"] <= max(xmax, 1e-3) * 1.5
+            ]  # fmt: skip
+    ys = [v for v in ys if v > 0]
+    if ys:
+        lo, hi = min(ys), max(ys)
+        pad = max((hi / lo) ** 0.08, 1.15)
+        ax.set_ylim(lo / pad, hi * pad)
 
 
 def _scatter_panel(
@@ -134,6 +159,7 @@ def _scatter_panel(
     ys = [p[2] for res in results for p in _points(res, y)]
     if ys and min(ys) > 0:
         ax.set_yscale("log")
+        _ylim(ax, results, y, curve_y)
 
 
 def _heatmap(ax: Any, run: RunData, res: dict[str, Any], fig: Figure) -> None:
