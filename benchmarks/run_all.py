@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_rescore.py", "bench_generate.py", "bench_report.py"]
+BENCHES = ["bench_rescore.py", "bench_generate.py", "bench_report.py", "bench_corrections.py"]
 
 
 def main() -> int:
