@@ -14,6 +14,7 @@ BENCHES = [
     "bench_generate.py",
     "bench_report.py",
     "bench_import.py --tokens 2000000 --steps 4",
+    "bench_corrections.py",
 ]
 
 

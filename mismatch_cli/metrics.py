@@ -62,6 +62,20 @@ def max_abs(delta: np.ndarray) -> float:
     return float(np.max(np.abs(delta))) if delta.size else float("nan")
 
 
+def p99_abs(delta: np.ndarray) -> float:
+    """99th percentile of |delta| (numpy's linear interpolation): the tail a mean hides."""
+    return float(np.percentile(np.abs(delta), 99)) if delta.size else float("nan")
+
+
+def frac_ratio_outside(delta: np.ndarray, lo: float = 0.5, hi: float = 2.0) -> float:
+    """Share of tokens whose ratio r = exp(-delta) lies outside [lo, hi], i.e. delta > -log lo
+    or delta < -log hi (compared in log space: no overflow). [n] -> float"""
+    if not delta.size:
+        return float("nan")
+    d = np.asarray(delta, dtype=np.float64)
+    return float(np.mean((d > -np.log(lo)) | (d < -np.log(hi))))
+
+
 def chi2_token(delta: np.ndarray) -> float:
     """Token chi-square: mean(r^2) - 1 with r = exp(clamp(d, +-20)) (verl `chi2_token`)."""
     if not delta.size:
@@ -91,6 +105,7 @@ __all__ = [
     "chi2_token",
     "clamped_log_ratio",
     "ess",
+    "frac_ratio_outside",
     "importance_ratio",
     "k1",
     "k2",
@@ -98,4 +113,5 @@ __all__ = [
     "k3_per_token",
     "max_abs",
     "mean_abs",
+    "p99_abs",
 ]

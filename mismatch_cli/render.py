@@ -494,15 +494,17 @@ def print_sweep(result: dict[str, Any], console: Console | None = None) -> None:
             ],
         )
     )
-    tail_keys = [k for k in ("kept_p99_abs_delta", "kept_max_abs_delta") if k in result["baseline"]]
+    tail_heads = {
+        "kept_p99_abs_delta": "p99 |Δ|",
+        "kept_max_abs_delta": "max |Δ|",
+        "kept_frac_ratio_outside_0.5_2": "r outside\n[0.5, 2]",
+    }
+    tail_keys = [k for k in tail_heads if k in result["baseline"]]
     console.print(
         table(
             "Mismatch on kept tokens (nats; x = relative to no pruning)",
             ["rho", "mean |Δ|", "x", "mean Δ", "k3", "x", "mean |ΣΔ|\nper seq", "x"]
-            + [
-                {"kept_p99_abs_delta": "p99 |Δ|", "kept_max_abs_delta": "max |Δ|"}[k]
-                for k in tail_keys
-            ],
+            + [tail_heads[k] for k in tail_keys],
             lambda r: (
                 [
                     fmt(r["kept_mean_abs_delta"], 4),
@@ -513,7 +515,7 @@ def print_sweep(result: dict[str, Any], console: Console | None = None) -> None:
                     fmt(r["kept_seq_mean_abs_sum_delta"], 4),
                     times(r["kept_seq_mean_abs_sum_delta_rel"]),
                 ]
-                + [fmt(r[k], 3) for k in tail_keys]
+                + [pct(r[k]) if k.startswith("kept_frac") else fmt(r[k], 3) for k in tail_keys]
             ),
         )
     )
@@ -749,3 +751,167 @@ def groups_table(result: dict[str, Any]) -> Table:
 def print_groups(result: dict[str, Any], console: Console | None = None) -> None:
     """The `report --group-by` table (wide enough when piped)."""
     (console or _wide_console()).print(groups_table(result))
+
+
+# ----------------------------------------------------------------------------- corrections
+
+
+def params_text(params: dict[str, Any] | None) -> str:
+    """A method's bounds, short: 'C=2', '[0.5, 5]', 'tau=0.01', 'rho=1e-06 (recommended)'."""
+    p = {k: v for k, v in (params or {}).items() if v is not None}
+    if "lo" in p and "hi" in p:
+        return f"[{p['lo']:g}, {p['hi']:g}]"
+    bits = [f"{k}={v:g}" for k, v in p.items() if isinstance(v, (int, float))]
+    if p.get("rho_from"):
+        bits.append(f"({p['rho_from']})")
+    return " ".join(bits)
+
+
+def print_corrections(result: dict[str, Any], console: Console | None = None) -> None:
+    """Tables of a `corrections.corrections` result, sorted by the mismatch left (k3): what
+    each method removes and costs, the mismatch and weights left, where it bites (per
+    p_train bucket), per step when the run has steps; then the verdict. Pareto rows: *."""
+    console = console or _wide_console()
+    front = set(result["pareto"])
+    live = [r for r in result["methods"] if r["skipped"] is None]
+    live.sort(
+        key=lambda r: (r["left_k3"] is None, r["left_k3"] or 0.0, r["removed_token_share"] or 0.0)
+    )
+    k0 = result["all_tokens"]["k3"]
+    has_adv = result["has_advantage"]
+
+    def table(title: str, heads: list[str], cells: Any, caption: str | None = None) -> Table:
+        t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+        t.add_column("method", no_wrap=True, min_width=18)
+        for h in heads:
+            t.add_column(h, justify="right", no_wrap=True)
+        for r in live:
+            hit = r["name"] in front
+            t.add_row(
+                r["name"] + (" *" if hit else ""), *cells(r), style="bold green" if hit else None
+            )
+        return t
+
+    console.print(
+        f"[bold]corrections[/] {result['run']}: {result['num_tokens']:,} tokens, "
+        f"{result['num_sequences']:,} sequences"
+        + (
+            f", {result['num_infinite']:,} with an infinite delta" if result["num_infinite"] else ""
+        ),
+        highlight=False,
+    )
+    for w in result.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    console.print(
+        table(
+            "What each method removes and what it costs (sorted by k3 left; * = Pareto front)",
+            [
+                "bounds",
+                "tokens\nmasked",
+                "seqs\nmasked",
+                "removed\ntokens",
+                "removed\nΣ|Δ|",
+                "bias\nbound",
+            ]
+            + (["removed\n|A| signal"] if has_adv else []),
+            lambda r: (
+                [
+                    params_text(r["params"]),
+                    pct(r["tokens_masked"]),
+                    pct(r["sequences_masked"]),
+                    pct(r["removed_token_share"]),
+                    pct(r["removed_abs_delta_share"]),
+                    fmt(r["bias_bound"], 4),
+                ]
+                + ([pct(r["removed_advantage_share"])] if has_adv else [])
+            ),
+            "removed = share of the finite tokens (of their Σ|delta|) the method drops; tokens "
+            "masked also counts the infinite-delta tokens every method drops; bias bound: "
+            "DVP's mean per-sequence Σ_t m(c_t)",
+        )
+    )
+    console.print(
+        table(
+            "Mismatch left on the tokens that still carry gradient (nats)",
+            ["mean |Δ|", "k3", "x none", "p99 |Δ|", "max |Δ|", "r outside\n[0.5, 2]"],
+            lambda r: [
+                fmt(r["left_mean_abs_delta"], 4),
+                fmt(r["left_k3"]),
+                times(r["left_k3"] / k0 if r["left_k3"] is not None and k0 else None),
+                fmt(r["left_p99_abs_delta"]),
+                fmt(r["left_max_abs_delta"]),
+                pct(r["left_frac_ratio_outside_0.5_2"]),
+            ],
+        )
+    )
+    console.print(
+        table(
+            "Weights on the unmasked tokens",
+            [
+                "weights\nclipped",
+                "clipped\nmass/seq",
+                "mean",
+                "std",
+                "max",
+                "ESS\ntoken",
+                "ESS\nseq",
+            ],
+            lambda r: [
+                pct(r["tokens_clipped"]),
+                fmt(r["clipped_mass_per_seq"]),
+                fmt(r["weight_mean"]),
+                fmt(r["weight_std"]),
+                fmt(r["weight_max"]),
+                fmt(r["ess_token"]),
+                fmt(r["ess_seq"]),
+            ],
+            "clipped mass = Σ_t |raw weight - weight| per sequence, mean over sequences; "
+            "ESS = (Σw)² / (n Σw²) over unmasked tokens (sequences: each one's mean weight)",
+        )
+    )
+    if live:
+        buckets = live[0]["by_bucket"]
+        last = len(buckets) - 1
+        t = Table(
+            title="Where it bites: share of tokens masked or clipped, by p_train bucket",
+            title_justify="left",
+            caption="columns: bucket lower edge lo, the bucket is [lo, next lo) (the last "
+            f"includes {_edge(buckets[last]['hi'])}); – = empty bucket",
+            caption_justify="left",
+        )
+        t.add_column("method", no_wrap=True, min_width=16)
+        for b in buckets:
+            t.add_column(_edge(b["lo"]), justify="right", no_wrap=True)
+        t.add_row("tokens", *(f"{b['num_tokens']:,}" for b in buckets), style="dim")
+        for r in live:
+            t.add_row(
+                r["name"],
+                *(
+                    DASH if not b["num_tokens"] else pct(b["masked"] + b["clipped"])
+                    for b in r["by_bucket"]
+                ),
+            )
+        console.print(t)
+    steps = result.get("steps")
+    if steps and live:
+        pick = (
+            sorted({round(i * (len(steps) - 1) / 9) for i in range(10)})
+            if len(steps) > 10
+            else range(len(steps))
+        )
+        t = Table(
+            title="Per training step: mean |Δ| of all finite tokens, share of tokens masked"
+            + (f" ({len(pick)} of {len(steps)} steps; --json has all)" if len(steps) > 10 else ""),
+            title_justify="left",
+        )
+        t.add_column("step", no_wrap=True, min_width=16)
+        for i in pick:
+            t.add_column(str(steps[i]["step"]), justify="right", no_wrap=True)
+        t.add_row("mean |Δ|", *(fmt(steps[i]["mean_abs_delta"]) for i in pick), style="dim")
+        for r in live:
+            t.add_row(r["name"], *(pct(r["by_step"][i]["masked"]) for i in pick))
+        console.print(t)
+    for r in result["methods"]:
+        if r["skipped"] is not None:
+            console.print(f"[yellow]{r['name']}: skipped[/] ({r['skipped']})", highlight=False)
+    console.print(Panel(result["verdict"], title="verdict", title_align="left", expand=True))

@@ -8,7 +8,8 @@ the sweep reports, from a stored run and without any model:
     removed    sampled tokens outside S (a pruned rollout never produces them), the
                sequences holding one, and their share of the run's sum |delta|
     remaining  mismatch on kept tokens: mean |delta|, signed mean delta (section 3's bias),
-               k3, mean |sum_t delta_t| per sequence; each also relative to no pruning
+               k3, mean |sum_t delta_t| per sequence (each also relative to no pruning), and
+               the tail: p99 and max |delta|, share with r = exp(-delta) outside [0.5, 2]
     cost       pruned mass m(c) = 1 - P(S) per position (= TV(p, p~)), and its sum over a
                sequence, the bias bound |J(p) - J(p~)| <= sum_t m(c_t)
 
@@ -41,6 +42,7 @@ import pyarrow.parquet as pq
 
 from . import metrics
 from .errors import MismatchError
+from .grouped import Segments, TopValues
 from .results import json_ready
 from .runs import open_run, read_tokens
 from .schema import CONVENTIONS, FORMAT_VERSION, RHO_GRID, TOKENS_FILE
@@ -50,6 +52,7 @@ MASS_COLUMN: dict[str, str] = {"min-p": "pruned_mass_minp", "absolute": "pruned_
 DEFAULT_MAX_BIAS = 0.05
 GRID_RTOL = 1e-9  # a --rho value within this relative distance of a grid value IS that value
 BIAS_QUANTILE = 95.0
+MASS_BATCH_ROWS = 1 << 20  # token rows of the pruned-mass grid streamed at a time
 
 # Keys of every row (and of the baseline row), in table order.
 ROW_KEYS: tuple[str, ...] = (
@@ -66,6 +69,9 @@ ROW_KEYS: tuple[str, ...] = (
     "kept_mean_delta_rel",
     "kept_k3_rel",
     "kept_seq_mean_abs_sum_delta_rel",
+    "kept_p99_abs_delta",
+    "kept_max_abs_delta",
+    "kept_frac_ratio_outside_0.5_2",
     "mean_pruned_mass",
     "max_pruned_mass",
     "seq_bias_bound_mean",
@@ -175,6 +181,26 @@ def kept_mask(
 
 
 @dataclass(frozen=True)
+class MassStats:
+    """What the sweep reads of the pruned-mass grid (N positions, G grid values, S sequences)."""
+
+    total: np.ndarray  # [G] float64, sum over positions of m(rho)
+    max: np.ndarray  # [G] float64, largest m(rho) at any position
+    seq_sum: np.ndarray  # [S, G] float64, per-sequence sum_t m(c_t): the bias bound
+    count: int  # N
+
+    @classmethod
+    def of(cls, mass: np.ndarray, seg: Segments) -> MassStats:
+        """From the whole grid in memory, mass [N, G]."""
+        return cls(
+            mass.sum(axis=0, dtype=np.float64),
+            mass.max(axis=0).astype(np.float64),
+            seg.sum_rows(mass),
+            mass.shape[0],
+        )
+
+
+@dataclass(frozen=True)
 class SweepInputs:
     """The per-token arrays a sweep needs, prepared once (N tokens, S sequences, G grid)."""
 
@@ -186,11 +212,31 @@ class SweepInputs:
     support: np.ndarray  # [N] bool: kept by the training side's own truncation
     seq: np.ndarray  # [N] int64 sequence index in 0..S-1
     num_sequences: int
-    pruned_mass: np.ndarray  # [N, G] float32, training-side pruned mass per grid value
+    pruned_mass: np.ndarray | None  # [N, G] float32 pruned mass per grid value (None: streamed)
+    mass_stats: MassStats | None = None  # its summaries (computed from pruned_mass if None)
 
     @property
     def num_tokens(self) -> int:
         return int(self.delta.shape[0])
+
+    @property
+    def segments(self) -> Segments:
+        """The sequences of the token rows (built once)."""
+        seg = self.__dict__.get("_segments")
+        if seg is None:
+            seg = Segments.of(self.seq, self.num_sequences)
+            object.__setattr__(self, "_segments", seg)
+        return seg
+
+    @property
+    def stats(self) -> MassStats:
+        """The pruned-mass summaries: given, or computed once from `pruned_mass`."""
+        st = self.mass_stats or self.__dict__.get("_stats")
+        if st is None:
+            assert self.pruned_mass is not None
+            st = MassStats.of(self.pruned_mass, self.segments)
+            object.__setattr__(self, "_stats", st)
+        return st
 
 
 def sweep_columns(rule: str) -> list[str]:
@@ -201,35 +247,45 @@ def sweep_columns(rule: str) -> list[str]:
     return cols
 
 
+def _grid_size_error(column: str, got: Any, size: int) -> MismatchError:
+    return MismatchError(
+        f"column {column} holds {got} values per token but the grid has {size}; the run's "
+        "rho_grid and its table disagree"
+    )
+
+
 def prepare(
-    tokens: pd.DataFrame, rule: str = "min-p", grid: Sequence[float] = RHO_GRID
+    tokens: pd.DataFrame,
+    rule: str = "min-p",
+    grid: Sequence[float] = RHO_GRID,
+    mass: np.ndarray | None = None,
+    mass_stats: MassStats | None = None,
 ) -> SweepInputs:
-    """Turn a token table (tokens.parquet columns) into `SweepInputs`; checks shapes."""
+    """Turn a token table (tokens.parquet columns) into `SweepInputs`; checks shapes.
+
+    mass: the pruned-mass grid [N, G] already read; mass_stats: its summaries, streamed by
+    `load` (then the grid itself is not needed); both None take the grid from the table's
+    list column."""
     check_rule(rule)
     mass_col = MASS_COLUMN[rule]
-    if mass_col not in tokens.columns:
+    if mass is None and mass_stats is None and mass_col not in tokens.columns:
         raise _no_grid_error("the token table", mass_col)
-    need = [c for c in sweep_columns(rule) if c != "kept_train"]
-    missing = [c for c in need if c not in tokens.columns]
-    if missing:
-        raise MismatchError(f"the token table lacks column(s) {', '.join(missing)}")
-    if len(tokens) == 0:
-        raise MismatchError("the run has no generated tokens: nothing to sweep")
+    _check_columns(tokens, rule)
     g = np.asarray(grid, dtype=np.float64)
-    try:
-        mass = np.stack(tokens[mass_col].to_numpy()).astype(np.float32, copy=False)  # [N, G]
-    except (ValueError, TypeError) as e:
-        raise MismatchError(f"column {mass_col} is not a list of {g.size} values per token") from e
-    if mass.ndim != 2 or mass.shape[1] != g.size:
-        raise MismatchError(
-            f"column {mass_col} holds {mass.shape[-1]} values per token but the grid has "
-            f"{g.size}; the run's rho_grid and its table disagree"
-        )
+    if mass is None and mass_stats is None:
+        try:
+            mass = np.stack(tokens[mass_col].to_numpy()).astype(np.float32, copy=False)  # [N, G]
+        except (ValueError, TypeError) as e:
+            raise MismatchError(
+                f"column {mass_col} is not a list of {g.size} values per token"
+            ) from e
+    if mass is not None and (mass.ndim != 2 or mass.shape[1] != g.size):
+        raise _grid_size_error(mass_col, mass.shape[-1], g.size)
     p = tokens["p_train"].to_numpy(dtype=np.float64)
     support = p > 0
     if "kept_train" in tokens.columns:
         support &= tokens["kept_train"].to_numpy(dtype=bool)
-    seq, uniq = pd.factorize(tokens["seq_id"], sort=True)
+    seq, num = _seq_codes(tokens)
     return SweepInputs(
         rule=rule,
         grid=g,
@@ -237,65 +293,269 @@ def prepare(
         p_max_train=(tokens["p_max_train"].to_numpy(dtype=np.float32) if rule == "min-p" else None),
         delta=tokens["delta"].to_numpy(dtype=np.float64),
         support=support,
-        seq=seq.astype(np.int64),
-        num_sequences=len(uniq),
+        seq=seq,
+        num_sequences=num,
         pruned_mass=mass,
+        mass_stats=mass_stats,
     )
 
 
-def load(path: str | Path, rule: str = "min-p", grid: Sequence[float] | None = None) -> SweepInputs:
-    """Read the columns the sweep needs from a run directory (grid: the run's `rho_grid`)."""
-    check_rule(rule)
+def _check_columns(tokens: pd.DataFrame, rule: str) -> None:
+    """The scalar columns `rule` needs are there, and the table is not empty."""
+    need = [c for c in sweep_columns(rule) if c not in ("kept_train", MASS_COLUMN[rule])]
+    missing = [c for c in need if c not in tokens.columns]
+    if missing:
+        raise MismatchError(f"the token table lacks column(s) {', '.join(missing)}")
+    if len(tokens) == 0:
+        raise MismatchError("the run has no generated tokens: nothing to sweep")
+
+
+def _seq_codes(tokens: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """Sequence index 0..S-1 of each row (ordered by seq_id) [N], and S."""
+    seq, uniq = pd.factorize(tokens["seq_id"], sort=True)
+    return seq.astype(np.int64), len(uniq)
+
+
+def load(
+    path: str | Path,
+    rule: str = "min-p",
+    grid: Sequence[float] | None = None,
+    keep_mass: bool = False,
+    tokens: pd.DataFrame | None = None,
+) -> SweepInputs:
+    """Read the columns the sweep needs from a run directory (grid: the run's `rho_grid`).
+
+    The pruned-mass grid is streamed into its summaries (`MassStats`), so memory never holds
+    the [N, G] array; keep_mass=True also keeps it (`SweepInputs.pruned_mass`). tokens: the
+    other columns (`sweep_columns`), when the caller has already read them from this run."""
+    out = load_rules(path, [rule], grid, keep_mass, tokens)[rule]
+    if isinstance(out, MismatchError):
+        raise out
+    return out
+
+
+def load_rules(
+    path: str | Path,
+    rules: Sequence[str],
+    grid: Sequence[float] | None = None,
+    keep_mass: bool = False,
+    tokens: pd.DataFrame | None = None,
+) -> dict[str, SweepInputs | MismatchError]:
+    """`load` for several rules at once, their pruned-mass columns streamed together; a
+    rule the run cannot sweep (no grid column, no p_max_train) gets its MismatchError."""
+    for r in rules:
+        check_rule(r)
     run, meta = open_run(path, allow_incomplete=False)
-    check_scored_import(run.path, meta)
-    mass_col = MASS_COLUMN[rule]
+    try:
+        check_scored_import(run.path, meta)
+    except MismatchError as e:  # corrections skips the DVP rows; the sweep command fails
+        return {r: e for r in rules}
     file = run.path / TOKENS_FILE
-    if file.is_file() and mass_col not in pq.read_schema(file).names:
-        version = meta.get("format_version", 0)
-        raise _no_grid_error(f"run {run.path} (format_version {version})", mass_col)
+    have = set(pq.read_schema(file).names) if file.is_file() else set()
+    version = meta.get("format_version", 0)
     if grid is None:
         grid = meta.get("rho_grid") or RHO_GRID
-    return prepare(read_tokens(run.path, columns=sweep_columns(rule)), rule, grid)
+    out: dict[str, SweepInputs | MismatchError] = {}
+    ok = []
+    for r in rules:
+        if file.is_file() and MASS_COLUMN[r] not in have:
+            out[r] = _no_grid_error(f"run {run.path} (format_version {version})", MASS_COLUMN[r])
+        else:
+            ok.append(r)
+    if not ok:
+        return out
+    if tokens is None:  # the scalar columns of every rule, those the run has
+        cols = [c for r in ok for c in sweep_columns(r) if c != MASS_COLUMN[r]]
+        tokens = read_tokens(run.path, columns=[c for c in dict.fromkeys(cols) if c in have])
+    for r in list(ok):  # a rule lacking a scalar column fails before any grid is read
+        try:
+            _check_columns(tokens, r)
+        except MismatchError as e:
+            out[r] = e
+            ok.remove(r)
+    if not ok:
+        return {r: out[r] for r in rules}
+    seq, num = _seq_codes(tokens)
+    seg = Segments.of(seq, num)
+    grids = read_mass_grids(file, [MASS_COLUMN[r] for r in ok], seg, len(grid), keep_mass)
+    for r in ok:
+        mass, stats = grids[MASS_COLUMN[r]]
+        out[r] = prepare(tokens, r, grid, mass, stats)
+    return {r: out[r] for r in rules}
+
+
+def read_mass_grid(
+    file: Path, column: str, seg: Segments, grid_size: int, keep: bool = False
+) -> tuple[np.ndarray | None, MassStats]:
+    """Stream one pruned-mass list column of a tokens.parquet (`read_mass_grids`)."""
+    return read_mass_grids(file, [column], seg, grid_size, keep)[column]
+
+
+def read_mass_grids(
+    file: Path, columns: Sequence[str], seg: Segments, grid_size: int, keep: bool = False
+) -> dict[str, tuple[np.ndarray | None, MassStats]]:
+    """Stream pruned-mass list columns of a tokens.parquet, decoded in parallel (one thread
+    per column): each one's `MassStats` and, if `keep`, its [N, G] float32 array. Memory
+    holds one batch (no Python list per token); a sequence split across batches is summed
+    in parts (`Segments.sum_rows`)."""
+    import pyarrow.compute as pc
+
+    N, S, G = seg.seq.size, seg.num, grid_size
+    acc = {
+        c: {
+            "out": np.empty((N, G), dtype=np.float32) if keep else None,  # [N, G]
+            "total": np.zeros(G),
+            "max": np.full(G, -np.inf),
+            "seq": np.zeros((S, G)),
+        }
+        for c in columns
+    }
+    i = 0
+    # no pre-buffering: Arrow would otherwise keep every row group's pages (GBs at 10^7 rows)
+    pf = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 22)
+    for batch in pf.iter_batches(columns=list(columns), batch_size=MASS_BATCH_ROWS):
+        n = batch.num_rows
+        if n == 0:
+            continue
+        if i + n > N:
+            raise MismatchError(f"{file} does not have one row per token ({N} tokens)")
+        sb = seg.seq[i : i + n]  # [n] the batch's sequences
+        if seg.starts is not None:  # grouped in order: consecutive indices from sb[0]
+            ids, local = sb[0] + np.arange(sb[-1] - sb[0] + 1), sb - sb[0]
+        else:
+            ids, local = np.unique(sb, return_inverse=True)
+        part = Segments.of(local, ids.size)
+        for c in columns:
+            arr = batch.column(c)
+            lengths = pc.min_max(pc.list_value_length(arr))
+            lo, hi = lengths["min"].as_py(), lengths["max"].as_py()
+            if arr.null_count or lo != G or hi != G:
+                raise _grid_size_error(c, lo if lo != G else hi, G)
+            vals = arr.flatten().to_numpy(zero_copy_only=False).reshape(n, G)  # [n, G]
+            a = acc[c]
+            if a["out"] is not None:
+                a["out"][i : i + n] = vals
+            a["total"] += vals.sum(axis=0, dtype=np.float64)
+            np.maximum(a["max"], vals.max(axis=0), out=a["max"])
+            np.add.at(a["seq"], ids, part.sum_rows(vals))
+        i += n
+    if i != N:
+        raise MismatchError(f"{file} does not have one row per token ({N} tokens)")
+    return {c: (a["out"], MassStats(a["total"], a["max"], a["seq"], N)) for c, a in acc.items()}
 
 
 def _ratio(a: float, b: float) -> float:
     return a / b if (b != 0 and math.isfinite(a) and math.isfinite(b)) else float("nan")
 
 
-def _row(inp: SweepInputs, rho: float | None, kept: np.ndarray, mass: np.ndarray | None) -> dict:
-    """One row of the sweep from the kept mask [N] and the pruned mass [N] (None: no pruning)."""
-    S = inp.num_sequences
-    pruned = ~kept  # [N]
-    finite = np.isfinite(inp.delta)  # [N]
-    use = kept & finite  # [N] tokens the kept-token means average over
-    d = inp.delta[use]
-    abs_all = np.abs(np.where(finite, inp.delta, 0.0))  # [N]
-    total_abs = float(abs_all.sum())
-    seq_pruned = np.bincount(inp.seq, weights=pruned, minlength=S) > 0  # [S]
-    seq_sum = np.bincount(inp.seq, weights=np.where(use, inp.delta, 0.0), minlength=S)  # [S]
-    seq_has = np.bincount(inp.seq, weights=use, minlength=S) > 0  # [S]
-    if mass is None:
-        mass = np.zeros(inp.num_tokens, dtype=np.float32)
-    bound = np.bincount(inp.seq, weights=mass.astype(np.float64), minlength=S)  # [S]
-    return {
-        "rho": rho,
-        "pruned_tokens": int(pruned.sum()),
-        "pruned_token_frac": float(pruned.mean()),
-        "pruned_seq_frac": float(seq_pruned.mean()),
-        "pruned_abs_delta_share": (
-            float(abs_all[pruned].sum()) / total_abs if total_abs > 0 else float("nan")
-        ),
-        "kept_mean_abs_delta": metrics.mean_abs(d),
-        "kept_mean_delta": metrics.k1(d),
-        "kept_k3": metrics.k3(d),
-        "kept_seq_mean_abs_sum_delta": (
-            float(np.abs(seq_sum[seq_has]).mean()) if seq_has.any() else float("nan")
-        ),
-        "mean_pruned_mass": float(mass.mean(dtype=np.float64)),
-        "max_pruned_mass": float(mass.max()),
-        "seq_bias_bound_mean": float(bound.mean()),
-        "seq_bias_bound_p95": float(np.percentile(bound, BIAS_QUANTILE)),
-    }
+def _suffix(x: np.ndarray) -> np.ndarray:
+    """out[t] = sum(x[t:]) along the last axis (float64)."""
+    return np.cumsum(x[..., ::-1], axis=-1, dtype=np.float64)[..., ::-1]
+
+
+class _Table:
+    """Every row of a sweep from a few passes over the tokens, whatever the grid size.
+
+    The safe sets are nested (a larger rho keeps a subset: float32(rho) * p_max and the
+    comparison are monotone), so each token has a level L: 0 outside the training side's
+    support, else 1 + the number of grid values (ascending) that keep it. The tokens kept
+    at the j-th smallest rho are those with L >= j + 2 (the baseline: L >= 1), and every
+    kept-token sum of a row is a suffix sum of a per-level bincount. Quantiles come from
+    the largest |delta| only (`_kept_quantile`).
+    """
+
+    def __init__(self, inp: SweepInputs) -> None:
+        S, G = inp.num_sequences, inp.grid.size
+        self.inp = inp
+        self.order = np.argsort(inp.grid, kind="stable")  # [G] ascending
+        self.level_of = np.empty(G, dtype=np.int64)  # grid index -> threshold t
+        self.level_of[self.order] = np.arange(G) + 2
+        L = inp.support.astype(np.int16)  # [N]
+        for g in self.order:
+            L += inp.support & kept_mask(inp.p_train, inp.p_max_train, inp.grid[g], inp.rule)
+        self.L = L
+        nb = G + 2
+        fin = np.isfinite(inp.delta)  # [N]
+        self.abs = np.where(fin, np.abs(inp.delta), 0.0)  # [N]
+        d = np.where(fin, inp.delta, 0.0)
+        k3 = metrics.k3_per_token(d)  # [N], 0 where not finite
+        outside = fin & ((d > math.log(2)) | (d < -math.log(2)))  # r outside [0.5, 2]
+        self.total_abs = float(self.abs.sum())
+        self.n_suf = _suffix(np.bincount(L, minlength=nb))  # [nb] tokens with L >= t
+        self.nf_suf = _suffix(np.bincount(L, weights=fin, minlength=nb))  # finite ones
+        self.abs_suf = _suffix(np.bincount(L, weights=self.abs, minlength=nb))
+        self.d_suf = _suffix(np.bincount(L, weights=d, minlength=nb))
+        self.k3_suf = _suffix(np.bincount(L, weights=k3, minlength=nb))
+        self.out_suf = _suffix(np.bincount(L, weights=outside, minlength=nb))
+        lmax = np.full(nb, -np.inf)
+        np.maximum.at(lmax, L, np.where(fin, self.abs, -np.inf))
+        self.max_suf = np.maximum.accumulate(lmax[::-1])[::-1]  # [nb]
+        seg = inp.segments
+        self.seq_min_L = seg.min(L)  # [S] a sequence holds a pruned token iff < t
+        self.seq_max_L = seg.max(np.where(fin, L, -1).astype(np.int16))  # holds a kept one iff >= t
+        # per-sequence sum of delta over tokens with L >= t: [S, nb]
+        M = np.bincount(inp.seq * nb + L, weights=d, minlength=S * nb).reshape(S, nb)
+        self.seq_sum = _suffix(M)
+        self.fin = fin
+        self._top: TopValues | None = None
+        # the pruned-mass grid: [G] mean and max, [S, G] per-sequence sums (bias bound)
+        st = inp.stats
+        self.mass_mean, self.mass_max = st.total / st.count, st.max
+        self.bound_mean = st.total / S  # mean over sequences of their sums
+        self.bound_p95 = np.percentile(st.seq_sum, BIAS_QUANTILE, axis=0)
+
+    def _kept_quantile(self, t: int, q: float) -> float:
+        """The q-quantile of |delta| over the finite tokens with L >= t (`TopValues`)."""
+        if self._top is None:
+            self._top = TopValues(self.abs, self.fin)
+            self._top_L = self.L[self._top.index]
+        return self._top.quantile(
+            self._top_L >= t, int(self.nf_suf[t]), q, lambda: self.fin & (self.L >= t)
+        )
+
+    def row(self, t: int, rho: float | None, g: int | None) -> dict[str, Any]:
+        """The row of the tokens with L >= t (grid index g; None: the baseline, t = 1)."""
+        N = self.inp.num_tokens
+        nf = self.nf_suf[t]
+        has = self.seq_max_L >= t  # [S]
+        pruned = N - int(self.n_suf[t])
+
+        def mean(x: np.ndarray) -> float:
+            return float(x[t] / nf) if nf else float("nan")
+
+        return {
+            "rho": rho,
+            "pruned_tokens": pruned,
+            "pruned_token_frac": pruned / N,
+            "pruned_seq_frac": float((self.seq_min_L < t).mean()),
+            "pruned_abs_delta_share": (
+                (self.total_abs - float(self.abs_suf[t])) / self.total_abs
+                if self.total_abs > 0
+                else float("nan")
+            ),
+            "kept_mean_abs_delta": mean(self.abs_suf),
+            "kept_mean_delta": mean(self.d_suf),
+            "kept_k3": mean(self.k3_suf),
+            "kept_seq_mean_abs_sum_delta": (
+                float(np.abs(self.seq_sum[has, t]).mean()) if has.any() else float("nan")
+            ),
+            "kept_p99_abs_delta": self._kept_quantile(t, 0.99),
+            "kept_max_abs_delta": float(self.max_suf[t]) if nf else float("nan"),
+            "kept_frac_ratio_outside_0.5_2": mean(self.out_suf),
+            "mean_pruned_mass": 0.0 if g is None else float(self.mass_mean[g]),
+            "max_pruned_mass": 0.0 if g is None else float(self.mass_max[g]),
+            "seq_bias_bound_mean": 0.0 if g is None else float(self.bound_mean[g]),
+            "seq_bias_bound_p95": 0.0 if g is None else float(self.bound_p95[g]),
+        }
+
+
+def _table(inp: SweepInputs) -> _Table:
+    """The inputs' `_Table`, built on first use and kept with them."""
+    t = inp.__dict__.get("_table")
+    if t is None:
+        t = _Table(inp)
+        object.__setattr__(inp, "_table", t)
+    return t
 
 
 def _with_rel(row: dict, base: dict) -> dict:
@@ -306,14 +566,14 @@ def _with_rel(row: dict, base: dict) -> dict:
 
 def baseline_row(inp: SweepInputs) -> dict[str, Any]:
     """The no-pruning row: only the training side's own truncation removes tokens."""
-    base = _row(inp, None, inp.support, None)
+    base = _table(inp).row(1, None, None)
     return _with_rel(base, base)
 
 
 def sweep_row(inp: SweepInputs, rho: float, index: int, base: dict[str, Any]) -> dict[str, Any]:
     """The row at grid value `rho` = inp.grid[index]; `base` is `baseline_row(inp)`."""
-    kept = inp.support & kept_mask(inp.p_train, inp.p_max_train, rho, inp.rule)
-    return _with_rel(_row(inp, rho, kept, inp.pruned_mass[:, index]), base)
+    tab = _table(inp)
+    return _with_rel(tab.row(int(tab.level_of[index]), rho, index), base)
 
 
 def recommend(
@@ -459,13 +719,17 @@ __all__ = [
     "MASS_COLUMN",
     "ROW_KEYS",
     "SWEEP_RULES",
+    "MassStats",
     "SweepInputs",
     "baseline_row",
     "check_rule",
     "kept_mask",
     "load",
+    "load_rules",
     "parse_rhos",
     "prepare",
+    "read_mass_grid",
+    "read_mass_grids",
     "recommend",
     "resolve_rhos",
     "rows_frame",

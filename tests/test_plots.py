@@ -181,7 +181,7 @@ def test_run_without_pruning_grid_skips_only_the_sweep(tmp_path: Path) -> None:
     (run / "run.json").write_text(json.dumps({"status": "complete", "config": {}}))
     notes: list[str] = []
     files = P.make_figures([run], tmp_path / "out", dpi=DPI, notes=notes)
-    assert {f.stem for f in files} == {"bound", "bias", "sequence", "distribution"}
+    assert {f.stem for f in files} == {"bound", "bias", "sequence", "distribution", "corrections"}
     assert len(notes) == 1 and notes[0].startswith("sweep: skipped")  # drift does not apply:
     # a measured run has no steps, so the default set leaves it out without a note
     notes = []
@@ -250,4 +250,4 @@ def test_skipped_figures_are_named_with_the_reason(tmp_path: Path) -> None:
     out = buf.getvalue()
     assert "note: figure sweep: skipped" in out and "pruning grid" in out
     assert "note: figure sequence: skipped (too few sequences" in out
-    assert {f.stem for f in files} == {"bound", "bias", "distribution"}
+    assert {f.stem for f in files} == {"bound", "bias", "distribution", "corrections"}

@@ -33,6 +33,9 @@ REQUIRED_ROW_KEYS = {
     "max_pruned_mass",
     "seq_bias_bound_mean",
     "seq_bias_bound_p95",
+    "kept_p99_abs_delta",
+    "kept_max_abs_delta",
+    "kept_frac_ratio_outside_0.5_2",
 }
 MONOTONE_KEYS = (
     "pruned_tokens",
@@ -129,6 +132,21 @@ def test_hand_computed_rows() -> None:
     assert hi["max_pruned_mass"] == approx(0.3)
     assert hi["seq_bias_bound_mean"] == approx((0.35 + 0.53) / 2)
     assert hi["seq_bias_bound_p95"] == approx(0.35 + 0.95 * 0.18)
+    # the tail of the kept tokens: |delta| sorted 0.01, 0.02, 0.1 (p99: linear interpolation)
+    assert hi["kept_p99_abs_delta"] == approx(0.02 + 0.98 * 0.08)
+    assert hi["kept_max_abs_delta"] == approx(0.1)
+    assert hi["kept_frac_ratio_outside_0.5_2"] == 0.0
+    assert base["kept_max_abs_delta"] == approx(0.5)
+    assert base["kept_frac_ratio_outside_0.5_2"] == 0.0  # r = exp(-0.5) = 0.61 is inside
+
+
+def test_tail_columns_count_ratios_outside_half_to_two() -> None:
+    approx = pytest.approx
+    t = hand_table()
+    t["delta"] = [0.01, 0.3, -0.8, 0.7, -0.02, math.inf]  # r = 2.23 and 0.497 are outside
+    base = sw.sweep(t, grid=HAND_GRID)["baseline"]
+    assert base["kept_frac_ratio_outside_0.5_2"] == approx(2 / 5)
+    assert base["kept_max_abs_delta"] == approx(0.8)
 
 
 def test_absolute_rule_reads_its_own_column() -> None:
@@ -229,6 +247,7 @@ def test_json_is_strict_and_complete(run_dir: Path) -> None:
     text = json.dumps(res, allow_nan=False)  # raises on NaN / inf
     assert {"rule", "rows", "recommended", "baseline"} <= set(json.loads(text))
     assert REQUIRED_ROW_KEYS <= set(res["rows"][0])
+    assert list(res["rows"][0]) == list(sw.ROW_KEYS) == list(res["baseline"])
     assert {"rho", "reason"} <= set(res["recommended"])
 
 
@@ -354,3 +373,59 @@ def test_cli_missing_run(tmp_path: Path, monkeypatch, capsys) -> None:
 def test_sweep_module_does_not_import_torch() -> None:
     code = "import sys, mismatch_cli.sweep; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --- every row against a direct computation, one threshold at a time -----------------------
+
+
+def direct_row(tokens: pd.DataFrame, rule: str, rho: float, g: int) -> dict:
+    """A sweep row computed the plain way: the kept mask at rho, then each statistic."""
+    p = tokens["p_train"].to_numpy(np.float32)
+    pmax = tokens["p_max_train"].to_numpy(np.float32)
+    delta = tokens["delta"].to_numpy()
+    support = (p > 0) & tokens["kept_train"].to_numpy(bool)
+    kept = support & sw.kept_mask(p, pmax, rho, rule)
+    use = kept & np.isfinite(delta)
+    d = delta[use]
+    fin_abs = np.abs(np.where(np.isfinite(delta), delta, 0.0))
+    mass = np.stack(tokens[sw.MASS_COLUMN[rule]].to_numpy())[:, g].astype(np.float64)
+    df = pd.DataFrame({"s": tokens["seq_id"], "pruned": ~kept, "use": use,
+                       "d": np.where(use, delta, 0.0), "m": mass})  # fmt: skip
+    per = df.groupby("s").agg(pruned=("pruned", "any"), use=("use", "any"), d=("d", "sum"),
+                              m=("m", "sum"))  # fmt: skip
+    return {
+        "pruned_tokens": int((~kept).sum()),
+        "pruned_seq_frac": per["pruned"].mean(),
+        "pruned_abs_delta_share": fin_abs[~kept].sum() / fin_abs.sum(),
+        "kept_mean_abs_delta": np.abs(d).mean(),
+        "kept_mean_delta": d.mean(),
+        "kept_k3": np.mean(np.exp(-d) - 1 + d),
+        "kept_seq_mean_abs_sum_delta": per.loc[per["use"], "d"].abs().mean(),
+        "kept_p99_abs_delta": np.percentile(np.abs(d), 99),
+        "kept_max_abs_delta": np.abs(d).max(),
+        "kept_frac_ratio_outside_0.5_2": np.mean((np.exp(-d) < 0.5) | (np.exp(-d) > 2)),
+        "mean_pruned_mass": mass.mean(),
+        "max_pruned_mass": mass.max(),
+        "seq_bias_bound_mean": per["m"].mean(),
+        "seq_bias_bound_p95": np.percentile(per["m"], 95),
+    }
+
+
+@pytest.mark.parametrize("rule", ["min-p", "absolute"])
+def test_rows_equal_a_direct_computation(
+    run_dir: Path, rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The level-based table (one pass for all thresholds) against one mask per threshold,
+    from the run (streamed in batches that split sequences) and from the table with its
+    rows shuffled (not grouped by sequence)."""
+    from mismatch_cli.runs import read_tokens
+
+    tokens = read_tokens(run_dir)
+    monkeypatch.setattr(sw, "MASS_BATCH_ROWS", 37)
+    shuffled = tokens.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    for res in (sw.sweep(run_dir, rule=rule), sw.sweep(shuffled, rule=rule)):
+        for g, row in enumerate(res["rows"]):
+            want = direct_row(tokens, rule, row["rho"], g)
+            for k, v in want.items():
+                rel = 1e-5 if k == "seq_bias_bound_p95" else 1e-9  # float32 per-seq sums
+                assert row[k] == pytest.approx(v, rel=rel, abs=1e-12), (row["rho"], k)

@@ -15,7 +15,8 @@ def demo(
     max_tokens: Annotated[int, typer.Option(help="Maximum completion length.")] = 128,
 ) -> None:
     """Measure the default model (SmolLM2-135M-Instruct, vLLM bfloat16 vs transformers float32,
-    temperature 1) on the built-in prompts, then report, plot and sweep the threshold.
+    temperature 1) on the built-in prompts, then report, plot, sweep the threshold and
+    compare the mismatch corrections.
 
     Reuses a complete run in --out (delete it, or use `measure --overwrite`, to redo it) and
     resumes an interrupted one.
@@ -43,6 +44,8 @@ def demo(
         resume = run.exists()
         measure_with_progress(cfg, out, resume=resume, overwrite=False, console=err)
     finish_run(out, json_out=False, plots=True, console=err)
+    from .corrections import corrections
     from .sweep import sweep_threshold
 
     sweep_threshold(out)
+    corrections(out)

@@ -57,8 +57,8 @@ def plot(
         list[str] | None,
         typer.Option(
             "--figure",
-            metavar="bound|bias|sequence|distribution|sweep|drift",
-            help="Draw only these figures (repeatable). Default: all that apply.",
+            metavar="bound|bias|sequence|distribution|sweep|corrections|drift",
+            help="Draw only these figures (repeatable). Default: all that apply to the runs.",
             show_default=False,
             rich_help_panel=PANEL_FIGURES,
         ),
@@ -83,8 +83,9 @@ def plot(
     """Draw the figures of one or several runs: bound (|delta| against 1 - p with the
     envelopes), bias (signed mean delta per p_train bucket), sequence (accumulation),
     distribution (delta and importance ratios with caps 2 / 3 / 5), sweep (pruning
-    trade-off), drift (the mismatch over training steps, for imported runs with several
-    steps). delta = logp_infer - logp_train (nats); p = p_train, the training side.
+    trade-off), corrections (what each mismatch correction removes and leaves), drift (the
+    mismatch over training steps, for imported runs with several steps). delta =
+    logp_infer - logp_train (nats); p = p_train, the training side.
     Reads the runs' Parquet files only (never loads a model).
     """
     from rich.console import Console

@@ -20,16 +20,17 @@ from matplotlib.figure import Figure
 
 from .. import analysis as A
 from ..errors import MismatchError
-from . import bias, bound, distribution, drift, sequence, sweep
+from . import bias, bound, corrections, distribution, drift, sequence, sweep
 from .bias import plot_bias
 from .bound import plot_bound
+from .corrections import plot_corrections
 from .data import PLOT_COLUMNS, RunData, load_runs, run_data
 from .distribution import plot_distribution
 from .sequence import cumulative_by_position, plot_sequence
 from .style import DEFAULT_DPI, FORMATS, PALETTE, STYLE, check_formats, draw_title, plotted
 from .sweep import plot_sweep
 
-_MODULES = (bound, bias, sequence, distribution, sweep, drift)
+_MODULES = (bound, bias, sequence, distribution, sweep, corrections, drift)
 FIGURES: tuple[str, ...] = tuple(m.NAME for m in _MODULES)
 PLOTTERS: dict[str, Callable[[Sequence[RunData]], Figure]] = {
     m.NAME: getattr(m, f"plot_{m.NAME}") for m in _MODULES
@@ -129,6 +130,7 @@ __all__ = [
     "make_figures",
     "plot_bias",
     "plot_bound",
+    "plot_corrections",
     "plot_distribution",
     "plot_sequence",
     "plot_sweep",

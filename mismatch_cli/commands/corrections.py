@@ -1,0 +1,98 @@
+"""`mismatch corrections RUN`: every published mismatch correction side by side on a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..options import PANEL_ANALYSIS, EdgesOpt, JsonOpt, RunArg
+
+MethodOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--method",
+        metavar="NAME[,NAME...]",
+        help="Only these methods (comma-separated and/or repeated): none, tis-token, tis-seq, "
+        "icepop, icepop-narrow, seq-mask-product, seq-mask-geo, seq-mask-k3, seq-veto, "
+        "gspo-clip, cispo, nemo-seq-mult, dvp-minp, dvp-abs. Default: all.",
+        show_default=False,
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="NAME.KEY=VALUE",
+        help="Override a bound (repeatable, or comma-separated): keys C, cap (> 0), lo (>= 0), "
+        "hi (> 0, >= lo), tau (> 0), rho (DVP), e.g. `--set icepop.lo=0.8 --set tis-token.C=3`.",
+        show_default=False,
+        rich_help_panel=PANEL_ANALYSIS,
+    ),
+]
+RhoOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--rho",
+        help="Pruning threshold of the DVP rows (a value of the run's stored grid). Default: "
+        "the recommendation of `sweep-threshold` (largest rho with mean bias bound <= 0.05).",
+        show_default=False,
+        rich_help_panel=PANEL_ANALYSIS,
+    ),
+]
+CsvOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--csv", metavar="FILE", help="Also write the method rows to FILE as CSV.",
+        show_default=False,
+    ),
+]  # fmt: skip
+
+
+def corrections(
+    run: RunArg,
+    method: MethodOpt = None,
+    set_: SetOpt = None,
+    rho: RhoOpt = None,
+    edges: EdgesOpt = None,
+    json_out: JsonOpt = False,
+    csv: CsvOpt = None,
+) -> None:
+    """Apply every published training-inference mismatch correction to a run's tokens and
+    compare what each one masks, clips, leaves behind and costs.
+
+    Methods: token TIS (w = min(r, C)), sequence TIS, IcePop (w = r inside [lo, hi], else
+    masked), sequence masks on exp(S), exp(G) or mean k3, the token veto, GSPO's clip,
+    CISPO's cap, NeMo-RL's mean exp(|delta|) mask, and dynamic vocabulary pruning (DVP) at
+    the sweep's recommended rho. Per method: tokens and sequences masked, weights clipped,
+    the weights and their effective sample size, the mismatch LEFT on the tokens that still
+    carry gradient (mean |delta|, k3, p99 and max |delta|, share with r outside [0.5, 2]),
+    the cost (tokens and |delta| removed, clipped weight mass, DVP's bias bound, the
+    advantage-weighted signal removed when the run has advantages), per probability bucket
+    and per step. The verdict names the Pareto front of (removed, k3 left).
+
+    Conventions: delta = logp_infer - logp_train (nats), r = exp(-delta), S = sum_t(-delta_t)
+    and G = S / T per sequence, recomputed from the token rows. A token with an infinite
+    delta is masked by every method. Formulas and framework sources: docs/theory.md.
+    """
+    from .. import corrections as C
+    from ..errors import MismatchError
+
+    names = C.check_methods(method)
+    overrides = C.parse_sets(set_)
+    result = C.corrections(run, names, overrides, rho=rho, edges=edges)
+    if csv is not None:
+        try:
+            C.rows_frame(result).to_csv(csv, index=False)
+        except OSError as e:
+            raise MismatchError(f"cannot write {csv}: {e.strerror or e}") from e
+    if json_out:
+        typer.echo(json.dumps(result, indent=2, allow_nan=False))
+        return
+    from ..render import print_corrections
+
+    print_corrections(result)
+    if csv is not None:
+        typer.echo(f"rows written to {csv}")
