@@ -61,6 +61,26 @@ class RichTqdm:
         pass
 
 
+def vllm_engine_kwargs(model_path: str, cfg: MeasureConfig) -> dict[str, Any]:
+    """The arguments of `vllm.LLM(...)` for a run: the settings `measure` owns, the
+    parallelism (tensor and pipeline; vLLM's Ray backend spans nodes), then `--engine-arg`s."""
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "dtype": cfg.infer_dtype,
+        "seed": cfg.seed,
+        "max_logprobs": cfg.top_logprobs,
+        "logprobs_mode": "processed_logprobs",
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "pipeline_parallel_size": cfg.pipeline_parallel_size,
+        "enforce_eager": cfg.enforce_eager,
+        "kv_cache_dtype": cfg.kv_cache_dtype,
+    }
+    if cfg.max_model_len is not None:
+        kwargs["max_model_len"] = cfg.max_model_len
+    kwargs.update(cfg.engine_args)
+    return kwargs
+
+
 class VllmEngine:
     """vLLM generation with processed (sampling-distribution) log-probs."""
 
@@ -76,19 +96,7 @@ class VllmEngine:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
         from vllm import LLM
 
-        kwargs: dict[str, Any] = {
-            "model": model_path,
-            "dtype": cfg.infer_dtype,
-            "seed": cfg.seed,
-            "max_logprobs": cfg.top_logprobs,
-            "logprobs_mode": "processed_logprobs",
-            "tensor_parallel_size": cfg.tensor_parallel_size,
-            "enforce_eager": cfg.enforce_eager,
-            "kv_cache_dtype": cfg.kv_cache_dtype,
-        }
-        if cfg.max_model_len is not None:
-            kwargs["max_model_len"] = cfg.max_model_len
-        kwargs.update(cfg.engine_args)
+        kwargs = vllm_engine_kwargs(model_path, cfg)
         self.cfg = cfg
         from .models import check_vllm_supports
 
