@@ -1,10 +1,11 @@
-"""Benchmark `mismatch report` on a synthetic 10-million-token run.
+"""Benchmark `mismatch report` on a synthetic 10-million-token run (under a minute on a
+2-core CPU); `--large` (`make bench-large`) builds 100 million tokens.
 
 Builds the run directly with numpy (only the columns `report` reads, plus run.json), then
 runs `python -m mismatch_cli report RUN` (tables) and `... --json` in fresh processes and
 prints their wall time and peak resident memory. Target: < 30 s and < 4 GB on 2 cores.
 
-    .venv/bin/python benchmarks/bench_report.py [--tokens 10000000] [--keep DIR]
+    .venv/bin/python benchmarks/bench_report.py [--tokens 10000000] [--keep DIR] [--large]
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=10_000_000)
     ap.add_argument("--keep", type=Path, default=None, help="build the run here and keep it")
+    ap.add_argument("--large", action="store_true", help="100 million tokens")
     args = ap.parse_args()
+    if args.large:
+        args.tokens = 100_000_000
     tmp = None
     if args.keep is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-report-")

@@ -5,7 +5,11 @@ attention implementation). The plain pass does what a trainer minimally does: fo
 log_softmax, gather the sampled tokens. Ours adds the replayed sampling, entropy, top-K,
 eps_hat and the pruned-mass grids. Target: ratio (ours / plain tokens/s) >= 0.9.
 
-    python benchmarks/bench_rescore.py [--sequences 24] [--response 128] [--repeats 3]
+Default: 16 sequences x (48 prompt + 128 response) tokens, one padded batch (a couple of
+minutes on a 2-core CPU); `--large` scores 64 sequences (several batches), run by
+`make bench-large`.
+
+    python benchmarks/bench_rescore.py [--sequences 16] [--response 128] [--repeats 3] [--large]
 """
 
 from __future__ import annotations
@@ -26,14 +30,17 @@ except ImportError:  # run as a script from benchmarks/
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sequences", type=int, default=24)
+    ap.add_argument("--sequences", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=48)
     ap.add_argument("--response", type=int, default=128)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--large", action="store_true", help="64 sequences")
     args = ap.parse_args()
+    if args.large:
+        args.sequences = 64
 
     torch.manual_seed(0)
     device = torch.device("cpu")

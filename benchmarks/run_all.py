@@ -1,10 +1,13 @@
-"""Run every benchmark, one after the other (`make bench`). Each prints ratios measured in
-one run; nothing here is part of the test suite."""
+"""Run every benchmark, one after the other: `make bench` (default sizes, minutes each; at
+most 15 minutes in all on a 2-core CPU) or `make bench-large` (`--large`: each benchmark's
+large size; much longer). Each prints ratios measured in one run and its own wall time;
+nothing here is part of the test suite."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -16,16 +19,27 @@ BENCHES = [
     "bench_import.py --tokens 2000000 --steps 4",
     "bench_corrections.py",
 ]
+# --large: each benchmark's large size (those without a --large flag get explicit sizes)
+LARGE = {
+    "bench_import.py": ["--tokens", "20000000", "--steps", "10"],
+    "bench_corrections.py": ["--tokens", "10000000"],
+}
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    extra = ["--large"] if "--large" in argv else []
     rc = 0
+    t_all = time.perf_counter()
     for entry in BENCHES:
         name, *args = entry.split()
-        print(f"== {entry}", flush=True)
+        args = LARGE.get(name, [*args, *extra]) if extra else args
+        print(f"== {name} {' '.join(args)}".rstrip(), flush=True)
+        t0 = time.perf_counter()
         rc |= subprocess.call([sys.executable, str(HERE / name), *args], cwd=HERE.parent)
+        print(f"== {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"== all benchmarks: {time.perf_counter() - t_all:.0f} s", flush=True)
     return rc
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

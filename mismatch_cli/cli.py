@@ -43,6 +43,12 @@ app.command("corrections")(_corrections.corrections)
 
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit code 2."""
+    import os
+
+    # vLLM configures its logging when first imported, on stdout by default: keep stdout for
+    # results (tables, --json) and vLLM's log on stderr, at WARNING unless the user says.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         app()
     except MismatchError as e:
@@ -51,7 +57,6 @@ def main() -> None:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug, not a user error: one line unless asked for the traceback
-        import os
 
         if os.environ.get("MISMATCH_DEBUG"):
             raise

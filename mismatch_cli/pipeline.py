@@ -176,7 +176,7 @@ def run_measure(
         # A resumed run keeps its saved settings (prepare_out checks that it is resumable).
         cfg = MeasureConfig.from_dict(RunDir(out).read_meta()["config"])
     cfg.validate()
-    model_path, model_name = resolve_model(cfg.model)
+    model_path, model_name = resolve_model(cfg.model, cfg.model_file)
     # Everything a user can get wrong is checked before the output directory is touched.
     tokenizer = load_tokenizer(model_path)
     prompts = load_prompts(cfg.prompts, cfg.prompt_column)
@@ -306,6 +306,8 @@ class TrainSide:
     device: Any = None
     batch_tokens: int = 4096
     top_k: int = 20
+    device_map: str | None = None  # accelerate's, to spread the model over devices
+    max_memory: str | None = None  # per device, e.g. "0=70GiB,cpu=200GiB"
 
     @classmethod
     def of(cls, cfg: MeasureConfig, model_path: str, device: Any) -> TrainSide:
@@ -316,6 +318,8 @@ class TrainSide:
             device,
             cfg.rescore_batch_tokens,
             cfg.top_logprobs,
+            cfg.device_map,
+            cfg.max_memory,
         )
 
 
@@ -348,6 +352,7 @@ def rescore_parts(
       - per-token list columns named in schema.TOKEN_EXTRA_COLUMNS (e.g. advantage) and
         per-completion scalars named there (step, env, ...), copied onto the token rows.
     """
+    from .config import parse_max_memory
     from .models import load_model
     from .rescore import SeqInput, score_sequences
 
@@ -361,8 +366,9 @@ def rescore_parts(
     prog.start("rescore", total)
     with _timed(timings, "train_load"):
         model, _ = load_model(
-            train.model_path, train.dtype, train.device, train.attn_implementation
-        )
+            train.model_path, train.dtype, train.device, train.attn_implementation,
+            train.device_map, parse_max_memory(train.max_memory),
+        )  # fmt: skip
     for i in todo:  # one part in memory at a time
         df = run.read_part(ROLLOUT, i)
         seqs = [

