@@ -57,7 +57,6 @@ def main() -> None:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug, not a user error: one line unless asked for the traceback
-
         if os.environ.get("MISMATCH_DEBUG"):
             raise
         from rich.console import Console
