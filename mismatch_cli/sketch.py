@@ -1,0 +1,118 @@
+"""A mergeable quantile sketch with a bounded relative error, vectorised with numpy: what
+lets `report`, `corrections` and the figures give quantiles of 10^8 values in bounded memory.
+
+The scheme is DDSketch's (Masson, Rim, Lee, VLDB 2019): a value x > 0 goes to the bucket
+k = ceil(log(x) / log(gamma)), which covers (gamma^(k-1), gamma^k], and a bucket is read
+back as 2 gamma^k / (gamma + 1). Every value in the bucket is then within a relative error
+alpha = (gamma - 1) / (gamma + 1) of that representative. Counts are exact, so the rank of a
+quantile is exact and only the value is approximated:
+
+    |quantile_sketch(q) - quantile_exact(q)| <= alpha * quantile_exact(q)
+
+for numpy's default (linear) quantile, which interpolates between two order statistics that
+are each approximated within alpha. The default alpha = 0.005 (0.5%); tests check <= 1%
+against np.quantile. Zeros are counted exactly; the minimum and maximum are exact, and
+values outside [MIN_VALUE, MAX_VALUE] are clamped into the end buckets (their quantiles
+are still clamped to the exact min / max). Hand-written rather than the `ddsketch`
+package, whose `add` takes one value at a time (10^8 Python calls).
+
+A sketch holds G independent groups (e.g. the report's probability buckets): add(values,
+group) with group [n] in 0..G-1. Sketches of chunks merge by adding their counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_ALPHA = 0.005
+MIN_VALUE = 1e-30
+MAX_VALUE = 1e10
+
+
+class QuantileSketch:
+    """Quantiles of non-negative values in G groups, relative error <= alpha (module doc)."""
+
+    def __init__(self, groups: int = 1, alpha: float = DEFAULT_ALPHA) -> None:
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        self.groups = int(groups)
+        self.alpha = float(alpha)
+        self.gamma = (1 + alpha) / (1 - alpha)
+        self._inv_log_gamma = 1.0 / math.log(self.gamma)
+        self._k0 = math.ceil(math.log(MIN_VALUE) * self._inv_log_gamma)  # key of bucket 0
+        k1 = math.ceil(math.log(MAX_VALUE) * self._inv_log_gamma)
+        self.num_buckets = k1 - self._k0 + 1
+        self.counts = np.zeros((self.groups, self.num_buckets), dtype=np.int64)  # [G, B]
+        self.zeros = np.zeros(self.groups, dtype=np.int64)  # [G] exact zeros
+        self.min = np.full(self.groups, np.inf)  # [G]
+        self.max = np.full(self.groups, -np.inf)  # [G]
+
+    @property
+    def count(self) -> np.ndarray:
+        """Values added per group. [G]"""
+        return self.counts.sum(axis=1) + self.zeros
+
+    def add(self, values: np.ndarray, group: np.ndarray | None = None) -> None:
+        """Add finite non-negative values [n] to their groups [n] (group 0 if None).
+        NaN and infinite values are ignored (callers count those themselves)."""
+        x = np.asarray(values, dtype=np.float64)
+        g = np.zeros(x.shape, dtype=np.int64) if group is None else np.asarray(group, np.int64)
+        ok = np.isfinite(x)
+        if not ok.all():
+            x, g = x[ok], g[ok]
+        if x.size == 0:
+            return
+        if (x < 0).any():
+            raise ValueError("QuantileSketch takes non-negative values")
+        G, B = self.groups, self.num_buckets
+        zero = x == 0
+        self.zeros += np.bincount(g[zero], minlength=G)
+        pos, gp = x[~zero], g[~zero]
+        if pos.size:
+            with np.errstate(divide="ignore"):
+                k = np.ceil(np.log(pos) * self._inv_log_gamma).astype(np.int64) - self._k0
+            np.clip(k, 0, B - 1, out=k)
+            self.counts += np.bincount(gp * B + k, minlength=G * B).reshape(G, B)
+        np.minimum.at(self.min, g, x)
+        np.maximum.at(self.max, g, x)
+
+    def merge(self, other: QuantileSketch) -> QuantileSketch:
+        """Add another sketch's counts (same groups and alpha) into this one; returns self."""
+        if (other.groups, other.alpha) != (self.groups, self.alpha):
+            raise ValueError("can only merge sketches with the same groups and alpha")
+        self.counts += other.counts
+        self.zeros += other.zeros
+        np.minimum(self.min, other.min, out=self.min)
+        np.maximum(self.max, other.max, out=self.max)
+        return self
+
+    def _values_at_ranks(self, g: int, ranks: np.ndarray) -> np.ndarray:
+        """The (approximate) order statistics of group g at 0-based ranks [R]. -> [R]"""
+        z = int(self.zeros[g])
+        cum = np.cumsum(self.counts[g])  # [B]
+        keys = np.searchsorted(cum, ranks - z, side="right")  # bucket holding each rank
+        rep = 2.0 * self.gamma ** (keys + self._k0) / (self.gamma + 1.0)  # [R]
+        rep = np.clip(rep, self.min[g], self.max[g])
+        return np.where(ranks < z, 0.0, rep)
+
+    def quantile(self, qs: Sequence[float] | float) -> np.ndarray:
+        """numpy's linear quantiles of every group: [G, Q] (NaN for an empty group).
+        q = 1 gives the exact maximum, q = 0 the exact minimum."""
+        q = np.atleast_1d(np.asarray(qs, dtype=np.float64))  # [Q]
+        out = np.full((self.groups, q.size), np.nan)
+        n = self.count
+        for g in np.flatnonzero(n):  # a loop over groups, never over values
+            h = q * (n[g] - 1)  # [Q] fractional 0-based rank
+            lo, hi = np.floor(h).astype(np.int64), np.ceil(h).astype(np.int64)
+            vals = self._values_at_ranks(g, np.concatenate([lo, hi]))
+            v_lo, v_hi = vals[: q.size], vals[q.size :]
+            out[g] = v_lo + (h - lo) * (v_hi - v_lo)
+            out[g, q == 1.0] = self.max[g]
+            out[g, q == 0.0] = self.min[g]
+        return out
+
+
+__all__ = ["DEFAULT_ALPHA", "QuantileSketch"]

@@ -1,0 +1,71 @@
+"""The quantile sketch: within 1% of numpy's quantiles, mergeable, exact counts / min / max."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mismatch_cli.sketch import QuantileSketch
+
+QS = (0.0, 0.01, 0.5, 0.9, 0.99, 0.999, 1.0)
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda r, n: r.lognormal(-4, 3, n),  # |delta|-like: many decades
+        lambda r, n: r.exponential(0.03, n),
+        lambda r, n: np.where(r.random(n) < 0.2, 0.0, r.uniform(0, 1, n)),  # exact zeros
+        lambda r, n: r.uniform(0.05, 0.3, n),  # eps_hat-like: narrow range
+    ],
+)
+def test_quantiles_within_one_percent_of_numpy(draw) -> None:
+    rng = np.random.default_rng(0)
+    x = draw(rng, 200_000)
+    s = QuantileSketch()
+    s.add(x)
+    got = s.quantile(QS)[0]
+    assert _rel_err(got, np.quantile(x, QS)) <= 0.01
+    assert got[0] == x.min() and got[-1] == x.max() and s.count[0] == x.size
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0, 1e6, allow_nan=False, allow_subnormal=False), min_size=1, max_size=300),
+    st.lists(st.floats(0, 1), min_size=1, max_size=5),
+)
+def test_small_samples_within_one_percent(values: list[float], qs: list[float]) -> None:
+    x = np.asarray(values)
+    x = x[(x == 0) | (x >= 1e-30)]  # the documented range
+    if x.size == 0:
+        return
+    s = QuantileSketch()
+    s.add(x)
+    assert _rel_err(s.quantile(qs)[0], np.quantile(x, qs)) <= 0.01
+
+
+def test_groups_merge_and_ignore_nonfinite() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.lognormal(-3, 2, 50_000)
+    g = rng.integers(0, 3, x.size)
+    whole = QuantileSketch(groups=3)
+    whole.add(np.r_[x, np.inf, np.nan], np.r_[g, 0, 1])
+    parts = QuantileSketch(groups=3)
+    for chunk in np.array_split(np.arange(x.size), 7):
+        piece = QuantileSketch(groups=3)
+        piece.add(x[chunk], g[chunk])
+        parts.merge(piece)
+    np.testing.assert_array_equal(whole.counts, parts.counts)
+    np.testing.assert_array_equal(whole.quantile(QS), parts.quantile(QS))
+    for k in range(3):
+        assert _rel_err(whole.quantile(QS)[k], np.quantile(x[g == k], QS)) <= 0.01
+    assert whole.count.tolist() == np.bincount(g).tolist()
+    assert np.isnan(QuantileSketch(groups=2).quantile([0.5])).all()
+    with pytest.raises(ValueError, match="non-negative"):
+        whole.add(np.array([-1.0]))
