@@ -115,4 +115,63 @@ class QuantileSketch:
         return out
 
 
-__all__ = ["DEFAULT_ALPHA", "QuantileSketch"]
+class QuantileAccumulator:
+    """Quantiles of a stream of values in G groups: exact (numpy's linear quantiles of the
+    values kept) while at most `exact_limit` values have been added, a `QuantileSketch`
+    (relative error <= alpha) beyond. Small runs therefore get exactly what an in-memory
+    computation gives; runs of 10^8 tokens get bounded memory."""
+
+    def __init__(
+        self, groups: int = 1, exact_limit: int = 1 << 24, alpha: float = DEFAULT_ALPHA
+    ) -> None:
+        self.groups = int(groups)
+        self.exact_limit = int(exact_limit)
+        self.alpha = alpha
+        self._values: list[np.ndarray] = []  # kept while exact
+        self._groups: list[np.ndarray] = []
+        self._n = 0
+        self.sketch: QuantileSketch | None = None
+
+    @property
+    def exact(self) -> bool:
+        """True while every value is kept (quantiles are exact)."""
+        return self.sketch is None
+
+    def add(self, values: np.ndarray, group: np.ndarray | None = None) -> None:
+        """Add finite values [n] to their groups [n] (0 if None); non-finite ones are ignored."""
+        x = np.asarray(values, dtype=np.float64)
+        g = np.zeros(x.shape, dtype=np.int64) if group is None else np.asarray(group, np.int64)
+        ok = np.isfinite(x)
+        if not ok.all():
+            x, g = x[ok], g[ok]
+        if self.sketch is not None:
+            self.sketch.add(x, g)
+            return
+        self._values.append(x.copy())
+        self._groups.append(g.copy())
+        self._n += x.size
+        if self._n > self.exact_limit:
+            self.sketch = QuantileSketch(self.groups, self.alpha)
+            for v, gg in zip(self._values, self._groups, strict=True):
+                self.sketch.add(v, gg)
+            self._values, self._groups = [], []
+
+    def quantile(self, qs: Sequence[float] | float) -> np.ndarray:
+        """numpy's linear quantiles per group, [G, Q] (NaN for an empty group)."""
+        if self.sketch is not None:
+            return self.sketch.quantile(qs)
+        q = np.atleast_1d(np.asarray(qs, dtype=np.float64))
+        out = np.full((self.groups, q.size), np.nan)
+        if not self._values:
+            return out
+        v = np.concatenate(self._values)
+        g = np.concatenate(self._groups)
+        order = np.argsort(g, kind="stable")
+        v, counts = v[order], np.bincount(g, minlength=self.groups)
+        ends = np.cumsum(counts)
+        for k in np.flatnonzero(counts):  # a loop over groups, never over values
+            out[k] = np.quantile(v[ends[k] - counts[k] : ends[k]], q)
+        return out
+
+
+__all__ = ["DEFAULT_ALPHA", "QuantileAccumulator", "QuantileSketch"]

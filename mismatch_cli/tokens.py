@@ -153,4 +153,43 @@ def load_tokens(
     return df, meta, warnings
 
 
-__all__ = ["REQUIRED_COLUMNS", "SIDES", "TokenArrays", "load_tokens", "token_arrays"]
+__all__ = [
+    "BATCH_ROWS",
+    "REQUIRED_COLUMNS",
+    "SIDES",
+    "TokenArrays",
+    "iter_token_batches",
+    "load_tokens",
+    "num_token_rows",
+    "token_arrays",
+]
+
+
+# Rows per batch when a token table is streamed: ~4M rows x a few float64 columns stays
+# well under 1 GB however large the run.
+BATCH_ROWS = 1 << 22
+
+
+def iter_token_batches(
+    path: str | Path, columns: Sequence[str], batch_rows: int = BATCH_ROWS
+) -> Any:
+    """Stream columns of a run's tokens.parquet as dicts of numpy arrays, `batch_rows` rows
+    at a time, in file order (a sequence's rows are contiguous but may span two batches).
+    Memory holds one batch: no pre-buffering of row groups (Arrow would otherwise keep
+    every row group's pages of a 10^8-row file). Null floats come back as NaN."""
+    import pyarrow.parquet as pq
+
+    file = Path(path) / TOKENS_FILE
+    pf = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 22)
+    for batch in pf.iter_batches(columns=list(columns), batch_size=batch_rows):
+        yield {
+            name: col.to_numpy(zero_copy_only=False)
+            for name, col in zip(batch.schema.names, batch.columns, strict=True)
+        }
+
+
+def num_token_rows(path: str | Path) -> int:
+    """Rows of a run's tokens.parquet, from the file footer (nothing else is read)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(Path(path) / TOKENS_FILE).metadata.num_rows

@@ -69,3 +69,20 @@ def test_groups_merge_and_ignore_nonfinite() -> None:
     assert np.isnan(QuantileSketch(groups=2).quantile([0.5])).all()
     with pytest.raises(ValueError, match="non-negative"):
         whole.add(np.array([-1.0]))
+
+
+def test_accumulator_is_exact_until_its_limit_then_within_one_percent() -> None:
+    from mismatch_cli.sketch import QuantileAccumulator
+
+    rng = np.random.default_rng(2)
+    x, g = rng.lognormal(-4, 2, 30_000), rng.integers(0, 4, 30_000)
+    small = QuantileAccumulator(groups=4, exact_limit=10**6)
+    big = QuantileAccumulator(groups=4, exact_limit=5_000)
+    for chunk in np.array_split(np.arange(x.size), 10):
+        small.add(x[chunk], g[chunk])
+        big.add(x[chunk], g[chunk])
+    assert small.exact and not big.exact
+    for k in range(4):
+        expect = np.quantile(x[g == k], QS)
+        np.testing.assert_array_equal(small.quantile(QS)[k], expect)
+        assert _rel_err(big.quantile(QS)[k], expect) <= 0.01
