@@ -24,8 +24,8 @@ from mismatch_cli.errors import MismatchError
 from mismatch_cli.grouped import (
     BatchSeqs,
     KeyedQuantiles,
-    SeqIndex,
     Segments,
+    SeqIndex,
     TokenBatches,
 )
 from mismatch_cli.runs import atomic_write_json, read_tokens
@@ -206,7 +206,9 @@ def test_sweep_streamed_equals_one_batch(small_run: Path, rule: str) -> None:
         assert_same(got, want, sketched=got is sketched)
     # and the same table shuffled: every batch holds pieces of many sequences
     df = read_tokens(small_run).sample(frac=1.0, random_state=1).reset_index(drop=True)
-    assert_same(sw.sweep(df, rule=rule, batch_rows=53, exact_limit=100), {**want, "run": None}, True)
+    assert_same(
+        sw.sweep(df, rule=rule, batch_rows=53, exact_limit=100), {**want, "run": None}, True
+    )
 
 
 # --- corrections ----------------------------------------------------------------------------
