@@ -1,28 +1,33 @@
-"""Benchmark `mismatch corrections` on a synthetic 10-million-token run.
+"""Benchmark `mismatch sweep-threshold` and `mismatch corrections` on a synthetic run of 10
+million tokens (default) or, with `--large`, 100 million: wall time, CPU time and peak
+resident memory of the whole CLI process. Target: < 4 GB at any size (issue 12 §3), and
+corrections < 30 s at 10M tokens (issue 11) on an idle 2-core machine.
 
-Builds the run directly with numpy, chunk by chunk: the columns `report` reads
-(`synthetic.bulk_token_columns`), plus what the corrections read on top of them:
-`p_max_train` and the pruned-mass grid of both rules (24 float32 values per token each, so
-the DVP rows run the real sweep), and `step` / `advantage` as an imported run has them.
-Then runs `python -m mismatch_cli corrections RUN --json` (and, with --tables, `... RUN`)
-in a fresh process and prints its wall time and peak resident memory. Target: < 30 s and
-< 4 GB. Building the run takes about as long as the command (2.2 GB of Parquet).
+Builds the run directly with numpy, chunk by chunk (bounded memory): the columns `report`
+reads (`synthetic.bulk_token_columns`) plus what the sweep and the corrections read on top
+(`synthetic.bulk_grid_columns`): `p_max_train`, the pruned-mass grid of both rules (24
+float32 values per token each, ~220 bytes per token on disk, so the DVP rows run the real
+sweep), and `step` / `advantage` as an imported run has them. `--no-grid` leaves the grids
+out (about 10x smaller on disk; the sweep then has nothing to read and the DVP rows of
+`corrections` are skipped): the way to reach 10^8 tokens on a small disk. Each command runs
+in a fresh process (`python -m mismatch_cli CMD RUN --json`); its own peak RSS comes from
+`os.wait4`.
 
-    .venv/bin/python benchmarks/bench_corrections.py [--tokens 10000000] [--keep DIR] [--tables]
+    .venv/bin/python benchmarks/bench_corrections.py [--tokens 10000000 | --large]
+        [--no-grid] [--keep DIR] [--tables] [--only sweep-threshold|corrections]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -30,47 +35,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mismatch_cli.runs import atomic_write_json  # noqa: E402
-from mismatch_cli.schema import RHO_GRID  # noqa: E402
-from mismatch_cli.synthetic import bulk_token_columns, synthetic_meta  # noqa: E402
+from mismatch_cli.synthetic import (  # noqa: E402
+    bulk_grid_columns,
+    bulk_token_columns,
+    synthetic_meta,
+)
 
-TOKENS_PER_STEP = 1_000_000
-
-
-def grid_column(values: np.ndarray) -> pa.ListArray:
-    """A list<float32> column of G values per token from a [n, G] array."""
-    n, g = values.shape
-    offsets = pa.array(np.arange(0, (n + 1) * g, g, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1).astype(np.float32)))
+COMMANDS = ("sweep-threshold", "corrections")
 
 
-def extra_columns(cols: dict[str, np.ndarray], first_token: int, seed: int) -> dict:
-    """p_max_train, both pruned-mass grids (monotone in rho, <= 1 - p_max), step, advantage."""
-    rng = np.random.default_rng(10_000 + seed)
-    p = cols["p_train"]
-    n = p.size
-    p_max = np.maximum(p, rng.uniform(0.3, 1.0, n))  # [n]
-    rho = np.asarray(RHO_GRID, dtype=np.float64)  # [G]
-    tail = (1 - p_max)[:, None]  # [n, 1]
-    m_minp = tail * np.minimum(1.0, (rho[None, :] / 0.5) ** 0.35)  # [n, G]
-    m_abs = tail * np.minimum(1.0, (rho[None, :] / 0.3) ** 0.3)  # [n, G]
-    tok = first_token + np.arange(n)
-    seq = cols["seq_id"]
-    return {
-        "p_max_train": p_max,
-        "pruned_mass_minp": grid_column(m_minp),
-        "pruned_mass_abs": grid_column(m_abs),
-        "step": (tok // TOKENS_PER_STEP).astype(np.int64),
-        "advantage": rng.normal(0, 1, int(seq.max() - seq.min()) + 1)[seq - seq.min()],
-    }
-
-
-def build_run(path: Path, num_tokens: int, eps: float = 0.1, chunk: int = 1_000_000) -> None:
+def build_run(
+    path: Path, num_tokens: int, eps: float = 0.1, chunk: int = 1_000_000, grids: bool = True
+) -> None:
     """A run of `num_tokens` synthetic tokens written chunk by chunk (bounded memory)."""
     path.mkdir(parents=True, exist_ok=True)
     writer, first_seq = None, 0
     for i, start in enumerate(range(0, num_tokens, chunk)):
         cols = bulk_token_columns(min(chunk, num_tokens - start), first_seq, eps, seed=i)
-        cols.update(extra_columns(cols, start, i))
+        cols.update(bulk_grid_columns(cols, start, i, grids=grids))
         table = pa.table(cols)
         if writer is None:
             writer = pq.ParquetWriter(path / "tokens.parquet", table.schema, compression="zstd")
@@ -83,25 +65,34 @@ def build_run(path: Path, num_tokens: int, eps: float = 0.1, chunk: int = 1_000_
     atomic_write_json(path / "run.json", meta)
 
 
-def timed(cmd: list[str]) -> tuple[float, float, float, subprocess.CompletedProcess]:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (GB) of a child process.
-    CPU time says what the wall time would be on an idle machine (2 shared cores here)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    # ru_maxrss of RUSAGE_CHILDREN is the largest child so far (KiB on Linux).
-    return wall, cpu, after.ru_maxrss / 1024**2, proc
+def timed(cmd: list[str]) -> tuple[float, float, float, int, str, str]:
+    """(wall s, CPU s (user + system), peak RSS GB, exit code, stdout, stderr) of one child
+    process, its own resource usage from os.wait4. CPU time says what the wall time would
+    be on an idle machine (2 shared cores here)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=os.environ)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        text, errors = out.read().decode(), err.read().decode()
+    # ru_maxrss is in KiB on Linux
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024**2, proc.returncode, text, errors
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=10_000_000)
+    ap.add_argument("--large", action="store_true", help="100 million tokens")
+    ap.add_argument("--no-grid", action="store_true", help="leave the pruned-mass grids out")
     ap.add_argument("--keep", type=Path, default=None, help="build the run here and keep it")
     ap.add_argument("--tables", action="store_true", help="also time the table output")
+    ap.add_argument("--only", choices=COMMANDS, default=None, help="time one command")
     args = ap.parse_args()
+    if args.large:
+        args.tokens = 100_000_000
     tmp = None
     if args.keep is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-corrections-")
@@ -110,25 +101,34 @@ def main() -> None:
         run = args.keep
     if not (run / "run.json").is_file():
         t0 = time.perf_counter()
-        build_run(run, args.tokens)
+        build_run(run, args.tokens, grids=not args.no_grid)
         size = (run / "tokens.parquet").stat().st_size / 1e9
         print(
-            f"built {args.tokens:,}-token run ({size:.2f} GB) in {time.perf_counter() - t0:.1f} s"
+            f"built {args.tokens:,}-token run ({size:.2f} GB, "
+            f"{'no grids' if args.no_grid else 'both grids'}) in {time.perf_counter() - t0:.1f} s"
         )
-    print(f"run: {run}; cores available: {len(os.sched_getaffinity(0))}")
+    has_grid = "pruned_mass_minp" in pq.read_schema(run / "tokens.parquet").names
+    num = pq.ParquetFile(run / "tokens.parquet").metadata.num_rows
+    print(f"run: {run} ({num:,} tokens); cores available: {len(os.sched_getaffinity(0))}")
+    commands = [args.only] if args.only else list(COMMANDS)
+    if not has_grid and "sweep-threshold" in commands:
+        print("sweep-threshold: skipped (the run has no pruned-mass grid)")
+        commands.remove("sweep-threshold")
     py = sys.executable
-    runs = [("corrections --json", ["--json"])] + (
-        [("corrections (tables)", [])] if args.tables else []
-    )
-    for label, extra in runs:
-        wall, cpu, peak, proc = timed([py, "-m", "mismatch_cli", "corrections", str(run), *extra])
-        if proc.returncode != 0:
-            print(proc.stderr)
-            raise SystemExit(f"{label} failed with exit code {proc.returncode}")
-        print(
-            f"{label:22s} {wall:6.1f} s wall, {cpu:6.1f} s CPU   peak RSS {peak:.2f} GB "
-            f"(max over children so far); load average {os.getloadavg()[0]:.1f}"
-        )
+    for command in commands:
+        for extra in (["--json"], *([[]] if args.tables else [])):
+            label = f"{command} {' '.join(extra) or '(tables)'}"
+            wall, cpu, peak, code, out, err = timed(
+                [py, "-m", "mismatch_cli", command, str(run), *extra]
+            )
+            if code != 0:
+                print(err)
+                raise SystemExit(f"{label} failed with exit code {code}")
+            mode = json.loads(out).get("quantiles", "?") if extra else ""
+            print(
+                f"{label:28s} {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak RSS {peak:.2f} GB "
+                f"{'[quantiles: ' + mode + ']' if mode else ''} load {os.getloadavg()[0]:.1f}"
+            )
     if tmp is not None:
         tmp.cleanup()
 

@@ -10,9 +10,18 @@ the result):
     G_i     = S_i / T_i                    its geometric mean, T_i = token rows of sequence i
 
 Each method is one pure function `rule(delta [N], seq [N], **params) -> Applied` (weights,
-masks, clipping), applied to every token of the run at once: per-sequence aggregates come
-from the token rows through np.bincount in float64 (never from sequences.parquet), and no
-Python loop runs over tokens or sequences. A token with an infinite delta (the training
+masks, clipping); a sequence-level rule decides per sequence (`decide_*`) from sums over its
+token rows in float64 (`SeqView`, never from sequences.parquet), then broadcasts the
+decision to the tokens. No Python loop runs over tokens or sequences.
+
+Memory: `corrections(path)` streams the token table in batches (`grouped.TokenBatches`), in
+three passes: seq_id (and step); the per-sequence sums and the DVP rules' sweeps; every
+method on each batch, each accumulating its summaries (`Summary`: counts and sums, [S]
+per-sequence kept rows and weights). Nothing of size N (tokens) is held beyond a batch.
+Counts, sums, means, maxima, ESS and shares are exact (float64, summed batch by batch); the
+p99 |delta| each method leaves is exact up to `grouped.EXACT_LIMIT` finite tokens and from
+the quantile sketch beyond (relative error <= 0.5%; the result's `quantiles` key says
+which). A token with an infinite delta (the training
 side's own truncation removed it; `kept_train` False) is masked by every method, since no
 framework can give it a finite weight, and a sequence holding one is masked by every
 sequence-level method.
@@ -46,7 +55,15 @@ import pandas as pd
 
 from . import metrics
 from .errors import MismatchError
-from .grouped import Segments, TopValues
+from .grouped import (
+    BATCH_ROWS,
+    EXACT_LIMIT,
+    BatchSeqs,
+    KeyedQuantiles,
+    SeqIndex,
+    TokenBatches,
+    distinct,
+)
 from .render import fmt, pct
 from .results import json_ready
 
@@ -68,14 +85,15 @@ class Applied:
 
 @dataclass(frozen=True)
 class SeqView:
-    """The sequences as a rule sees them, from the token rows in float64 (S sequences)."""
+    """The sequences as the sequence-level rules see them: sums over each sequence's token
+    rows in float64 (S sequences), accumulated batch by batch (`SeqAccumulator`)."""
 
-    seg: Segments
-    finite: np.ndarray  # [N] bool
-    d: np.ndarray  # [N] d_t = -delta_t, 0 where delta is not finite
     S: np.ndarray  # [S] sum_t d_t over the finite tokens
     T: np.ndarray  # [S] token rows
     has_inf: np.ndarray  # [S] holds a token with an infinite delta
+    k3_sum: np.ndarray  # [S] sum_t exp(d_t) - 1 - d_t, d_t clamped to +-20 (0 if infinite)
+    d_min: np.ndarray  # [S] smallest finite d_t (+inf if none): the veto's test
+    exp_abs_sum: np.ndarray  # [S] sum_t exp(|d_t|) (1 for an infinite token; inf past 709)
 
     @property
     def G(self) -> np.ndarray:
@@ -83,12 +101,38 @@ class SeqView:
         return self.S / np.maximum(self.T, 1)
 
 
+class SeqAccumulator:
+    """A `SeqView` summed over batches of token rows (a sequence may span batches)."""
+
+    def __init__(self, num_sequences: int) -> None:
+        S = int(num_sequences)
+        self.S, self.T, self.n_inf = np.zeros(S), np.zeros(S), np.zeros(S)
+        self.k3_sum, self.exp_abs_sum = np.zeros(S), np.zeros(S)
+        self.d_min = np.full(S, np.inf)
+
+    def add(self, delta: np.ndarray, bs: BatchSeqs) -> None:
+        """Add token rows: delta [n] (+inf where not finite), bs their sequences."""
+        fin = np.isfinite(delta)
+        d = np.where(fin, -delta, 0.0)  # [n]
+        bs.add(self.S, d)
+        self.T[bs.ids] += bs.part.sizes()
+        bs.add(self.n_inf, ~fin)
+        dc = np.clip(d, -metrics.LOG_RATIO_CLAMP, metrics.LOG_RATIO_CLAMP)
+        bs.add(self.k3_sum, np.expm1(dc) - dc)
+        bs.minimum(self.d_min, np.where(fin, d, np.inf))
+        with np.errstate(over="ignore"):
+            bs.add(self.exp_abs_sum, np.exp(np.abs(d)))
+
+    def view(self) -> SeqView:
+        return SeqView(self.S, self.T, self.n_inf > 0, self.k3_sum, self.d_min, self.exp_abs_sum)
+
+
 def seq_view(delta: np.ndarray, seq: np.ndarray) -> SeqView:
-    """S, T, G and the infinite-delta flag of every sequence (`seq`: indices 0..S-1)."""
-    seg = Segments.of(seq)
-    fin = np.isfinite(delta)
-    d = np.where(fin, -delta, 0.0)
-    return SeqView(seg, fin, d, seg.sum(d), seg.sizes().astype(np.float64), seg.any(~fin))
+    """S, T, G and the other sums of every sequence (`seq`: indices 0..S-1), in memory."""
+    seq = np.asarray(seq, dtype=np.int64)
+    acc = SeqAccumulator(int(seq.max()) + 1 if seq.size else 0)
+    acc.add(np.asarray(delta, dtype=np.float64), BatchSeqs(seq))
+    return acc.view()
 
 
 def _clamped_exp(x: np.ndarray) -> np.ndarray:
@@ -119,22 +163,42 @@ def _token_result(
     return Applied(weight, masked, clipped, excess if clipped.any() else None)
 
 
-def _seq_result(
-    v: SeqView, w_seq: np.ndarray | None, drop_seq: np.ndarray | None,
-    clip_seq: np.ndarray | None = None, excess_seq: np.ndarray | None = None,
-) -> Applied:  # fmt: skip
-    """Broadcast per-sequence weights (None: 1) and drops [S] to the tokens; a sequence
-    holding an infinite delta is dropped whole."""
-    drop = v.has_inf if drop_seq is None else drop_seq | v.has_inf  # [S]
-    w = np.ones(drop.shape) if w_seq is None else w_seq.astype(np.float64, copy=True)
-    w[drop] = 0.0
-    bc = v.seg.broadcast
-    if clip_seq is None:
-        return Applied(bc(w), bc(drop), np.zeros(v.finite.shape, bool), None)
-    clip = clip_seq & ~drop
-    exc = np.where(clip, excess_seq, 0.0) if excess_seq is not None else None
-    has = bool(clip.any())
-    return Applied(bc(w), bc(drop), bc(clip), bc(exc) if has and exc is not None else None)
+@dataclass(frozen=True)
+class SeqDecision:
+    """A sequence-level rule decided per sequence [S] (once, from the `SeqView`): weight
+    (None: 1), dropped, clipped (None: none) and the clipped excess. A sequence holding an
+    infinite delta is dropped whole."""
+
+    weight: np.ndarray  # [S] float64, 0 where dropped
+    drop: np.ndarray  # [S] bool
+    clip: np.ndarray | None  # [S] bool, never a dropped sequence
+    excess: np.ndarray | None  # [S] float64, 0 where not clipped
+
+    @classmethod
+    def of(
+        cls, v: SeqView, w_seq: np.ndarray | None, drop_seq: np.ndarray | None,
+        clip_seq: np.ndarray | None = None, excess_seq: np.ndarray | None = None,
+    ) -> SeqDecision:  # fmt: skip
+        drop = v.has_inf if drop_seq is None else drop_seq | v.has_inf  # [S]
+        w = np.ones(drop.shape) if w_seq is None else w_seq.astype(np.float64, copy=True)
+        w[drop] = 0.0
+        if clip_seq is None:
+            return cls(w, drop, None, None)
+        clip = clip_seq & ~drop
+        exc = np.where(clip, excess_seq, 0.0) if excess_seq is not None else None
+        return cls(w, drop, clip, exc)
+
+    def tokens(self, seq: np.ndarray) -> Applied:
+        """The decision broadcast to token rows of sequences seq [n]."""
+        if self.clip is None:
+            return Applied(self.weight[seq], self.drop[seq], np.zeros(seq.shape, bool), None)
+        clip = self.clip[seq]
+        has = self.excess is not None and bool(clip.any())
+        return Applied(self.weight[seq], self.drop[seq], clip, self.excess[seq] if has else None)  # type: ignore[index]
+
+
+def _view(delta: np.ndarray, seq: np.ndarray, view: SeqView | None) -> SeqView:
+    return seq_view(delta, seq) if view is None else view
 
 
 def rule_none(delta: np.ndarray, seq: np.ndarray) -> Applied:
@@ -155,70 +219,124 @@ def rule_cispo(delta: np.ndarray, seq: np.ndarray, cap: float) -> Applied:
     return rule_tis_token(delta, seq, cap)
 
 
-def rule_tis_seq(delta: np.ndarray, seq: np.ndarray, C: float) -> Applied:
-    """Truncated IS per sequence: every token gets min(exp(clamp(S, +-20)), C) (verl, SkyRL)."""
-    v = seq_view(delta, seq)
-    eS = _clamped_exp(v.S)  # [S]
-    return _seq_result(v, np.minimum(eS, C), None, eS > C, eS - C)
-
-
 def rule_icepop(delta: np.ndarray, seq: np.ndarray, lo: float, hi: float) -> Applied:
     """IcePop: w_t = r_t if lo <= r_t <= hi, else 0 (masked)."""
     r, fin = _ratio_clamped(delta)
     return _token_result(fin, r, ~((r >= lo) & (r <= hi)))
 
 
-def rule_seq_mask_product(delta: np.ndarray, seq: np.ndarray, lo: float, hi: float) -> Applied:
-    """Drop the sequence if exp(S) is outside [lo, hi] (SkyRL's product mask); weight 1."""
-    v = seq_view(delta, seq)
-    eS = _clamped_exp(v.S)
-    return _seq_result(v, None, ~((eS >= lo) & (eS <= hi)))
-
-
-def rule_seq_mask_geo(delta: np.ndarray, seq: np.ndarray, lo: float, hi: float) -> Applied:
-    """Drop the sequence if exp(G) = exp(S / T) is outside [lo, hi] (SkyRL's geometric mask)."""
-    v = seq_view(delta, seq)
-    eG = _clamped_exp(v.G)
-    return _seq_result(v, None, ~((eG >= lo) & (eG <= hi)))
-
-
-def rule_seq_mask_k3(delta: np.ndarray, seq: np.ndarray, tau: float) -> Applied:
-    """Drop the sequence if mean_t k3_t > tau, k3_t = r_t - 1 - log r_t on the +-20-clamped
-    log-ratio (verl's seq_mean_k3)."""
-    v = seq_view(delta, seq)
-    d = np.clip(v.d, -metrics.LOG_RATIO_CLAMP, metrics.LOG_RATIO_CLAMP)  # [N]
-    mean_k3 = v.seg.sum(np.expm1(d) - d) / np.maximum(v.T, 1)  # [S]
-    return _seq_result(v, None, mean_k3 > tau)
-
-
-def rule_seq_veto(delta: np.ndarray, seq: np.ndarray, tau: float) -> Applied:
-    """Drop the sequence if any token has r_t < tau, i.e. d_t < log tau (slime's
-    rs_veto_threshold, verl's removed veto, SkyRL's outlier_token_is_threshold_low)."""
-    v = seq_view(delta, seq)
-    return _seq_result(v, None, v.seg.any(v.finite & (v.d < math.log(tau))))
-
-
-def rule_gspo_clip(delta: np.ndarray, seq: np.ndarray, lo: float, hi: float) -> Applied:
-    """GSPO's sequence ratio exp(G) clipped to [lo, hi]; every token gets the clipped value."""
-    v = seq_view(delta, seq)
-    eG = _clamped_exp(v.G)
-    w = np.clip(eG, lo, hi)
-    return _seq_result(v, w, None, (eG < lo) | (eG > hi), np.abs(eG - w))
-
-
-def rule_nemo_seq_mult(delta: np.ndarray, seq: np.ndarray, tau: float) -> Applied:
-    """Drop the sequence if mean_t exp(|delta_t|) > tau (NeMo-RL's seq_logprob_error_threshold)."""
-    v = seq_view(delta, seq)
-    with np.errstate(over="ignore"):
-        e = np.exp(np.abs(v.d))  # [N]; inf past |delta| > 709: dropped
-    mult = v.seg.sum(e) / np.maximum(v.T, 1)  # [S]
-    return _seq_result(v, None, ~(mult <= tau))
-
-
 def rule_dvp(delta: np.ndarray, seq: np.ndarray, kept: np.ndarray) -> Applied:
     """DVP: drop the sampled tokens outside the safe vocabulary (`kept` [N] from
     `sweep.kept_mask` on the training side's support); weight 1 on the others."""
     return _token_result(np.isfinite(delta), np.ones(delta.shape), ~kept)
+
+
+# Sequence-level rules: `decide_*(view, **params)` once per run, then `SeqDecision.tokens`
+# per batch; `rule_*(delta, seq, **params)` is both on one table (view: its `SeqView`).
+
+
+def decide_tis_seq(v: SeqView, C: float) -> SeqDecision:
+    """Truncated IS per sequence: min(exp(clamp(S, +-20)), C) (verl, SkyRL)."""
+    eS = _clamped_exp(v.S)  # [S]
+    return SeqDecision.of(v, np.minimum(eS, C), None, eS > C, eS - C)
+
+
+def decide_seq_mask_product(v: SeqView, lo: float, hi: float) -> SeqDecision:
+    """Drop the sequence if exp(S) is outside [lo, hi] (SkyRL's product mask); weight 1."""
+    eS = _clamped_exp(v.S)
+    return SeqDecision.of(v, None, ~((eS >= lo) & (eS <= hi)))
+
+
+def decide_seq_mask_geo(v: SeqView, lo: float, hi: float) -> SeqDecision:
+    """Drop the sequence if exp(G) = exp(S / T) is outside [lo, hi] (SkyRL's geometric mask)."""
+    eG = _clamped_exp(v.G)
+    return SeqDecision.of(v, None, ~((eG >= lo) & (eG <= hi)))
+
+
+def decide_seq_mask_k3(v: SeqView, tau: float) -> SeqDecision:
+    """Drop the sequence if mean_t k3_t > tau, k3_t = r_t - 1 - log r_t on the +-20-clamped
+    log-ratio (verl's seq_mean_k3)."""
+    return SeqDecision.of(v, None, v.k3_sum / np.maximum(v.T, 1) > tau)
+
+
+def decide_seq_veto(v: SeqView, tau: float) -> SeqDecision:
+    """Drop the sequence if any token has r_t < tau, i.e. d_t < log tau (slime's
+    rs_veto_threshold, verl's removed veto, SkyRL's outlier_token_is_threshold_low)."""
+    return SeqDecision.of(v, None, v.d_min < math.log(tau))
+
+
+def decide_gspo_clip(v: SeqView, lo: float, hi: float) -> SeqDecision:
+    """GSPO's sequence ratio exp(G) clipped to [lo, hi]; every token gets the clipped value."""
+    eG = _clamped_exp(v.G)
+    w = np.clip(eG, lo, hi)
+    return SeqDecision.of(v, w, None, (eG < lo) | (eG > hi), np.abs(eG - w))
+
+
+def decide_nemo_seq_mult(v: SeqView, tau: float) -> SeqDecision:
+    """Drop the sequence if mean_t exp(|delta_t|) > tau (NeMo-RL's seq_logprob_error_threshold)."""
+    mult = v.exp_abs_sum / np.maximum(v.T, 1)  # [S]; inf past |delta| > 709: dropped
+    return SeqDecision.of(v, None, ~(mult <= tau))
+
+
+def rule_tis_seq(
+    delta: np.ndarray, seq: np.ndarray, C: float, *, view: SeqView | None = None
+) -> Applied:
+    """Truncated IS per sequence: every token gets min(exp(clamp(S, +-20)), C) (verl, SkyRL)."""
+    return decide_tis_seq(_view(delta, seq, view), C).tokens(seq)
+
+
+def rule_seq_mask_product(
+    delta: np.ndarray, seq: np.ndarray, lo: float, hi: float, *, view: SeqView | None = None
+) -> Applied:
+    """Drop the sequence if exp(S) is outside [lo, hi] (SkyRL's product mask); weight 1."""
+    return decide_seq_mask_product(_view(delta, seq, view), lo, hi).tokens(seq)
+
+
+def rule_seq_mask_geo(
+    delta: np.ndarray, seq: np.ndarray, lo: float, hi: float, *, view: SeqView | None = None
+) -> Applied:
+    """Drop the sequence if exp(G) = exp(S / T) is outside [lo, hi] (SkyRL's geometric mask)."""
+    return decide_seq_mask_geo(_view(delta, seq, view), lo, hi).tokens(seq)
+
+
+def rule_seq_mask_k3(
+    delta: np.ndarray, seq: np.ndarray, tau: float, *, view: SeqView | None = None
+) -> Applied:
+    """Drop the sequence if mean_t k3_t > tau (verl's seq_mean_k3, clamped log-ratio)."""
+    return decide_seq_mask_k3(_view(delta, seq, view), tau).tokens(seq)
+
+
+def rule_seq_veto(
+    delta: np.ndarray, seq: np.ndarray, tau: float, *, view: SeqView | None = None
+) -> Applied:
+    """Drop the sequence if any token has r_t < tau (slime, verl, SkyRL's outlier low)."""
+    return decide_seq_veto(_view(delta, seq, view), tau).tokens(seq)
+
+
+def rule_gspo_clip(
+    delta: np.ndarray, seq: np.ndarray, lo: float, hi: float, *, view: SeqView | None = None
+) -> Applied:
+    """GSPO's sequence ratio exp(G) clipped to [lo, hi]; every token gets the clipped value."""
+    return decide_gspo_clip(_view(delta, seq, view), lo, hi).tokens(seq)
+
+
+def rule_nemo_seq_mult(
+    delta: np.ndarray, seq: np.ndarray, tau: float, *, view: SeqView | None = None
+) -> Applied:
+    """Drop the sequence if mean_t exp(|delta_t|) > tau (NeMo-RL)."""
+    return decide_nemo_seq_mult(_view(delta, seq, view), tau).tokens(seq)
+
+
+# rule -> its per-sequence decision (the streamed path decides once, applies per batch)
+SEQ_DECISIONS: dict[Callable[..., Applied], Callable[..., SeqDecision]] = {
+    rule_tis_seq: decide_tis_seq,
+    rule_seq_mask_product: decide_seq_mask_product,
+    rule_seq_mask_geo: decide_seq_mask_geo,
+    rule_seq_mask_k3: decide_seq_mask_k3,
+    rule_seq_veto: decide_seq_veto,
+    rule_gspo_clip: decide_gspo_clip,
+    rule_nemo_seq_mult: decide_nemo_seq_mult,
+}
 
 
 # ----------------------------------------------------------------------------- registry
@@ -395,79 +513,126 @@ OPTIONAL_COLUMNS: tuple[str, ...] = ("kept_train", "advantage", "step", "p_max_t
 
 @dataclass
 class RunTokens:
-    """The token rows every method reads, prepared once (N token rows, S sequences)."""
+    """Token rows prepared for the rules and summaries (n rows): one batch of a streamed run,
+    or a whole table in memory (`run_tokens`). Sequence and step indices are the run's."""
 
-    delta: np.ndarray  # [N] float64, +inf where the training side's truncation removed it
-    seq: np.ndarray  # [N] int64 sequence index 0..S-1
-    seg: Segments
-    bucket: np.ndarray  # [N] int64 bucket of p_train in `edges`, -1 outside
+    delta: np.ndarray  # [n] float64, +inf where the training side's truncation removed it
+    seq: np.ndarray  # [n] int64 sequence index 0..S-1
+    num_sequences: int  # S, of the whole run
+    bucket: np.ndarray  # [n] int64 bucket of p_train in `edges`, -1 outside
     edges: np.ndarray  # [B + 1]
-    advantage: np.ndarray | None  # [N] float64, NaN -> 0
-    step: np.ndarray | None  # [N] int64 index into step_values
-    step_values: np.ndarray | None  # [K] the distinct steps, ascending
-    finite: np.ndarray  # [N] bool
-    abs_delta: np.ndarray  # [N] |delta|, 0 where infinite
-    k3: np.ndarray  # [N] k3_t = exp(d) - 1 - d, unclamped, 0 where infinite
-    outside: np.ndarray  # [N] bool: r outside [0.5, 2]
-    top: TopValues  # the largest |delta|, for the p99 left by each method
-    totals: dict[str, Any]  # sums over all tokens; per method only the masked side is read
+    advantage: np.ndarray | None  # [n] float64, NaN -> 0
+    step: np.ndarray | None  # [n] int64 index into step_values (-1: no step)
+    step_values: np.ndarray | None  # [K] the run's distinct steps, ascending
+    finite: np.ndarray  # [n] bool
+    abs_delta: np.ndarray  # [n] |delta|, 0 where infinite
+    k3: np.ndarray  # [n] k3_t = exp(d) - 1 - d, unclamped, 0 where infinite
+    outside: np.ndarray  # [n] bool: r outside [0.5, 2]
+    support: np.ndarray  # [n] bool: p_train > 0 and kept_train (the sweep's support)
+    p_train: np.ndarray  # [n] float32 (DVP's kept mask)
+    p_max_train: np.ndarray | None  # [n] float32 (DVP min-p)
+    totals: dict[str, Any]  # sums over these rows; per method only the masked side is read
 
     @property
     def num_tokens(self) -> int:
         return int(self.delta.size)
 
-    @property
-    def num_sequences(self) -> int:
-        return self.seg.num
 
-
-def run_tokens(df: pd.DataFrame, edges: Sequence[float] | np.ndarray | None = None) -> RunTokens:
-    """Prepare a token table (seq_id, delta, p_train; optional kept_train, advantage, step)."""
-    from .analysis import bucket_index, parse_edges
-
-    missing = [c for c in BASE_COLUMNS if c not in df.columns]
-    if missing:
-        raise MismatchError(f"the token table lacks column(s) {', '.join(missing)}")
-    if len(df) == 0:
-        raise MismatchError("the run has no tokens: nothing to correct")
-    e = parse_edges(edges)
-    delta = df["delta"].to_numpy(dtype=np.float64, copy=True)  # [N]
-    if "kept_train" in df.columns:
-        delta[~df["kept_train"].to_numpy(dtype=bool)] = np.inf
-    finite = np.isfinite(delta)
+def _token_delta(b: dict[str, np.ndarray]) -> np.ndarray:
+    """delta [n] float64 with +inf where kept_train is False or delta is NaN."""
+    delta = np.array(b["delta"], dtype=np.float64)  # a copy
+    if "kept_train" in b:
+        delta[~np.asarray(b["kept_train"], dtype=bool)] = np.inf
     delta[np.isnan(delta)] = np.inf  # NaN counts as infinite
-    seq, uniq = pd.factorize(df["seq_id"], sort=True)
-    seq = seq.astype(np.int64)
+    return delta
+
+
+def _step_codes(values: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Index of each row's step in `values` (sorted), -1 where the step is missing. [n]"""
+    missing = np.asarray(pd.isna(step), dtype=bool)
+    codes = np.full(step.shape, -1, dtype=np.int64)
+    codes[~missing] = np.searchsorted(values, step[~missing])
+    return codes
+
+
+def _prepare(
+    b: dict[str, np.ndarray],
+    seq: np.ndarray,
+    num_sequences: int,
+    edges: np.ndarray,
+    step_values: np.ndarray | None,
+) -> RunTokens:
+    """A batch of token columns (BASE_COLUMNS and the OPTIONAL_COLUMNS it has) as RunTokens."""
+    from .analysis import bucket_index
+
+    delta = _token_delta(b)
+    finite = np.isfinite(delta)
     abs_delta = np.where(finite, np.abs(delta), 0.0)
-    finite_delta = np.where(finite, delta, 0.0)
-    adv = step = step_values = None
-    if "advantage" in df.columns:
-        adv = np.nan_to_num(df["advantage"].to_numpy(dtype=np.float64), nan=0.0)
-    if "step" in df.columns and df["step"].notna().any():
-        codes, step_values = pd.factorize(df["step"], sort=True)
-        step, step_values = codes.astype(np.int64), np.asarray(step_values)
+    p = np.asarray(b["p_train"], dtype=np.float64)
+    support = p > 0
+    if "kept_train" in b:
+        support &= np.asarray(b["kept_train"], dtype=bool)
+    adv = None
+    if "advantage" in b:
+        adv = np.nan_to_num(np.asarray(b["advantage"], dtype=np.float64), nan=0.0)
+    step = None
+    if step_values is not None and "step" in b:
+        step = _step_codes(step_values, b["step"])
     t = RunTokens(
         delta=delta,
-        seq=seq,
-        seg=Segments.of(seq, len(uniq)),
-        bucket=bucket_index(df["p_train"].to_numpy(dtype=np.float64), e),
-        edges=e,
+        seq=np.asarray(seq, dtype=np.int64),
+        num_sequences=int(num_sequences),
+        bucket=bucket_index(p, edges),
+        edges=edges,
         advantage=adv,
         step=step,
-        step_values=step_values,
+        step_values=step_values if step is not None else None,
         finite=finite,
         abs_delta=abs_delta,
-        k3=metrics.k3_per_token(finite_delta),
+        k3=metrics.k3_per_token(np.where(finite, delta, 0.0)),
         outside=finite & (abs_delta > LOG2),
-        top=TopValues(abs_delta, finite),
+        support=support,
+        p_train=p.astype(np.float32),
+        p_max_train=(
+            np.asarray(b["p_max_train"], dtype=np.float32) if "p_max_train" in b else None
+        ),
         totals={},
     )
     t.totals = _totals(t)
     return t
 
 
+def run_tokens(df: pd.DataFrame, edges: Sequence[float] | np.ndarray | None = None) -> RunTokens:
+    """A whole token table in memory as RunTokens (seq_id, delta, p_train; optional
+    kept_train, advantage, step, p_max_train): the streamed path's batch, in one batch."""
+    from .analysis import parse_edges
+
+    src = TokenBatches(df)
+    _check_table(src.columns, src.num_rows, "the token table")
+    cols = [*BASE_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in src.columns)]
+    (b,) = src.read(cols, batch_rows=src.num_rows)
+    seqs = SeqIndex.scan([b["seq_id"]])
+    steps = _step_values([b["step"]]) if "step" in b else None
+    return _prepare(b, seqs.codes(b["seq_id"]), seqs.num, parse_edges(edges), steps)
+
+
+def _step_values(chunks: Iterable[np.ndarray]) -> np.ndarray | None:
+    """The distinct non-missing steps, sorted (None when there are none)."""
+    parts = [distinct(c[~np.asarray(pd.isna(c), dtype=bool)]) for c in chunks]
+    parts = [p for p in parts if p.size]
+    return np.unique(np.concatenate(parts)) if parts else None
+
+
+def _check_table(columns: Sequence[str], num_rows: int, name: str) -> None:
+    missing = [c for c in BASE_COLUMNS if c not in columns]
+    if missing:
+        raise MismatchError(f"{name} lacks column(s) {', '.join(missing)}")
+    if num_rows == 0:
+        raise MismatchError("the run has no tokens: nothing to correct")
+
+
 def _totals(t: RunTokens) -> dict[str, Any]:
-    """Sums over every token row, so that a method's kept-token sums are totals minus the
+    """Sums over the rows, so that a method's kept-token sums are totals minus the
     (usually few) masked rows."""
     B = len(t.edges) - 1
     tot: dict[str, Any] = {
@@ -481,23 +646,36 @@ def _totals(t: RunTokens) -> dict[str, Any]:
         tot["adv"] = float(np.abs(t.advantage).sum())
     if t.step is not None and t.step_values is not None:
         K = len(t.step_values)
-        tot["step"] = np.bincount(t.step, minlength=K)
-        tot["step_abs"] = np.bincount(t.step, weights=t.abs_delta, minlength=K)
+        tot["step"] = np.bincount(t.step + 1, minlength=K + 1)[1:]
+        tot["step_abs"] = np.bincount(t.step + 1, weights=t.abs_delta, minlength=K + 1)[1:]
     return tot
 
 
-def _read(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any], list[str]]:
-    """The columns corrections need (optional ones where the run has them; p_max_train
-    for the DVP min-p row, handed to the sweep with the others)."""
-    import pyarrow.parquet as pq
+def _open(
+    path: str | Path, batch_rows: int
+) -> tuple[TokenBatches, dict[str, Any], list[str], Path]:
+    """A run's tokens.parquet as TokenBatches (nothing read yet), run.json, warnings (an
+    incomplete run is read as it is) and the run's path."""
+    from .runs import finish_hint, open_run
+    from .schema import STATUS_COMPLETE, TOKENS_FILE
 
-    from .schema import TOKENS_FILE
-    from .tokens import load_tokens
-
-    file = Path(path) / TOKENS_FILE
-    have = set(pq.read_schema(file).names) if file.is_file() else set()
-    cols = [*BASE_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in have)]
-    return load_tokens(path, columns=cols)
+    run, meta = open_run(path)
+    status = meta.get("status", "incomplete")
+    file = run.path / TOKENS_FILE
+    if not file.is_file():
+        raise MismatchError(
+            f"run {run.path} has no {TOKENS_FILE} (status: {status}): nothing to correct yet; "
+            f"{finish_hint(run.path, meta)}"
+        )
+    warnings = []
+    if status != STATUS_COMPLETE:
+        warnings.append(
+            f"run {run.path} is {status}, not complete: correcting the {TOKENS_FILE} it has, "
+            "which may not hold every prompt"
+        )
+    src = TokenBatches(file, batch_rows)
+    _check_table(src.columns, src.num_rows, str(file))
+    return src, meta, warnings, run.path
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -529,80 +707,166 @@ def _per_group(idx: np.ndarray, on_true: bool, group: np.ndarray, total: np.ndar
     return c if on_true else total - c
 
 
-def summarize(a: Applied, t: RunTokens) -> dict[str, Any]:
-    """Every per-method quantity of the issue (the keys of a method object, less name,
-    params, level, bias_bound and skipped). Kept-token sums are totals minus the masked
-    rows (or sums over the kept rows, whichever side is smaller); weights are 0 on masked
-    tokens, so their sums run over all rows."""
-    N, S, tot = t.num_tokens, t.num_sequences, t.totals
-    n_masked = int(np.count_nonzero(a.masked))
-    n = N - n_masked  # tokens that still carry gradient (all finite)
-    idx, on_masked = _side(a.masked, n_masked)
+class Summary:
+    """One method's summaries accumulated over batches of token rows: every per-method
+    quantity of the issue (the keys of a method object, less name, params, level,
+    bias_bound and skipped). Counts and sums are exact (float64); kept-token sums are a
+    batch's totals minus its masked rows (or sums over the kept rows, whichever side is
+    smaller); weights are 0 on masked tokens, so their sums run over all rows. Per
+    sequence [S]: kept rows and the sum of weights (sequence ESS, sequences masked)."""
 
-    def kept_sum(x: np.ndarray, total: float) -> float:
-        part = float(x[idx].sum())
-        return total - part if on_masked else part
+    def __init__(
+        self,
+        num_sequences: int,
+        edges: np.ndarray,
+        step_values: np.ndarray | None,
+        has_advantage: bool,
+    ) -> None:
+        S, B = int(num_sequences), len(edges) - 1
+        K = 0 if step_values is None else len(step_values)
+        self.S, self.edges, self.step_values = S, edges, step_values
+        self.has_advantage = has_advantage
+        self.N = self.n_masked = self.n_clip = self.fin_total = self.fin_masked = 0
+        self.abs_total = self.abs_kept = self.k3_kept = self.out_kept = 0.0
+        self.sw = self.sw2 = self.excess = self.adv_total = self.adv_removed = 0.0
+        self.abs_removed = self.w_mean = self.w_m2 = 0.0
+        self.w_count = 0
+        self.wmax = -math.inf
+        self.kept_seq = np.zeros(S)  # [S] rows not masked
+        self.w_seq = np.zeros(S)  # [S] sum of weights
+        self.bucket_n = np.zeros(B, dtype=np.int64)
+        self.masked_b = np.zeros(B, dtype=np.int64)
+        self.clipped_b = np.zeros(B, dtype=np.int64)
+        self.step_n = np.zeros(K, dtype=np.int64)
+        self.step_masked = np.zeros(K, dtype=np.int64)
+        self.step_clipped = np.zeros(K, dtype=np.int64)
+        self.step_left_abs = np.zeros(K)
 
-    nan = float("nan")
-    abs_kept = kept_sum(t.abs_delta, tot["abs"])
-    k3_kept = kept_sum(t.k3, tot["k3"])
-    out_kept = kept_sum(t.outside, tot["outside"])
-    fin_masked = int(np.count_nonzero(t.finite[idx])) if on_masked else tot["finite"] - n
-    w = a.weight  # [N], 0 where masked
-    sw, sw2 = float(w.sum()), float(np.dot(w, w))
-    w_mean = sw / n if n else nan
-    kept_per_seq = t.seg.sizes() - t.seg.sum(a.masked)  # [S]
-    alive = kept_per_seq > 0  # [S] sequences not masked whole
-    w_seq = t.seg.sum(w)[alive] / kept_per_seq[alive]
-    clip_mass = float(t.seg.sum(a.excess).mean()) if a.excess is not None else 0.0
-    adv_share = None
-    if t.advantage is not None:
-        adv_share = _share(tot["adv"] - kept_sum(np.abs(t.advantage), tot["adv"]), tot["adv"])
-    in_top = ~a.masked[t.top.index]  # the kept rows among the largest |delta|
-    B = len(t.edges) - 1
-    masked_b = _per_group(idx, on_masked, t.bucket, tot["bucket"])  # [B]
-    n_clip = int(np.count_nonzero(a.clipped))
-    cidx, c_on = _side(a.clipped, n_clip)
-    clipped_b = _per_group(cidx, c_on, t.bucket, tot["bucket"])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        by_bucket = [
-            {"lo": t.edges[i], "hi": t.edges[i + 1], "num_tokens": tot["bucket"][i],
-             "masked": masked_b[i] / tot["bucket"][i], "clipped": clipped_b[i] / tot["bucket"][i]}
-            for i in range(B)
-        ]  # fmt: skip
-        by_step = None
-        if t.step is not None and t.step_values is not None:
+    def add(self, a: Applied, t: RunTokens, bs: BatchSeqs) -> None:
+        """Add a batch's rows `t` (sequences bs) under the rule's result `a`."""
+        tot = t.totals
+        n_rows = t.num_tokens
+        n_masked = int(np.count_nonzero(a.masked))
+        idx, on_masked = _side(a.masked, n_masked)
+
+        def sides(x: np.ndarray, total: float) -> tuple[float, float]:
+            """(sum over the kept rows, over the masked rows), each summed directly or as
+            total minus the other side (the smaller side is summed)."""
+            part = float(x[idx].sum())
+            return (total - part, part) if on_masked else (part, total - part)
+
+        def kept_sum(x: np.ndarray, total: float) -> float:
+            return sides(x, total)[0]
+
+        self.N += n_rows
+        self.n_masked += n_masked
+        self.fin_total += tot["finite"]
+        self.abs_total += tot["abs"]
+        abs_kept, abs_removed = sides(t.abs_delta, tot["abs"])
+        self.abs_kept += abs_kept
+        self.abs_removed += abs_removed
+        self.k3_kept += kept_sum(t.k3, tot["k3"])
+        self.out_kept += kept_sum(t.outside, tot["outside"])
+        kept = n_rows - n_masked  # all finite
+        self.fin_masked += (
+            int(np.count_nonzero(t.finite[idx])) if on_masked else tot["finite"] - kept
+        )
+        w = a.weight  # [n], 0 where masked
+        self.sw += float(w.sum())
+        self.sw2 += float(np.dot(w, w))
+        wk = w[idx] if not on_masked else w[~a.masked]  # [kept] the unmasked weights
+        if wk.size:  # Chan et al.'s merge of (count, mean, M2): std without cancellation
+            m, m2 = float(wk.mean()), float(np.square(wk - wk.mean()).sum())
+            n0, n1 = self.w_count, int(wk.size)
+            step = m - self.w_mean
+            self.w_mean += step * n1 / (n0 + n1)
+            self.w_m2 += m2 + step * step * n0 * n1 / (n0 + n1)
+            self.w_count = n0 + n1
+        self.wmax = max(self.wmax, float(w.max()))
+        self.kept_seq[bs.ids] += bs.part.sizes() - bs.part.sum(a.masked)
+        bs.add(self.w_seq, w)
+        if a.excess is not None:
+            self.excess += float(a.excess.sum())
+        if t.advantage is not None:
+            self.adv_total += tot["adv"]
+            self.adv_removed += sides(np.abs(t.advantage), tot["adv"])[1]
+        self.bucket_n += tot["bucket"]
+        self.masked_b += _per_group(idx, on_masked, t.bucket, tot["bucket"])
+        n_clip = int(np.count_nonzero(a.clipped))
+        self.n_clip += n_clip
+        cidx, c_on = _side(a.clipped, n_clip)
+        self.clipped_b += _per_group(cidx, c_on, t.bucket, tot["bucket"])
+        if t.step is not None and self.step_values is not None:
             ks = tot["step"]
-            ms = _per_group(idx, on_masked, t.step, ks)
-            cs = _per_group(cidx, c_on, t.step, ks)
-            part = np.bincount(t.step[idx], weights=t.abs_delta[idx], minlength=ks.size)
-            left_abs = tot["step_abs"] - part if on_masked else part
-            by_step = [
-                {"step": v, "num_tokens": ks[i], "masked": ms[i] / ks[i], "clipped": cs[i] / ks[i],
-                 "left_mean_abs_delta": left_abs[i] / (ks[i] - ms[i])}
-                for i, v in enumerate(t.step_values)
+            self.step_n += ks
+            self.step_masked += _per_group(idx, on_masked, t.step, ks)
+            self.step_clipped += _per_group(cidx, c_on, t.step, ks)
+            part = np.bincount(t.step[idx] + 1, weights=t.abs_delta[idx], minlength=ks.size + 1)
+            self.step_left_abs += tot["step_abs"] - part[1:] if on_masked else part[1:]
+
+    def result(self, p99: float, max_abs: float) -> dict[str, Any]:
+        """The summaries; p99 and max_abs: the quantiles of |delta| over the kept tokens."""
+        N, S = self.N, self.S
+        n = N - self.n_masked  # tokens that still carry gradient (all finite)
+        nan = float("nan")
+        w_mean = self.sw / n if n else nan
+        alive = self.kept_seq > 0  # [S] sequences not masked whole
+        w_seq = self.w_seq[alive] / self.kept_seq[alive]
+        adv_share = None
+        if self.has_advantage:
+            adv_share = _share(self.adv_removed, self.adv_total)
+        e, kb = self.edges, self.bucket_n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            by_bucket = [
+                {"lo": e[i], "hi": e[i + 1], "num_tokens": kb[i],
+                 "masked": self.masked_b[i] / kb[i], "clipped": self.clipped_b[i] / kb[i]}
+                for i in range(len(e) - 1)
             ]  # fmt: skip
-    return {
-        "tokens_masked": n_masked / N,
-        "sequences_masked": float((~alive).mean()) if S else nan,
-        "tokens_clipped": n_clip / N,
-        "weight_mean": w_mean,
-        "weight_std": math.sqrt(max(sw2 / n - w_mean**2, 0.0)) if n else nan,
-        "weight_max": float(w.max()) if n else nan,  # weights are >= 0, masked ones 0
-        "ess_token": sw**2 / (n * sw2) if n and sw2 > 0 else nan,
-        "ess_seq": _ess(w_seq),
-        "left_mean_abs_delta": abs_kept / n if n else nan,
-        "left_k3": k3_kept / n if n else nan,
-        "left_p99_abs_delta": t.top.quantile(in_top, n, 0.99, lambda: ~a.masked),
-        "left_max_abs_delta": t.top.quantile(in_top, n, 1.0, lambda: ~a.masked),
-        "left_frac_ratio_outside_0.5_2": out_kept / n if n else nan,
-        "removed_token_share": _share(fin_masked, tot["finite"]),
-        "removed_abs_delta_share": _share(tot["abs"] - abs_kept, tot["abs"]),
-        "clipped_mass_per_seq": clip_mass,
-        "removed_advantage_share": adv_share,
-        "by_bucket": by_bucket,
-        "by_step": by_step,
-    }
+            by_step = None
+            if self.step_values is not None:
+                ks, ms, cs = self.step_n, self.step_masked, self.step_clipped
+                by_step = [
+                    {"step": v, "num_tokens": ks[i], "masked": ms[i] / ks[i],
+                     "clipped": cs[i] / ks[i],
+                     "left_mean_abs_delta": self.step_left_abs[i] / (ks[i] - ms[i])}
+                    for i, v in enumerate(self.step_values)
+                ]  # fmt: skip
+        return {
+            "tokens_masked": self.n_masked / N,
+            "sequences_masked": float((~alive).mean()) if S else nan,
+            "tokens_clipped": self.n_clip / N,
+            "weight_mean": w_mean,
+            "weight_std": math.sqrt(self.w_m2 / n) if n else nan,
+            "weight_max": self.wmax if n else nan,  # weights are >= 0, masked ones 0
+            "ess_token": self.sw**2 / (n * self.sw2) if n and self.sw2 > 0 else nan,
+            "ess_seq": _ess(w_seq),
+            "left_mean_abs_delta": self.abs_kept / n if n else nan,
+            "left_k3": self.k3_kept / n if n else nan,
+            "left_p99_abs_delta": p99,
+            "left_max_abs_delta": max_abs,
+            "left_frac_ratio_outside_0.5_2": self.out_kept / n if n else nan,
+            "removed_token_share": _share(self.fin_masked, self.fin_total),
+            "removed_abs_delta_share": _share(self.abs_removed, self.abs_total),
+            "clipped_mass_per_seq": self.excess / S if S else 0.0,
+            "removed_advantage_share": adv_share,
+            "by_bucket": by_bucket,
+            "by_step": by_step,
+        }
+
+
+def _keep_all(keys: np.ndarray) -> np.ndarray:
+    return np.ones(keys.shape, dtype=bool)
+
+
+def summarize(a: Applied, t: RunTokens) -> dict[str, Any]:
+    """Every per-method quantity of a rule's result `a` on the rows `t` (one table in
+    memory: the streamed path's `Summary` over one batch)."""
+    acc = Summary(t.num_sequences, t.edges, t.step_values, t.advantage is not None)
+    acc.add(a, t, BatchSeqs(t.seq))
+    q = KeyedQuantiles()
+    keep = ~a.masked  # finite tokens only
+    q.add(t.abs_delta[keep], np.zeros(int(np.count_nonzero(keep)), dtype=np.int32))
+    return acc.result(q.quantile(_keep_all, 0.99), q.quantile(_keep_all, 1.0))
 
 
 # Keys of every method object, in order (docs/formats.md).
@@ -643,9 +907,9 @@ def _skipped(name: str, params: dict[str, Any], why: str) -> dict[str, Any]:
     return row
 
 
-def _row(name: str, params: dict[str, Any], a: Applied, t: RunTokens, bias: Any = None) -> dict:
+def _row(name: str, params: dict[str, Any], summary: dict[str, Any], bias: Any = None) -> dict:
     row = {"name": name, "level": METHODS[name].level, "params": params, "skipped": None}
-    row.update(summarize(a, t))
+    row.update(summary)
     row["bias_bound"] = bias
     return {k: row[k] for k in METHOD_KEYS}
 
@@ -653,61 +917,28 @@ def _row(name: str, params: dict[str, Any], a: Applied, t: RunTokens, bias: Any 
 # ----------------------------------------------------------------------------- DVP
 
 
-def _dvp_inputs(
-    rules: Sequence[str],
-    source: str | Path | None,
-    df: pd.DataFrame,
-    grid: Sequence[float] | None,
-) -> dict[str, Any]:
-    """The sweep's inputs of each DVP rule (or the MismatchError saying why not): from the
-    run (`sweep.load_rules`: both pruned-mass grids streamed together), or from `df` when
-    it is the whole table (source None)."""
+def _dvp_plan(
+    name: str, params: dict[str, Any], res: dict[str, Any], grid: np.ndarray, num_tokens: int
+) -> tuple[dict[str, Any], float, dict[str, Any]] | str:
+    """A DVP row's threshold from its rule's sweep result `res` (recommendation, or the
+    given rho): (params with rho and rho_from, bias bound, the curve through every grid
+    value), or why the row is skipped."""
     from . import sweep as sw
 
-    if source is not None:
-        return sw.load_rules(source, rules, grid, tokens=df)
-    from .schema import RHO_GRID
-
-    out: dict[str, Any] = {}
-    for r in rules:
-        try:
-            out[r] = sw.prepare(df, r, RHO_GRID if grid is None else grid)
-        except MismatchError as e:
-            out[r] = e
-    return out
-
-
-def _dvp(
-    name: str, params: dict[str, Any], t: RunTokens, inp: Any
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """A DVP row from the sweep (recommendation, kept mask, bias bound) and its curve;
-    inp: `sweep.SweepInputs`, or the MismatchError that makes the row skipped."""
-    from . import sweep as sw
-
-    rule = METHODS[name].dvp_rule
-    assert rule is not None
-    if isinstance(inp, MismatchError):
-        return _skipped(name, params, str(inp)), None
-    if inp.num_tokens != t.num_tokens:  # both read the same file in file order
-        raise MismatchError(f"{name}: the sweep read {inp.num_tokens} tokens, not {t.num_tokens}")
-    res = sw.sweep(inp, rule)
     rows, rec = res["rows"], res["recommended"]
     rho = params["rho"]
     chosen = "given"
     if rho is None:
         rho, chosen = rec["rho"], "recommended"
         if rho is None:
-            return _skipped(name, params, f"no rho recommended: {rec['reason']}"), None
-    rho, _ = sw.resolve_rhos([rho], inp.grid)[0]  # off-grid -> MismatchError
-    params = {**params, "rho": rho, "rho_from": chosen}
-    kept = inp.support & sw.kept_mask(inp.p_train, inp.p_max_train, rho, rule)  # [N]
+            return f"no rho recommended: {rec['reason']}"
+    rho, _ = sw.resolve_rhos([rho], grid)[0]  # off-grid -> MismatchError
     row = next(r for r in rows if r["rho"] == rho)
-    out = _row(name, params, rule_dvp(t.delta, t.seq, kept), t, row["seq_bias_bound_mean"])
     base = res["baseline"]
-    n_support = t.num_tokens - base["pruned_tokens"]
+    n_support = num_tokens - base["pruned_tokens"]
     curve = {
         "name": name,
-        "rule": rule,
+        "rule": res["rule"],
         "rho": rho,
         "recommended": rec["rho"],
         "points": [
@@ -723,7 +954,7 @@ def _dvp(
             for r in rows
         ],
     }
-    return out, curve
+    return {**params, "rho": rho, "rho_from": chosen}, row["seq_bias_bound_mean"], curve
 
 
 # ----------------------------------------------------------------------------- Pareto, verdict
@@ -820,16 +1051,28 @@ def corrections(
     rho: float | None = None,
     edges: Sequence[float] | str | None = None,
     grid: Sequence[float] | None = None,
+    *,
+    batch_rows: int = BATCH_ROWS,
+    exact_limit: int = EXACT_LIMIT,
 ) -> dict[str, Any]:
     """Apply every correction (or `methods`) to a run (path) or a token table.
 
     overrides: {method: {key: value}} (`parse_sets`); rho: the DVP threshold (default: the
     sweep's recommendation); edges: probability buckets of `by_bucket` (default the
     report's); grid: pruning grid of a DataFrame source (default schema.RHO_GRID).
+
+    The table is streamed `batch_rows` rows at a time in three passes: seq_id (and step),
+    then the per-sequence sums the sequence-level rules decide on (and the DVP rules'
+    sweeps, with the pruned-mass grids), then every method on each batch. Memory holds one
+    batch and S-sized arrays; quantiles are exact up to `exact_limit` finite tokens.
     Returns a strict-JSON dict: run, num_tokens, num_sequences, num_finite, num_infinite,
     edges, has_advantage, has_step, all_tokens, methods (METHOD_KEYS each, registry order),
-    pareto (names), pareto_axes, dvp_curves, verdict, warnings, conventions.
+    pareto (names), pareto_axes, dvp_curves, verdict, warnings, quantiles, conventions.
     """
+    from . import sweep as sw
+    from .analysis import parse_edges
+    from .schema import RHO_GRID
+
     names = check_methods(methods)
     overrides = overrides or {}
     for n in overrides:
@@ -840,34 +1083,110 @@ def corrections(
     params = {n: resolve_params(n, overrides.get(n), rho) for n in names}
     warnings: list[str] = []
     run = None
+    scored: MismatchError | None = None
     if isinstance(source, pd.DataFrame):
-        df = source
+        src, where = TokenBatches(source, batch_rows), "the token table"
+        _check_table(src.columns, src.num_rows, where)
     else:
         run = str(source)
-        df, meta, warnings = _read(source)
+        src, meta, warnings, path = _open(source, batch_rows)
+        where = sw.run_where(path, meta)
+        try:
+            sw.check_scored_import(path, meta)
+        except MismatchError as e:  # the DVP rows are skipped, the others work
+            scored = e
         if grid is None and meta.get("rho_grid"):
             grid = meta["rho_grid"]
-    t = run_tokens(df, edges)
+    e = parse_edges(edges)
+    g = np.asarray(RHO_GRID if grid is None else grid, dtype=np.float64)
+    have = set(src.columns)
+
     rows: dict[str, dict[str, Any]] = {}
-    curves = []
-    dvp = [n for n in names if METHODS[n].dvp_rule is not None]
-    if dvp:  # DVP first: then the table the sweep shares can go
-        path = None if isinstance(source, pd.DataFrame) else source
-        rules = [METHODS[n].dvp_rule for n in dvp]
-        inputs = _dvp_inputs(rules, path, df, grid)  # type: ignore[arg-type]
-        for n, r in zip(dvp, rules, strict=True):
-            rows[n], curve = _dvp(n, params[n], t, inputs.pop(r))
-            if curve is not None:
-                curves.append(curve)
-        del inputs
-    del df
-    for n in names:
-        m = METHODS[n]
-        if m.rule is not None:
-            rows[n] = _row(n, params[n], m.rule(t.delta, t.seq, **params[n]), t)
+    dvp = {n: METHODS[n].dvp_rule for n in names if METHODS[n].dvp_rule is not None}
+    rule_err = {r: scored or sw.rule_error(have, src.num_rows, r, where) for r in dvp.values()}
+    for n, r in dvp.items():  # a given rho off the grid fails before any token is read
+        if rule_err[r] is None and params[n]["rho"] is not None:
+            sw.resolve_rhos([params[n]["rho"]], g)
+    rules = [r for r in dict.fromkeys(dvp.values()) if rule_err[r] is None]
+
+    # pass 1: the sequences (and steps)
+    has_step = "step" in have
+    seq_parts, step_parts = [], []
+    for b in src.read(["seq_id", *(["step"] if has_step else [])]):
+        seq_parts.append(distinct(b["seq_id"]))
+        if has_step:
+            step_parts.append(b["step"])
+    seqs = SeqIndex.scan(seq_parts)
+    step_values = _step_values(step_parts) if has_step else None
+    del seq_parts, step_parts
+    S = seqs.num
+
+    # pass 2: per-sequence sums, and the sweep of each DVP rule
+    acc = SeqAccumulator(S)
+    sweeps = {r: sw.SweepAccumulator(r, g, S, exact_limit) for r in rules}
+    cols = ["seq_id", "delta", *(["kept_train"] if "kept_train" in have else [])]
+    cols += [c for c in sw.scalar_columns(rules, have) if c not in cols]
+    for b in src.read(cols, [sw.MASS_COLUMN[r] for r in rules]):
+        seq = seqs.codes(b["seq_id"])
+        bs = BatchSeqs(seq)
+        acc.add(_token_delta(b), bs)
+        for r in list(sweeps):
+            try:
+                sweeps[r].add_batch(b, seq, bs)
+            except MismatchError as err:  # e.g. a grid of another width: the row says so
+                rule_err[r] = err
+                del sweeps[r]
+    view = acc.view()
+    del acc
+    num_tokens = int(view.T.sum())
+    sweep_res = {r: s.result() for r, s in sweeps.items()}
+    del sweeps
+    curves, bias, dvp_live = [], {}, {}
+    for n, r in dvp.items():
+        err = rule_err[r]
+        plan = str(err) if err is not None else _dvp_plan(n, params[n], sweep_res[r], g, num_tokens)
+        if isinstance(plan, str):
+            rows[n] = _skipped(n, params[n], plan)
+            continue
+        params[n], bias[n], curve = plan
+        curves.append(curve)
+        dvp_live[n] = (r, params[n]["rho"])
+
+    # pass 3: every method on each batch
+    live = [n for n in names if n not in rows]
+    decisions = {
+        n: SEQ_DECISIONS[m.rule](view, **params[n])
+        for n in live
+        if (m := METHODS[n]).rule in SEQ_DECISIONS
+    }
+    has_adv = "advantage" in have
+    summaries = {n: Summary(S, e, step_values, has_adv) for n in ["", *live]}  # "": all tokens
+    bits = {n: 1 << j for j, n in enumerate(summaries)}  # a token's key: the methods keeping it
+    quantiles = KeyedQuantiles(exact_limit)
+    cols = [*BASE_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in have)]
+    if not any(r == "min-p" for r, _ in dvp_live.values()) and "p_max_train" in cols:
+        cols.remove("p_max_train")
+    for b in src.read(cols):
+        seq = seqs.codes(b["seq_id"])
+        t = _prepare(b, seq, S, e, step_values)
+        bs = BatchSeqs(seq)
+        keys = np.zeros(t.num_tokens, dtype=np.int32)
+        for n, summary in summaries.items():
+            a = _apply(n, t, params.get(n, {}), decisions, dvp_live)
+            summary.add(a, t, bs)
+            keys |= np.where(a.masked, 0, bits[n]).astype(np.int32)
+        quantiles.add(t.abs_delta[t.finite], keys[t.finite])
+
+    def summary_of(n: str) -> dict[str, Any]:
+        bit = bits[n]
+        kept = lambda k: (k & bit) != 0  # noqa: E731
+        return summaries[n].result(quantiles.quantile(kept, 0.99), quantiles.quantile(kept, 1.0))
+
+    base = summary_of("")
+    for n in live:
+        rows[n] = _row(n, params[n], summary_of(n), bias.get(n))
     rows_list = [rows[n] for n in names]
-    x = "removed_advantage_share" if t.advantage is not None else "removed_token_share"
-    base = summarize(rule_none(t.delta, t.seq), t)  # every finite token
+    x = "removed_advantage_share" if has_adv else "removed_token_share"
     steps = None
     if base["by_step"] is not None:
         steps = [
@@ -878,16 +1197,16 @@ def corrections(
             }
             for r in base["by_step"]
         ]
-    n_fin = int(np.count_nonzero(t.finite))
+    n_fin = summaries[""].fin_total
     result: dict[str, Any] = {
         "run": run,
-        "num_tokens": t.num_tokens,
-        "num_sequences": t.num_sequences,
+        "num_tokens": num_tokens,
+        "num_sequences": S,
         "num_finite": n_fin,
-        "num_infinite": t.num_tokens - n_fin,
-        "edges": t.edges,
-        "has_advantage": t.advantage is not None,
-        "has_step": t.step is not None,
+        "num_infinite": num_tokens - n_fin,
+        "edges": e,
+        "has_advantage": has_adv,
+        "has_step": step_values is not None,
         "all_tokens": {
             "mean_abs_delta": base["left_mean_abs_delta"],
             "k3": base["left_k3"],
@@ -899,6 +1218,9 @@ def corrections(
         "pareto_axes": {"x": x, "y": "left_k3"},
         "dvp_curves": curves,
         "warnings": warnings,
+        "quantiles": (
+            "exact" if quantiles.exact else f"sketch (relative error <= {quantiles.alpha:g})"
+        ),
         "conventions": CONVENTIONS,
     }
     result = json_ready(result)
@@ -907,7 +1229,35 @@ def corrections(
     return result
 
 
+def _apply(
+    name: str,
+    t: RunTokens,
+    params: Mapping[str, Any],
+    decisions: Mapping[str, SeqDecision],
+    dvp_live: Mapping[str, tuple[str, float]],
+) -> Applied:
+    """Method `name` ("": no correction, the all-tokens baseline) on a batch of rows."""
+    from . import sweep as sw
+
+    if name in decisions:
+        return decisions[name].tokens(t.seq)
+    if name in dvp_live:
+        rule, rho = dvp_live[name]
+        kept = t.support & sw.kept_mask(t.p_train, t.p_max_train, rho, rule)  # [n]
+        return rule_dvp(t.delta, t.seq, kept)
+    if name == "":
+        return rule_none(t.delta, t.seq)
+    m = METHODS[name]
+    assert m.rule is not None
+    return m.rule(t.delta, t.seq, **params)
+
+
 CONVENTIONS: dict[str, str] = {
+    "quantiles": (
+        "counts, sums, means, maxima, ESS and shares are exact; p99 |delta| is exact up to "
+        f"{EXACT_LIMIT:,} finite tokens, beyond from a quantile sketch with relative error "
+        "<= 0.5% (the `quantiles` key says which)"
+    ),
     "delta": "delta = logp_infer - logp_train (nats); d = -delta; r = exp(d) = p_train / p_infer",
     "sequence": "S = sum_t d_t, G = S / T over the sequence's token rows, recomputed in float64",
     "clamp": "weights use exp of the log-ratio (or S, G) clamped to +-20, as verl and SkyRL",
@@ -951,6 +1301,10 @@ __all__ = [
     "Applied",
     "Method",
     "RunTokens",
+    "SeqAccumulator",
+    "SeqDecision",
+    "SeqView",
+    "Summary",
     "check_methods",
     "corrections",
     "pareto",

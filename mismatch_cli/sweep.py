@@ -25,26 +25,34 @@ kept_train False) have p = 0 on the training sampling distribution: they are out
 safe set, so they count as pruned at every rho (and in the baseline's pruned fraction), and
 are excluded from every mean, as everywhere in the tool.
 
+Memory. `sweep(path)` streams the token table in batches (`grouped.TokenBatches`): a pass
+over seq_id gives each row its sequence index, one pass over the sweep's columns fills a
+`SweepAccumulator` (every row at once). Memory holds one batch and S-sized arrays (S
+sequences), never a per-token array of the run, so a 10^8-token run fits in a few GB.
+Counts, sums, means, maxima, and the bias bound's mean and p95 (over the S per-sequence
+sums, which are kept) are exact; the p99 of kept |delta| is exact up to
+`grouped.EXACT_LIMIT` finite tokens and from the quantile sketch beyond (relative error
+<= 0.5%, `sketch.QuantileSketch`); the result's `quantiles` key says which.
+
 No torch here: the command must start fast.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from . import metrics
-from .errors import MismatchError
-from .grouped import Segments, TopValues
+from .errors import MismatchError, RunNotFoundError
+from .grouped import BATCH_ROWS, EXACT_LIMIT, BatchSeqs, KeyedQuantiles, SeqIndex, TokenBatches
 from .results import json_ready
-from .runs import open_run, read_tokens
+from .runs import finish_hint, open_run
 from .schema import CONVENTIONS, FORMAT_VERSION, RHO_GRID, TOKENS_FILE
 
 SWEEP_RULES: tuple[str, ...] = ("min-p", "absolute")
@@ -52,7 +60,6 @@ MASS_COLUMN: dict[str, str] = {"min-p": "pruned_mass_minp", "absolute": "pruned_
 DEFAULT_MAX_BIAS = 0.05
 GRID_RTOL = 1e-9  # a --rho value within this relative distance of a grid value IS that value
 BIAS_QUANTILE = 95.0
-MASS_BATCH_ROWS = 1 << 20  # token rows of the pruned-mass grid streamed at a time
 
 # Keys of every row (and of the baseline row), in table order.
 ROW_KEYS: tuple[str, ...] = (
@@ -180,71 +187,18 @@ def kept_mask(
     return p >= r
 
 
-@dataclass(frozen=True)
-class MassStats:
-    """What the sweep reads of the pruned-mass grid (N positions, G grid values, S sequences)."""
-
-    total: np.ndarray  # [G] float64, sum over positions of m(rho)
-    max: np.ndarray  # [G] float64, largest m(rho) at any position
-    seq_sum: np.ndarray  # [S, G] float64, per-sequence sum_t m(c_t): the bias bound
-    count: int  # N
-
-    @classmethod
-    def of(cls, mass: np.ndarray, seg: Segments) -> MassStats:
-        """From the whole grid in memory, mass [N, G]."""
-        return cls(
-            mass.sum(axis=0, dtype=np.float64),
-            mass.max(axis=0).astype(np.float64),
-            seg.sum_rows(mass),
-            mass.shape[0],
-        )
-
-
-@dataclass(frozen=True)
-class SweepInputs:
-    """The per-token arrays a sweep needs, prepared once (N tokens, S sequences, G grid)."""
-
-    rule: str
-    grid: np.ndarray  # [G] float64, the run's pruning grid
-    p_train: np.ndarray  # [N] float32, training-side probability of the sampled token
-    p_max_train: np.ndarray | None  # [N] float32 (min-p rule only)
-    delta: np.ndarray  # [N] float64, +inf where the training side pruned the token
-    support: np.ndarray  # [N] bool: kept by the training side's own truncation
-    seq: np.ndarray  # [N] int64 sequence index in 0..S-1
-    num_sequences: int
-    pruned_mass: np.ndarray | None  # [N, G] float32 pruned mass per grid value (None: streamed)
-    mass_stats: MassStats | None = None  # its summaries (computed from pruned_mass if None)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.delta.shape[0])
-
-    @property
-    def segments(self) -> Segments:
-        """The sequences of the token rows (built once)."""
-        seg = self.__dict__.get("_segments")
-        if seg is None:
-            seg = Segments.of(self.seq, self.num_sequences)
-            object.__setattr__(self, "_segments", seg)
-        return seg
-
-    @property
-    def stats(self) -> MassStats:
-        """The pruned-mass summaries: given, or computed once from `pruned_mass`."""
-        st = self.mass_stats or self.__dict__.get("_stats")
-        if st is None:
-            assert self.pruned_mass is not None
-            st = MassStats.of(self.pruned_mass, self.segments)
-            object.__setattr__(self, "_stats", st)
-        return st
-
-
 def sweep_columns(rule: str) -> list[str]:
     """The tokens.parquet columns the sweep reads under `rule`."""
     cols = ["seq_id", "p_train", "delta", "kept_train", MASS_COLUMN[check_rule(rule)]]
     if rule == "min-p":
         cols.insert(2, "p_max_train")
     return cols
+
+
+def scalar_columns(rules: Sequence[str], have: Collection[str]) -> list[str]:
+    """The scalar columns (not the grid) the sweeps of `rules` read, those the table has."""
+    cols = [c for r in rules for c in sweep_columns(r) if c != MASS_COLUMN[r]]
+    return [c for c in dict.fromkeys(cols) if c in have]
 
 
 def _grid_size_error(column: str, got: Any, size: int) -> MismatchError:
@@ -254,194 +208,117 @@ def _grid_size_error(column: str, got: Any, size: int) -> MismatchError:
     )
 
 
-def prepare(
-    tokens: pd.DataFrame,
-    rule: str = "min-p",
-    grid: Sequence[float] = RHO_GRID,
-    mass: np.ndarray | None = None,
-    mass_stats: MassStats | None = None,
-) -> SweepInputs:
-    """Turn a token table (tokens.parquet columns) into `SweepInputs`; checks shapes.
+def rule_error(
+    columns: Collection[str], num_rows: int, rule: str, where: str = "the token table"
+) -> MismatchError | None:
+    """Why a table with these columns and rows cannot be swept under `rule` (None: it can):
+    no pruned-mass grid, a missing scalar column, no tokens. `where` names the table."""
+    mass_col = MASS_COLUMN[check_rule(rule)]
+    if mass_col not in columns:
+        return _no_grid_error(where, mass_col)
+    need = [c for c in sweep_columns(rule) if c not in ("kept_train", mass_col)]
+    missing = [c for c in need if c not in columns]
+    if missing:
+        return MismatchError(f"the token table lacks column(s) {', '.join(missing)}")
+    if num_rows == 0:
+        return MismatchError("the run has no generated tokens: nothing to sweep")
+    return None
 
-    mass: the pruned-mass grid [N, G] already read; mass_stats: its summaries, streamed by
-    `load` (then the grid itself is not needed); both None take the grid from the table's
-    list column."""
-    check_rule(rule)
-    mass_col = MASS_COLUMN[rule]
-    if mass is None and mass_stats is None and mass_col not in tokens.columns:
-        raise _no_grid_error("the token table", mass_col)
-    _check_columns(tokens, rule)
-    g = np.asarray(grid, dtype=np.float64)
-    if mass is None and mass_stats is None:
-        try:
-            mass = np.stack(tokens[mass_col].to_numpy()).astype(np.float32, copy=False)  # [N, G]
-        except (ValueError, TypeError) as e:
-            raise MismatchError(
-                f"column {mass_col} is not a list of {g.size} values per token"
-            ) from e
-    if mass is not None and (mass.ndim != 2 or mass.shape[1] != g.size):
-        raise _grid_size_error(mass_col, mass.shape[-1], g.size)
-    p = tokens["p_train"].to_numpy(dtype=np.float64)
+
+def run_where(path: Path, meta: dict[str, Any]) -> str:
+    """How errors name a run's token table (with its format version)."""
+    return f"run {path} (format_version {meta.get('format_version', 0)})"
+
+
+def open_run_tokens(
+    path: str | Path, batch_rows: int = BATCH_ROWS
+) -> tuple[TokenBatches, dict[str, Any], Path]:
+    """A complete run's tokens.parquet as `TokenBatches` (nothing read yet), its run.json and
+    path; a run imported without rescoring is refused (`check_scored_import`)."""
+    run, meta = open_run(path, allow_incomplete=False)
+    check_scored_import(run.path, meta)
+    file = run.path / TOKENS_FILE
+    if not file.is_file():
+        raise RunNotFoundError(
+            f"{run.path} has no {TOKENS_FILE}: the run is incomplete or not a run "
+            f"({finish_hint(run.path, meta)})"
+        )
+    return TokenBatches(file, batch_rows), meta, run.path
+
+
+def _grid_of(meta: dict[str, Any], grid: Sequence[float] | None) -> np.ndarray:
+    g = grid if grid is not None else (meta.get("rho_grid") or RHO_GRID)
+    return np.asarray(g, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class SweepInputs:
+    """A sweep's per-token arrays in memory (N tokens, S sequences, G grid values): what
+    `load` / `prepare` give for a small run or a test; `sweep` takes them as one batch.
+    `sweep(path)` never builds them: it streams the table (`SweepAccumulator`)."""
+
+    rule: str
+    grid: np.ndarray  # [G] float64, the run's pruning grid
+    p_train: np.ndarray  # [N] float32, training-side probability of the sampled token
+    p_max_train: np.ndarray | None  # [N] float32 (min-p rule only)
+    delta: np.ndarray  # [N] float64, +inf where the training side pruned the token
+    support: np.ndarray  # [N] bool: kept by the training side's own truncation
+    seq: np.ndarray  # [N] int64 sequence index in 0..S-1
+    num_sequences: int
+    pruned_mass: np.ndarray  # [N, G] float32 pruned mass per grid value
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.delta.shape[0])
+
+
+def _batch_arrays(
+    b: dict[str, np.ndarray], rule: str
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """(p_train float32, p_max_train float32 or None, delta float64, support bool) of a batch
+    of token columns; support = p_train > 0 and kept_train (when the table has it)."""
+    p = np.asarray(b["p_train"], dtype=np.float64)
     support = p > 0
-    if "kept_train" in tokens.columns:
-        support &= tokens["kept_train"].to_numpy(dtype=bool)
-    seq, num = _seq_codes(tokens)
+    if "kept_train" in b:
+        support &= np.asarray(b["kept_train"], dtype=bool)
+    p_max = np.asarray(b["p_max_train"], dtype=np.float32) if rule == "min-p" else None
+    return p.astype(np.float32), p_max, np.asarray(b["delta"], dtype=np.float64), support
+
+
+def _inputs(src: TokenBatches, rule: str, grid: np.ndarray) -> SweepInputs:
+    """The whole table in one batch as `SweepInputs` (small runs: `load`, `prepare`)."""
+    mass_col = MASS_COLUMN[rule]
+    cols = scalar_columns([rule], src.columns)
+    (b,) = src.read(cols, [mass_col], batch_rows=max(src.num_rows, 1))
+    mass = np.array(b[mass_col], dtype=np.float32)  # [N, G], a writable copy
+    if mass.shape[1] != grid.size:
+        raise _grid_size_error(mass_col, mass.shape[1], grid.size)
+    p, p_max, delta, support = _batch_arrays(b, rule)
+    seqs = SeqIndex.scan([b["seq_id"]])
     return SweepInputs(
-        rule=rule,
-        grid=g,
-        p_train=p.astype(np.float32),
-        p_max_train=(tokens["p_max_train"].to_numpy(dtype=np.float32) if rule == "min-p" else None),
-        delta=tokens["delta"].to_numpy(dtype=np.float64),
-        support=support,
-        seq=seq,
-        num_sequences=num,
-        pruned_mass=mass,
-        mass_stats=mass_stats,
+        rule, grid, p, p_max, delta, support, seqs.codes(b["seq_id"]), seqs.num, mass
     )
 
 
-def _check_columns(tokens: pd.DataFrame, rule: str) -> None:
-    """The scalar columns `rule` needs are there, and the table is not empty."""
-    need = [c for c in sweep_columns(rule) if c not in ("kept_train", MASS_COLUMN[rule])]
-    missing = [c for c in need if c not in tokens.columns]
-    if missing:
-        raise MismatchError(f"the token table lacks column(s) {', '.join(missing)}")
-    if len(tokens) == 0:
-        raise MismatchError("the run has no generated tokens: nothing to sweep")
-
-
-def _seq_codes(tokens: pd.DataFrame) -> tuple[np.ndarray, int]:
-    """Sequence index 0..S-1 of each row (ordered by seq_id) [N], and S."""
-    seq, uniq = pd.factorize(tokens["seq_id"], sort=True)
-    return seq.astype(np.int64), len(uniq)
-
-
-def load(
-    path: str | Path,
-    rule: str = "min-p",
-    grid: Sequence[float] | None = None,
-    keep_mass: bool = False,
-    tokens: pd.DataFrame | None = None,
+def prepare(
+    tokens: pd.DataFrame, rule: str = "min-p", grid: Sequence[float] = RHO_GRID
 ) -> SweepInputs:
-    """Read the columns the sweep needs from a run directory (grid: the run's `rho_grid`).
-
-    The pruned-mass grid is streamed into its summaries (`MassStats`), so memory never holds
-    the [N, G] array; keep_mass=True also keeps it (`SweepInputs.pruned_mass`). tokens: the
-    other columns (`sweep_columns`), when the caller has already read them from this run."""
-    out = load_rules(path, [rule], grid, keep_mass, tokens)[rule]
-    if isinstance(out, MismatchError):
-        raise out
-    return out
+    """A token table (tokens.parquet columns) in memory as `SweepInputs`; checks columns
+    and the grid's width."""
+    err = rule_error([str(c) for c in tokens.columns], len(tokens), rule)
+    if err is not None:
+        raise err
+    return _inputs(TokenBatches(tokens), rule, np.asarray(grid, dtype=np.float64))
 
 
-def load_rules(
-    path: str | Path,
-    rules: Sequence[str],
-    grid: Sequence[float] | None = None,
-    keep_mass: bool = False,
-    tokens: pd.DataFrame | None = None,
-) -> dict[str, SweepInputs | MismatchError]:
-    """`load` for several rules at once, their pruned-mass columns streamed together; a
-    rule the run cannot sweep (no grid column, no p_max_train) gets its MismatchError."""
-    for r in rules:
-        check_rule(r)
-    run, meta = open_run(path, allow_incomplete=False)
-    try:
-        check_scored_import(run.path, meta)
-    except MismatchError as e:  # corrections skips the DVP rows; the sweep command fails
-        return {r: e for r in rules}
-    file = run.path / TOKENS_FILE
-    have = set(pq.read_schema(file).names) if file.is_file() else set()
-    version = meta.get("format_version", 0)
-    if grid is None:
-        grid = meta.get("rho_grid") or RHO_GRID
-    out: dict[str, SweepInputs | MismatchError] = {}
-    ok = []
-    for r in rules:
-        if file.is_file() and MASS_COLUMN[r] not in have:
-            out[r] = _no_grid_error(f"run {run.path} (format_version {version})", MASS_COLUMN[r])
-        else:
-            ok.append(r)
-    if not ok:
-        return out
-    if tokens is None:  # the scalar columns of every rule, those the run has
-        cols = [c for r in ok for c in sweep_columns(r) if c != MASS_COLUMN[r]]
-        tokens = read_tokens(run.path, columns=[c for c in dict.fromkeys(cols) if c in have])
-    for r in list(ok):  # a rule lacking a scalar column fails before any grid is read
-        try:
-            _check_columns(tokens, r)
-        except MismatchError as e:
-            out[r] = e
-            ok.remove(r)
-    if not ok:
-        return {r: out[r] for r in rules}
-    seq, num = _seq_codes(tokens)
-    seg = Segments.of(seq, num)
-    grids = read_mass_grids(file, [MASS_COLUMN[r] for r in ok], seg, len(grid), keep_mass)
-    for r in ok:
-        mass, stats = grids[MASS_COLUMN[r]]
-        out[r] = prepare(tokens, r, grid, mass, stats)
-    return {r: out[r] for r in rules}
-
-
-def read_mass_grid(
-    file: Path, column: str, seg: Segments, grid_size: int, keep: bool = False
-) -> tuple[np.ndarray | None, MassStats]:
-    """Stream one pruned-mass list column of a tokens.parquet (`read_mass_grids`)."""
-    return read_mass_grids(file, [column], seg, grid_size, keep)[column]
-
-
-def read_mass_grids(
-    file: Path, columns: Sequence[str], seg: Segments, grid_size: int, keep: bool = False
-) -> dict[str, tuple[np.ndarray | None, MassStats]]:
-    """Stream pruned-mass list columns of a tokens.parquet, decoded in parallel (one thread
-    per column): each one's `MassStats` and, if `keep`, its [N, G] float32 array. Memory
-    holds one batch (no Python list per token); a sequence split across batches is summed
-    in parts (`Segments.sum_rows`)."""
-    import pyarrow.compute as pc
-
-    N, S, G = seg.seq.size, seg.num, grid_size
-    acc = {
-        c: {
-            "out": np.empty((N, G), dtype=np.float32) if keep else None,  # [N, G]
-            "total": np.zeros(G),
-            "max": np.full(G, -np.inf),
-            "seq": np.zeros((S, G)),
-        }
-        for c in columns
-    }
-    i = 0
-    # no pre-buffering: Arrow would otherwise keep every row group's pages (GBs at 10^7 rows)
-    pf = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 22)
-    for batch in pf.iter_batches(columns=list(columns), batch_size=MASS_BATCH_ROWS):
-        n = batch.num_rows
-        if n == 0:
-            continue
-        if i + n > N:
-            raise MismatchError(f"{file} does not have one row per token ({N} tokens)")
-        sb = seg.seq[i : i + n]  # [n] the batch's sequences
-        if seg.starts is not None:  # grouped in order: consecutive indices from sb[0]
-            ids, local = sb[0] + np.arange(sb[-1] - sb[0] + 1), sb - sb[0]
-        else:
-            ids, local = np.unique(sb, return_inverse=True)
-        part = Segments.of(local, ids.size)
-        for c in columns:
-            arr = batch.column(c)
-            lengths = pc.min_max(pc.list_value_length(arr))
-            lo, hi = lengths["min"].as_py(), lengths["max"].as_py()
-            if arr.null_count or lo != G or hi != G:
-                raise _grid_size_error(c, lo if lo != G else hi, G)
-            vals = arr.flatten().to_numpy(zero_copy_only=False).reshape(n, G)  # [n, G]
-            a = acc[c]
-            if a["out"] is not None:
-                a["out"][i : i + n] = vals
-            a["total"] += vals.sum(axis=0, dtype=np.float64)
-            np.maximum(a["max"], vals.max(axis=0), out=a["max"])
-            np.add.at(a["seq"], ids, part.sum_rows(vals))
-        i += n
-    if i != N:
-        raise MismatchError(f"{file} does not have one row per token ({N} tokens)")
-    return {c: (a["out"], MassStats(a["total"], a["max"], a["seq"], N)) for c, a in acc.items()}
+def load(path: str | Path, rule: str = "min-p", grid: Sequence[float] | None = None) -> SweepInputs:
+    """A run's sweep columns read into memory (grid: the run's `rho_grid`), for small runs
+    and tests; `sweep(path)` streams instead."""
+    src, meta, run = open_run_tokens(path)
+    err = rule_error(src.columns, src.num_rows, rule, run_where(run, meta))
+    if err is not None:
+        raise err
+    return _inputs(src, rule, _grid_of(meta, grid))
 
 
 def _ratio(a: float, b: float) -> float:
@@ -453,71 +330,155 @@ def _suffix(x: np.ndarray) -> np.ndarray:
     return np.cumsum(x[..., ::-1], axis=-1, dtype=np.float64)[..., ::-1]
 
 
-class _Table:
-    """Every row of a sweep from a few passes over the tokens, whatever the grid size.
+class SweepAccumulator:
+    """Every row of one rule's sweep, accumulated over batches of token rows in one pass,
+    whatever the grid size (N tokens, S sequences, G grid values, nb = G + 2 levels).
 
     The safe sets are nested (a larger rho keeps a subset: float32(rho) * p_max and the
     comparison are monotone), so each token has a level L: 0 outside the training side's
     support, else 1 + the number of grid values (ascending) that keep it. The tokens kept
     at the j-th smallest rho are those with L >= j + 2 (the baseline: L >= 1), and every
-    kept-token sum of a row is a suffix sum of a per-level bincount. Quantiles come from
-    the largest |delta| only (`_kept_quantile`).
-    """
+    kept-token sum of a row is a suffix sum of per-level sums. Held across batches: the
+    per-level counts and sums [nb], each sequence's lowest and highest level [S] and its
+    sum of delta per level [S, nb], and of the pruned-mass grid the total, the maximum [G]
+    and each sequence's sum [S, G] (the bias bound). All exact; the p99 of kept |delta| is
+    a `KeyedQuantiles` keyed by L (exact up to `exact_limit` finite tokens, the sketch
+    beyond)."""
 
-    def __init__(self, inp: SweepInputs) -> None:
-        S, G = inp.num_sequences, inp.grid.size
-        self.inp = inp
-        self.order = np.argsort(inp.grid, kind="stable")  # [G] ascending
+    def __init__(
+        self, rule: str, grid: Sequence[float], num_sequences: int, exact_limit: int = EXACT_LIMIT
+    ) -> None:
+        self.rule = check_rule(rule)
+        self.grid = np.asarray(grid, dtype=np.float64)  # [G]
+        G, S = self.grid.size, int(num_sequences)
+        nb = G + 2
+        self.num_sequences, self.nb = S, nb
+        self.order = np.argsort(self.grid, kind="stable")  # [G] ascending
         self.level_of = np.empty(G, dtype=np.int64)  # grid index -> threshold t
         self.level_of[self.order] = np.arange(G) + 2
-        L = inp.support.astype(np.int16)  # [N]
-        for g in self.order:
-            L += inp.support & kept_mask(inp.p_train, inp.p_max_train, inp.grid[g], inp.rule)
-        self.L = L
-        nb = G + 2
-        fin = np.isfinite(inp.delta)  # [N]
-        self.abs = np.where(fin, np.abs(inp.delta), 0.0)  # [N]
-        d = np.where(fin, inp.delta, 0.0)
-        k3 = metrics.k3_per_token(d)  # [N], 0 where not finite
-        outside = fin & ((d > math.log(2)) | (d < -math.log(2)))  # r outside [0.5, 2]
-        self.total_abs = float(self.abs.sum())
-        self.n_suf = _suffix(np.bincount(L, minlength=nb))  # [nb] tokens with L >= t
-        self.nf_suf = _suffix(np.bincount(L, weights=fin, minlength=nb))  # finite ones
-        self.abs_suf = _suffix(np.bincount(L, weights=self.abs, minlength=nb))
-        self.d_suf = _suffix(np.bincount(L, weights=d, minlength=nb))
-        self.k3_suf = _suffix(np.bincount(L, weights=k3, minlength=nb))
-        self.out_suf = _suffix(np.bincount(L, weights=outside, minlength=nb))
-        lmax = np.full(nb, -np.inf)
-        np.maximum.at(lmax, L, np.where(fin, self.abs, -np.inf))
-        self.max_suf = np.maximum.accumulate(lmax[::-1])[::-1]  # [nb]
-        seg = inp.segments
-        self.seq_min_L = seg.min(L)  # [S] a sequence holds a pruned token iff < t
-        self.seq_max_L = seg.max(np.where(fin, L, -1).astype(np.int16))  # holds a kept one iff >= t
-        # per-sequence sum of delta over tokens with L >= t: [S, nb]
-        M = np.bincount(inp.seq * nb + L, weights=d, minlength=S * nb).reshape(S, nb)
-        self.seq_sum = _suffix(M)
-        self.fin = fin
-        self._top: TopValues | None = None
-        # the pruned-mass grid: [G] mean and max, [S, G] per-sequence sums (bias bound)
-        st = inp.stats
-        self.mass_mean, self.mass_max = st.total / st.count, st.max
-        self.bound_mean = st.total / S  # mean over sequences of their sums
-        self.bound_p95 = np.percentile(st.seq_sum, BIAS_QUANTILE, axis=0)
+        self.num_tokens = 0
+        self.num_infinite = 0
+        self.total_abs = 0.0
+        self.n = np.zeros(nb, dtype=np.int64)  # tokens per level
+        self.sums = {k: np.zeros(nb) for k in ("fin", "abs", "d", "k3", "out")}  # [nb] each
+        self.level_max = np.full(nb, -np.inf)  # largest finite |delta| per level
+        self.seq_min_L = np.full(S, nb, dtype=np.int16)  # a sequence holds a pruned token iff < t
+        self.seq_max_L = np.full(S, -1, dtype=np.int16)  # holds a kept finite one iff >= t
+        self.seq_sum = np.zeros((S, nb))  # [S, nb] sum of delta over its tokens of level L
+        self.mass_total = np.zeros(G)
+        self.mass_max = np.full(G, -np.inf)
+        self.mass_seq = np.zeros((S, G))  # [S, G] per-sequence sums of m(rho)
+        self.quantiles = KeyedQuantiles(exact_limit)
 
-    def _kept_quantile(self, t: int, q: float) -> float:
-        """The q-quantile of |delta| over the finite tokens with L >= t (`TopValues`)."""
-        if self._top is None:
-            self._top = TopValues(self.abs, self.fin)
-            self._top_L = self.L[self._top.index]
-        return self._top.quantile(
-            self._top_L >= t, int(self.nf_suf[t]), q, lambda: self.fin & (self.L >= t)
+    def add_batch(
+        self, b: dict[str, np.ndarray], seq: np.ndarray, bs: BatchSeqs | None = None
+    ) -> None:
+        """Add a batch of token columns (`sweep_columns`) whose rows have sequence index seq [n]."""
+        mass = b[MASS_COLUMN[self.rule]]
+        if mass.shape[1] != self.grid.size:
+            raise _grid_size_error(MASS_COLUMN[self.rule], mass.shape[1], self.grid.size)
+        p, p_max, delta, support = _batch_arrays(b, self.rule)
+        self.add(seq, p, p_max, delta, support, mass.astype(np.float32, copy=False), bs)
+
+    def add(
+        self,
+        seq: np.ndarray,
+        p_train: np.ndarray,
+        p_max_train: np.ndarray | None,
+        delta: np.ndarray,
+        support: np.ndarray,
+        mass: np.ndarray,
+        bs: BatchSeqs | None = None,
+    ) -> None:
+        """Add n token rows: seq [n] sequence index, p_train / p_max_train [n] float32, delta
+        [n] float64, support [n] bool, mass [n, G] float32 (bs: BatchSeqs of seq, if built)."""
+        nb = self.nb
+        L = support.astype(np.int16)  # [n]
+        for g in self.order:
+            L += support & kept_mask(p_train, p_max_train, self.grid[g], self.rule)
+        fin = np.isfinite(delta)  # [n]
+        absd = np.where(fin, np.abs(delta), 0.0)  # [n]
+        d = np.where(fin, delta, 0.0)
+        k3 = metrics.k3_per_token(d)  # [n], 0 where not finite
+        outside = fin & ((d > math.log(2)) | (d < -math.log(2)))  # r outside [0.5, 2]
+        self.num_tokens += int(delta.size)
+        self.num_infinite += int(np.count_nonzero(~(support & fin)))
+        self.total_abs += float(absd.sum())
+        self.n += np.bincount(L, minlength=nb)
+        for k, w in (("fin", fin), ("abs", absd), ("d", d), ("k3", k3), ("out", outside)):
+            self.sums[k] += np.bincount(L, weights=w, minlength=nb)
+        np.maximum.at(self.level_max, L, np.where(fin, absd, -np.inf))
+        bs = BatchSeqs(seq) if bs is None else bs
+        bs.minimum(self.seq_min_L, L)
+        bs.maximum(self.seq_max_L, np.where(fin, L, -1).astype(np.int16))
+        k = bs.ids.size
+        M = np.bincount(bs.local * nb + L, weights=d, minlength=k * nb)  # [k * nb]
+        self.seq_sum[bs.ids] += M.reshape(k, nb)
+        self.mass_total += mass.sum(axis=0, dtype=np.float64)
+        np.maximum(self.mass_max, mass.max(axis=0), out=self.mass_max)
+        bs.add_rows(self.mass_seq, mass)
+        self.quantiles.add(absd[fin], L[fin])
+
+    def result(
+        self,
+        rhos: Sequence[float] | None = None,
+        max_bias: float = DEFAULT_MAX_BIAS,
+        target_mismatch: float | None = None,
+        run: str | None = None,
+    ) -> dict[str, Any]:
+        """The sweep's result dict (`sweep`) from what was added."""
+        picked = resolve_rhos(rhos, self.grid)
+        tab = _Table(self)
+        base = tab.row(1, None, None)
+        base = _with_rel(base, base)
+        rows = [_with_rel(tab.row(int(self.level_of[i]), rho, i), base) for rho, i in picked]
+        return json_ready(
+            {
+                "run": run,
+                "rule": self.rule,
+                "grid": self.grid.tolist(),
+                "num_tokens": self.num_tokens,
+                "num_sequences": self.num_sequences,
+                "num_infinite": self.num_infinite,
+                "max_bias": max_bias,
+                "target_mismatch": target_mismatch,
+                "baseline": base,
+                "rows": rows,
+                "recommended": recommend(rows, max_bias, target_mismatch),
+                "conventions": CONVENTIONS_SWEEP,
+                "quantiles": (
+                    "exact"
+                    if self.quantiles.exact
+                    else f"sketch (relative error <= {self.quantiles.alpha:g})"
+                ),
+            }
         )
+
+
+class _Table:
+    """The rows of a `SweepAccumulator`: suffix sums over levels (row t = tokens with L >= t)."""
+
+    def __init__(self, acc: SweepAccumulator) -> None:
+        self.acc = acc
+        s = acc.sums
+        self.n_suf = _suffix(acc.n)  # [nb] tokens with L >= t
+        self.nf_suf = _suffix(s["fin"])  # finite ones
+        self.abs_suf, self.d_suf = _suffix(s["abs"]), _suffix(s["d"])
+        self.abs_pre = np.cumsum(np.r_[0.0, s["abs"]])  # [nb + 1] |delta| of tokens with L < t
+        self.k3_suf, self.out_suf = _suffix(s["k3"]), _suffix(s["out"])
+        self.max_suf = np.maximum.accumulate(acc.level_max[::-1])[::-1]  # [nb]
+        self.seq_sum = _suffix(acc.seq_sum)  # [S, nb] per-sequence sum of delta over L >= t
+        S = acc.num_sequences
+        self.mass_mean = acc.mass_total / acc.num_tokens  # [G]
+        self.bound_mean = acc.mass_total / S  # mean over sequences of their sums
+        self.bound_p95 = np.percentile(acc.mass_seq, BIAS_QUANTILE, axis=0)  # [G]
 
     def row(self, t: int, rho: float | None, g: int | None) -> dict[str, Any]:
         """The row of the tokens with L >= t (grid index g; None: the baseline, t = 1)."""
-        N = self.inp.num_tokens
+        acc = self.acc
+        N = acc.num_tokens
         nf = self.nf_suf[t]
-        has = self.seq_max_L >= t  # [S]
+        has = acc.seq_max_L >= t  # [S]
         pruned = N - int(self.n_suf[t])
 
         def mean(x: np.ndarray) -> float:
@@ -527,11 +488,9 @@ class _Table:
             "rho": rho,
             "pruned_tokens": pruned,
             "pruned_token_frac": pruned / N,
-            "pruned_seq_frac": float((self.seq_min_L < t).mean()),
+            "pruned_seq_frac": float((acc.seq_min_L < t).mean()),
             "pruned_abs_delta_share": (
-                (self.total_abs - float(self.abs_suf[t])) / self.total_abs
-                if self.total_abs > 0
-                else float("nan")
+                float(self.abs_pre[t]) / acc.total_abs if acc.total_abs > 0 else float("nan")
             ),
             "kept_mean_abs_delta": mean(self.abs_suf),
             "kept_mean_delta": mean(self.d_suf),
@@ -539,41 +498,20 @@ class _Table:
             "kept_seq_mean_abs_sum_delta": (
                 float(np.abs(self.seq_sum[has, t]).mean()) if has.any() else float("nan")
             ),
-            "kept_p99_abs_delta": self._kept_quantile(t, 0.99),
+            "kept_p99_abs_delta": acc.quantiles.quantile(lambda L: L >= t, 0.99),
             "kept_max_abs_delta": float(self.max_suf[t]) if nf else float("nan"),
             "kept_frac_ratio_outside_0.5_2": mean(self.out_suf),
             "mean_pruned_mass": 0.0 if g is None else float(self.mass_mean[g]),
-            "max_pruned_mass": 0.0 if g is None else float(self.mass_max[g]),
+            "max_pruned_mass": 0.0 if g is None else float(acc.mass_max[g]),
             "seq_bias_bound_mean": 0.0 if g is None else float(self.bound_mean[g]),
             "seq_bias_bound_p95": 0.0 if g is None else float(self.bound_p95[g]),
         }
-
-
-def _table(inp: SweepInputs) -> _Table:
-    """The inputs' `_Table`, built on first use and kept with them."""
-    t = inp.__dict__.get("_table")
-    if t is None:
-        t = _Table(inp)
-        object.__setattr__(inp, "_table", t)
-    return t
 
 
 def _with_rel(row: dict, base: dict) -> dict:
     for k in _REL_KEYS:
         row[f"{k}_rel"] = _ratio(row[k], base[k])
     return {k: row[k] for k in ROW_KEYS}
-
-
-def baseline_row(inp: SweepInputs) -> dict[str, Any]:
-    """The no-pruning row: only the training side's own truncation removes tokens."""
-    base = _table(inp).row(1, None, None)
-    return _with_rel(base, base)
-
-
-def sweep_row(inp: SweepInputs, rho: float, index: int, base: dict[str, Any]) -> dict[str, Any]:
-    """The row at grid value `rho` = inp.grid[index]; `base` is `baseline_row(inp)`."""
-    tab = _table(inp)
-    return _with_rel(tab.row(int(tab.level_of[index]), rho, index), base)
 
 
 def recommend(
@@ -648,16 +586,21 @@ def sweep(
     max_bias: float = DEFAULT_MAX_BIAS,
     target_mismatch: float | None = None,
     grid: Sequence[float] | None = None,
+    *,
+    batch_rows: int = BATCH_ROWS,
+    exact_limit: int = EXACT_LIMIT,
 ) -> dict[str, Any]:
     """Sweep the pruning threshold over a run (path), a token table or prepared inputs.
 
     rhos: thresholds to evaluate (grid values; None: the whole grid). grid: the run's
     pruning grid (None: run.json's `rho_grid`, else schema.RHO_GRID). The recommendation
     uses the MEAN per-sequence bias bound against `max_bias` (see `recommend`).
+    A path or table is streamed `batch_rows` rows at a time (a pass over seq_id, then one
+    over the sweep's columns); quantiles are exact up to `exact_limit` finite tokens.
     Returns a strict-JSON-ready dict: run, rule, grid, num_tokens, num_sequences,
-    num_infinite, max_bias, target_mismatch,
-    baseline (a row with rho None), rows (ROW_KEYS each), recommended {rho, reason,
-    criterion}, conventions.
+    num_infinite, max_bias, target_mismatch, baseline (a row with rho None), rows (ROW_KEYS
+    each), recommended {rho, reason, criterion}, conventions, quantiles ("exact" or
+    "sketch ...").
     """
     if not (max_bias >= 0):
         raise MismatchError(f"--max-bias must be >= 0, got {max_bias:g}")
@@ -669,42 +612,46 @@ def sweep(
         inp = source
         if inp.rule != rule:
             raise ValueError(f"inputs were prepared for rule {inp.rule!r}, not {rule!r}")
-    elif isinstance(source, pd.DataFrame):
-        inp = prepare(source, rule, RHO_GRID if grid is None else grid)
+        resolve_rhos(rhos, inp.grid)
+        acc = SweepAccumulator(rule, inp.grid, inp.num_sequences, exact_limit)
+        acc.add(inp.seq, inp.p_train, inp.p_max_train, inp.delta, inp.support, inp.pruned_mass)
+        return acc.result(rhos, max_bias, target_mismatch, run)
+    if isinstance(source, pd.DataFrame):
+        src, where = TokenBatches(source, batch_rows), "the token table"
+        g = np.asarray(RHO_GRID if grid is None else grid, dtype=np.float64)
     else:
         run = str(source)
-        inp = load(source, rule, grid)
-    picked = resolve_rhos(rhos, inp.grid)
-    base = baseline_row(inp)
-    rows = [sweep_row(inp, rho, i, base) for rho, i in picked]
-    return json_ready(
-        {
-            "run": run,
-            "rule": rule,
-            "grid": inp.grid.tolist(),
-            "num_tokens": inp.num_tokens,
-            "num_sequences": inp.num_sequences,
-            "num_infinite": int((~(inp.support & np.isfinite(inp.delta))).sum()),
-            "max_bias": max_bias,
-            "target_mismatch": target_mismatch,
-            "baseline": base,
-            "rows": rows,
-            "recommended": recommend(rows, max_bias, target_mismatch),
-            "conventions": {
-                "delta": CONVENTIONS["delta"],
-                "pruned_mass": CONVENTIONS["pruned_mass"],
-                "bias_bound": (
-                    "per sequence: sum_t m(c_t) over its positions (docs/theory.md, 'The bias bound'); "
-                    "its mean decides the recommendation, p95 is the 95th percentile "
-                    "(linear interpolation)"
-                ),
-                "infinite_delta": (
-                    "tokens the training side's own truncation removed (infinite delta): "
-                    "outside every safe set, counted as pruned, excluded from means"
-                ),
-            },
-        }
-    )
+        src, meta, path = open_run_tokens(source, batch_rows)
+        where, g = run_where(path, meta), _grid_of(meta, grid)
+    err = rule_error(src.columns, src.num_rows, rule, where)
+    if err is not None:
+        raise err
+    resolve_rhos(rhos, g)  # a bad --rho fails before any token is read
+    seqs = SeqIndex.scan(b["seq_id"] for b in src.read(["seq_id"]))
+    acc = SweepAccumulator(rule, g, seqs.num, exact_limit)
+    for b in src.read(scalar_columns([rule], src.columns), [MASS_COLUMN[rule]]):
+        acc.add_batch(b, seqs.codes(b["seq_id"]))
+    return acc.result(rhos, max_bias, target_mismatch, run)
+
+
+CONVENTIONS_SWEEP: dict[str, str] = {
+    "delta": CONVENTIONS["delta"],
+    "pruned_mass": CONVENTIONS["pruned_mass"],
+    "bias_bound": (
+        "per sequence: sum_t m(c_t) over its positions (docs/theory.md, 'The bias bound'); "
+        "its mean decides the recommendation, p95 is the 95th percentile "
+        "(linear interpolation)"
+    ),
+    "infinite_delta": (
+        "tokens the training side's own truncation removed (infinite delta): "
+        "outside every safe set, counted as pruned, excluded from means"
+    ),
+    "quantiles": (
+        "counts, sums, means, maxima and the bias bound's p95 are exact; kept_p99_abs_delta is "
+        f"exact up to {EXACT_LIMIT:,} finite tokens, beyond from a quantile sketch with "
+        "relative error <= 0.5% (the `quantiles` key says which)"
+    ),
+}
 
 
 def rows_frame(result: dict[str, Any]) -> pd.DataFrame:
@@ -719,21 +666,21 @@ __all__ = [
     "MASS_COLUMN",
     "ROW_KEYS",
     "SWEEP_RULES",
-    "MassStats",
+    "SweepAccumulator",
     "SweepInputs",
-    "baseline_row",
     "check_rule",
+    "check_scored_import",
     "kept_mask",
     "load",
-    "load_rules",
+    "open_run_tokens",
     "parse_rhos",
     "prepare",
-    "read_mass_grid",
-    "read_mass_grids",
     "recommend",
     "resolve_rhos",
     "rows_frame",
+    "rule_error",
+    "run_where",
+    "scalar_columns",
     "sweep",
     "sweep_columns",
-    "sweep_row",
 ]

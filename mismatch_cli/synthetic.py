@@ -145,3 +145,39 @@ def bulk_token_columns(
         "eps_hat": rng.uniform(0.5 * eps, eps, num_tokens),
         "kept_train": kept,
     }
+
+
+def bulk_grid_columns(
+    cols: dict[str, np.ndarray], first_token: int = 0, seed: int = 0, grids: bool = True
+) -> dict[str, Any]:
+    """What `sweep-threshold` and `corrections` read on top of `bulk_token_columns`, numpy
+    only: p_max_train (>= p_train), both pruned-mass grids as list<float32> Arrow columns
+    (m(rho) = (1 - p_max) sqrt(rho / scale), capped at 1 - p_max: monotone in rho, small
+    enough at the lowest rho that the sweep recommends one; omitted when not `grids`), and
+    `step` (one per 10^6 tokens from `first_token`) / `advantage` (one per sequence) as
+    imported runs have them."""
+    import pyarrow as pa
+
+    from .schema import RHO_GRID
+
+    rng = np.random.default_rng(10_000 + seed)
+    p = cols["p_train"]
+    n = p.size
+    p_max = np.maximum(p, rng.uniform(0.3, 1.0, n))  # [n]
+    seq = cols["seq_id"]
+    out: dict[str, Any] = {
+        "p_max_train": p_max,
+        "step": ((first_token + np.arange(n)) // 1_000_000).astype(np.int64),
+        "advantage": rng.normal(0, 1, int(seq.max() - seq.min()) + 1)[seq - seq.min()],
+    }
+    if grids:
+        rho = np.asarray(RHO_GRID, dtype=np.float64)  # [G]
+        tail = (1 - p_max)[:, None]  # [n, 1]
+        G = rho.size
+        offsets = pa.array(np.arange(0, (n + 1) * G, G, dtype=np.int32))
+        for name, scale in (("pruned_mass_minp", 0.5), ("pruned_mass_abs", 0.3)):
+            m = tail * np.minimum(1.0, np.sqrt(rho[None, :] / scale))  # [n, G]
+            out[name] = pa.ListArray.from_arrays(
+                offsets, pa.array(m.reshape(-1).astype(np.float32))
+            )
+    return out

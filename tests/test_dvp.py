@@ -349,7 +349,7 @@ def test_sweep_agrees_exactly_with_dvp(tmp_path: Path, rule: str) -> None:
             probs[i, tokens[i]] = base * torch.tensor(r, dtype=torch.float32)
     run = stored_run(tmp_path / "run", logp, probs, tokens, seq_len=20)
 
-    inp = sw.load(run, rule, keep_mass=True)
+    inp = sw.load(run, rule)
     expect_mass = dvp.pruned_mass_grid(probs, RHO_GRID, rule).numpy()  # [N, G]
     assert np.array_equal(inp.pruned_mass, expect_mass)  # bit for bit
     res = sw.sweep(run, rule=rule)
