@@ -28,7 +28,7 @@ from .config import MeasureConfig
 from .errors import MismatchError
 from .prompts import encode_prompts, load_prompts
 from .runs import RunDir, check_writable_dir, new_meta, now, token_frame
-from .schema import STATUS_COMPLETE, TOKEN_EXTRA_COLUMNS
+from .schema import COARSE_COLUMNS, STATUS_COMPLETE, TOKEN_EXTRA_COLUMNS
 
 ROLLOUT = "rollout"
 TOKENS = "tokens"
@@ -126,6 +126,7 @@ def _token_frame(rollouts: pd.DataFrame, scored: list[dict[str, np.ndarray]]) ->
             "logp_max_train": cat("logp_max_train").astype(np.float64),
             "entropy_train": cat("entropy_train").astype(np.float64),
             "eps_hat": cat("eps_hat").astype(np.float64),
+            **{k: cat(k).astype(np.float64) for k in COARSE_COLUMNS},
             "topk_ids_infer": topk("topk_ids_infer"),
             "topk_logp_infer": topk("topk_logp_infer"),
             "topk_ids_train": listcol("topk_ids_train"),
