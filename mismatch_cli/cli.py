@@ -28,6 +28,7 @@ from .commands import demo as _demo  # noqa: E402
 from .commands import measure as _measure  # noqa: E402
 from .commands import plot as _plot  # noqa: E402
 from .commands import report as _report  # noqa: E402
+from .commands import rescore as _rescore  # noqa: E402
 from .commands import sweep as _sweep  # noqa: E402
 
 app.command("measure", no_args_is_help=False)(_measure.measure)
@@ -35,6 +36,7 @@ app.command("report")(_report.report)
 app.command("plot")(_plot.plot)
 app.command("demo")(_demo.demo)
 app.command("sweep-threshold")(_sweep.sweep_threshold)
+app.command("rescore")(_rescore.rescore)
 
 
 def main() -> None:

@@ -375,6 +375,13 @@ def read_sequences(path: str | Path, columns: Sequence[str] | None = None) -> pd
     return _read_table(Path(path), SEQUENCES_FILE, columns)
 
 
+def token_columns(path: str | Path) -> list[str]:
+    """The column names of a run's tokens.parquet ([] if it has none): lets readers ask for
+    optional columns (schema.COARSE_COLUMNS, ...) only when a run has them."""
+    file = Path(path) / TOKENS_FILE
+    return list(pq.read_schema(file).names) if file.is_file() else []
+
+
 def _read_table(path: Path, name: str, columns: Sequence[str] | None) -> pd.DataFrame:
     file = path / name
     if not file.is_file():
@@ -408,6 +415,7 @@ __all__ = [
     "sequence_frame",
     "sequence_sums",
     "summarize",
+    "token_columns",
     "token_frame",
     "versions",
     "write_run",
