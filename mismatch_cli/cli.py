@@ -24,6 +24,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+from .commands import compare as _compare  # noqa: E402
 from .commands import demo as _demo  # noqa: E402
 from .commands import measure as _measure  # noqa: E402
 from .commands import plot as _plot  # noqa: E402
@@ -37,6 +38,7 @@ app.command("plot")(_plot.plot)
 app.command("demo")(_demo.demo)
 app.command("sweep-threshold")(_sweep.sweep_threshold)
 app.command("rescore")(_rescore.rescore)
+app.command("compare")(_compare.compare)
 
 
 def main() -> None:

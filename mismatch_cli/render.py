@@ -363,6 +363,8 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     for t in (accumulation_table(result),):
         console.print(t)
     console.print(metrics_table(result))
+    if (dist := distribution_table(result)) is not None:
+        console.print(dist)
     console.print(Panel(result["verdict"], title="verdict", title_align="left", expand=True))
 
 
@@ -561,7 +563,8 @@ def _wide_console() -> Console:
 
 # ----------------------------------------------------------------------------- progress
 
-PROGRESS_UNITS = {"generate": "completions", "rescore": "tokens", "import": "records"}
+PROGRESS_UNITS = {"generate": "completions", "rescore": "tokens", "import": "records",
+                  "prefill": "sequences"}  # fmt: skip
 LOG_INTERVAL_S = 30.0
 
 
@@ -677,3 +680,146 @@ def progress(console: Console) -> Iterator[Any]:
     )
     with bars:
         yield _BarsProgress(bars)
+
+
+# ----------------------------------------------------------------------------- rescore, compare, diagnose
+# (distribution-level table of `report`, `compare` and `diagnose`)
+
+_COARSE_LABELS = {
+    "tv_coarse": "TV",
+    "kl_qp_coarse": "KL(q‖p)",
+    "kl_pq_coarse": "KL(p‖q)",
+}
+
+
+def distribution_table(result: dict[str, Any]) -> Table | None:
+    """Distribution-level mismatch by bucket: mean and p99 of TV and of both KLs on the
+    partition {inference top-K + sampled token, rest} (lower bounds). None if not stored."""
+    dist = result.get("distribution_level")
+    if not dist:
+        return None
+    cols = dist["columns"]
+    t = _table(
+        f"Distribution-level mismatch by {_side(result)} bucket: lower bounds on the full TV / KL",
+        "on the partition {inference top-K + sampled token, everything else}; q = inference, "
+        "p = training; by the data-processing inequality each is <= its full-vocabulary value. "
+        "inf = positions with an infinite KL (kept sets differ), left out of mean and p99",
+    )
+    t.add_column(_side(result), justify="right", no_wrap=True)
+    t.add_column("tokens", justify="right", no_wrap=True)
+    for c in cols:
+        t.add_column(f"{_COARSE_LABELS[c]} mean", justify="right", no_wrap=True)
+        t.add_column("p99", justify="right", no_wrap=True)
+    t.add_column("inf", justify="right", no_wrap=True)
+    rows = dist["buckets"]
+    for i, r in enumerate(rows):
+        n_inf = sum(r.get(f"{c}_num_infinite") or 0 for c in cols if c != "tv_coarse")
+        t.add_row(
+            _label(r, i == len(rows) - 1),
+            f"{r['count']:,}",
+            *[x for c in cols for x in (fmt(r[f"{c}_mean"], 2), fmt(r[f"{c}_p99"], 2))],
+            f"{n_inf:,}" if n_inf else "",
+        )
+    ov = dist["overall"]
+    t.add_row(
+        "all",
+        f"{max(s['count'] + s['num_infinite'] for s in ov.values()):,}",
+        *[x for c in cols for x in (fmt(ov[c]["mean"], 2), fmt(ov[c]["p99"], 2))],
+        "",
+        style="bold",
+    )
+    return t
+
+
+def _headline_cell(key: str, v: Any) -> str:
+    return pct(v) if key == "tail_abs_delta_share" else fmt(v, 3)
+
+
+def print_compare(result: dict[str, Any], console: Console | None = None) -> None:
+    """The tables of a `compare` result: headline metrics (with ratios to the first run),
+    mean |delta| by bucket, per-token movement between runs sharing rollouts, verdicts."""
+    from .compare import HEADLINE
+
+    console = console or _wide_console()
+    runs = result["runs"]
+    labels = [r["label"] for r in runs]
+    ratios = {x["label"]: x for x in result["ratios"]}
+    t = _table(
+        "Runs side by side (delta = logp_infer - logp_train, nats)",
+        f"(0.43x) = ratio to the first run, {result['reference']}; tail = tokens with p_train "
+        f"< {runs[0]['tail_threshold']:g}; TV / KL: distribution-level lower bounds",
+    )
+    t.add_column("", no_wrap=True)
+    for lab in labels:
+        t.add_column(lab, justify="right")
+    t.add_row("inference", *[r["inference"] for r in runs], style="dim")
+    t.add_row("training", *[r["training"] for r in runs], style="dim")
+    t.add_row("tokens", *[f"{r['num_tokens']:,}" for r in runs])
+    for key, name in HEADLINE:
+        if all(r.get(key) is None for r in runs):
+            continue
+        cells = [_headline_cell(key, runs[0].get(key))]
+        for r in runs[1:]:
+            ratio = ratios[r["label"]].get(key)
+            cells.append(
+                _headline_cell(key, r.get(key))
+                + (f" ({times(ratio)})" if ratio is not None else "")
+            )
+        t.add_row(name, *cells)
+    console.print(t)
+
+    b = _table("mean |delta| by p_train bucket (nats)", "– = empty bucket")
+    b.add_column("p_train", justify="right", no_wrap=True)
+    for lab in labels:
+        b.add_column(lab, justify="right")
+    rows = result["bucket_means"]
+    for i, r in enumerate(rows):
+        b.add_row(_label(r, i == len(rows) - 1), *[fmt(r[lab], 2) for lab in labels])
+    console.print(b)
+
+    for m in result["moved"]:
+        if not m["shared"]:
+            console.print(
+                f"[dim]{m['label']} does not share rollouts with {result['reference']}: "
+                f"{m['reason']}[/]",
+                highlight=False,
+            )
+            continue
+        mv = _table(
+            f"How the log-probs moved from {result['reference']} to {m['label']} "
+            f"(same tokens, {m['num_common']:,} positions)",
+            "|m| = |logp(b) - logp(a)| per token, by a's p_train; same = share of tokens with "
+            "m exactly 0",
+        )
+        mv.add_column("p_train", justify="right", no_wrap=True)
+        for side in ("train", "infer"):
+            for c in ("mean |m|", "max |m|"):
+                mv.add_column(f"{side} {c}", justify="right", no_wrap=True)
+        tb, ib = m["train"]["buckets"], m["infer"]["buckets"]
+        for i, (rt, ri) in enumerate(zip(tb, ib, strict=True)):
+            if not rt["count"]:
+                continue
+            mv.add_row(
+                _label(rt, i == len(tb) - 1),
+                fmt(rt["mean_abs"], 2),
+                fmt(rt["max_abs"], 2),
+                fmt(ri["mean_abs"], 2),
+                fmt(ri["max_abs"], 2),
+            )
+        mv.add_row(
+            "all",
+            *[
+                x
+                for side in ("train", "infer")
+                for x in (fmt(m[side]["mean_abs"], 2), fmt(m[side]["max_abs"], 2))
+            ],
+            style="bold",
+        )
+        console.print(mv)
+        console.print(
+            f"  same: training side {pct(m['train']['frac_identical'])}, inference side "
+            f"{pct(m['infer']['frac_identical'])} of tokens",
+            highlight=False,
+        )
+    for r in runs:
+        console.print(Panel(r["verdict"], title=f"verdict: {r['label']}", title_align="left"))
