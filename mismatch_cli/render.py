@@ -699,33 +699,41 @@ def distribution_table(result: dict[str, Any]) -> Table | None:
     if not dist:
         return None
     cols = dist["columns"]
+    rows = dist["buckets"]
+    kl = [c for c in cols if c != "tv_coarse"]
+    n_inf = [sum(r.get(f"{c}_num_infinite") or 0 for c in kl) for r in rows]
     t = _table(
         f"Distribution-level mismatch by {_side(result)} bucket: lower bounds on the full TV / KL",
         "on the partition {inference top-K + sampled token, everything else}; q = inference, "
         "p = training; by the data-processing inequality each is <= its full-vocabulary value. "
-        "inf = positions with an infinite KL (kept sets differ), left out of mean and p99",
+        "TV, KL = means over the bucket's tokens"
+        + (
+            "; inf = positions with an infinite KL (kept sets differ), left out"
+            if any(n_inf)
+            else ""
+        ),
     )
     t.add_column(_side(result), justify="right", no_wrap=True)
-    t.add_column("tokens", justify="right", no_wrap=True)
+    t.add_column("n", justify="right", no_wrap=True)
     for c in cols:
-        t.add_column(f"{_COARSE_LABELS[c]} mean", justify="right", no_wrap=True)
+        t.add_column(_COARSE_LABELS[c], justify="right", no_wrap=True)
         t.add_column("p99", justify="right", no_wrap=True)
-    t.add_column("inf", justify="right", no_wrap=True)
-    rows = dist["buckets"]
+    if any(n_inf):
+        t.add_column("inf", justify="right", no_wrap=True)
     for i, r in enumerate(rows):
-        n_inf = sum(r.get(f"{c}_num_infinite") or 0 for c in cols if c != "tv_coarse")
+        cells = [fmt(r[f"{c}_{k}"], 2) for c in cols for k in ("mean", "p99")]
         t.add_row(
             _label(r, i == len(rows) - 1),
             f"{r['count']:,}",
-            *[x for c in cols for x in (fmt(r[f"{c}_mean"], 2), fmt(r[f"{c}_p99"], 2))],
-            f"{n_inf:,}" if n_inf else "",
+            *cells,
+            *([f"{n_inf[i]:,}" if n_inf[i] else ""] if any(n_inf) else []),
         )
     ov = dist["overall"]
     t.add_row(
         "all",
         f"{max(s['count'] + s['num_infinite'] for s in ov.values()):,}",
-        *[x for c in cols for x in (fmt(ov[c]["mean"], 2), fmt(ov[c]["p99"], 2))],
-        "",
+        *[fmt(ov[c][k], 2) for c in cols for k in ("mean", "p99")],
+        *([f"{sum(n_inf):,}"] if any(n_inf) else []),
         style="bold",
     )
     return t

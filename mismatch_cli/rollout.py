@@ -166,7 +166,10 @@ class VllmEngine:
         K = self.cfg.top_logprobs
         todo = [i for i, (_, y) in enumerate(seqs) if len(y)]
         params = SamplingParams(max_tokens=1, prompt_logprobs=K, detokenize=False, seed=0)
-        inputs = [TokensPrompt(prompt_token_ids=[*seqs[i][0], *seqs[i][1]]) for i in todo]
+        inputs = [
+            TokensPrompt(prompt_token_ids=np.concatenate([seqs[i][0], seqs[i][1]]).tolist())
+            for i in todo
+        ]  # Python ints: vLLM's request serialiser refuses numpy scalars
         try:
             outs = self.llm.generate(
                 inputs, params, use_tqdm=lambda *a, **kw: RichTqdm(advance, *a, **kw)
@@ -176,7 +179,7 @@ class VllmEngine:
         empty = (np.zeros(0), np.zeros((0, K), np.int32), np.zeros((0, K), np.float32))
         result: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [empty] * len(seqs)
         for i, out in zip(todo, outs, strict=True):
-            P, y = len(seqs[i][0]), list(seqs[i][1])
+            P, y = len(seqs[i][0]), np.asarray(seqs[i][1]).tolist()
             result[i] = _logprob_rows(y, (out.prompt_logprobs or [])[P : P + len(y)], K)
         return result
 
