@@ -26,6 +26,7 @@ app = typer.Typer(
 
 from .commands import compare as _compare  # noqa: E402
 from .commands import demo as _demo  # noqa: E402
+from .commands import diagnose as _diagnose  # noqa: E402
 from .commands import measure as _measure  # noqa: E402
 from .commands import plot as _plot  # noqa: E402
 from .commands import report as _report  # noqa: E402
@@ -39,6 +40,7 @@ app.command("demo")(_demo.demo)
 app.command("sweep-threshold")(_sweep.sweep_threshold)
 app.command("rescore")(_rescore.rescore)
 app.command("compare")(_compare.compare)
+app.command("diagnose", no_args_is_help=False)(_diagnose.diagnose)
 
 
 def main() -> None:

@@ -39,30 +39,30 @@ SIDES = ("train", "infer")
 
 def describe_sides(meta: dict[str, Any]) -> tuple[str, str]:
     """Short descriptions of a run's inference and training sides, e.g. ("vllm decode
-    bfloat16", "transformers float32 eager, batch 4096")."""
+    bfloat16", "transformers float32 eager, batch 4096 tokens"), from run.json's `engines`
+    (and `config` for runs that predate a key)."""
     cfg = meta.get("config") or {}
     eng = meta.get("engines") or {}
     inf, tr = eng.get("infer") or {}, eng.get("train") or {}
-    infer = " ".join(
-        str(x)
-        for x in (
-            inf.get("engine") or cfg.get("infer_engine"),
-            inf.get("mode") or "decode",
-            inf.get("dtype") or cfg.get("infer_dtype"),
-            inf.get("attn_implementation"),
-        )
-        if x
+
+    def words(*xs: Any) -> str:
+        return " ".join(str(x) for x in xs if x)
+
+    infer = words(
+        inf.get("engine") or cfg.get("infer_engine"),
+        inf.get("mode") or "decode",
+        inf.get("dtype") or cfg.get("infer_dtype"),
+        inf.get("attn_implementation"),
     )
-    train = " ".join(
-        str(x)
-        for x in (
-            tr.get("engine", "transformers"),
-            tr.get("dtype") or cfg.get("train_dtype"),
-            tr.get("attn_implementation") or cfg.get("attn_implementation"),
-        )
-        if x
+    engine = tr.get("engine", "transformers")
+    train = words(
+        engine,
+        tr.get("mode"),
+        tr.get("dtype") or cfg.get("train_dtype"),
+        tr.get("attn_implementation")
+        or (cfg.get("attn_implementation") if engine == "transformers" else None),
     )
-    if cfg.get("rescore_batch_tokens"):
+    if engine == "transformers" and cfg.get("rescore_batch_tokens"):
         train += f", batch {cfg['rescore_batch_tokens']} tokens"
     return infer, train
 
@@ -126,9 +126,9 @@ def moved(
     Rows are matched on (seq_id, pos). The runs share rollouts when at least one row matches
     and every matched row has the same token_id; otherwise `shared` is False with the reason.
     For each side s in (train, infer): m = logp_s(b) - logp_s(a) over matched rows finite in
-    both: mean_abs, max_abs, frac_identical (m == 0 exactly), k3 = mean(e^m - 1 - m) (a's
-    log-probs in the role of logp_train), and by bucket of a's p_train: count, mean_abs,
-    max_abs. `num_common` / `num_only_a` / `num_only_b` count rows.
+    both: mean_abs, max_abs, frac_identical (m == 0 exactly), k3 = mean(e^-m - 1 + m) (b's
+    log-probs in the role of logp_infer, a's in that of logp_train: `metrics.k3` of m), and
+    by bucket of a's p_train: count, mean_abs, max_abs. `num_common` / `num_only_a` / `num_only_b` count rows.
     """
     ta = read_tokens(a, _MOVE_COLUMNS)
     tb = read_tokens(b, _MOVE_COLUMNS)
@@ -172,7 +172,7 @@ def moved(
             "mean_abs": float(am.mean()) if am.size else math.nan,
             "max_abs": float(am.max()) if am.size else math.nan,
             "frac_identical": float((m == 0).mean()) if m.size else math.nan,
-            "k3": M.k3(-m),
+            "k3": M.k3(m),
             "buckets": pd.DataFrame(
                 {"lo": e[:-1], "hi": e[1:], "count": cnt, "mean_abs": mean_b, "max_abs": mx}
             ),

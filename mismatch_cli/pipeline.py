@@ -780,3 +780,128 @@ def _prefill_infer_side(
         df["topk_logp_infer"] = [list(np.asarray(r[2], np.float32)) for r in mine]
         out.append(df)
     return out
+
+
+# ----------------------------------------------------------------------------- decode again
+
+DECODE_REPEAT = "decode-repeat"
+
+
+def decode_repeat(src: Path, out: Path, *, progress: Progress | None = None) -> Path:
+    """Decode RUN's prompts again with vLLM, same settings and seeds, chunk by chunk as
+    `measure` submitted them, and write a run over the completions whose tokens came out
+    identical: `logp_infer` from the second decode, `logp_train` from the first (RUN's
+    `logp_infer`). Its delta is the engine's run-to-run noise (vLLM forms batches by timing,
+    and batch shape changes the numerics). eps_hat and the distribution-level columns use
+    the ids in both decodes' top-K (`rescore.topk_pair_stats`).
+
+    Raises MismatchError if RUN was not decoded by vLLM or no completion came out identical."""
+    import torch
+
+    from .models import hardware, pick_device
+    from .rescore import topk_pair_stats
+    from .rollout import VllmEngine
+    from .runs import open_run, read_sequences, read_tokens, token_frame, write_run
+
+    prog = progress or Progress()
+    _, meta = open_run(src, allow_incomplete=False)
+    cfg = MeasureConfig.from_dict(meta.get("config") or {})
+    if cfg.infer_engine != "vllm" or (meta.get("engines") or {}).get("infer", {}).get("mode"):
+        raise MismatchError(f"{src} was not decoded by vLLM: nothing to decode again")
+    model_path = (meta.get("model") or {}).get("path")
+    if not model_path or not Path(model_path).exists():
+        raise MismatchError(f"the model folder of {src} is gone: {model_path}")
+    _check_out_free(out)
+    seqs = read_sequences(src).sort_values("seq_id", kind="stable").reset_index(drop=True)
+    first = seqs.drop_duplicates("prompt_id")
+    prompts = list(zip(first["prompt_id"].astype(int), first["prompt_token_ids"], strict=True))
+    prompts = [(pid, np.asarray(ids).tolist()) for pid, ids in prompts]
+    cp = cfg.chunk_prompts
+    chunks: dict[int, list[tuple[int, list[int]]]] = {}
+    for pid, ids in prompts:  # the chunks `measure` submitted (prompt_id // chunk_prompts)
+        chunks.setdefault(pid // cp, []).append((pid, ids))
+    timings: dict[str, float] = {}
+    prog.start("generate", len(seqs))
+    with _timed(timings, "engine_start"):
+        engine = VllmEngine(model_path, cfg)
+    try:
+        records: list[dict[str, Any]] = []
+        with _timed(timings, "generate"):
+            for c in sorted(chunks):
+                records += engine.generate(chunks[c], lambda n: prog.advance("generate", n))
+    finally:
+        engine.close()
+    again = pd.DataFrame(records)[
+        ["prompt_id", "sample_idx", "response_token_ids", "logp_infer", "topk_ids_infer",
+         "topk_logp_infer"]
+    ]  # fmt: skip
+    again = again.rename(columns=lambda c: c if c in ("prompt_id", "sample_idx") else f"{c}_2")
+    j = seqs.merge(again, on=["prompt_id", "sample_idx"])
+    same = np.array(
+        [
+            np.array_equal(a, b)
+            for a, b in zip(j["response_token_ids"], j["response_token_ids_2"], strict=True)
+        ]
+    )  # [S] one comparison per completion
+    j = j[same & (j["response_token_ids"].map(len) > 0)].reset_index(drop=True)
+    if not len(j):
+        raise MismatchError(
+            f"no completion of {len(seqs):,} came out identical when decoded again "
+            "(the noise changed every sampled sequence): nothing to compare token by token"
+        )
+    tok = read_tokens(src)
+    tok = tok[tok["seq_id"].isin(j["seq_id"])].sort_values(["seq_id", "pos"], kind="stable")
+    tok = tok.reset_index(drop=True)
+    lens = j["response_token_ids"].map(len).to_numpy()
+    if len(tok) != int(lens.sum()):
+        raise MismatchError(f"{src} lacks token rows of some completions: cannot decode it again")
+    lq2 = np.concatenate(j["logp_infer_2"].to_list())  # [N] second decode, seq_id order
+    ids2 = np.concatenate([np.stack(v) for v in j["topk_ids_infer_2"]]).astype(np.int64)
+    top2 = np.concatenate([np.stack(v) for v in j["topk_logp_infer_2"]]).astype(np.float32)
+    ids1 = np.stack(tok["topk_ids_infer"].to_list()).astype(np.int64)  # [N, K]
+    top1 = np.stack(tok["topk_logp_infer"].to_list()).astype(np.float32)
+    lq1 = tok["logp_infer"].to_numpy(np.float64)
+    st = topk_pair_stats(
+        torch.from_numpy(tok["token_id"].to_numpy(np.int64)),
+        torch.from_numpy(ids2), torch.from_numpy(top2), torch.from_numpy(lq2),
+        torch.from_numpy(ids1), torch.from_numpy(top1), torch.from_numpy(lq1),
+    )  # fmt: skip
+    cols = {
+        c: tok[c].to_numpy()
+        for c in ("seq_id", "prompt_id", "sample_idx", "pos", "token_id")
+        if c in tok.columns
+    }
+    tokens = token_frame(
+        {
+            **cols,
+            "logp_infer": lq2,
+            "logp_train": lq1,
+            **{k: v.numpy() for k, v in st.items()},
+            "topk_ids_infer": list(ids2.astype(np.int32)),
+            "topk_logp_infer": list(top2),
+            "topk_ids_train": list(ids1.astype(np.int32)),
+            "topk_logp_train": list(top1),
+        }
+    )
+    static = [c for c in _SEQUENCE_STATIC if c in seqs.columns]
+    new = new_meta(
+        DECODE_REPEAT,
+        config=cfg.to_dict(),
+        sampling=meta.get("sampling"),
+        model=meta.get("model"),
+        engines={
+            "infer": {"engine": "vllm", "mode": "decode, second run", "dtype": cfg.infer_dtype},
+            "train": {"engine": "vllm", "mode": "decode, first run", "dtype": cfg.infer_dtype},
+        },
+        num_prompts=meta.get("num_prompts"),
+        hardware=hardware(pick_device(cfg.device)),
+        decode_repeat={
+            "run": str(src),
+            "num_sequences": len(seqs),
+            "num_identical": len(j),
+            "note": "logp_train is the first decode's logp_infer; only completions whose "
+            "tokens came out identical are kept",
+        },
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+    )
+    return write_run(out, tokens, j[static], new)

@@ -831,3 +831,50 @@ def print_compare(result: dict[str, Any], console: Console | None = None) -> Non
         )
     for r in runs:
         console.print(Panel(r["verdict"], title=f"verdict: {r['label']}", title_align="left"))
+
+
+def print_diagnose(result: dict[str, Any], console: Console | None = None) -> None:
+    """The tables of a `diagnose` result: the variants ranked by k3 (skipped ones last, with
+    their reason), the sources of mismatch, the verdict."""
+    console = console or _wide_console()
+    rows = {r["name"]: r for r in result["variants"]}
+    base_k3 = (rows.get("baseline") or {}).get("k3")
+    t = _table(
+        "Variants on the same tokens, ranked by k3 (delta = logp_infer - logp_train, nats)",
+        "x base = k3 / the baseline's k3; TV = mean distribution-level lower bound on "
+        f"TV(q, p); runs in {result['out']}/variants/",
+    )
+    for c, j in (("variant", "left"), ("isolates", "left"), ("tokens", "right"),
+                 ("k3", "right"), ("x base", "right"), ("mean |δ|", "right"),
+                 ("p99 |δ|", "right"), ("max |δ|", "right"), ("TV", "right")):  # fmt: skip
+        t.add_column(c, justify=j, no_wrap=c != "isolates")
+    for name in result["ranking"]:
+        r = rows[name]
+        t.add_row(
+            name,
+            r["isolates"],
+            f"{r['num_tokens']:,}",
+            fmt(r["k3"], 2),
+            times(r["k3"] / base_k3) if base_k3 and r["k3"] is not None else DASH,
+            fmt(r["mean_abs_delta"], 2),
+            fmt(r["p99_abs_delta"], 2),
+            fmt(r["max_abs_delta"], 2),
+            fmt(r["tv_coarse_mean"], 2),
+        )
+    for r in result["variants"]:
+        if r["skipped"]:
+            t.add_row(r["name"], f"[yellow]skipped: {r['skipped']}[/]", *[""] * 7)
+    console.print(t)
+    if result["sources"]:
+        s = _table("Sources of mismatch, each measured alone on the same tokens")
+        for c in ("source", "k3", "share of baseline k3", "mean |δ|"):
+            s.add_column(c, justify="left" if c == "source" else "right")
+        for x in result["sources"]:
+            s.add_row(
+                x["what"],
+                fmt(x["k3"], 2),
+                pct(x["share_of_baseline_k3"]),
+                fmt(x["mean_abs_delta"], 2),
+            )
+        console.print(s)
+    console.print(Panel(result["verdict"], title="verdict", title_align="left", expand=True))

@@ -61,11 +61,7 @@ def position_stats(
     lq = torch.cat([infer_topk_logp, logp_infer[:, None]], dim=1)  # [n, K+1]
     valid_id = ids >= 0
     lp = logp.gather(1, ids.clamp(min=0))  # [n, K+1]
-    d = (lq.double() - lp.double()).masked_fill(~valid_id, float("nan"))
-    ok = torch.isfinite(d)
-    d_max = torch.where(ok, d, torch.full_like(d, -np.inf)).amax(dim=1)
-    d_min = torch.where(ok, d, torch.full_like(d, np.inf)).amin(dim=1)
-    eps_hat = torch.where(ok.sum(dim=1) >= 2, (d_max - d_min) / 2, torch.zeros_like(d_max))
+    eps_hat = eps_hat_of(lq, lp, valid_id)  # [n]
 
     coarse = coarse_mismatch(ids, valid_id, lq, lp)
 
@@ -82,6 +78,43 @@ def position_stats(
         "pruned_mass_minp": pruned_mass_grid(p, RHO_GRID, "min-p"),
         "pruned_mass_abs": pruned_mass_grid(p, RHO_GRID, "absolute"),
     }
+
+
+def eps_hat_of(logq: torch.Tensor, logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Half the spread max_i - min_i of d_i = logq_i - logp_i over the valid ids finite on both
+    sides (0 where fewer than two are). logq / logp / valid [n, C] -> [n] float64."""
+    d = (logq.double() - logp.double()).masked_fill(~valid, float("nan"))  # [n, C]
+    ok = torch.isfinite(d)
+    d_max = torch.where(ok, d, torch.full_like(d, -np.inf)).amax(dim=1)  # [n]
+    d_min = torch.where(ok, d, torch.full_like(d, np.inf)).amin(dim=1)  # [n]
+    return torch.where(ok.sum(dim=1) >= 2, (d_max - d_min) / 2, torch.zeros_like(d_max))
+
+
+def topk_pair_stats(
+    tokens: torch.Tensor,
+    q_ids: torch.Tensor,
+    q_logp: torch.Tensor,
+    q_tok: torch.Tensor,
+    p_ids: torch.Tensor,
+    p_logp: torch.Tensor,
+    p_tok: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """eps_hat and the distribution-level measures for two sides that are both known only
+    on their own top-K (two vLLM decodes): the partition is {ids in both top-Ks} U {sampled
+    token} plus the rest, a coarser one than `position_stats` uses, and still a lower bound.
+
+    tokens [n]; q_ids / q_logp [n, K] and p_ids / p_logp [n, K'] (-1 / -inf padded); q_tok /
+    p_tok [n]: each side's log-prob of the sampled token. Returns eps_hat and the
+    COARSE_COLUMNS, each [n]."""
+    eq = (q_ids[:, :, None] == p_ids[:, None, :]) & (q_ids[:, :, None] >= 0)  # [n, K, K']
+    found = eq.any(dim=2)  # [n, K] q's top-K id is in p's top-K too
+    neg_inf = torch.full_like(eq, -np.inf, dtype=p_logp.dtype)
+    lp_at = torch.where(eq, p_logp[:, None, :].expand_as(neg_inf), neg_inf).amax(dim=2)  # [n, K]
+    ids = torch.cat([q_ids, tokens[:, None]], dim=1)  # [n, K+1]
+    lq = torch.cat([q_logp, q_tok[:, None].to(q_logp.dtype)], dim=1)  # [n, K+1]
+    lp = torch.cat([lp_at, p_tok[:, None].to(p_logp.dtype)], dim=1)  # [n, K+1]
+    valid = torch.cat([found, torch.ones_like(found[:, :1])], dim=1)  # [n, K+1]
+    return {"eps_hat": eps_hat_of(lq, lp, valid), **coarse_mismatch(ids, valid, lq, lp)}
 
 
 def coarse_mismatch(
@@ -101,7 +134,7 @@ def coarse_mismatch(
     """
     K1 = ids.shape[1]
     # the sampled token (last column) is a cell of its own only if it is not in the top-K
-    dup = (ids[:, :-1] == ids[:, -1:]).any(dim=1)  # [n]
+    dup = ((ids[:, :-1] == ids[:, -1:]) & valid[:, :-1]).any(dim=1)  # [n]
     cell = valid.clone()  # [n, K+1] distinct ids of S
     cell[:, K1 - 1] &= ~dup
     neg_inf = torch.tensor(-np.inf, dtype=torch.float64, device=ids.device)
@@ -275,9 +308,11 @@ __all__ = [
     "Sampling",
     "SeqInput",
     "coarse_mismatch",
+    "eps_hat_of",
     "forward_logits",
     "make_batches",
     "position_stats",
     "processed_logprobs",
     "score_sequences",
+    "topk_pair_stats",
 ]

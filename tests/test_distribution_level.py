@@ -104,3 +104,23 @@ def test_truncation_gives_infinite_kl_only_where_the_kept_sets_differ() -> None:
     assert differ.any() and (~differ).any()
     assert torch.isinf(out["kl_qp_coarse"][differ]).all()
     assert torch.isfinite(out["tv_coarse"]).all()
+
+
+def test_two_sides_known_on_their_top_k_only_use_the_common_ids() -> None:
+    """`topk_pair_stats` (two decodes): the partition is {ids in both top-Ks} U {sampled}."""
+    from mismatch_cli.rescore import topk_pair_stats
+
+    logp, logq, tok, q_ids, q_vals = _case(48, 40, 8, seed=5)
+    p_top = logp.topk(8, dim=-1)
+    r = torch.arange(48)
+    out = topk_pair_stats(tok, q_ids, q_vals, logq[r, tok], p_top.indices, p_top.values,
+                          logp[r, tok])  # fmt: skip
+    common = np.full((48, 8), -1)
+    for i in range(48):
+        ids = [j for j in q_ids[i].tolist() if j in set(p_top.indices[i].tolist())]
+        common[i, : len(ids)] = ids
+    tv, kqp, kpq = _brute(logq.numpy(), logp.numpy(), common, tok.numpy())
+    np.testing.assert_allclose(out["tv_coarse"].numpy(), tv, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(out["kl_qp_coarse"].numpy(), kqp, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(out["kl_pq_coarse"].numpy(), kpq, rtol=1e-7, atol=1e-12)
+    assert (common == -1).any()  # some top-K ids were not shared: the case is not trivial

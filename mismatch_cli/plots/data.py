@@ -43,7 +43,13 @@ class RunData:
         cfg = self.meta.get("config", {}) or {}
         model = (self.meta.get("model") or {}).get("name") or cfg.get("model") or "model ?"
         bits = [str(model)]
-        if cfg.get("infer_engine"):
+        engines = self.meta.get("engines") or {}
+        if any("mode" in (engines.get(s) or {}) for s in ("infer", "train")):
+            from ..compare import describe_sides  # a rescored or repeated side: say how
+
+            infer, train = describe_sides(self.meta)
+            bits.append(f"{infer} vs {train}")
+        elif cfg.get("infer_engine"):
             bits.append(
                 f"{cfg['infer_engine']} {cfg.get('infer_dtype', '?')} vs transformers "
                 f"{cfg.get('train_dtype', '?')}"
