@@ -861,11 +861,10 @@ def decode_repeat(src: Path, out: Path, *, progress: Progress | None = None) -> 
     ids1 = np.stack(tok["topk_ids_infer"].to_list()).astype(np.int64)  # [N, K]
     top1 = np.stack(tok["topk_logp_infer"].to_list()).astype(np.float32)
     lq1 = tok["logp_infer"].to_numpy(np.float64)
+    t = torch.tensor  # copies: arrays read from Parquet are not writable
     st = topk_pair_stats(
-        torch.from_numpy(tok["token_id"].to_numpy(np.int64)),
-        torch.from_numpy(ids2), torch.from_numpy(top2), torch.from_numpy(lq2),
-        torch.from_numpy(ids1), torch.from_numpy(top1), torch.from_numpy(lq1),
-    )  # fmt: skip
+        t(tok["token_id"].to_numpy(np.int64)), t(ids2), t(top2), t(lq2), t(ids1), t(top1), t(lq1)
+    )
     cols = {
         c: tok[c].to_numpy()
         for c in ("seq_id", "prompt_id", "sample_idx", "pos", "token_id")

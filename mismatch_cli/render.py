@@ -833,6 +833,13 @@ def print_compare(result: dict[str, Any], console: Console | None = None) -> Non
         console.print(Panel(r["verdict"], title=f"verdict: {r['label']}", title_align="left"))
 
 
+def ratio_x(x: float | None) -> str:
+    """A ratio to a reference: '0.43x' ('times'), or '2.3e-8x' when below 0.01."""
+    if x is not None and math.isfinite(x) and 0 < abs(x) < 0.01:
+        return f"{fmt(x, 2)}x"
+    return times(x)
+
+
 def print_diagnose(result: dict[str, Any], console: Console | None = None) -> None:
     """The tables of a `diagnose` result: the variants ranked by k3 (skipped ones last, with
     their reason), the sources of mismatch, the verdict."""
@@ -855,7 +862,7 @@ def print_diagnose(result: dict[str, Any], console: Console | None = None) -> No
             r["isolates"],
             f"{r['num_tokens']:,}",
             fmt(r["k3"], 2),
-            times(r["k3"] / base_k3) if base_k3 and r["k3"] is not None else DASH,
+            ratio_x(r["k3"] / base_k3) if base_k3 and r["k3"] is not None else DASH,
             fmt(r["mean_abs_delta"], 2),
             fmt(r["p99_abs_delta"], 2),
             fmt(r["max_abs_delta"], 2),

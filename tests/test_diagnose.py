@@ -64,7 +64,7 @@ def test_rows_ranking_sources_and_verdict(diag_dir: Path) -> None:
     assert rows["null"]["k3"] == 0 and rows["null"]["max_abs_delta"] == 0
     assert [s["source"] for s in r["sources"]] == ["hf-bf16-vs-fp32", "prefill-fp32", "attention"]
     v = r["verdict"]
-    assert "largest single source is bf16 instead of fp32" in v
+    assert "largest single source of the baseline's mismatch is bf16 instead of fp32" in v
     assert "(far below it)" in v and "null check is exactly 0" in v
     assert "Skipped here: fp16-both" in v
 
