@@ -165,7 +165,9 @@ class VllmEngine:
 
         K = self.cfg.top_logprobs
         todo = [i for i, (_, y) in enumerate(seqs) if len(y)]
-        params = SamplingParams(max_tokens=1, prompt_logprobs=K, detokenize=False, seed=0)
+        # no seed: vLLM 0.32's CPU runner crashes on a seeded request whose prefill is chunked
+        # ("CPU Generator does not use offset"), and the one sampled token is discarded anyway
+        params = SamplingParams(max_tokens=1, prompt_logprobs=K, detokenize=False)
         inputs = [
             TokensPrompt(prompt_token_ids=np.concatenate([seqs[i][0], seqs[i][1]]).tolist())
             for i in todo
