@@ -571,6 +571,7 @@ def rescore_run(
     The inference side keeps `src`'s decode log-probs, or is re-scored by a prefill pass of
     vLLM or transformers; that engine is shut down before the training side loads. run.json
     records `rescored_from` (the source run and what changed)."""
+    from .models import hardware, pick_device
     from .runs import open_run
     from .sampling import Sampling
 
@@ -578,10 +579,16 @@ def rescore_run(
     prog = progress or Progress()
     _, meta = open_run(src, allow_incomplete=False)
     was = _settings(meta)
-    _check_options(opts, was)
-    sampling_d = dict(meta.get("sampling") or meta.get("config") or {})
-    if opts.infer_side == "vllm-prefill" and (why := vllm_prefill_refusal(sampling_d)):
+    _check_options(opts)
+    s = dict(meta.get("sampling") or meta.get("config") or {})  # RUN's sampling settings
+    if opts.infer_side == "vllm-prefill" and (why := vllm_prefill_refusal(s)):
         raise MismatchError(why)
+    sampling = Sampling(
+        float(s.get("temperature", 1.0)),
+        float(s.get("top_p", 1.0)),
+        int(s.get("top_k", -1)),
+        float(s.get("min_p", 0.0)),
+    )
     model_path = (meta.get("model") or {}).get("path")
     if not model_path:
         raise MismatchError(f"{src} records no model path (run.json model.path): nothing to load")
@@ -599,8 +606,6 @@ def rescore_run(
     if opts.infer_side != "decode":
         changed["infer_side"] = ["decode", opts.infer_side]
         changed["infer_dtype"] = [was["infer_dtype"], infer_dtype]
-    from .models import hardware, pick_device
-
     device = pick_device(now_["device"])
     parts = rollout_parts_of(Path(src), meta)
     run = RunDir(out)
@@ -609,7 +614,7 @@ def rescore_run(
         on_ready(out)
 
     cfg = dict(meta.get("config") or {})
-    cfg.update({k: v for k, v in now_.items()})
+    cfg.update(now_)
     engines = dict(meta.get("engines") or {})
     infer = dict(engines.get("infer") or {})
     if opts.infer_side != "decode":
@@ -651,13 +656,6 @@ def rescore_run(
         new["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         run.write_meta(new)
 
-    s = sampling_d
-    sampling = Sampling(
-        float(s.get("temperature", 1.0)),
-        float(s.get("top_p", 1.0)),
-        int(s.get("top_k", -1)),
-        float(s.get("min_p", 0.0)),
-    )
     try:
         if opts.infer_side != "decode":
             parts = _prefill_infer_side(
@@ -687,7 +685,8 @@ def rescore_run(
     return out
 
 
-def _check_options(opts: RescoreOptions, was: dict[str, Any]) -> None:
+def _check_options(opts: RescoreOptions) -> None:
+    """One-line errors for impossible `RescoreOptions`, before anything loads."""
     from .config import DTYPES
 
     for name in ("train_dtype", "infer_dtype"):
