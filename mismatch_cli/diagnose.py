@@ -101,7 +101,8 @@ _BY_NAME = {v.name: v for v in VARIANTS}
 SOURCES: dict[str, str] = {
     "hf-bf16-vs-fp32": "bf16 instead of fp32 (transformers on both sides, no engine)",
     "prefill-fp32": "the engine itself at equal dtype (vLLM fp32 prefill vs transformers fp32)",
-    "decode-path": "vLLM's decode path vs its own prefill path (bf16, same tokens)",
+    "decode-path": "vLLM's decode path over its own prefill path (bf16; baseline k3 minus "
+    "prefill-bf16's)",
     "attention": "the attention kernel (eager vs sdpa, fp32)",
     DECODE_REPEAT: "vLLM's run-to-run noise (same seeds, sequences that came out identical)",
 }
@@ -252,15 +253,22 @@ def summarize(
     k3 = {r["name"]: r["k3"] for r in rows if r["k3"] is not None}
     ranking = sorted(k3, key=lambda n: -k3[n])
     sources = []
+    decode_vs_prefill = None
     for key, what in SOURCES.items():
         if key == "decode-path":
-            if BASELINE in summaries and "prefill-bf16" in summaries:
-                # b = the baseline: its decode log-probs in the inference role, the
-                # prefill ones in the training role (moved's k3 orientation)
+            if BASELINE in k3 and "prefill-bf16" in k3:
+                # what the decode path adds: both rows score the same tokens against the same
+                # fp32 trainer, the baseline with decode log-probs, prefill-bf16 with prefill
+                sources.append({"source": key, "what": what,
+                                "k3": k3[BASELINE] - k3["prefill-bf16"],
+                                "mean_abs_delta": None})  # fmt: skip
+                # and how far the two bf16 inference sides are from each other, token by token
+                # (b = the baseline: decode log-probs in the inference role)
                 mv = moved(out / VARIANTS_DIR / "prefill-bf16", out / VARIANTS_DIR / BASELINE)
                 if mv["shared"]:
-                    sources.append({"source": key, "what": what, "k3": mv["infer"]["k3"],
-                                    "mean_abs_delta": mv["infer"]["mean_abs"]})  # fmt: skip
+                    decode_vs_prefill = {"k3": mv["infer"]["k3"],
+                                         "mean_abs_delta": mv["infer"]["mean_abs"],
+                                         "max_abs_delta": mv["infer"]["max_abs"]}  # fmt: skip
             continue
         if key in k3:
             sources.append({"source": key, "what": what, "k3": k3[key],
@@ -274,6 +282,7 @@ def summarize(
         "variants": rows,
         "ranking": ranking,
         "sources": sources,
+        "decode_vs_prefill": decode_vs_prefill,
     }
     result["verdict"] = diagnose_verdict(result)
     return json_ready(result)
@@ -299,10 +308,11 @@ def diagnose_verdict(result: dict[str, Any]) -> str:
         f"The baseline ({base['inference']} vs {base['training']}) has k3 {fmt(bk3)} and mean "
         f"|delta| {fmt(base['mean_abs_delta'])} nats over {base['num_tokens']:,} tokens."
     )
-    if result["sources"]:
-        top = result["sources"][0]
+    top = result["sources"][0] if result["sources"] else None
+    if top is not None:
         parts.append(
-            f"The largest single source of the baseline's mismatch is {top['what']}: k3 {fmt(top['k3'])}, "
+            f"The largest single source of the baseline's mismatch is {top['what']}: k3 "
+            f"{fmt(top['k3'])}, "
             f"{pct(top['share_of_baseline_k3']) if top['share_of_baseline_k3'] is not None else '–'}"
             " of the baseline's."
         )
@@ -313,10 +323,22 @@ def diagnose_verdict(result: dict[str, Any]) -> str:
             f"{fmt(f['mean_abs_delta'])} nats: {ratio_x(ratio)} the baseline's k3"
             + (" (far below it)." if ratio < 0.25 else " (NOT below a quarter of it).")
         )
-    if (h := ok.get("hf-bf16-vs-fp32")) is not None:
+    if (h := ok.get("hf-bf16-vs-fp32")) is not None and (top or {}).get("source") != h["name"]:
         parts.append(
             f"bf16 on the inference side, without any engine (transformers bf16 vs fp32), "
             f"gives k3 {fmt(h['k3'])}: {share(h)} of the baseline's k3."
+        )
+    if (pb := ok.get("prefill-bf16")) is not None:
+        dvp = result.get("decode_vs_prefill") or {}
+        parts.append(
+            f"Scoring the same tokens with vLLM's bf16 prefill instead of its decode gives k3 "
+            f"{fmt(pb['k3'])} ({ratio_x(pb['k3'] / bk3 if bk3 else math.nan)} the baseline's)"
+            + (
+                f"; decode and prefill log-probs differ from each other by k3 "
+                f"{fmt(dvp.get('k3'))}, so each carries its own bf16 rounding."
+                if dvp
+                else "."
+            )
         )
     if (t := ok.get("train-bf16")) is not None:
         parts.append(

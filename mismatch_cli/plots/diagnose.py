@@ -12,12 +12,19 @@ from matplotlib.figure import Figure
 from .. import metrics as M
 from ..errors import MismatchError
 from .data import RunData
-from .style import NATS, bucket_label, new_fig
+from .style import NATS, PALETTE, bucket_label, new_fig
 
 NAME = "diagnose"
 TITLE = "Where the mismatch comes from: one bar per variant, on the same tokens"
 DEFAULT = False  # drawn only when asked for (a diagnose directory, or --figure diagnose)
 _LINESTYLES = ("-", "--", ":", "-.")
+_HATCHES = ("", "///", "...", "xx")
+
+
+def _cycle(i: int) -> int:
+    """How many times the palette has wrapped at run i: runs sharing a colour differ by
+    line style and bar hatching."""
+    return (i // len(PALETTE)) % len(_LINESTYLES)
 
 
 def plot_diagnose(runs: Sequence[RunData]) -> Figure:
@@ -45,12 +52,13 @@ def plot_diagnose(runs: Sequence[RunData]) -> Figure:
         for y, i in zip(ypos, order, strict=True):
             r, v = runs[i], vals[i]
             if v > 0:
-                (bar,) = ax.barh(y, v - lo, left=lo, color=r.color, height=0.7)
+                (bar,) = ax.barh(y, v - lo, left=lo, color=r.color, height=0.7,
+                                 hatch=_HATCHES[_cycle(i)], edgecolor="white")  # fmt: skip
                 bar.set_gid(f"{key}:{r.label}")
                 ax.text(v * 1.15, y, f"{v:.2g}", va="center", fontsize=7.5)
             else:
                 txt = "0 (exactly)" if v == 0 else "–"
-                ax.text(lo * 1.2, y, txt, va="center", fontsize=8, color="0.2")
+                ax.text(lo * 1.5, y, txt, va="center", fontsize=8, color="0.2")
         ax.set_xscale("log")
         ax.set_xlim(lo, hi * 4)
         ax.set_yticks(ypos, [runs[i].label for i in order])
@@ -63,7 +71,7 @@ def plot_diagnose(runs: Sequence[RunData]) -> Figure:
     edges = runs[0].edges
     nb = len(edges) - 1
     x = np.arange(nb)
-    for j, i in enumerate(order):
+    for i in order:
         r = runs[i]
         m = r.buckets["mean_abs_delta"].to_numpy(dtype=np.float64)  # [B]
         ok = np.isfinite(m) & (m > 0)
@@ -77,7 +85,7 @@ def plot_diagnose(runs: Sequence[RunData]) -> Figure:
             ms=3.5,
             lw=1.4,
             color=r.color,
-            ls=_LINESTYLES[(j // 8) % len(_LINESTYLES)],
+            ls=_LINESTYLES[_cycle(i)],
             label=r.label,
         )
         line.set_gid(f"bucket-curve:{r.label}")
