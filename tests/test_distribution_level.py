@@ -124,3 +124,38 @@ def test_two_sides_known_on_their_top_k_only_use_the_common_ids() -> None:
     np.testing.assert_allclose(out["kl_qp_coarse"].numpy(), kqp, rtol=1e-7, atol=1e-12)
     np.testing.assert_allclose(out["kl_pq_coarse"].numpy(), kpq, rtol=1e-7, atol=1e-12)
     assert (common == -1).any()  # some top-K ids were not shared: the case is not trivial
+
+
+def test_report_has_the_section_and_older_runs_still_work(tmp_path) -> None:
+    """`report`: means and upper quantiles by bucket when the columns exist; runs written
+    before them report `distribution_level: null` and print no such table."""
+    import json
+
+    from rich.console import Console
+
+    from mismatch_cli.analysis import analyze
+    from mismatch_cli.render import print_report
+    from mismatch_cli.runs import read_sequences, read_tokens, write_run
+    from mismatch_cli.synthetic import synthetic_meta, write_synthetic_run
+
+    new = write_synthetic_run(tmp_path / "new", num_sequences=12, seed=2)
+    r = analyze(new)
+    json.dumps(r, allow_nan=False)
+    dist = r["distribution_level"]
+    tv = read_tokens(new)["tv_coarse"].to_numpy()
+    assert dist["overall"]["tv_coarse"]["mean"] == pytest.approx(tv.mean())
+    assert dist["overall"]["tv_coarse"]["p99"] == pytest.approx(np.quantile(tv, 0.99))
+    counts = [b["count"] for b in dist["buckets"]]
+    assert sum(counts) == len(tv)
+    con = Console(record=True, width=100)
+    print_report(r, con)
+    assert "Distribution-level mismatch" in con.export_text()
+
+    tok = read_tokens(new).drop(columns=["tv_coarse", "kl_qp_coarse", "kl_pq_coarse"])
+    old = write_run(tmp_path / "old", tok, read_sequences(new), synthetic_meta())
+    r_old = analyze(old)
+    assert r_old["distribution_level"] is None
+    assert r_old["metrics"] == r["metrics"]  # the rest of the report is unchanged
+    con = Console(record=True, width=100)
+    print_report(r_old, con)
+    assert "Distribution-level" not in con.export_text()
