@@ -243,11 +243,16 @@ def summarize(
             summaries[name] = s
             row.update({k: s.get(k) for k in VARIANT_KEYS})
             if name == DECODE_REPEAT:
-                meta = json.loads((path / "run.json").read_text())
-                dr = meta.get("decode_repeat") or {}
+                from .runs import read_tokens
+
+                dr = json.loads((path / "run.json").read_text()).get("decode_repeat") or {}
+                row["num_sequences"] = dr.get("num_sequences")
+                row["num_identical_sequences"] = dr.get("num_identical")
+                row["num_tokens_moved"] = int((read_tokens(path, ["delta"])["delta"] != 0).sum())
                 row["note"] = (
                     f"{dr.get('num_identical')} of {dr.get('num_sequences')} sequences came out "
-                    "identical; compared over those"
+                    f"identical; compared over those ({row['num_tokens_moved']:,} of "
+                    f"{row['num_tokens']:,} tokens moved)"
                 )
         rows.append(row)
     k3 = {r["name"]: r["k3"] for r in rows if r["k3"] is not None}
@@ -357,12 +362,21 @@ def diagnose_verdict(result: dict[str, Any]) -> str:
             f"({ratio_x(p['k3'] / bk3 if bk3 else math.nan)} the baseline's)."
         )
     if (d := ok.get(DECODE_REPEAT)) is not None:
-        parts.append(
-            f"Decoding again with the same seeds moved logp_infer by mean |delta| "
-            f"{fmt(d['mean_abs_delta'])} (max {fmt(d['max_abs_delta'])}) over "
-            f"{d['num_tokens']:,} tokens of the sequences that came out identical"
-            f" ({d.get('note', '').split(';')[0]})."
-        )
+        n, ident, total = d["num_tokens"], d["num_identical_sequences"], d["num_sequences"]
+        where = f"the {n:,} tokens of the {ident} of {total} sequences that came out identical"
+        if d["num_tokens_moved"] == 0:
+            text = (
+                f"Decoding again with the same seeds reproduced logp_infer bit for bit on {where}"
+            )
+        else:
+            text = (
+                f"Decoding again with the same seeds moved logp_infer on "
+                f"{d['num_tokens_moved']:,} of {where} (mean |delta| "
+                f"{fmt(d['mean_abs_delta'])}, max {fmt(d['max_abs_delta'])})"
+            )
+        if total is not None and ident is not None and ident < total:
+            text += f"; {total - ident} sampled different tokens: the engine is not deterministic"
+        parts.append(text + ".")
     if (n := ok.get(NULL)) is not None:
         zero = n["max_abs_delta"] == 0 and n["num_infinite"] == 0
         parts.append(

@@ -834,7 +834,9 @@ def print_compare(result: dict[str, Any], console: Console | None = None) -> Non
 
 
 def ratio_x(x: float | None) -> str:
-    """A ratio to a reference: '0.43x' ('times'), or '2.3e-8x' when below 0.01."""
+    """A ratio to a reference: '0.43x' ('times'), '2.3e-8x' when below 0.01, '0' if zero."""
+    if x == 0:
+        return "0"
     if x is not None and math.isfinite(x) and 0 < abs(x) < 0.01:
         return f"{fmt(x, 2)}x"
     return times(x)
