@@ -29,7 +29,7 @@ from . import metrics as M
 from . import theory
 from .errors import MismatchError
 from .results import json_ready
-from .schema import CONVENTIONS
+from .schema import COARSE_COLUMNS, CONVENTIONS
 from .tokens import REQUIRED_COLUMNS, TokenArrays, check_by, load_tokens, token_arrays
 from .verdict import verdict
 
@@ -629,6 +629,60 @@ def analyze_groups(
     return json_ready(groups)
 
 
+# ----------------------------------------------------------------------------- distribution level
+
+COARSE_QUANTILES = (0.9, 0.99)
+
+
+def distribution_level(
+    df: pd.DataFrame, edges: Sequence[float] | np.ndarray = DEFAULT_EDGES, by: str = "train"
+) -> dict[str, Any] | None:
+    """Means and upper quantiles of the distribution-level measures (schema.COARSE_COLUMNS:
+    TV and KL both ways on {inference top-K + sampled token, rest}; lower bounds on the
+    full-vocabulary ones), over all tokens and by bucket of p_{by}. None if the table has
+    none of these columns (runs written before them).
+
+    Infinite values (a KL where the kept sets differ) and NaN are counted in `num_infinite`
+    and left out of means and quantiles. Returns {"overall": {col: {count, num_infinite,
+    mean, p90, p99, max}}, "buckets": [{lo, hi, count, <col>_mean, <col>_p90, <col>_p99,
+    <col>_num_infinite, ...}]}.
+    """
+    cols = [c for c in COARSE_COLUMNS if c in df.columns]
+    if not cols:
+        return None
+    e = parse_edges(edges)
+    nb = len(e) - 1
+    idx = bucket_index(df[f"p_{check_by(by)}"].to_numpy(dtype=np.float64), e)  # [N]
+    overall: dict[str, Any] = {}
+    rows: dict[str, Any] = {
+        "lo": e[:-1],
+        "hi": e[1:],
+        "count": np.bincount(idx[idx >= 0], minlength=nb),
+    }
+    for c in cols:
+        v = df[c].to_numpy(dtype=np.float64)  # [N]
+        fin = np.isfinite(v)
+        vf = v[fin]  # [m]
+        q = np.quantile(vf, (*COARSE_QUANTILES, 1.0)) if vf.size else np.full(3, np.nan)
+        overall[c] = {
+            "count": int(vf.size),
+            "num_infinite": int((~fin).sum()),
+            "mean": float(vf.mean()) if vf.size else math.nan,
+            "p90": q[0],
+            "p99": q[1],
+            "max": q[2],
+        }
+        keep = fin & (idx >= 0)
+        b = idx[keep]  # [m'] bucket of each finite value inside the edges
+        n = np.bincount(b, minlength=nb)  # [B]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows[f"{c}_mean"] = np.bincount(b, weights=v[keep], minlength=nb) / n
+        qs = group_quantiles(v[keep], b, nb, COARSE_QUANTILES)  # [B, 2]
+        rows[f"{c}_p90"], rows[f"{c}_p99"] = qs[:, 0], qs[:, 1]
+        rows[f"{c}_num_infinite"] = np.bincount(idx[~fin & (idx >= 0)], minlength=nb)
+    return {"columns": cols, "overall": overall, "buckets": pd.DataFrame(rows)}
+
+
 # ----------------------------------------------------------------------------- analyze
 
 
@@ -659,7 +713,8 @@ def analyze(
     num_sequences, num_sequences_infinite, num_outside_edges, eps (used for the envelopes),
     eps_hat (the data's estimate, q0.99 of per-position eps_hat), eps_estimator,
     eps_hat_quantiles, eps_needed_q99, edges, buckets, envelope, fit, tail, accumulation,
-    metrics, verdict. NaN becomes None. `sequences` (optional) only supplies num_sequences
+    metrics, distribution_level (`distribution_level`; None for runs without those
+    columns), verdict. NaN becomes None. `sequences` (optional) only supplies num_sequences
     when it lists completions the token table lacks; every statistic comes from the tokens.
     """
     by = check_by(by)
@@ -671,13 +726,17 @@ def analyze(
     run: dict[str, Any] | None = None
     warnings: list[str] = []
     if isinstance(source, (str, Path)):
-        df, meta, warnings = load_tokens(source)
+        from .runs import token_columns
+
+        optional = [c for c in COARSE_COLUMNS if c in token_columns(source)]
+        df, meta, warnings = load_tokens(source, (*REQUIRED_COLUMNS, *optional))
         run = _run_info(Path(source), meta)
     else:
         df = source
         if len(df) == 0:
             raise MismatchError("the token table is empty: nothing to report")
     t = token_arrays(df, by)
+    dist = distribution_level(df, e, by)
     del df
 
     eps_data = theory.estimate_eps(t.eps_hat)
@@ -742,6 +801,7 @@ def analyze(
         "tail": tail_bias(t, tail, by),
         "accumulation": accumulation(seqs),
         "metrics": rl_metrics(t, seqs),
+        "distribution_level": dist,
     }
     result = json_ready(result)
     result["verdict"] = verdict(result)
@@ -759,6 +819,7 @@ __all__ = [
     "bucket_index",
     "bucket_stats",
     "choose_eps",
+    "distribution_level",
     "envelope_check",
     "eps_needed",
     "estimate_eps",

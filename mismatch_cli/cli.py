@@ -24,12 +24,15 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+from .commands import compare as _compare  # noqa: E402
 from .commands import corrections as _corrections  # noqa: E402
 from .commands import demo as _demo  # noqa: E402
+from .commands import diagnose as _diagnose  # noqa: E402
 from .commands import import_ as _import  # noqa: E402
 from .commands import measure as _measure  # noqa: E402
 from .commands import plot as _plot  # noqa: E402
 from .commands import report as _report  # noqa: E402
+from .commands import rescore as _rescore  # noqa: E402
 from .commands import sweep as _sweep  # noqa: E402
 
 app.command("measure", no_args_is_help=False)(_measure.measure)
@@ -39,6 +42,9 @@ app.command("demo")(_demo.demo)
 app.command("sweep-threshold")(_sweep.sweep_threshold)
 app.command("import")(_import.import_)
 app.command("corrections")(_corrections.corrections)
+app.command("rescore")(_rescore.rescore)
+app.command("compare")(_compare.compare)
+app.command("diagnose", no_args_is_help=False)(_diagnose.diagnose)
 
 
 def main() -> None:

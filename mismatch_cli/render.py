@@ -364,6 +364,8 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     for t in (accumulation_table(result),):
         console.print(t)
     console.print(metrics_table(result))
+    if (dist := distribution_table(result)) is not None:
+        console.print(dist)
     console.print(Panel(result["verdict"], title="verdict", title_align="left", expand=True))
 
 
@@ -564,7 +566,8 @@ def _wide_console() -> Console:
 
 # ----------------------------------------------------------------------------- progress
 
-PROGRESS_UNITS = {"generate": "completions", "rescore": "tokens", "import": "records"}
+PROGRESS_UNITS = {"generate": "completions", "rescore": "tokens", "import": "records",
+                  "prefill": "sequences"}  # fmt: skip
 LOG_INTERVAL_S = 30.0
 
 
@@ -914,4 +917,211 @@ def print_corrections(result: dict[str, Any], console: Console | None = None) ->
     for r in result["methods"]:
         if r["skipped"] is not None:
             console.print(f"[yellow]{r['name']}: skipped[/] ({r['skipped']})", highlight=False)
+    console.print(Panel(result["verdict"], title="verdict", title_align="left", expand=True))
+
+
+# ----------------------------------------------------------------------------- rescore, compare, diagnose
+# (distribution-level table of `report`, `compare` and `diagnose`)
+
+_COARSE_LABELS = {
+    "tv_coarse": "TV",
+    "kl_qp_coarse": "KL(q‖p)",
+    "kl_pq_coarse": "KL(p‖q)",
+}
+
+
+def distribution_table(result: dict[str, Any]) -> Table | None:
+    """Distribution-level mismatch by bucket: mean and p99 of TV and of both KLs on the
+    partition {inference top-K + sampled token, rest} (lower bounds). None if not stored."""
+    dist = result.get("distribution_level")
+    if not dist:
+        return None
+    cols = dist["columns"]
+    rows = dist["buckets"]
+    kl = [c for c in cols if c != "tv_coarse"]
+    n_inf = [sum(r.get(f"{c}_num_infinite") or 0 for c in kl) for r in rows]
+    t = _table(
+        f"Distribution-level mismatch by {_side(result)} bucket: lower bounds on the full TV / KL",
+        "on the partition {inference top-K + sampled token, everything else}; q = inference, "
+        "p = training; by the data-processing inequality each is <= its full-vocabulary value. "
+        "TV, KL = means over the bucket's tokens"
+        + (
+            "; inf = positions with an infinite KL (kept sets differ), left out"
+            if any(n_inf)
+            else ""
+        ),
+    )
+    t.add_column(_side(result), justify="right", no_wrap=True)
+    t.add_column("n", justify="right", no_wrap=True)
+    for c in cols:
+        t.add_column(_COARSE_LABELS[c], justify="right", no_wrap=True)
+        t.add_column("p99", justify="right", no_wrap=True)
+    if any(n_inf):
+        t.add_column("inf", justify="right", no_wrap=True)
+    for i, r in enumerate(rows):
+        cells = [fmt(r[f"{c}_{k}"], 2) for c in cols for k in ("mean", "p99")]
+        t.add_row(
+            _label(r, i == len(rows) - 1),
+            f"{r['count']:,}",
+            *cells,
+            *([f"{n_inf[i]:,}" if n_inf[i] else ""] if any(n_inf) else []),
+        )
+    ov = dist["overall"]
+    t.add_row(
+        "all",
+        f"{max(s['count'] + s['num_infinite'] for s in ov.values()):,}",
+        *[fmt(ov[c][k], 2) for c in cols for k in ("mean", "p99")],
+        *([f"{sum(n_inf):,}"] if any(n_inf) else []),
+        style="bold",
+    )
+    return t
+
+
+def _headline_cell(key: str, v: Any) -> str:
+    return pct(v) if key == "tail_abs_delta_share" else fmt(v, 3)
+
+
+def print_compare(result: dict[str, Any], console: Console | None = None) -> None:
+    """The tables of a `compare` result: headline metrics (with ratios to the first run),
+    mean |delta| by bucket, per-token movement between runs sharing rollouts, verdicts."""
+    from .compare import HEADLINE
+
+    console = console or _wide_console()
+    runs = result["runs"]
+    labels = [r["label"] for r in runs]
+    ratios = {x["label"]: x for x in result["ratios"]}
+    t = _table(
+        "Runs side by side (delta = logp_infer - logp_train, nats)",
+        f"(0.43x) = ratio to the first run, {result['reference']}; tail = tokens with p_train "
+        f"< {runs[0]['tail_threshold']:g}; TV / KL: distribution-level lower bounds",
+    )
+    t.add_column("", no_wrap=True)
+    for lab in labels:
+        t.add_column(lab, justify="right")
+    t.add_row("inference", *[r["inference"] for r in runs], style="dim")
+    t.add_row("training", *[r["training"] for r in runs], style="dim")
+    t.add_row("tokens", *[f"{r['num_tokens']:,}" for r in runs])
+    for key, name in HEADLINE:
+        if all(r.get(key) is None for r in runs):
+            continue
+        cells = [_headline_cell(key, runs[0].get(key))]
+        for r in runs[1:]:
+            ratio = ratios[r["label"]].get(key)
+            cells.append(
+                _headline_cell(key, r.get(key))
+                + (f" ({times(ratio)})" if ratio is not None else "")
+            )
+        t.add_row(name, *cells)
+    console.print(t)
+
+    b = _table("mean |delta| by p_train bucket (nats)", "– = empty bucket")
+    b.add_column("p_train", justify="right", no_wrap=True)
+    for lab in labels:
+        b.add_column(lab, justify="right")
+    rows = result["bucket_means"]
+    for i, r in enumerate(rows):
+        b.add_row(_label(r, i == len(rows) - 1), *[fmt(r[lab], 2) for lab in labels])
+    console.print(b)
+
+    for m in result["moved"]:
+        if not m["shared"]:
+            console.print(
+                f"[dim]{m['label']} does not share rollouts with {result['reference']}: "
+                f"{m['reason']}[/]",
+                highlight=False,
+            )
+            continue
+        mv = _table(
+            f"How the log-probs moved from {result['reference']} to {m['label']} "
+            f"(same tokens, {m['num_common']:,} positions)",
+            "|m| = |logp(b) - logp(a)| per token, by a's p_train; same = share of tokens with "
+            "m exactly 0",
+        )
+        mv.add_column("p_train", justify="right", no_wrap=True)
+        for side in ("train", "infer"):
+            for c in ("mean |m|", "max |m|"):
+                mv.add_column(f"{side} {c}", justify="right", no_wrap=True)
+        tb, ib = m["train"]["buckets"], m["infer"]["buckets"]
+        for i, (rt, ri) in enumerate(zip(tb, ib, strict=True)):
+            if not rt["count"]:
+                continue
+            mv.add_row(
+                _label(rt, i == len(tb) - 1),
+                fmt(rt["mean_abs"], 2),
+                fmt(rt["max_abs"], 2),
+                fmt(ri["mean_abs"], 2),
+                fmt(ri["max_abs"], 2),
+            )
+        mv.add_row(
+            "all",
+            *[
+                x
+                for side in ("train", "infer")
+                for x in (fmt(m[side]["mean_abs"], 2), fmt(m[side]["max_abs"], 2))
+            ],
+            style="bold",
+        )
+        console.print(mv)
+        console.print(
+            f"  same: training side {pct(m['train']['frac_identical'])}, inference side "
+            f"{pct(m['infer']['frac_identical'])} of tokens",
+            highlight=False,
+        )
+    for r in runs:
+        console.print(Panel(r["verdict"], title=f"verdict: {r['label']}", title_align="left"))
+
+
+def ratio_x(x: float | None) -> str:
+    """A ratio to a reference: '0.43x' ('times'), '2.3e-8x' when below 0.01, '0' if zero."""
+    if x == 0:
+        return "0"
+    if x is not None and math.isfinite(x) and 0 < abs(x) < 0.01:
+        return f"{fmt(x, 2)}x"
+    return times(x)
+
+
+def print_diagnose(result: dict[str, Any], console: Console | None = None) -> None:
+    """The tables of a `diagnose` result: the variants ranked by k3 (skipped ones last, with
+    their reason), the sources of mismatch, the verdict."""
+    console = console or _wide_console()
+    rows = {r["name"]: r for r in result["variants"]}
+    base_k3 = (rows.get("baseline") or {}).get("k3")
+    t = _table(
+        "Variants on the same tokens, ranked by k3 (delta = logp_infer - logp_train, nats)",
+        "x base = k3 / the baseline's k3; TV = mean distribution-level lower bound on "
+        f"TV(q, p); runs in {result['out']}/variants/",
+    )
+    for c, j in (("variant", "left"), ("isolates", "left"), ("tokens", "right"),
+                 ("k3", "right"), ("x base", "right"), ("mean |δ|", "right"),
+                 ("p99 |δ|", "right"), ("max |δ|", "right"), ("TV", "right")):  # fmt: skip
+        t.add_column(c, justify=j, no_wrap=c != "isolates")
+    for name in result["ranking"]:
+        r = rows[name]
+        t.add_row(
+            name,
+            r["isolates"],
+            f"{r['num_tokens']:,}",
+            fmt(r["k3"], 2),
+            ratio_x(r["k3"] / base_k3) if base_k3 and r["k3"] is not None else DASH,
+            fmt(r["mean_abs_delta"], 2),
+            fmt(r["p99_abs_delta"], 2),
+            fmt(r["max_abs_delta"], 2),
+            fmt(r["tv_coarse_mean"], 2),
+        )
+    for r in result["variants"]:
+        if r["skipped"]:
+            t.add_row(r["name"], f"[yellow]skipped: {r['skipped']}[/]", *[""] * 7)
+    console.print(t)
+    if result["sources"]:
+        s = _table("Sources of mismatch, each measured alone on the same tokens")
+        for c in ("source", "k3", "share of baseline k3", "mean |δ|"):
+            s.add_column(c, justify="left" if c == "source" else "right")
+        for x in result["sources"]:
+            s.add_row(
+                x["what"],
+                fmt(x["k3"], 2),
+                pct(x["share_of_baseline_k3"]),
+                fmt(x["mean_abs_delta"], 2),
+            )
+        console.print(s)
     console.print(Panel(result["verdict"], title="verdict", title_align="left", expand=True))

@@ -21,10 +21,14 @@ import torch
 from .dvp import pruned_mass_grid
 from .models import input_device
 from .sampling import Sampling, processed_logits, processed_logprobs
-from .schema import RHO_GRID
+from .schema import COARSE_COLUMNS, RHO_GRID
 
 # Rows of [n, V] logits processed at once in the per-position step (bounds peak memory).
 _ROW_CHUNK = 256
+# Below this, the "everything else" cell's mass 1 - sum_S is rounding: float32 log-probs
+# give it to about 1e-7..2e-5 (the error of a float32 logsumexp, shared by every token of S).
+# Where BOTH sides' rest masses are below it, the cell counts as empty on both sides.
+REST_FLOOR = 1e-5
 
 
 def position_stats(
@@ -41,7 +45,8 @@ def position_stats(
     logp [n, V] float32 = log_softmax(z); probs [n, V] = softmax(z), the float32 values the
     pruning rules compare (exp(logp) if not given); tokens [n]; infer_topk_ids /
     infer_topk_logp [n, K] (padded with id -1 / -inf); logp_infer [n]. Returns tensors of
-    shape [n] or [n, k] / [n, G].
+    shape [n] or [n, k] / [n, G], including the distribution-level measures of
+    `coarse_mismatch` on the partition {inference top-K + sampled token, everything else}.
     """
     p = logp.exp() if probs is None else probs  # [n, V]; 0 where a truncation set -inf
     logp_train = logp.gather(1, tokens[:, None]).squeeze(1)  # [n]
@@ -57,13 +62,12 @@ def position_stats(
     lq = torch.cat([infer_topk_logp, logp_infer[:, None]], dim=1)  # [n, K+1]
     valid_id = ids >= 0
     lp = logp.gather(1, ids.clamp(min=0))  # [n, K+1]
-    d = (lq.double() - lp.double()).masked_fill(~valid_id, float("nan"))
-    ok = torch.isfinite(d)
-    d_max = torch.where(ok, d, torch.full_like(d, -np.inf)).amax(dim=1)
-    d_min = torch.where(ok, d, torch.full_like(d, np.inf)).amin(dim=1)
-    eps_hat = torch.where(ok.sum(dim=1) >= 2, (d_max - d_min) / 2, torch.zeros_like(d_max))
+    eps_hat = eps_hat_of(lq, lp, valid_id)  # [n]
+
+    coarse = coarse_mismatch(ids, valid_id, lq, lp)
 
     return {
+        **coarse,
         "logp_train": logp_train,
         "p_train": p_train,
         "logp_max_train": logp_max,
@@ -74,6 +78,90 @@ def position_stats(
         "eps_hat": eps_hat,
         "pruned_mass_minp": pruned_mass_grid(p, RHO_GRID, "min-p"),
         "pruned_mass_abs": pruned_mass_grid(p, RHO_GRID, "absolute"),
+    }
+
+
+def eps_hat_of(logq: torch.Tensor, logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Half the spread max_i - min_i of d_i = logq_i - logp_i over the valid ids finite on both
+    sides (0 where fewer than two are). logq / logp / valid [n, C] -> [n] float64."""
+    d = (logq.double() - logp.double()).masked_fill(~valid, float("nan"))  # [n, C]
+    ok = torch.isfinite(d)
+    d_max = torch.where(ok, d, torch.full_like(d, -np.inf)).amax(dim=1)  # [n]
+    d_min = torch.where(ok, d, torch.full_like(d, np.inf)).amin(dim=1)  # [n]
+    return torch.where(ok.sum(dim=1) >= 2, (d_max - d_min) / 2, torch.zeros_like(d_max))
+
+
+def topk_pair_stats(
+    tokens: torch.Tensor,
+    q_ids: torch.Tensor,
+    q_logp: torch.Tensor,
+    q_tok: torch.Tensor,
+    p_ids: torch.Tensor,
+    p_logp: torch.Tensor,
+    p_tok: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """eps_hat and the distribution-level measures for two sides that are both known only
+    on their own top-K (two vLLM decodes): the partition is {ids in both top-Ks} U {sampled
+    token} plus the rest, a coarser one than `position_stats` uses, and still a lower bound.
+
+    tokens [n]; q_ids / q_logp [n, K] and p_ids / p_logp [n, K'] (-1 / -inf padded); q_tok /
+    p_tok [n]: each side's log-prob of the sampled token. Returns eps_hat and the
+    COARSE_COLUMNS, each [n]."""
+    eq = (q_ids[:, :, None] == p_ids[:, None, :]) & (q_ids[:, :, None] >= 0)  # [n, K, K']
+    found = eq.any(dim=2)  # [n, K] q's top-K id is in p's top-K too
+    neg_inf = torch.full_like(eq, -np.inf, dtype=p_logp.dtype)
+    lp_at = torch.where(eq, p_logp[:, None, :].expand_as(neg_inf), neg_inf).amax(dim=2)  # [n, K]
+    ids = torch.cat([q_ids, tokens[:, None]], dim=1)  # [n, K+1]
+    lq = torch.cat([q_logp, q_tok[:, None].to(q_logp.dtype)], dim=1)  # [n, K+1]
+    lp = torch.cat([lp_at, p_tok[:, None].to(p_logp.dtype)], dim=1)  # [n, K+1]
+    valid = torch.cat([found, torch.ones_like(found[:, :1])], dim=1)  # [n, K+1]
+    return {"eps_hat": eps_hat_of(lq, lp, valid), **coarse_mismatch(ids, valid, lq, lp)}
+
+
+def coarse_mismatch(
+    ids: torch.Tensor, valid: torch.Tensor, logq: torch.Tensor, logp: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """TV and KL both ways between the two sides on the coarse partition of the vocabulary
+    into the cells {i} for each i in S = {inference top-K ids} U {sampled token}, plus one
+    cell holding everything else (docs/theory.md, "Distribution-level mismatch").
+
+    ids [n, K+1] (the top-K ids, then the sampled token); valid [n, K+1] (False for -1
+    padding); logq / logp [n, K+1]: the inference / training log-probs of those ids (-inf = 0).
+    The rest cell's masses are q_r = 1 - sum_S q, p_r = 1 - sum_S p (clamped at 0; both set to
+    0 where both are below REST_FLOOR). By the data-processing inequality the results are
+    lower bounds on the full-vocabulary TV(q, p), KL(q || p) and KL(p || q). A KL is +inf
+    where one side gives a cell mass 0 and the other does not (a truncation's kept sets
+    differ). Returns tv_coarse, kl_qp_coarse, kl_pq_coarse, each [n] float64.
+    """
+    K1 = ids.shape[1]
+    # the sampled token (last column) is a cell of its own only if it is not in the top-K
+    dup = ((ids[:, :-1] == ids[:, -1:]) & valid[:, :-1]).any(dim=1)  # [n]
+    cell = valid.clone()  # [n, K+1] distinct ids of S
+    cell[:, K1 - 1] &= ~dup
+    neg_inf = torch.tensor(-np.inf, dtype=torch.float64, device=ids.device)
+    lq = torch.where(cell, logq.double(), neg_inf)  # [n, K+1] log q_i, -inf outside S
+    lp = torch.where(cell, logp.double(), neg_inf)  # [n, K+1] log p_i
+    q, p = lq.exp(), lp.exp()  # [n, K+1]
+    q_r = (1.0 - q.sum(dim=1)).clamp_min(0.0)  # [n] mass of "everything else"
+    p_r = (1.0 - p.sum(dim=1)).clamp_min(0.0)  # [n]
+    empty = (q_r < REST_FLOOR) & (p_r < REST_FLOOR)  # [n] rest is rounding on both sides
+    q_r = torch.where(empty, torch.zeros_like(q_r), q_r)
+    p_r = torch.where(empty, torch.zeros_like(p_r), p_r)
+
+    def kl(
+        la: torch.Tensor, lb: torch.Tensor, a_r: torch.Tensor, b_r: torch.Tensor
+    ) -> torch.Tensor:
+        """sum over cells of a log(a / b): 0 where a = 0, +inf where a > 0 = b. -> [n]"""
+        a = la.exp()  # [n, K+1]
+        cells = torch.where(a > 0, a * (la - lb), torch.zeros_like(a)).sum(dim=1)  # [n]
+        rest = torch.where(a_r > 0, a_r * (a_r.log() - b_r.log()), torch.zeros_like(a_r))
+        return (cells + rest).clamp_min(0.0)  # >= 0 up to rounding
+
+    tv = 0.5 * ((q - p).abs().sum(dim=1) + (q_r - p_r).abs())  # [n]
+    return {
+        "tv_coarse": tv,
+        "kl_qp_coarse": kl(lq, lp, q_r, p_r),
+        "kl_pq_coarse": kl(lp, lq, p_r, q_r),
     }
 
 
@@ -212,7 +300,8 @@ def _empty_result(top_k: int, k: int) -> dict[str, np.ndarray]:
         key: np.zeros(0, dtype=np.float32)
         for key in ("logp_train", "p_train", "logp_max_train", "p_max_train", "entropy_train")
     }
-    out["eps_hat"] = np.zeros(0, dtype=np.float64)
+    for key in ("eps_hat", *COARSE_COLUMNS):
+        out[key] = np.zeros(0, dtype=np.float64)
     out["topk_ids_train"] = np.zeros((0, k), dtype=np.int32)
     out["topk_logp_train"] = np.zeros((0, k), dtype=np.float32)
     for key in _GRID_KEYS:
@@ -223,9 +312,12 @@ def _empty_result(top_k: int, k: int) -> dict[str, np.ndarray]:
 __all__ = [
     "Sampling",
     "SeqInput",
+    "coarse_mismatch",
+    "eps_hat_of",
     "forward_logits",
     "make_batches",
     "position_stats",
     "processed_logprobs",
     "score_sequences",
+    "topk_pair_stats",
 ]

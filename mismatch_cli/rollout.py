@@ -153,23 +153,49 @@ class VllmEngine:
         for (pid, ids), out in zip(prompts, outs, strict=True):
             for j, comp in enumerate(out.outputs):
                 toks = list(comp.token_ids)
-                T = len(toks)
-                top_ids = np.full((T, K), -1, dtype=np.int32)
-                top_lp = np.full((T, K), -np.inf, dtype=np.float32)
-                lp = np.empty(T, dtype=np.float64)
-                for t, (tok, d) in enumerate(zip(toks, comp.logprobs or [], strict=True)):
-                    lp[t] = d[tok].logprob
-                    ranked = sorted(
-                        ((v.rank, k, v.logprob) for k, v in d.items() if v.rank is not None),
-                        key=lambda x: x[0],
-                    )[:K]
-                    for r, (_, k, v) in enumerate(ranked):
-                        top_ids[t, r] = k
-                        top_lp[t, r] = v
+                lp, top_ids, top_lp = _logprob_rows(toks, comp.logprobs or [], K)
                 records.append(
                     _record(pid, j, ids, toks, lp, top_ids, top_lp, comp.finish_reason, comp.text)
                 )
         return records
+
+    def prefill_logprobs(
+        self,
+        seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        advance: Callable[[int], None],
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Score stored (prompt, response) token sequences in one prefill pass each:
+        `SamplingParams(max_tokens=1, prompt_logprobs=K)` on prompt + response.
+
+        vLLM 0.32 computes prompt log-probs as a raw log-softmax of the logits (no
+        temperature, no top-k / top-p / min-p, whatever `logprobs_mode` says:
+        gpu_model_runner._get_prompt_logprobs_dict), and requests asking for them skip the
+        prefix cache. Per sequence: (logp [T] of each response token, top-K ids [T, K]
+        (-1 padded), their log-probs [T, K] (-inf padded)); empty responses are not sent."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        K = self.cfg.top_logprobs
+        todo = [i for i, (_, y) in enumerate(seqs) if len(y)]
+        # no seed: vLLM 0.32's CPU runner crashes on a seeded request whose prefill is chunked
+        # ("CPU Generator does not use offset"), and the one sampled token is discarded anyway
+        params = SamplingParams(max_tokens=1, prompt_logprobs=K, detokenize=False)
+        inputs = [
+            TokensPrompt(prompt_token_ids=np.concatenate([seqs[i][0], seqs[i][1]]).tolist())
+            for i in todo
+        ]  # Python ints: vLLM's request serialiser refuses numpy scalars
+        try:
+            outs = self.llm.generate(
+                inputs, params, use_tqdm=lambda *a, **kw: RichTqdm(advance, *a, **kw)
+            )
+        except ValueError as e:  # e.g. a sequence longer than the model's context
+            raise MismatchError(f"vLLM refused the request: {first_line(e)}") from e
+        empty = (np.zeros(0), np.zeros((0, K), np.int32), np.zeros((0, K), np.float32))
+        result: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [empty] * len(seqs)
+        for i, out in zip(todo, outs, strict=True):
+            P, y = len(seqs[i][0]), np.asarray(seqs[i][1]).tolist()
+            result[i] = _logprob_rows(y, (out.prompt_logprobs or [])[P : P + len(y)], K)
+        return result
 
     def close(self) -> None:
         """Shut the engine process down explicitly (frees memory before rescoring)."""
@@ -207,6 +233,27 @@ def cpu_prefill_args(model_path: str, max_model_len: int | None) -> dict[str, An
         factor = (c.get("rope_scaling") or {}).get("factor") or 1
         length = int(max(found) * max(float(factor), 1.0)) if found else None
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(length or 32768, 4096)}
+
+
+def _logprob_rows(
+    toks: Sequence[int], dicts: Sequence[Any], K: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """vLLM's per-position log-prob dicts {token id: Logprob} -> (logp [T] of each token in
+    `toks`, top-K ids [T, K] by rank (-1 padded), their log-probs [T, K] (-inf padded))."""
+    T = len(toks)
+    top_ids = np.full((T, K), -1, dtype=np.int32)
+    top_lp = np.full((T, K), -np.inf, dtype=np.float32)
+    lp = np.empty(T, dtype=np.float64)
+    for t, (tok, d) in enumerate(zip(toks, dicts, strict=True)):
+        lp[t] = d[tok].logprob
+        ranked = sorted(
+            ((v.rank, k, v.logprob) for k, v in d.items() if v.rank is not None),
+            key=lambda x: x[0],
+        )[:K]
+        for r, (_, k, v) in enumerate(ranked):
+            top_ids[t, r] = k
+            top_lp[t, r] = v
+    return lp, top_ids, top_lp
 
 
 def _cuda_available() -> bool:

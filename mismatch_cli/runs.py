@@ -423,6 +423,26 @@ def read_sequences(path: str | Path, columns: Sequence[str] | None = None) -> pd
     return _read_table(Path(path), SEQUENCES_FILE, columns)
 
 
+def run_labels(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[str]:
+    """Display names of runs: `labels` (one per run) or the directory names, prefixed with
+    their position (1:, 2:, ...) when two would be the same. `plot` and `compare` use it."""
+    if labels and len(labels) != len(paths):
+        raise MismatchError(
+            f"got {len(labels)} --label value(s) for {len(paths)} run(s): give one per run"
+        )
+    names = list(labels) if labels else [Path(p).name for p in paths]
+    if len(set(names)) < len(names):  # same directory names: disambiguate by position
+        names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
+    return names
+
+
+def token_columns(path: str | Path) -> list[str]:
+    """The column names of a run's tokens.parquet ([] if it has none): lets readers ask for
+    optional columns (schema.COARSE_COLUMNS, ...) only when a run has them."""
+    file = Path(path) / TOKENS_FILE
+    return list(pq.read_schema(file).names) if file.is_file() else []
+
+
 def _read_table(path: Path, name: str, columns: Sequence[str] | None) -> pd.DataFrame:
     file = path / name
     if not file.is_file():
@@ -453,10 +473,12 @@ __all__ = [
     "open_run",
     "read_sequences",
     "read_tokens",
+    "run_labels",
     "sequence_frame",
     "sequence_sums",
     "stream_sequences",
     "summarize",
+    "token_columns",
     "token_frame",
     "versions",
     "write_run",

@@ -77,7 +77,13 @@ TOKEN_COLUMNS: dict[str, str] = {
     "topk_logp_train": "list<float32>: their training-side log-probs",
     "pruned_mass_minp": "list<float32>: training-side pruned mass at each RHO_GRID value, min-p rule",
     "pruned_mass_abs": "list<float32>: training-side pruned mass at each RHO_GRID value, absolute rule",
+    "tv_coarse": "float64: total variation between the two sides on the partition {inference top-K + sampled token, rest}; a lower bound on the full-vocabulary TV (optional: runs before it lack it)",
+    "kl_qp_coarse": "float64: KL(q || p) (inference || training) on that partition; a lower bound on the full KL; +inf where a cell has mass 0 on the training side only (optional)",
+    "kl_pq_coarse": "float64: KL(p || q) (training || inference) on that partition; a lower bound on the full KL; +inf where a cell has mass 0 on the inference side only (optional)",
 }
+
+# The distribution-level columns (`rescore.coarse_mismatch`), optional when read.
+COARSE_COLUMNS: tuple[str, ...] = ("tv_coarse", "kl_qp_coarse", "kl_pq_coarse")
 
 # Optional token columns (imported runs): carried from a rollout part onto its token rows
 # by `pipeline.rescore_parts` (a list per completion -> one value per token; a scalar per

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .runs import new_meta, token_frame, write_run
+from .schema import COARSE_COLUMNS
 
 SYNTHETIC_CONFIG: dict[str, Any] = {
     "model": "synthetic",
@@ -77,6 +78,7 @@ def synthetic_tables(
             "logp_max_train": f64("logp_max_train"),
             "entropy_train": f64("entropy_train"),
             "eps_hat": f64("eps_hat"),
+            **{k: f64(k) for k in COARSE_COLUMNS},
             "topk_ids_infer": list(q_top.indices.numpy().astype(np.int32)),
             "topk_logp_infer": list(q_top.values.numpy()),
             "topk_ids_train": list(st["topk_ids_train"].numpy()),

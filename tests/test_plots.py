@@ -55,7 +55,7 @@ def expected_size(name: str, runs: list[P.RunData], dpi: int) -> tuple[int, int]
     return round(w * dpi), round(h * dpi)
 
 
-@pytest.mark.parametrize("name", P.FIGURES)
+@pytest.mark.parametrize("name", P.DEFAULT_FIGURES)
 def test_each_figure_one_run(two_runs: tuple[Path, Path], tmp_path: Path, name: str) -> None:
     if name == "sweep":
         pytest.importorskip("mismatch_cli.sweep")

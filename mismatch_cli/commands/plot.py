@@ -17,7 +17,8 @@ def plot(
         list[Path] | None,
         typer.Argument(
             help="One or more run directories (`mismatch measure`, `mismatch import`); several are "
-            "overlaid in every figure.",
+            "overlaid in every figure. A `mismatch diagnose` directory stands for its variant "
+            "runs (labelled by variant) and draws the `diagnose` figure.",
             metavar="RUN...",
             show_default=False,
         ),
@@ -57,8 +58,9 @@ def plot(
         list[str] | None,
         typer.Option(
             "--figure",
-            metavar="bound|bias|sequence|distribution|sweep|corrections|drift",
-            help="Draw only these figures (repeatable). Default: all that apply to the runs.",
+            metavar="bound|bias|sequence|distribution|sweep|corrections|drift|diagnose",
+            help="Draw only these figures (repeatable). Default: all that apply to the runs; "
+            "`diagnose` (one bar per run) for a diagnose directory.",
             show_default=False,
             rich_help_panel=PANEL_FIGURES,
         ),
@@ -84,8 +86,9 @@ def plot(
     envelopes), bias (signed mean delta per p_train bucket), sequence (accumulation),
     distribution (delta and importance ratios with caps 2 / 3 / 5), sweep (pruning
     trade-off), corrections (what each mismatch correction removes and leaves), drift (the
-    mismatch over training steps, for imported runs with several steps). delta =
-    logp_infer - logp_train (nats); p = p_train, the training side.
+    mismatch over training steps, for imported runs with several steps); diagnose (k3 and
+    mean |delta| per run, for a `mismatch diagnose` directory). delta = logp_infer -
+    logp_train (nats); p = p_train, the training side.
     Reads the runs' Parquet files only (never loads a model).
     """
     from rich.console import Console
@@ -98,6 +101,13 @@ def plot(
     from ..plots import check_figures, check_formats, make_figures
 
     formats = check_formats(fmt or ["png"])  # bad flags fail before any file is read
+    from ..diagnose import diagnose_runs
+
+    if len(runs) == 1 and (diag := diagnose_runs(runs[0])) is not None:
+        if out is None:
+            out = runs[0] / "figures"
+        runs, label = [Path(p) for p in diag[0]], label or diag[1]
+        figure = figure or ["diagnose"]
     names = check_figures(figure)
     edge_values = parse_edges(edges)
     if eps is not None and not (eps >= 0):

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from .. import analysis as A
 from ..errors import MismatchError
-from . import bias, bound, corrections, distribution, drift, sequence, sweep
+from . import bias, bound, corrections, diagnose, distribution, drift, sequence, sweep
 from .bias import plot_bias
 from .bound import plot_bound
 from .corrections import plot_corrections
@@ -30,8 +30,10 @@ from .sequence import cumulative_by_position, plot_sequence
 from .style import DEFAULT_DPI, FORMATS, PALETTE, STYLE, check_formats, draw_title, plotted
 from .sweep import plot_sweep
 
-_MODULES = (bound, bias, sequence, distribution, sweep, corrections, drift)
+_MODULES = (bound, bias, sequence, distribution, sweep, corrections, drift, diagnose)
 FIGURES: tuple[str, ...] = tuple(m.NAME for m in _MODULES)
+# drawn when no figure is named; a module with DEFAULT = False only when asked for
+DEFAULT_FIGURES: tuple[str, ...] = tuple(m.NAME for m in _MODULES if getattr(m, "DEFAULT", True))
 PLOTTERS: dict[str, Callable[[Sequence[RunData]], Figure]] = {
     m.NAME: getattr(m, f"plot_{m.NAME}") for m in _MODULES
 }
@@ -40,9 +42,9 @@ _MODULE_OF = {m.NAME: m for m in _MODULES}
 
 
 def check_figures(figures: Sequence[str] | None) -> list[str]:
-    """Validated figure names (all of FIGURES when None or empty)."""
+    """Validated figure names (DEFAULT_FIGURES when None or empty)."""
     if not figures:
-        return list(FIGURES)
+        return list(DEFAULT_FIGURES)
     bad = [f for f in figures if f not in FIGURES]
     if bad:
         raise MismatchError(f"unknown figure {bad[0]!r}; choose from {', '.join(FIGURES)}")
@@ -114,6 +116,7 @@ def figure(name: str, runs: Sequence[RunData]) -> Figure:
 
 __all__ = [
     "DEFAULT_DPI",
+    "DEFAULT_FIGURES",
     "FIGURES",
     "FORMATS",
     "PALETTE",

@@ -43,8 +43,14 @@ class RunData:
         cfg = self.meta.get("config", {}) or {}
         model = (self.meta.get("model") or {}).get("name") or cfg.get("model") or "model ?"
         bits = [str(model)]
-        if cfg.get("infer_engine"):
-            train = ((self.meta.get("engines") or {}).get("train") or {}).get("engine")
+        engines = self.meta.get("engines") or {}
+        if any("mode" in (engines.get(s) or {}) for s in ("infer", "train")):
+            from ..compare import describe_sides  # a rescored or repeated side: say how
+
+            infer, train = describe_sides(self.meta)
+            bits.append(f"{infer} vs {train}")
+        elif cfg.get("infer_engine"):
+            train = (engines.get("train") or {}).get("engine")
             infer = " ".join(filter(None, (cfg["infer_engine"], cfg.get("infer_dtype"))))
             train = " ".join(filter(None, (train or "transformers", cfg.get("train_dtype"))))
             bits.append(f"{infer} vs {train}")
@@ -113,19 +119,14 @@ def load_runs(
     eps: float | None = None,
 ) -> list[RunData]:
     """RunData of each run, coloured in order; labels default to the directory names."""
+    from ..runs import run_labels
+
     if not run_paths:
         raise MismatchError("no runs given: pass one or more run directories")
-    if labels and len(labels) != len(run_paths):
-        raise MismatchError(
-            f"got {len(labels)} --label value(s) for {len(run_paths)} run(s): give one per run"
-        )
+    names = run_labels(run_paths, labels)
     runs = []
-    for i, p in enumerate(run_paths):
-        r = run_data(p, labels[i] if labels else None, edges=edges, eps=eps)
+    for i, (p, name) in enumerate(zip(run_paths, names, strict=True)):
+        r = run_data(p, name, edges=edges, eps=eps)
         r.color = PALETTE[i % len(PALETTE)]
         runs.append(r)
-    names = [r.label for r in runs]
-    if len(set(names)) < len(names):  # same directory names: disambiguate by position
-        for i, r in enumerate(runs):
-            r.label = f"{i + 1}:{r.label}"
     return runs

@@ -1,0 +1,192 @@
+"""`mismatch diagnose`: one generation, a matrix of variants on the same tokens, the ranked
+comparison, the figure."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..options import (
+    PANEL_ENGINE,
+    PANEL_INPUT,
+    PANEL_OUTPUT,
+    PANEL_SAMPLING,
+    PANEL_TRAINING,
+    JsonOpt,
+)
+
+PANEL_VARIANTS = "Variants"
+
+
+def diagnose(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Local Hugging Face model folder or hub id; `default` = SmolLM2-135M-Instruct."
+        ),
+    ] = "default",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="The diagnose directory (must not exist): variants/<name>/ runs, "
+            "diagnose.json, figures/.",
+            rich_help_panel=PANEL_OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
+    variants: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated variants to run (the baseline always runs): baseline, "
+            "train-bf16, prefill-bf16, prefill-fp32, fp16-both, hf-bf16-vs-fp32, batch-shape, "
+            "attention, decode-repeat, null. Default: all.",
+            rich_help_panel=PANEL_VARIANTS,
+            show_default=False,
+        ),
+    ] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(
+            help="Use this complete `measure` run (vLLM bf16 vs transformers fp32, eager) as "
+            "the baseline instead of generating; its settings replace the input and sampling "
+            "options.",
+            rich_help_panel=PANEL_VARIANTS,
+            show_default=False,
+        ),
+    ] = None,
+    prompts: Annotated[
+        str,
+        typer.Option(
+            help="`builtin` or a JSONL / JSON / CSV / Parquet / text file (as in `measure`).",
+            rich_help_panel=PANEL_INPUT,
+        ),
+    ] = "builtin",
+    prompt_column: Annotated[
+        str, typer.Option(help="Column holding the prompt text.", rich_help_panel=PANEL_INPUT)
+    ] = "prompt",
+    num_prompts: Annotated[
+        int, typer.Option(help="Use only the first N prompts.", rich_help_panel=PANEL_INPUT)
+    ] = 32,
+    chat_template: Annotated[
+        bool,
+        typer.Option(
+            help="Apply the model's chat template when it has one.", rich_help_panel=PANEL_INPUT
+        ),
+    ] = True,
+    samples_per_prompt: Annotated[
+        int, typer.Option(help="Completions per prompt.", rich_help_panel=PANEL_SAMPLING)
+    ] = 2,
+    max_tokens: Annotated[
+        int, typer.Option(help="Maximum completion length.", rich_help_panel=PANEL_SAMPLING)
+    ] = 128,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            help="Sampling temperature; the vLLM prefill variants need 1.",
+            rich_help_panel=PANEL_SAMPLING,
+        ),
+    ] = 1.0,
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling mass in (0, 1].", rich_help_panel=PANEL_SAMPLING)
+    ] = 1.0,
+    top_k: Annotated[
+        int, typer.Option(help="Top-k sampling (-1 = off).", rich_help_panel=PANEL_SAMPLING)
+    ] = -1,
+    min_p: Annotated[
+        float, typer.Option(help="Min-p sampling in [0, 1).", rich_help_panel=PANEL_SAMPLING)
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.", rich_help_panel=PANEL_SAMPLING)] = 0,
+    top_logprobs: Annotated[
+        int,
+        typer.Option(help="Top-K log-probs stored per position.", rich_help_panel=PANEL_ENGINE),
+    ] = 20,
+    enforce_eager: Annotated[
+        bool,
+        typer.Option(
+            "--enforce-eager",
+            help="vLLM: skip torch.compile (faster start, slower decode); every vLLM variant "
+            "uses the same setting.",
+            rich_help_panel=PANEL_ENGINE,
+        ),
+    ] = False,
+    max_model_len: Annotated[
+        int | None, typer.Option(help="vLLM maximum context length.", rich_help_panel=PANEL_ENGINE)
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Training-side device (default: cuda if available, else cpu).",
+            rich_help_panel=PANEL_TRAINING,
+        ),
+    ] = None,
+    plots: Annotated[
+        bool,
+        typer.Option(
+            help="Draw the diagnose figure into OUT/figures.", rich_help_panel=PANEL_OUTPUT
+        ),
+    ] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Find which knob causes the mismatch: generate once (demo-sized: 32 prompts x 2 samples
+    x 128 tokens), then run a matrix of variants on the SAME tokens, each a run directory in
+    OUT/variants/, each changing one thing: the training dtype (train-bf16), the decode path
+    (prefill-bf16), the engine at equal dtype (prefill-fp32), the FP16 recipe (fp16-both), the
+    dtype without any engine (hf-bf16-vs-fp32), the trainer's batch shape (batch-shape), the
+    attention kernel (attention), vLLM's run-to-run noise (decode-repeat), and a null check
+    that must be exactly 0.
+
+    Prints the variants ranked by k3, the sources of mismatch and a verdict; writes
+    OUT/diagnose.json (what --json prints) and the `diagnose` figure. A variant that cannot
+    run here is skipped with one line saying why. `mismatch compare` and `mismatch plot OUT`
+    read the result again.
+    """
+    from rich.console import Console
+
+    from ..config import MeasureConfig
+    from ..diagnose import draw_diagnose, parse_variants, run_diagnose
+    from ..errors import MismatchError
+    from ..render import progress
+
+    names = parse_variants(variants)  # bad flags fail before any model loads
+    if out is None:
+        raise MismatchError("--out DIR is required: the diagnose directory to create")
+    cfg = MeasureConfig(
+        model=model,
+        prompts=prompts,
+        prompt_column=prompt_column,
+        num_prompts=num_prompts,
+        chat_template=chat_template,
+        samples_per_prompt=samples_per_prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        top_logprobs=top_logprobs,
+        enforce_eager=enforce_eager,
+        max_model_len=max_model_len,
+        device=device,
+    )
+    cfg.validate()
+    err = Console(stderr=True)
+    with progress(err) as prog:
+        result = run_diagnose(cfg, out, names, run=run, progress=prog)
+    if plots:
+        notes: list[str] = []
+        files = draw_diagnose(out, result, notes=notes)
+        for n in notes:
+            err.print(f"[bold yellow]note:[/] figure {n}", highlight=False, soft_wrap=True)
+        if files:
+            err.print(f"figure: {files[0]}", highlight=False)
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    else:
+        from ..render import print_diagnose
+
+        print_diagnose(result)
+    err.print(f"[bold green]diagnose complete:[/] {out}", highlight=False)

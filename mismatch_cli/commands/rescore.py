@@ -1,0 +1,118 @@
+"""`mismatch rescore`: re-score a run's stored rollouts with other settings on one side."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..options import PANEL_ENGINE, PANEL_OUTPUT, PANEL_TRAINING, JsonOpt, RunArg
+
+
+class InferSide(str, enum.Enum):
+    """Where the inference-side log-probs of the new run come from."""
+
+    decode = "decode"
+    vllm_prefill = "vllm-prefill"
+    hf_prefill = "hf-prefill"
+
+
+def rescore(
+    run: RunArg,
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="The new run directory (must not exist).",
+            rich_help_panel=PANEL_OUTPUT,
+            show_default=False,
+        ),
+    ],
+    train_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Training-side dtype: float32, bfloat16, float16 (default: RUN's).",
+            rich_help_panel=PANEL_TRAINING,
+            show_default=False,
+        ),
+    ] = None,
+    attn_implementation: Annotated[
+        str | None,
+        typer.Option(
+            help="Training-side transformers attention: eager, sdpa, ... (default: RUN's).",
+            rich_help_panel=PANEL_TRAINING,
+            show_default=False,
+        ),
+    ] = None,
+    rescore_batch_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Padded tokens per training-side forward pass (default: RUN's); 1 scores one "
+            "sequence per pass (the batch-shape experiment).",
+            rich_help_panel=PANEL_TRAINING,
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Training-side device (default: RUN's, else cuda if available, else cpu).",
+            rich_help_panel=PANEL_TRAINING,
+            show_default=False,
+        ),
+    ] = None,
+    infer_side: Annotated[
+        InferSide,
+        typer.Option(
+            help="`decode`: keep RUN's stored inference log-probs. `vllm-prefill`: vLLM scores "
+            "the stored tokens in one prefill pass (prompt_logprobs; runs sampled at "
+            "temperature 1 without truncation only). `hf-prefill`: transformers scores them "
+            "(RUN's attention and batch budget), isolating the dtype from the engine.",
+            rich_help_panel=PANEL_ENGINE,
+        ),
+    ] = InferSide.decode,
+    infer_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Dtype of the prefill inference side: float32, bfloat16, float16 (default: "
+            "RUN's inference dtype).",
+            rich_help_panel=PANEL_ENGINE,
+            show_default=False,
+        ),
+    ] = None,
+    plots: Annotated[
+        bool,
+        typer.Option(
+            help="Draw the figures into OUT/figures at the end.", rich_help_panel=PANEL_OUTPUT
+        ),
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-score the stored rollouts of RUN with other settings on one side, without
+    generating again: NEW (`--out`) is a complete run over the same tokens, its run.json
+    recording `rescored_from` and what changed.
+
+    With no option the training side is re-scored with RUN's settings and reproduces RUN's
+    logp_train. Re-scoring the training side never imports vLLM, and RUN's weights hash is
+    reused when no file of the model folder is newer than RUN. delta = logp_infer - logp_train
+    (nats), as everywhere.
+    """
+    from rich.console import Console
+
+    from ..pipeline import RescoreOptions, rescore_run
+    from ..render import progress
+    from .measure import finish_run
+
+    opts = RescoreOptions(
+        train_dtype=train_dtype,
+        attn_implementation=attn_implementation,
+        rescore_batch_tokens=rescore_batch_tokens,
+        device=device,
+        infer_side=infer_side.value,
+        infer_dtype=infer_dtype,
+    )
+    err = Console(stderr=True)
+    with progress(err) as prog:
+        path = rescore_run(run, out, opts, progress=prog)
+    finish_run(path, json_out=json_out, plots=plots, console=err)

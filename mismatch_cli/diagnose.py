@@ -1,0 +1,434 @@
+"""`mismatch diagnose`: which knob causes the training-inference mismatch.
+
+One generation (the `baseline` run: vLLM bf16 decode against transformers fp32, eager), then
+a preset matrix of variants on the same tokens, each a run directory built from the baseline
+by `pipeline.rescore_run` (one side re-scored with one setting changed) or
+`pipeline.decode_repeat` (vLLM decoding the same prompts again with the same seeds). Every
+difference between two rows is therefore caused by the one knob the row names, never by
+other tokens. The ranking and the verdict (largest single source, the engine floor at
+equal dtype, the share of bf16) come from the variants' headline numbers (`compare`).
+
+Layout of a diagnose directory (docs/formats.md):
+    DIR/variants/<name>/   a complete run per variant that ran
+    DIR/diagnose.json      the result (what `--json` prints)
+    DIR/figures/           diagnose.png (`plots.diagnose`)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import MeasureConfig
+from .errors import MismatchError, first_line
+from .pipeline import (
+    DECODE_REPEAT,
+    Progress,
+    RescoreOptions,
+    decode_repeat,
+    rescore_run,
+    run_measure,
+)
+from .results import json_ready
+
+DIAGNOSE_JSON = "diagnose.json"
+VARIANTS_DIR = "variants"
+BASELINE = "baseline"
+NULL = "null"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the matrix: what it isolates, its two sides (short descriptions), its role
+    (`reference`, `setting` a user could adopt, `source` of mismatch it measures alone,
+    `check`), and how it is built from the baseline (`rescore` options; None for the
+    baseline itself and for decode-repeat)."""
+
+    name: str
+    isolates: str
+    inference: str
+    training: str
+    role: str
+    rescore: RescoreOptions | None = None
+
+
+_FP32, _BF16 = "float32", "bfloat16"
+VARIANTS: tuple[Variant, ...] = (
+    Variant(BASELINE, "what an RL run sees", "vLLM decode, bf16", "transformers fp32, eager",
+            "reference"),
+    Variant("train-bf16", "the usual FSDP bf16 trainer", "vLLM decode, bf16",
+            "transformers bf16, eager", "setting", RescoreOptions(train_dtype=_BF16)),
+    Variant("prefill-bf16", "decode path vs prefill path", "vLLM prefill, bf16",
+            "transformers fp32, eager", "setting",
+            RescoreOptions(infer_side="vllm-prefill", infer_dtype=_BF16)),
+    Variant("prefill-fp32", "the engine floor at equal dtype", "vLLM prefill, fp32",
+            "transformers fp32, eager", "source",
+            RescoreOptions(infer_side="vllm-prefill", infer_dtype=_FP32)),
+    Variant("fp16-both", "the FP16 recipe", "vLLM prefill, fp16", "transformers fp16, eager",
+            "setting",
+            RescoreOptions(infer_side="vllm-prefill", infer_dtype="float16",
+                           train_dtype="float16")),
+    Variant("hf-bf16-vs-fp32", "dtype alone, no engine", "transformers bf16, eager",
+            "transformers fp32, eager", "source",
+            RescoreOptions(infer_side="hf-prefill", infer_dtype=_BF16)),
+    Variant("batch-shape", "trainer batch invariance", "transformers bf16, batched",
+            "transformers bf16, one sequence per pass", "source",
+            RescoreOptions(infer_side="hf-prefill", infer_dtype=_BF16, train_dtype=_BF16,
+                           rescore_batch_tokens=1)),
+    Variant("attention", "attention kernel", "transformers fp32, eager",
+            "transformers fp32, sdpa", "source",
+            RescoreOptions(infer_side="hf-prefill", infer_dtype=_FP32,
+                           attn_implementation="sdpa")),
+    Variant(DECODE_REPEAT, "the engine's own run-to-run noise",
+            "vLLM decode, bf16, run again with the same seeds", "the first decode's logp_infer",
+            "source"),
+    Variant(NULL, "must be exactly 0", "transformers fp32 prefill", "the same call", "check",
+            RescoreOptions(infer_side="hf-prefill", infer_dtype=_FP32)),
+)  # fmt: skip
+VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)
+_BY_NAME = {v.name: v for v in VARIANTS}
+
+# The candidate sources of the BASELINE's mismatch the verdict ranks: variant (or
+# "decode-path", measured between the baseline and prefill-bf16) -> what it is, in words.
+# (batch-shape is a bf16 trainer's property: the fp32 baseline trainer is batch invariant
+# to ~3e-5 nats, so the verdict reports it beside train-bf16, not as a baseline source.)
+SOURCES: dict[str, str] = {
+    "hf-bf16-vs-fp32": "bf16 instead of fp32 (transformers on both sides, no engine)",
+    "prefill-fp32": "the engine itself at equal dtype (vLLM fp32 prefill vs transformers fp32)",
+    "decode-path": "vLLM's decode path over its own prefill path (bf16; baseline k3 minus "
+    "prefill-bf16's)",
+    "attention": "the attention kernel (eager vs sdpa, fp32)",
+    DECODE_REPEAT: "vLLM's run-to-run noise (same seeds, sequences that came out identical)",
+}
+# The headline numbers of each variant (`compare.run_summary` keys), in the --json.
+VARIANT_KEYS = (
+    "num_tokens",
+    "num_infinite",
+    "mean_abs_delta",
+    "k3",
+    "p99_abs_delta",
+    "max_abs_delta",
+    "tv_coarse_mean",
+    "kl_qp_coarse_mean",
+    "kl_pq_coarse_mean",
+)
+
+
+def parse_variants(spec: str | Sequence[str] | None) -> list[str]:
+    """Variant names from '--variants a,b' (None or 'all': every one), in matrix order; the
+    baseline is always included (every other variant is built from it)."""
+    if spec is None:
+        return list(VARIANT_NAMES)
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [s.strip() for s in items if s.strip()]
+    if names == ["all"]:
+        return list(VARIANT_NAMES)
+    bad = [n for n in names if n not in _BY_NAME]
+    if bad:
+        raise MismatchError(f"unknown variant {bad[0]!r}; choose from {', '.join(VARIANT_NAMES)}")
+    return [n for n in VARIANT_NAMES if n in names or n == BASELINE]
+
+
+def check_baseline_run(meta: dict[str, Any], path: Path) -> None:
+    """`--run RUN` must be what the baseline row says: vLLM bf16 decode, transformers fp32
+    eager (the variants' descriptions assume it)."""
+    cfg = meta.get("config") or {}
+    want = {
+        "infer_engine": "vllm",
+        "infer_dtype": _BF16,
+        "train_dtype": _FP32,
+        "attn_implementation": "eager",
+    }
+    off = [f"{k} {cfg.get(k)}" for k, v in want.items() if cfg.get(k) != v]
+    if off or meta.get("command") != "measure":
+        raise MismatchError(
+            f"--run {path} is not a baseline (a `measure` run, vLLM bf16 decode vs "
+            f"transformers fp32 eager): {', '.join(off) or 'command ' + str(meta.get('command'))}"
+        )
+
+
+def run_diagnose(
+    cfg: MeasureConfig,
+    out: Path,
+    variants: Sequence[str] | str | None = None,
+    *,
+    run: Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Generate once (or take `run`), build the variants, and return the result dict (also
+    written to DIR/diagnose.json); the figure is drawn by the caller (`draw_diagnose`).
+
+    A variant that cannot be built here (a dtype the CPU build refuses, a run sampled at
+    temperature != 1 for the vLLM prefill rows, no identical sequence for decode-repeat) is
+    skipped with its one-line reason, reported through `progress.log` and in `skipped`."""
+    from .pipeline import _check_out_free
+    from .runs import check_writable_dir, open_run
+
+    prog = progress or Progress()
+    names = parse_variants(variants)
+    cfg.validate()
+    if run is not None:
+        _, meta = open_run(run, allow_incomplete=False)
+        check_baseline_run(meta, run)
+    _check_out_free(out)
+    check_writable_dir(out)
+    vdir = out / VARIANTS_DIR
+    base = vdir / BASELINE
+    t0 = time.perf_counter()
+    if run is not None:
+        shutil.copytree(run, base, ignore=shutil.ignore_patterns("parts", "figures"))
+    else:
+        prog.log(f"diagnose: generating the baseline into {base}")
+        run_measure(cfg, base, progress=prog)
+    seconds = {BASELINE: time.perf_counter() - t0}
+    skipped: dict[str, str] = {}
+    for name in names[1:]:
+        v = _BY_NAME[name]
+        path = vdir / name
+        prog.log(f"diagnose: {name} ({v.isolates}): {v.inference} vs {v.training}")
+        t0 = time.perf_counter()
+        try:
+            if name == DECODE_REPEAT:
+                decode_repeat(base, path, progress=prog)
+            else:
+                rescore_run(base, path, v.rescore, progress=prog)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            why = (
+                first_line(e)
+                if isinstance(e, MismatchError)
+                else f"{type(e).__name__}: {first_line(e)}"
+            )
+            skipped[name] = why
+            shutil.rmtree(path, ignore_errors=True)
+            prog.log(f"diagnose: skipped {name}: {why}")
+        seconds[name] = time.perf_counter() - t0
+    result = summarize(out, names, skipped, seconds)
+    (out / DIAGNOSE_JSON).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    return result
+
+
+def summarize(
+    out: Path, names: Sequence[str], skipped: dict[str, str], seconds: dict[str, float]
+) -> dict[str, Any]:
+    """The diagnose result from the variant runs on disk: one row per variant (matrix
+    order), the ranking by k3, the sources and the verdict (a strict-JSON dict)."""
+    from .compare import moved, run_summary
+
+    rows: list[dict[str, Any]] = []
+    summaries: dict[str, dict[str, Any]] = {}
+    for name in names:
+        v = _BY_NAME[name]
+        path = out / VARIANTS_DIR / name
+        row: dict[str, Any] = {
+            "name": name,
+            "isolates": v.isolates,
+            "inference": v.inference,
+            "training": v.training,
+            "role": v.role,
+            "run": None if name in skipped else str(path),
+            "skipped": skipped.get(name),
+            "seconds": round(seconds.get(name, math.nan), 1),
+            **{k: None for k in VARIANT_KEYS},
+        }
+        if name not in skipped:
+            s = run_summary(path, name)
+            summaries[name] = s
+            row.update({k: s.get(k) for k in VARIANT_KEYS})
+            if name == DECODE_REPEAT:
+                from .runs import read_tokens
+
+                dr = json.loads((path / "run.json").read_text()).get("decode_repeat") or {}
+                row["num_sequences"] = dr.get("num_sequences")
+                row["num_identical_sequences"] = dr.get("num_identical")
+                row["num_tokens_moved"] = int((read_tokens(path, ["delta"])["delta"] != 0).sum())
+                row["note"] = (
+                    f"{dr.get('num_identical')} of {dr.get('num_sequences')} sequences came out "
+                    f"identical; compared over those ({row['num_tokens_moved']:,} of "
+                    f"{row['num_tokens']:,} tokens moved)"
+                )
+        rows.append(row)
+    k3 = {r["name"]: r["k3"] for r in rows if r["k3"] is not None}
+    ranking = sorted(k3, key=lambda n: -k3[n])
+    sources = []
+    decode_vs_prefill = None
+    for key, what in SOURCES.items():
+        if key == "decode-path":
+            if BASELINE in k3 and "prefill-bf16" in k3:
+                # what the decode path adds: both rows score the same tokens against the same
+                # fp32 trainer, the baseline with decode log-probs, prefill-bf16 with prefill
+                sources.append({"source": key, "what": what,
+                                "k3": k3[BASELINE] - k3["prefill-bf16"],
+                                "mean_abs_delta": None})  # fmt: skip
+                # and how far the two bf16 inference sides are from each other, token by token
+                # (b = the baseline: decode log-probs in the inference role)
+                mv = moved(out / VARIANTS_DIR / "prefill-bf16", out / VARIANTS_DIR / BASELINE)
+                if mv["shared"]:
+                    decode_vs_prefill = {"k3": mv["infer"]["k3"],
+                                         "mean_abs_delta": mv["infer"]["mean_abs"],
+                                         "max_abs_delta": mv["infer"]["max_abs"]}  # fmt: skip
+            continue
+        if key in k3:
+            sources.append({"source": key, "what": what, "k3": k3[key],
+                            "mean_abs_delta": summaries[key]["mean_abs_delta"]})  # fmt: skip
+    b = k3.get(BASELINE)
+    for s in sources:
+        s["share_of_baseline_k3"] = s["k3"] / b if b and s["k3"] is not None else None
+    sources.sort(key=lambda s: -(s["k3"] if s["k3"] is not None else -1))
+    result = {
+        "out": str(out),
+        "variants": rows,
+        "ranking": ranking,
+        "sources": sources,
+        "decode_vs_prefill": decode_vs_prefill,
+    }
+    result["verdict"] = diagnose_verdict(result)
+    return json_ready(result)
+
+
+def diagnose_verdict(result: dict[str, Any]) -> str:
+    """The plain-words paragraph: the baseline, the largest single source, the floor at equal
+    dtype, the share of bf16, the FP16 recipe, the null check, what was skipped."""
+    from .render import fmt, pct, ratio_x
+
+    rows = {r["name"]: r for r in result["variants"]}
+    ok = {n: r for n, r in rows.items() if r["k3"] is not None}
+    parts: list[str] = []
+    base = ok.get(BASELINE)
+    if base is None:
+        return "The baseline did not run: nothing to compare."
+    bk3 = base["k3"]
+
+    def share(r: dict[str, Any]) -> str:
+        return pct(r["k3"] / bk3) if bk3 else "–"
+
+    parts.append(
+        f"The baseline ({base['inference']} vs {base['training']}) has k3 {fmt(bk3)} and mean "
+        f"|delta| {fmt(base['mean_abs_delta'])} nats over {base['num_tokens']:,} tokens."
+    )
+    top = result["sources"][0] if result["sources"] else None
+    if top is not None:
+        parts.append(
+            f"The largest single source of the baseline's mismatch is {top['what']}: k3 "
+            f"{fmt(top['k3'])}, "
+            f"{pct(top['share_of_baseline_k3']) if top['share_of_baseline_k3'] is not None else '–'}"
+            " of the baseline's."
+        )
+    if (f := ok.get("prefill-fp32")) is not None:
+        ratio = f["k3"] / bk3 if bk3 else math.nan
+        parts.append(
+            f"With equal dtypes (fp32) the engines differ by k3 {fmt(f['k3'])} and mean |delta| "
+            f"{fmt(f['mean_abs_delta'])} nats: {ratio_x(ratio)} the baseline's k3"
+            + (" (far below it)." if ratio < 0.25 else " (NOT below a quarter of it).")
+        )
+    if (h := ok.get("hf-bf16-vs-fp32")) is not None and (top or {}).get("source") != h["name"]:
+        parts.append(
+            f"bf16 on the inference side, without any engine (transformers bf16 vs fp32), "
+            f"gives k3 {fmt(h['k3'])}: {share(h)} of the baseline's k3."
+        )
+    if (pb := ok.get("prefill-bf16")) is not None:
+        dvp = result.get("decode_vs_prefill") or {}
+        parts.append(
+            f"Scoring the same tokens with vLLM's bf16 prefill instead of its decode gives k3 "
+            f"{fmt(pb['k3'])} ({ratio_x(pb['k3'] / bk3 if bk3 else math.nan)} the baseline's)"
+            + (
+                f"; decode and prefill log-probs differ from each other by k3 "
+                f"{fmt(dvp.get('k3'))}, so each carries its own bf16 rounding."
+                if dvp
+                else "."
+            )
+        )
+    if (t := ok.get("train-bf16")) is not None:
+        parts.append(
+            f"A bf16 trainer against the same bf16 rollouts has k3 {fmt(t['k3'])} "
+            f"({ratio_x(t['k3'] / bk3 if bk3 else math.nan)} the baseline's)."
+        )
+    if (bs := ok.get("batch-shape")) is not None:
+        parts.append(
+            f"A bf16 trainer is not batch invariant: batched against one sequence per pass, "
+            f"transformers bf16 gives k3 {fmt(bs['k3'])} "
+            f"({ratio_x(bs['k3'] / bk3 if bk3 else math.nan)} the baseline's)."
+        )
+    if (p := ok.get("fp16-both")) is not None:
+        parts.append(
+            f"fp16 on both sides (vLLM prefill fp16 vs transformers fp16): k3 {fmt(p['k3'])} "
+            f"({ratio_x(p['k3'] / bk3 if bk3 else math.nan)} the baseline's)."
+        )
+    if (d := ok.get(DECODE_REPEAT)) is not None:
+        n, ident, total = d["num_tokens"], d["num_identical_sequences"], d["num_sequences"]
+        where = f"the {n:,} tokens of the {ident} of {total} sequences that came out identical"
+        if d["num_tokens_moved"] == 0:
+            text = (
+                f"Decoding again with the same seeds reproduced logp_infer bit for bit on {where}"
+            )
+        else:
+            text = (
+                f"Decoding again with the same seeds moved logp_infer on "
+                f"{d['num_tokens_moved']:,} of {where} (mean |delta| "
+                f"{fmt(d['mean_abs_delta'])}, max {fmt(d['max_abs_delta'])})"
+            )
+        if total is not None and ident is not None and ident < total:
+            text += f"; {total - ident} sampled different tokens: the engine is not deterministic"
+        parts.append(text + ".")
+    if (n := ok.get(NULL)) is not None:
+        zero = n["max_abs_delta"] == 0 and n["num_infinite"] == 0
+        parts.append(
+            "The null check is exactly 0, as it must be."
+            if zero
+            else f"The null check is NOT 0 (max |delta| {fmt(n['max_abs_delta'])}): the two "
+            "sides are not compared like with like; distrust the other rows."
+        )
+    skipped = [r["name"] for r in result["variants"] if r["skipped"]]
+    if skipped:
+        parts.append(f"Skipped here: {', '.join(skipped)} (reasons in the table).")
+    return " ".join(parts)
+
+
+def draw_diagnose(out: Path, result: dict[str, Any], formats: Sequence[str] = ("png",),
+                  notes: list[str] | None = None) -> list[Path]:  # fmt: skip
+    """Draw the `diagnose` figure of a diagnose directory into DIR/figures."""
+    from .plots import make_figures
+
+    runs = [r for r in result["variants"] if r["run"]]
+    return make_figures(
+        [r["run"] for r in runs],
+        out / "figures",
+        formats,
+        [r["name"] for r in runs],
+        figures=["diagnose"],
+        notes=notes,
+    )
+
+
+def diagnose_runs(path: Path) -> tuple[list[str], list[str]] | None:
+    """(run paths, variant names) of a diagnose directory, from its diagnose.json; None if
+    `path` is not one. Lets `mismatch plot DIR` draw a diagnose directory."""
+    f = Path(path) / DIAGNOSE_JSON
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text())
+    runs = [r for r in data.get("variants", []) if r.get("run")]
+    return [r["run"] for r in runs], [r["name"] for r in runs]
+
+
+__all__ = [
+    "BASELINE",
+    "DIAGNOSE_JSON",
+    "SOURCES",
+    "VARIANTS",
+    "VARIANT_NAMES",
+    "Variant",
+    "diagnose_runs",
+    "diagnose_verdict",
+    "draw_diagnose",
+    "parse_variants",
+    "run_diagnose",
+    "summarize",
+]

@@ -1,0 +1,70 @@
+"""`compare`: side by side, ratios to the first run, and the per-token movement of each
+side between runs that share rollouts (synthetic runs: no model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mismatch_cli.compare import compare, moved
+from mismatch_cli.runs import read_sequences, read_tokens, token_frame, write_run
+from mismatch_cli.synthetic import synthetic_meta, write_synthetic_run
+
+from .conftest import assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    """Two runs over the same rollouts: b's training side is a's plus known noise."""
+    d = tmp_path_factory.mktemp("compare")
+    a = write_synthetic_run(d / "a", num_sequences=16, seed=3)
+    tok = read_tokens(a)
+    noise = np.random.default_rng(0).normal(0, 0.01, len(tok))
+    cols = {c: tok[c].to_numpy() for c in tok.columns if c not in ("delta", "p_train", "p_infer")}
+    cols["logp_train"] = tok["logp_train"].to_numpy() + noise
+    b = write_run(d / "b", token_frame(cols), read_sequences(a), synthetic_meta())
+    return a, b, noise
+
+
+def test_moved_sees_exactly_the_noise_on_the_training_side(pair) -> None:
+    a, b, noise = pair
+    m = moved(a, b)
+    assert m["shared"] and m["num_only_a"] == m["num_only_b"] == 0
+    np.testing.assert_allclose(m["train"]["mean_abs"], np.abs(noise).mean(), rtol=1e-9)
+    np.testing.assert_allclose(m["train"]["max_abs"], np.abs(noise).max(), rtol=1e-9)
+    assert m["infer"]["frac_identical"] == 1.0 and m["infer"]["max_abs"] == 0.0
+    counts = [r["count"] for r in m["train"]["buckets"]]
+    assert sum(counts) == m["train"]["num_tokens"] == len(noise)
+
+
+def test_compare_is_strict_json_with_ratios_and_bucket_means(pair) -> None:
+    a, b, _ = pair
+    r = compare([a, b])
+    json.dumps(r, allow_nan=False)
+    assert [x["label"] for x in r["runs"]] == ["a", "b"] and r["reference"] == "a"
+    ra, rb = r["runs"]
+    assert r["ratios"][0]["k3"] == pytest.approx(rb["k3"] / ra["k3"])
+    assert r["bucket_means"][-2]["a"] == ra["buckets"][-2]["mean_abs_delta"]
+    assert r["moved"][0]["shared"] and r["moved"][0]["label"] == "b"
+    assert ra["tv_coarse_mean"] > 0  # synthetic runs carry the distribution-level columns
+
+
+def test_runs_with_other_rollouts_are_not_shared(pair, tmp_path: Path) -> None:
+    a, _, _ = pair
+    other = write_synthetic_run(tmp_path / "other", num_sequences=16, seed=4)
+    m = moved(a, other)
+    assert not m["shared"] and "different tokens" in m["reason"]
+
+
+def test_compare_cli(pair, tmp_path: Path) -> None:
+    a, b, _ = pair
+    proc = run_cli("compare", str(a), str(b), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["moved"][0]["shared"]
+    proc = run_cli("compare", str(a), str(b))
+    assert proc.returncode == 0, proc.stderr
+    assert "moved" in proc.stdout and "k3" in proc.stdout
+    assert_one_line_error(run_cli("compare", str(a), str(tmp_path / "nope")), "not found")
