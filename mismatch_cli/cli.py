@@ -52,9 +52,10 @@ def main() -> None:
     import os
 
     # vLLM configures its logging when first imported, on stdout by default: keep stdout for
-    # results (tables, --json) and vLLM's log on stderr, at WARNING unless the user says.
+    # results (tables, --json) and vLLM's log on stderr, errors only unless the user says
+    # (its warnings on a CPU are performance hints: LD_PRELOAD, Triton, NUMA).
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         app()
     except MismatchError as e:

@@ -463,7 +463,9 @@ def load_model(
     `device` is then ignored (inputs go to the embedding's device, see `input_device`).
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: our progress says it already
     tok = load_tokenizer(model_path)
     placement: dict[str, Any] = {}
     if device_map is not None:

@@ -74,6 +74,7 @@ def vllm_engine_kwargs(model_path: str, cfg: MeasureConfig) -> dict[str, Any]:
         "pipeline_parallel_size": cfg.pipeline_parallel_size,
         "enforce_eager": cfg.enforce_eager,
         "kv_cache_dtype": cfg.kv_cache_dtype,
+        "use_tqdm_on_load": False,  # our own progress lines say what is happening
     }
     if cfg.max_model_len is not None:
         kwargs["max_model_len"] = cfg.max_model_len
@@ -88,9 +89,11 @@ class VllmEngine:
 
     def __init__(self, model_path: str, cfg: MeasureConfig) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        # vLLM logs every engine setting at INFO; keep the terminal for our progress bars
-        # (set VLLM_LOGGING_LEVEL=INFO to see them).
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM logs every engine setting at INFO and CPU performance hints at WARNING; keep
+        # the terminal for our progress (set VLLM_LOGGING_LEVEL=WARNING or INFO to see them).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        # the engine processes import modules that raise FutureWarnings on import
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
         # ... and on stderr: stdout carries results (`--json` must stay parseable)
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         # vLLM's CPU build keeps one core for its front-end by default; on a small machine
