@@ -1,11 +1,17 @@
-"""Benchmark `mismatch report` on a synthetic 10-million-token run (under a minute on a
-2-core CPU); `--large` (`make bench-large`) builds 100 million tokens.
+"""Benchmark `mismatch report`, `plot` and `compare` on a synthetic 10-million-token run
+(a few minutes on a 2-core CPU); `--large` (`make bench-large`) builds 100 million tokens.
 
-Builds the run directly with numpy (only the columns `report` reads, plus run.json), then
-runs `python -m mismatch_cli report RUN` (tables) and `... --json` in fresh processes and
-prints their wall time and peak resident memory. Target: < 30 s and < 4 GB on 2 cores.
+Builds the run directly with numpy (the columns `report` reads, plus pos, token_id and both
+log-probs for `compare`'s token-by-token movement, and run.json), then runs in fresh
+processes `python -m mismatch_cli report RUN` (tables) and `... --json`, `plot RUN` (the
+figures drawn from the token table: bound, bias, sequence, distribution) and `compare RUN
+RUN` (the run against itself: two report scans and the row-aligned `moved` pass), and prints
+each one's wall time, CPU time and its own peak resident memory (os.wait4). All three stream
+the table: memory does not grow with the run. Target for report: < 30 s and < 4 GB on 2
+cores.
 
     .venv/bin/python benchmarks/bench_report.py [--tokens 10000000] [--keep DIR] [--large]
+        [--skip plot,compare]
 """
 
 from __future__ import annotations
@@ -13,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -32,13 +38,15 @@ from mismatch_cli.tokens import REQUIRED_COLUMNS  # noqa: E402
 
 def build_run(path: Path, num_tokens: int, eps: float = 0.1, chunk: int = 5_000_000) -> None:
     """A run of `num_tokens` synthetic tokens (synthetic.bulk_token_columns: the columns
-    `report` reads), generated and written chunk by chunk (bounded memory)."""
+    `report` reads; plus pos, token_id, logp_train and logp_infer, which `compare` reads),
+    generated and written chunk by chunk (bounded memory)."""
     path.mkdir(parents=True, exist_ok=True)
     writer, first_seq, num_seqs = None, 0, 0
     for i, start in enumerate(range(0, num_tokens, chunk)):
         cols = bulk_token_columns(min(chunk, num_tokens - start), first_seq, eps, seed=i)
+        cols.update(move_columns(cols, seed=i))
         table = pa.table(cols)
-        assert set(table.column_names) == set(REQUIRED_COLUMNS)
+        assert set(REQUIRED_COLUMNS) <= set(table.column_names)
         if writer is None:
             writer = pq.ParquetWriter(path / "tokens.parquet", table.schema, compression="zstd")
         writer.write_table(table)
@@ -51,14 +59,39 @@ def build_run(path: Path, num_tokens: int, eps: float = 0.1, chunk: int = 5_000_
     (path / "run.json").write_text(json.dumps(meta))
 
 
-def timed(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Wall seconds and peak RSS (GB) of a child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
-    wall = time.perf_counter() - t0
-    # ru_maxrss of RUSAGE_CHILDREN is the largest child so far (KiB on Linux).
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
-    return wall, peak, proc
+def move_columns(cols: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    """pos (0, 1, ... within each sequence), token_id and the log-probs behind delta and
+    p_train: what `compare.moved` reads. [n] each"""
+    sid = cols["seq_id"]
+    starts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])  # [k]
+    pos = np.arange(sid.size) - np.repeat(starts, np.diff(np.r_[starts, sid.size]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp_train = np.log(cols["p_train"])  # -inf where the token is pruned
+        logp_infer = np.where(np.isfinite(cols["delta"]), logp_train + cols["delta"], 0.0)
+    rng = np.random.default_rng(10_000 + seed)
+    return {
+        "pos": pos.astype(np.int32),
+        "token_id": rng.integers(0, 150_000, sid.size, dtype=np.int32),
+        "logp_train": logp_train,
+        "logp_infer": logp_infer,
+    }
+
+
+def timed(cmd: list[str]) -> tuple[float, float, float, subprocess.CompletedProcess]:
+    """(wall s, CPU s (user + system), peak RSS GB) of one child process, its own resource
+    usage from os.wait4 (not the largest child so far), and the process."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=os.environ)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(
+            cmd, os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()
+        )
+    # ru_maxrss is in KiB on Linux
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024**2, done
 
 
 def main() -> None:
@@ -66,7 +99,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=10_000_000)
     ap.add_argument("--keep", type=Path, default=None, help="build the run here and keep it")
     ap.add_argument("--large", action="store_true", help="100 million tokens")
+    ap.add_argument("--skip", default="", help="comma-separated: plot, compare")
     args = ap.parse_args()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.large:
         args.tokens = 100_000_000
     tmp = None
@@ -80,14 +115,26 @@ def main() -> None:
     print(f"built {args.tokens:,}-token run in {time.perf_counter() - t0:.1f} s at {run}")
     print(f"cores available: {len(os.sched_getaffinity(0))}")
     py = sys.executable
-    for label, extra in (("report --json", ["--json"]), ("report (tables)", [])):
-        wall, peak, proc = timed([py, "-m", "mismatch_cli", "report", str(run), *extra])
-        if proc.returncode != 0:
-            print(proc.stderr)
-            raise SystemExit(f"{label} failed with exit code {proc.returncode}")
-        print(f"{label:16s} {wall:6.1f} s   peak RSS {peak:.2f} GB (max over children so far)")
-    if tmp is not None:
-        tmp.cleanup()
+    figures = [a for f in ("bound", "bias", "sequence", "distribution") for a in ("--figure", f)]
+    out = run.parent / f"{run.name}-figures"
+    commands = [
+        ("report --json", ["report", str(run), "--json"]),
+        ("report (tables)", ["report", str(run)]),
+        ("plot", ["plot", str(run), "--out", str(out), *figures]),
+        ("compare RUN RUN", ["compare", str(run), str(run), "--json"]),
+    ]
+    try:
+        for label, cmd in commands:
+            if label.split()[0] in skip:
+                continue
+            wall, cpu, peak, proc = timed([py, "-m", "mismatch_cli", *cmd])
+            if proc.returncode != 0:
+                print(proc.stderr)
+                raise SystemExit(f"{label} failed with exit code {proc.returncode}")
+            print(f"{label:16s} {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak RSS {peak:.2f} GB")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .analysis import DEFAULT_EDGES, analyze, bucket_index, parse_edges
+from .analysis import DEFAULT_EDGES, bucket_index, open_tokens, parse_edges, report, scan
 from .errors import MismatchError
+from .grouped import BATCH_ROWS, TokenBatches
 from .results import json_ready
 from .runs import open_run, read_tokens, run_labels
+from .schema import TOKENS_FILE
+from .tokens import prefetch
 
 # The headline metrics, in display order: (key, label). The ratio to the first run is
 # given for each.
@@ -68,16 +71,21 @@ def describe_sides(meta: dict[str, Any]) -> tuple[str, str]:
 
 
 def run_summary(
-    path: str | Path, label: str | None = None, edges: Sequence[float] | str | None = DEFAULT_EDGES
+    path: str | Path,
+    label: str | None = None,
+    edges: Sequence[float] | str | None = DEFAULT_EDGES,
+    *,
+    batch_rows: int = BATCH_ROWS,
 ) -> dict[str, Any]:
     """One run's headline numbers (HEADLINE keys), its bucket means and its verdict, from
-    `analysis.analyze` plus the p99 of |delta| over finite tokens."""
+    one streamed `analysis.scan` (the report) and the p99 of |delta| over finite tokens
+    (exact up to the scan's exact limit, the sketch beyond)."""
     path = Path(path)
     _, meta = open_run(path, allow_incomplete=False)
-    rep = analyze(path, edges=edges)
-    d = read_tokens(path, ["delta", "kept_train"])
-    fin = np.isfinite(d["delta"].to_numpy()) & d["kept_train"].to_numpy(dtype=bool)
-    ad = np.abs(d["delta"].to_numpy()[fin])  # [n] finite |delta|
+    src, meta, warnings = open_tokens(path, batch_rows)
+    agg = scan(src, edges=parse_edges(edges))
+    rep = report(agg, None, warnings)
+    p99 = float(agg.abs_delta_quantile(0.99)[0]) if agg.num_finite else math.nan
     m = rep["metrics"]
     dist = rep.get("distribution_level") or {}
     infer, train = describe_sides(meta)
@@ -91,7 +99,7 @@ def run_summary(
         "num_infinite": rep["num_infinite"],
         "mean_abs_delta": m["mean_abs_delta"],
         "k3": m["k3"],
-        "p99_abs_delta": float(np.quantile(ad, 0.99)) if ad.size else math.nan,
+        "p99_abs_delta": p99,
         "max_abs_delta": m["max_abs_delta"],
         "tail_abs_delta_share": rep["tail"]["abs_delta_share"],
         "tail_threshold": rep["tail"]["threshold"],
@@ -102,6 +110,7 @@ def run_summary(
             for b in rep["buckets"]
         ],
         "distribution_level": dist or None,
+        "quantiles": rep["quantiles"],
     }
     for c, s in (dist.get("overall") or {}).items():
         out[f"{c}_mean"] = s["mean"]
@@ -116,10 +125,167 @@ def _ratio(a: Any, b: Any) -> float:
 
 
 _MOVE_COLUMNS = ["seq_id", "pos", "token_id", "logp_infer", "logp_train", "p_train"]
+_KEYS = ["seq_id", "pos"]
+
+
+class _Moves:
+    """`moved`'s sums, streamed: per side s, over matched rows finite in both runs, of
+    m = logp_s(b) - logp_s(a) (count, sum |m|, max |m|, zeros, sum of k3 terms), and by
+    bucket of a's p_train; plus the matched rows and those holding different tokens."""
+
+    def __init__(self, edges: np.ndarray) -> None:
+        self.edges = edges
+        nb = len(edges) - 1
+        self.num_common = self.num_only_a = self.num_only_b = self.num_diff = 0
+        self.side = {
+            s: {
+                "n": 0, "n_bad": 0, "sum": 0.0, "max": -math.inf, "zeros": 0, "k3": 0.0,
+                "count": np.zeros(nb, np.int64), "bsum": np.zeros(nb), "bmax": np.full(nb, np.nan),
+            }
+            for s in SIDES
+        }  # fmt: skip
+
+    def add(self, a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+        """Matched rows: a's and b's columns, row i of one matching row i of the other."""
+        n = len(a["seq_id"])
+        self.num_common += n
+        if not n:
+            return
+        self.num_diff += int(np.count_nonzero(a["token_id"] != b["token_id"]))
+        nb = len(self.edges) - 1
+        idx = bucket_index(np.asarray(a["p_train"], dtype=np.float64), self.edges)  # [n]
+        for side, acc in self.side.items():
+            la = np.asarray(a[f"logp_{side}"], dtype=np.float64)
+            lb = np.asarray(b[f"logp_{side}"], dtype=np.float64)
+            ok = np.isfinite(la) & np.isfinite(lb)
+            m = lb[ok] - la[ok]  # [n'] how far b moved from a
+            am = np.abs(m)
+            acc["n"] += int(m.size)
+            acc["n_bad"] += int(n - m.size)
+            if not m.size:
+                continue
+            acc["sum"] += float(am.sum())
+            acc["max"] = max(acc["max"], float(am.max()))
+            acc["zeros"] += int(np.count_nonzero(m == 0))
+            acc["k3"] += float(M.k3_per_token(m).sum())
+            bi = idx[ok]
+            inb = bi >= 0
+            acc["count"] += np.bincount(bi[inb], minlength=nb)
+            acc["bsum"] += np.bincount(bi[inb], weights=am[inb], minlength=nb)
+            np.fmax.at(acc["bmax"], bi[inb], am[inb])
+
+    def result(self) -> dict[str, Any]:
+        e = self.edges
+        out: dict[str, Any] = {"shared": True, "reason": None, "edges": e}
+        for side, acc in self.side.items():
+            n = acc["n"]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean_b = acc["bsum"] / acc["count"]
+            out[side] = {
+                "num_tokens": n,
+                "num_not_finite": acc["n_bad"],
+                "mean_abs": acc["sum"] / n if n else math.nan,
+                "max_abs": acc["max"] if n else math.nan,
+                "frac_identical": acc["zeros"] / n if n else math.nan,
+                "k3": acc["k3"] / n if n else math.nan,
+                "buckets": pd.DataFrame(
+                    {
+                        "lo": e[:-1],
+                        "hi": e[1:],
+                        "count": acc["count"],
+                        "mean_abs": mean_b,
+                        "max_abs": acc["bmax"],
+                    }
+                ),
+            }
+        return out
+
+
+def _move_source(path: str | Path, batch_rows: int) -> TokenBatches:
+    """A run's tokens.parquet as TokenBatches, with the columns `moved` reads."""
+    file = Path(path) / TOKENS_FILE
+    if not file.is_file():
+        read_tokens(path, _MOVE_COLUMNS)  # the one-line error of a run without tokens
+    src = TokenBatches(file, batch_rows)
+    missing = [c for c in _MOVE_COLUMNS if c not in src.columns]
+    if missing:
+        raise MismatchError(
+            f"{file} lacks column(s) {', '.join(missing)}: rerun `mismatch measure` "
+            "with this version to produce them"
+        )
+    return src
+
+
+def _aligned(src_a: TokenBatches, src_b: TokenBatches, acc: _Moves) -> bool:
+    """Runs sharing rollouts store the same (seq_id, pos) in the same row order: compare
+    them batch against batch. False (acc then holds partial sums) at the first batch whose
+    keys differ."""
+    if src_a.num_rows != src_b.num_rows:
+        return False
+    pairs = zip(
+        prefetch(src_a.read(_MOVE_COLUMNS)), prefetch(src_b.read(_MOVE_COLUMNS)), strict=True
+    )
+    for a, b in pairs:
+        if not all(np.array_equal(a[k], b[k]) for k in _KEYS):
+            return False
+        acc.add(a, b)
+    return True
+
+
+def _join(fa: pd.DataFrame, fb: pd.DataFrame, acc: _Moves) -> None:
+    """Match rows of two chunks holding the same sequences on (seq_id, pos) into acc."""
+    j = fa.merge(fb, on=_KEYS, suffixes=("_a", "_b"))
+    acc.num_only_a += len(fa) - len(j)
+    acc.num_only_b += len(fb) - len(j)
+    keys = {k: j[k].to_numpy() for k in _KEYS}
+    cols = [c for c in _MOVE_COLUMNS if c not in _KEYS]
+    acc.add(
+        {**keys, **{c: j[f"{c}_a"].to_numpy() for c in cols}},
+        {**keys, **{c: j[f"{c}_b"].to_numpy() for c in cols}},
+    )
+
+
+def _joined(src_a: TokenBatches, src_b: TokenBatches, acc: _Moves) -> bool:
+    """A merge join on (seq_id, pos) for runs whose rows are in another order, a batch of
+    sequences at a time: both tables are read in seq_id order, and the sequences below the
+    smaller of the two last seq_ids read are complete on both sides, so they are joined and
+    dropped (memory: about a batch per run). False at once if a table is not sorted by
+    seq_id (acc then holds partial sums)."""
+    its = {"a": prefetch(src_a.read(_MOVE_COLUMNS)), "b": prefetch(src_b.read(_MOVE_COLUMNS))}
+    frames = {k: pd.DataFrame(columns=_MOVE_COLUMNS) for k in its}
+    done = dict.fromkeys(its, False)
+
+    def last(k: str) -> float:
+        """The largest seq_id read from k (+inf once k is exhausted, -inf before any)."""
+        if done[k]:
+            return math.inf
+        return float(frames[k]["seq_id"].iat[-1]) if len(frames[k]) else -math.inf
+
+    while not all(done.values()):
+        k = min((k for k in its if not done[k]), key=last)  # read where it is behind
+        batch = next(its[k], None)
+        if batch is None:
+            done[k] = True
+        else:
+            sid = batch["seq_id"]
+            if sid.size and (np.any(sid[1:] < sid[:-1]) or sid[0] < last(k)):
+                return False
+            frames[k] = pd.concat([frames[k], pd.DataFrame(batch)], ignore_index=True)
+        upto = min(last(x) for x in its)  # sequences below it are complete on both sides
+        if -math.inf < upto < math.inf:
+            ma, mb = (frames[x]["seq_id"].to_numpy() < upto for x in ("a", "b"))
+            _join(frames["a"][ma], frames["b"][mb], acc)
+            frames["a"], frames["b"] = frames["a"][~ma], frames["b"][~mb]
+    _join(frames["a"], frames["b"], acc)
+    return True
 
 
 def moved(
-    a: str | Path, b: str | Path, edges: Sequence[float] | str | None = DEFAULT_EDGES
+    a: str | Path,
+    b: str | Path,
+    edges: Sequence[float] | str | None = DEFAULT_EDGES,
+    *,
+    batch_rows: int = BATCH_ROWS,
 ) -> dict[str, Any]:
     """How the log-probs moved from run `a` to run `b` over the tokens they share.
 
@@ -129,55 +295,33 @@ def moved(
     both: mean_abs, max_abs, frac_identical (m == 0 exactly), k3 = mean(e^-m - 1 + m) (b's
     log-probs in the role of logp_infer, a's in that of logp_train: `metrics.k3` of m), and
     by bucket of a's p_train: count, mean_abs, max_abs. `num_common` / `num_only_a` / `num_only_b` count rows.
+    Streamed `batch_rows` rows at a time: row against row when both runs hold the same
+    (seq_id, pos) in the same order (rescored runs do), else a merge join by sequence.
     """
-    ta = read_tokens(a, _MOVE_COLUMNS)
-    tb = read_tokens(b, _MOVE_COLUMNS)
-    j = ta.merge(tb, on=["seq_id", "pos"], suffixes=("_a", "_b"))
+    e = parse_edges(edges)
+    src_a, src_b = _move_source(a, batch_rows), _move_source(b, batch_rows)
+    acc = _Moves(e)
+    if not _aligned(src_a, src_b, acc):
+        acc = _Moves(e)
+        if not _joined(src_a, src_b, acc):  # tables not sorted by seq_id: join them whole
+            acc = _Moves(e)
+            _join(read_tokens(a, _MOVE_COLUMNS), read_tokens(b, _MOVE_COLUMNS), acc)
     base: dict[str, Any] = {
         "a": str(a),
         "b": str(b),
-        "num_common": len(j),
-        "num_only_a": len(ta) - len(j),
-        "num_only_b": len(tb) - len(j),
+        "num_common": acc.num_common,
+        "num_only_a": acc.num_only_a,
+        "num_only_b": acc.num_only_b,
     }
-    if not len(j):
+    if not acc.num_common:
         return {**base, "shared": False, "reason": "no (seq_id, pos) in common"}
-    diff = int((j["token_id_a"] != j["token_id_b"]).sum())
-    if diff:
+    if acc.num_diff:
         return {
             **base,
             "shared": False,
-            "reason": f"{diff:,} of {len(j):,} common positions hold different tokens",
+            "reason": f"{acc.num_diff:,} of {acc.num_common:,} common positions hold different tokens",
         }
-    e = parse_edges(edges)
-    nb = len(e) - 1
-    idx = bucket_index(j["p_train_a"].to_numpy(dtype=np.float64), e)  # [n]
-    out: dict[str, Any] = {**base, "shared": True, "reason": None, "edges": e}
-    for side in SIDES:
-        la = j[f"logp_{side}_a"].to_numpy(dtype=np.float64)
-        lb = j[f"logp_{side}_b"].to_numpy(dtype=np.float64)
-        ok = np.isfinite(la) & np.isfinite(lb)
-        m = lb[ok] - la[ok]  # [n'] how far b moved from a
-        am = np.abs(m)
-        b_ok = idx[ok]
-        inb = b_ok >= 0
-        cnt = np.bincount(b_ok[inb], minlength=nb)
-        mx = np.full(nb, np.nan)
-        np.fmax.at(mx, b_ok[inb], am[inb])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean_b = np.bincount(b_ok[inb], weights=am[inb], minlength=nb) / cnt
-        out[side] = {
-            "num_tokens": int(ok.sum()),
-            "num_not_finite": int((~ok).sum()),
-            "mean_abs": float(am.mean()) if am.size else math.nan,
-            "max_abs": float(am.max()) if am.size else math.nan,
-            "frac_identical": float((m == 0).mean()) if m.size else math.nan,
-            "k3": M.k3(m),
-            "buckets": pd.DataFrame(
-                {"lo": e[:-1], "hi": e[1:], "count": cnt, "mean_abs": mean_b, "max_abs": mx}
-            ),
-        }
-    return json_ready(out)
+    return json_ready({**base, **acc.result()})
 
 
 def compare(

@@ -263,7 +263,14 @@ class SeqIndex:
         return int(self.ids.size)
 
     def codes(self, seq_id: np.ndarray) -> np.ndarray:
-        """Sequence index of each row: seq_id [n] -> [n] int64."""
+        """Sequence index of each row: seq_id [n] -> [n] int64. Rows grouped by sequence
+        (the writers' order) are searched once per run of equal ids, not once per row."""
+        seq_id = np.asarray(seq_id)
+        if seq_id.size > 1:
+            starts = np.flatnonzero(np.r_[True, seq_id[1:] != seq_id[:-1]])  # [r] runs
+            if starts.size <= seq_id.size // 4:
+                at = np.searchsorted(self.ids, seq_id[starts]).astype(np.int64, copy=False)
+                return np.repeat(at, np.diff(np.r_[starts, seq_id.size]))
         return np.searchsorted(self.ids, seq_id).astype(np.int64, copy=False)
 
 

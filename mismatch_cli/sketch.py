@@ -59,25 +59,42 @@ class QuantileSketch:
         """Add finite non-negative values [n] to their groups [n] (group 0 if None).
         NaN and infinite values are ignored (callers count those themselves)."""
         x = np.asarray(values, dtype=np.float64)
-        g = np.zeros(x.shape, dtype=np.int64) if group is None else np.asarray(group, np.int64)
+        g = None if group is None else np.asarray(group)
         ok = np.isfinite(x)
-        if not ok.all():
-            x, g = x[ok], g[ok]
+        if not ok.all():  # copies only when something is dropped
+            x = x[ok]
+            g = None if g is None else g[ok]
         if x.size == 0:
             return
-        if (x < 0).any():
+        lo = x.min()
+        if lo < 0:
             raise ValueError("QuantileSketch takes non-negative values")
         G, B = self.groups, self.num_buckets
-        zero = x == 0
-        self.zeros += np.bincount(g[zero], minlength=G)
-        pos, gp = x[~zero], g[~zero]
+        pos, gp = x, g
+        if lo == 0:
+            zero = x == 0
+            self.zeros += np.bincount(_group_or_zero(g, zero), minlength=G)
+            pos = x[~zero]
+            gp = None if g is None else g[~zero]
         if pos.size:
             with np.errstate(divide="ignore"):
-                k = np.ceil(np.log(pos) * self._inv_log_gamma).astype(np.int64) - self._k0
-            np.clip(k, 0, B - 1, out=k)
-            self.counts += np.bincount(gp * B + k, minlength=G * B).reshape(G, B)
-        np.minimum.at(self.min, g, x)
-        np.maximum.at(self.max, g, x)
+                k = np.log(pos)  # [n'] then the bucket key, in place
+            k *= self._inv_log_gamma
+            np.ceil(k, out=k)
+            key = k.astype(np.int64)
+            key -= self._k0
+            np.clip(key, 0, B - 1, out=key)
+            if gp is None:  # one group: no composite index
+                self.counts[0] += np.bincount(key, minlength=B)
+            else:
+                key += gp.astype(np.int64) * B
+                self.counts += np.bincount(key, minlength=G * B).reshape(G, B)
+        if g is None:
+            self.min[0] = min(self.min[0], lo)
+            self.max[0] = max(self.max[0], x.max())
+        else:
+            np.minimum.at(self.min, g, x)
+            np.maximum.at(self.max, g, x)
 
     def merge(self, other: QuantileSketch) -> QuantileSketch:
         """Add another sketch's counts (same groups and alpha) into this one; returns self."""
@@ -115,11 +132,17 @@ class QuantileSketch:
         return out
 
 
+def _group_or_zero(g: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
+    """The groups of the masked values, or zeros (one group) when g is None."""
+    return np.zeros(int(np.count_nonzero(mask)), np.int64) if g is None else g[mask]
+
+
 class QuantileAccumulator:
     """Quantiles of a stream of values in G groups: exact (numpy's linear quantiles of the
     values kept) while at most `exact_limit` values have been added, a `QuantileSketch`
     (relative error <= alpha) beyond. Small runs therefore get exactly what an in-memory
-    computation gives; runs of 10^8 tokens get bounded memory."""
+    computation gives; runs of 10^8 tokens get bounded memory. While exact, a value costs
+    8 bytes plus its group in the smallest integer type (none for one group)."""
 
     def __init__(
         self, groups: int = 1, exact_limit: int = 1 << 24, alpha: float = DEFAULT_ALPHA
@@ -128,7 +151,8 @@ class QuantileAccumulator:
         self.exact_limit = int(exact_limit)
         self.alpha = alpha
         self._values: list[np.ndarray] = []  # kept while exact
-        self._groups: list[np.ndarray] = []
+        self._groups: list[np.ndarray] = []  # (empty for one group)
+        self._gtype = np.min_scalar_type(max(self.groups - 1, 0))
         self._n = 0
         self.sketch: QuantileSketch | None = None
 
@@ -137,24 +161,40 @@ class QuantileAccumulator:
         """True while every value is kept (quantiles are exact)."""
         return self.sketch is None
 
+    @property
+    def count(self) -> int:
+        """Finite values added, over every group."""
+        return self._n if self.sketch is None else int(self.sketch.count.sum())
+
     def add(self, values: np.ndarray, group: np.ndarray | None = None) -> None:
         """Add finite values [n] to their groups [n] (0 if None); non-finite ones are ignored."""
         x = np.asarray(values, dtype=np.float64)
-        g = np.zeros(x.shape, dtype=np.int64) if group is None else np.asarray(group, np.int64)
+        g = None if group is None else np.asarray(group)
         ok = np.isfinite(x)
         if not ok.all():
-            x, g = x[ok], g[ok]
+            x = x[ok]
+            g = None if g is None else g[ok]
+        if self.groups == 1:
+            g = None
         if self.sketch is not None:
             self.sketch.add(x, g)
             return
         self._values.append(x.copy())
-        self._groups.append(g.copy())
+        if g is not None:
+            self._groups.append(g.astype(self._gtype))
         self._n += x.size
         if self._n > self.exact_limit:
             self.sketch = QuantileSketch(self.groups, self.alpha)
-            for v, gg in zip(self._values, self._groups, strict=True):
-                self.sketch.add(v, gg)
+            for i, v in enumerate(self._values):
+                self.sketch.add(v, self._groups[i] if self._groups else None)
             self._values, self._groups = [], []
+
+    def _kept(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every kept value [n] and its group [n] (exact mode)."""
+        v = np.concatenate(self._values) if self._values else np.empty(0)
+        if self._groups:
+            return v, np.concatenate(self._groups)
+        return v, np.zeros(v.size, dtype=self._gtype)
 
     def quantile(self, qs: Sequence[float] | float) -> np.ndarray:
         """numpy's linear quantiles per group, [G, Q] (NaN for an empty group)."""
@@ -162,16 +202,38 @@ class QuantileAccumulator:
             return self.sketch.quantile(qs)
         q = np.atleast_1d(np.asarray(qs, dtype=np.float64))
         out = np.full((self.groups, q.size), np.nan)
-        if not self._values:
+        if not self._n:
             return out
-        v = np.concatenate(self._values)
-        g = np.concatenate(self._groups)
-        order = np.argsort(g, kind="stable")
+        v, g = self._kept()
+        if self.groups == 1:
+            out[0] = np.quantile(v, q)
+            return out
+        order = np.argsort(g, kind="stable")  # a radix sort for small integer types
         v, counts = v[order], np.bincount(g, minlength=self.groups)
         ends = np.cumsum(counts)
         for k in np.flatnonzero(counts):  # a loop over groups, never over values
             out[k] = np.quantile(v[ends[k] - counts[k] : ends[k]], q)
         return out
+
+    def quantile_merged(
+        self, qs: Sequence[float] | float, select: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """numpy's linear quantiles of the union of the groups in `select` (None: all),
+        [Q] (NaN if they hold no value): exact while exact, else from the merged sketch."""
+        q = np.atleast_1d(np.asarray(qs, dtype=np.float64))
+        pick = np.arange(self.groups) if select is None else np.asarray(select, np.int64)
+        if self.sketch is not None:
+            one = QuantileSketch(1, self.alpha)
+            sk = self.sketch
+            one.counts = sk.counts[pick].sum(axis=0, keepdims=True)
+            one.zeros = sk.zeros[pick].sum(keepdims=True).reshape(1)
+            one.min = np.array([sk.min[pick].min(initial=np.inf)])
+            one.max = np.array([sk.max[pick].max(initial=-np.inf)])
+            return one.quantile(q)[0]
+        v, g = self._kept()
+        if select is not None:
+            v = v[np.isin(g, pick)]
+        return np.quantile(v, q) if v.size else np.full(q.size, np.nan)
 
 
 __all__ = ["DEFAULT_ALPHA", "QuantileAccumulator", "QuantileSketch"]

@@ -71,16 +71,14 @@ def report(
     """
     from rich.console import Console
 
-    from ..analysis import GROUP_KEYS, analyze, analyze_groups, parse_edges
+    from ..analysis import GROUP_KEYS, analyze, parse_edges
     from ..errors import MismatchError
 
     edge_values = parse_edges(edges)  # bad --edges fail before any file is read
     if group_by is not None and group_by not in GROUP_KEYS:
         raise MismatchError(f"--group-by must be one of {', '.join(GROUP_KEYS)}, got {group_by!r}")
-    result = analyze(run, edges=edge_values, by=by.value, tail=tail, eps=eps)
-    if group_by is not None:
-        result["group_by"] = group_by
-        result["groups"] = analyze_groups(run, group_by, tail, by.value)
+    # one streamed read of the run gives the report and, with --group-by, its groups
+    result = analyze(run, edges=edge_values, by=by.value, tail=tail, eps=eps, group_by=group_by)
     err = Console(stderr=True)
     for w in result["warnings"]:
         if "infinite delta" not in w:  # the report itself states those

@@ -15,6 +15,8 @@ from .data import RunData
 from .style import NATS, new_fig
 
 X_FLOOR = 1e-12  # smallest p or 1 - p the bound figure draws
+DENSITY_BINS = (85, 57)  # cells of about the area of the former hexbin's (60, 40) grid
+CONTOUR_BINS = (40, 30)  # the density a contour is drawn from (several runs)
 
 NAME = "bound"
 TITLE = "The (1 - p) bound: |δ| against 1 - p"
@@ -22,27 +24,21 @@ TITLE = "The (1 - p) bound: |δ| against 1 - p"
 
 def plot_bound(runs: Sequence[RunData]) -> Figure:
     """|delta| against (1 - p) on log-log axes (left: the bound's (1 - p) shape near p = 1)
-    and against p (right: the tail, where it saturates near 2 eps). Token density, bucket
-    means and 90 / 99 % quantiles, and the first-order and exact envelopes at each run's eps.
-    The left panel's bucket means carry gid "bucket-mean:<label>"."""
-    drawable = sum(
-        int(np.count_nonzero((r.arrays.one_minus_p > 0) & (np.abs(r.arrays.delta) > 0)))
-        for r in runs
-    )
+    and against p (right: the tail, where it saturates near 2 eps). Token density (a
+    streamed 2-D histogram on log-log bins), bucket means and 90 / 99 % quantiles, and the
+    first-order and exact envelopes at each run's eps. The left panel's bucket means carry
+    gid "bucket-mean:<label>", the densities "density"."""
+    drawable = sum(r.bound.drawable for r in runs)
     if drawable == 0:
         raise MismatchError("too few tokens: none has p < 1 and delta != 0 to draw on log axes")
     fig, (ax1, ax2) = new_fig(len(runs), ncols=2, width=12.0, height=5.4)
     single = len(runs) == 1
-    hidden = 0
-    for r in runs:
-        t = r.arrays
-        x, y = t.one_minus_p, np.abs(t.delta)
-        hidden += int(np.count_nonzero((x <= 0) | (y <= 0)))
+    hidden = sum(r.bound.num_finite - r.bound.drawable for r in runs)
     for ax, kind in ((ax1, "one_minus_p"), (ax2, "p")):
         hb = _bound_panel(ax, runs, kind)
         if hb is not None and kind == "p":
             cb = fig.colorbar(hb, ax=ax, pad=0.01, fraction=0.05, aspect=35)
-            cb.set_label("tokens per hexagon (log scale)")
+            cb.set_label("tokens per bin (log scale)")
     ax1.set_xlabel("1 - p   (p = training-side probability of the sampled token)")
     ax2.set_xlabel("p = training-side probability of the sampled token")
     ax1.set_ylabel(f"|δ| = |logp_infer - logp_train|   ({NATS})")
@@ -107,39 +103,36 @@ def _run_handles(runs: Sequence[RunData]) -> list:
 
 
 def _bound_panel(ax, runs: Sequence[RunData], kind: str):
-    """One panel of the bound figure; x = 1 - p or p. Returns the hexbin (single run)."""
+    """One panel of the bound figure; x = 1 - p or p. Returns the density mesh (single run)."""
+    from matplotlib.colors import LogNorm
+
     single = len(runs) == 1
     hb = None
     xmins = []
     for r in runs:
-        t = r.arrays
-        xv = t.one_minus_p if kind == "one_minus_p" else t.p
-        y = np.abs(t.delta)
-        ok = (t.one_minus_p > 0) & (t.p > 0) & (y > 0)
-        if not ok.any():
+        if not r.bound.drawable:
             continue
         # The x range stops near the 0.1% quantile: a few extreme tokens would otherwise
         # squeeze the plot (p down to 1e-50 happens); they stay in every statistic.
-        floor = max(X_FLOOR, float(np.quantile(xv[ok], 1e-3)) / 3)
-        ok &= xv >= floor
+        floor = max(X_FLOOR, r.bound.x_floor(kind))
         xmins.append(floor)
         if single:
-            hb = ax.hexbin(
-                xv[ok],
-                y[ok],
-                xscale="log",
-                yscale="log",
-                bins="log",
-                gridsize=(60, 40),
-                mincnt=1,
+            H, xe, ye = r.bound.density(kind, floor, DENSITY_BINS)
+            if not H.size:
+                continue
+            hb = ax.pcolormesh(
+                xe,
+                ye,
+                np.ma.masked_equal(H.T, 0),  # [ny, nx]: empty cells stay blank
                 cmap="Greys",
-                linewidths=0.0,
+                norm=LogNorm(vmin=0.6, vmax=max(float(H.max()), 1.0)),
+                linewidth=0,
                 rasterized=True,
                 zorder=1,
             )
-            hb.set_clim(vmin=0.6)
+            hb.set_gid("density")
         else:
-            _density_contours(ax, xv[ok], y[ok], r.color)
+            _density_contours(ax, *r.bound.density(kind, floor, CONTOUR_BINS), r.color)
     ax.set_xscale("log")
     ax.set_yscale("log")
     tag = "" if kind == "one_minus_p" else "p-"
@@ -200,13 +193,19 @@ def _bound_panel(ax, runs: Sequence[RunData], kind: str):
     return hb
 
 
-def _density_contours(ax, x: np.ndarray, y: np.ndarray, color: str) -> None:
-    """Lines enclosing the densest 50% and 90% of a run's tokens (a lightly smoothed
-    log-log 2-D histogram): one density per run that several runs can share an axes with."""
-    H, ex, ey = np.histogram2d(np.log10(x), np.log10(y), bins=(40, 30))  # [40, 30]
-    if H.sum() < 50:
-        ax.scatter(x, y, s=4, color=color, alpha=0.3, lw=0, zorder=2)
+def _density_contours(ax, H: np.ndarray, xe: np.ndarray, ye: np.ndarray, color: str) -> None:
+    """Lines enclosing the densest 50% and 90% of a run's tokens (its log-log 2-D histogram
+    H [nx, ny] on edges xe, ye, lightly smoothed): one density per run that several runs
+    can share an axes with. Under 50 tokens: a dot per occupied cell."""
+    if not H.size:
         return
+    cx = np.sqrt(xe[1:] * xe[:-1])  # [nx] geometric centres
+    cy = np.sqrt(ye[1:] * ye[:-1])  # [ny]
+    if H.sum() < 50:
+        ix, iy = np.nonzero(H)
+        ax.scatter(cx[ix], cy[iy], s=4, color=color, alpha=0.3, lw=0, zorder=2)
+        return
+    H = H.astype(np.float64)
     k = np.array([1.0, 2.0, 1.0]) / 4
     H = np.apply_along_axis(np.convolve, 0, np.pad(H, ((1, 1), (0, 0))), k, mode="valid")
     H = np.apply_along_axis(np.convolve, 1, np.pad(H, ((0, 0), (1, 1))), k, mode="valid")
@@ -214,10 +213,8 @@ def _density_contours(ax, x: np.ndarray, y: np.ndarray, color: str) -> None:
     cum = np.cumsum(flat) / flat.sum()
     levels = sorted({float(flat[min(np.searchsorted(cum, q), flat.size - 1)]) for q in (0.9, 0.5)})
     levels = [v for v in levels if v > 0]
-    if not levels:
+    if not levels or min(H.shape) < 2:
         return
-    cx = 10 ** (0.5 * (ex[1:] + ex[:-1]))
-    cy = 10 ** (0.5 * (ey[1:] + ey[:-1]))
     ax.contour(
         cx,
         cy,

@@ -45,7 +45,7 @@ def marker(name: str) -> str:
 def _results(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     from .. import corrections as C  # lazy: the module is only needed here
 
-    return [C.corrections(r.path if r.path is not None else r.tokens, edges=r.edges) for r in runs]
+    return [C.corrections(r.path if r.path is not None else r.frame, edges=r.edges) for r in runs]
 
 
 def _points(res: dict[str, Any], y: str) -> list[tuple[str, float, float]]:

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from .. import metrics as M
 from ..errors import MismatchError
 from .data import RunData
 from .style import NATS, PALETTE, bucket_label, new_fig
@@ -37,8 +36,8 @@ def plot_diagnose(runs: Sequence[RunData]) -> Figure:
         raise MismatchError(
             "the diagnose figure compares two or more runs (a diagnose directory's variants)"
         )
-    k3 = np.array([M.k3(r.arrays.delta) for r in runs])  # [R]
-    mad = np.array([M.mean_abs(r.arrays.delta) for r in runs])  # [R]
+    k3 = np.array([r.metrics["k3"] for r in runs], dtype=np.float64)  # [R]
+    mad = np.array([r.metrics["mean_abs_delta"] for r in runs], dtype=np.float64)  # [R]
     order = np.argsort(-np.nan_to_num(k3, nan=-1.0), kind="stable")  # largest k3 on top
     fig, (ax1, ax2, ax3) = new_fig(len(runs), ncols=3, width=15.0, height=5.4)
     ypos = np.arange(len(runs))[::-1]  # [R] first in order at the top

@@ -10,53 +10,46 @@ from matplotlib.figure import Figure
 
 from .. import metrics as M
 from ..errors import MismatchError
-from .data import RunData
+from .data import DeltaHist, RunData
 from .style import NATS, new_fig
 
 NAME = "distribution"
 TITLE = "Distributions of δ and of the importance ratio"
 
 
-def _symlog_bins(v: np.ndarray, linthresh: float, per_decade: int = 8) -> np.ndarray:
-    """Bin edges, linear inside +-linthresh and log-spaced beyond, covering v."""
-    vmax = max(float(np.max(np.abs(v))) if v.size else linthresh, linthresh * 1.01)
-    decades = max(math.log10(vmax / linthresh), 0.1)
-    pos = np.logspace(math.log10(linthresh), math.log10(vmax) + 1e-9, int(decades * per_decade) + 2)
-    lin = np.linspace(-linthresh, linthresh, 5)[1:-1]
-    return np.concatenate([-pos[::-1], lin, pos])
-
-
 def plot_distribution(runs: Sequence[RunData]) -> Figure:
-    """Left: histogram of delta (symmetric-log x, log-spaced bins). Right: histogram of the
-    sequence log importance ratio log prod r_t = -sum delta. Caps 2, 3, 5 marked on both
-    (a token's ratio r = exp(-delta) exceeds C where delta < -log C)."""
-    if not any(r.arrays.num_finite for r in runs):
+    """Left: histogram of delta (symmetric-log x, bins of 1/8 decade of |delta|, linear
+    within +-lt). Right: histogram of the sequence log importance ratio log prod r_t =
+    -sum delta. Caps 2, 3, 5 marked on both (a token's ratio r = exp(-delta) exceeds C where
+    delta < -log C). The delta histogram is the streamed `DeltaHist` of each run, drawn on
+    bins shared by the runs: lt is the decade of the 1% quantile of nonzero |delta|."""
+    if not any(r.num_finite for r in runs):
         raise MismatchError("too few tokens: no finite delta")
     fig, (ax1, ax2) = new_fig(len(runs), ncols=2, width=11.5, height=4.8)
     multi = len(runs) > 1
-    all_d = np.concatenate([r.arrays.delta for r in runs])
-    nz = np.abs(all_d[all_d != 0])
-    lt = float(np.quantile(nz, 0.01)) if nz.size else 1e-6
-    lt = 10 ** math.floor(math.log10(max(lt, 1e-12)))  # linear region of the symlog axis
-    bins = _symlog_bins(all_d, lt)
+    hists = [r.deltas for r in runs]
+    lt = DeltaHist.linear_threshold(hists)  # linear region of the symlog axis
+    vmax = max(max(h.max_abs for h in hists), lt * 1.01)
+    bins = hists[0].edges(lt, vmax)  # [2K + 5]
+    num_outer = (bins.size - 5) // 2
     seq_all = [-r.seqs["sum_delta"][np.isfinite(r.seqs["sum_delta"])].to_numpy() for r in runs]
     cat = np.concatenate(seq_all)
     lo = min(float(cat.min()) if cat.size else -1.0, -math.log(5) * 1.1)
     hi = max(float(cat.max()) if cat.size else 1.0, math.log(5) * 1.1)
     sbins = np.linspace(lo, hi, 50)
     for r, sd in zip(runs, seq_all, strict=True):
-        d = r.arrays.delta
-        fr = [100 * float(np.mean(np.exp(-d) > c)) if d.size else math.nan for c in M.CAPS]
+        n = r.num_finite
+        fr = [100 * r.metrics[f"frac_token_above_cap_{c:g}"] if n else math.nan for c in M.CAPS]
         fs = [100 * float(np.mean(np.exp(sd) > c)) if sd.size else math.nan for c in M.CAPS]
         who = f"{r.label}: " if multi else ""
         _, _, ph = ax1.hist(
-            d,
+            bins[:-1],  # one entry per bin, weighted by its count
             bins=bins,
+            weights=r.deltas.counts(lt, num_outer),
             histtype="step",
             color=r.color,
             lw=1.5,
-            label=f"{who}{d.size:,} tokens; ρ above 2 / 3 / 5: "
-            + " / ".join(f"{v:.2g}%" for v in fr),
+            label=f"{who}{n:,} tokens; ρ above 2 / 3 / 5: " + " / ".join(f"{v:.2g}%" for v in fr),
         )
         for patch in ph:
             patch.set_gid(f"delta-hist:{r.label}")

@@ -8,7 +8,6 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from .. import analysis as A
 from ..errors import MismatchError
 from .data import RunData
 from .style import NATS, new_fig
@@ -28,15 +27,13 @@ PANELS: tuple[tuple[str, str, bool], ...] = (
 def drift_groups(r: RunData) -> list[dict] | None:
     """Per-step headline metrics of a run (`analysis.group_metrics` by step), or None when
     the run has no step column or fewer than two steps."""
-    if "step" not in r.tokens.columns:
-        return None
-    groups = A.group_metrics(r.tokens, "step", A.DEFAULT_TAIL, "train")
-    return groups if len(groups) >= 2 else None
+    groups = r.steps  # streamed with the run (`analysis.GroupAccumulator`)
+    return groups if groups is not None and len(groups) >= 2 else None
 
 
 def applies(runs: Sequence[RunData]) -> bool:
     """Drawn by default only for runs that carry training steps (imported runs)."""
-    return any("step" in r.tokens.columns for r in runs)
+    return any(r.steps is not None for r in runs)
 
 
 def plot_drift(runs: Sequence[RunData]) -> Figure:
@@ -47,11 +44,7 @@ def plot_drift(runs: Sequence[RunData]) -> Figure:
     data = [(r, drift_groups(r)) for r in runs]
     data = [(r, g) for r, g in data if g is not None]
     if not data:
-        what = (
-            "no step column"
-            if all("step" not in r.tokens.columns for r in runs)
-            else "one step only"
-        )
+        what = "no step column" if all(r.steps is None for r in runs) else "one step only"
         raise MismatchError(
             f"{what}: drift needs a run imported with two or more training steps (`mismatch import`)"
         )

@@ -22,23 +22,20 @@ TITLE = "Accumulation over sequences"
 
 
 def cumulative_by_position(r: RunData) -> pd.DataFrame:
-    """Mean over sequences of the running sum of delta at each position t, with its SE.
+    """Mean over sequences of the running sum of delta at each position t, with its SE
+    (from the streamed `PositionSums`).
 
     Sequences holding an infinite delta are left out; a sequence contributes to the
-    positions it reaches. Columns: pos, n, mean, se.
+    positions it reaches. Columns: pos, n, mean, se. Raises MismatchError when a
+    sequence's rows were not stored in position order (no running sum can be streamed).
     """
-    df = r.tokens
-    seq_ok = r.seqs.set_index("seq_id")["num_infinite"] == 0
-    d = df[df["seq_id"].map(seq_ok).to_numpy(dtype=bool)]
-    if "pos" in d.columns:
-        d = d.sort_values(["seq_id", "pos"], kind="stable")
-        pos = d["pos"].to_numpy()
-    else:
-        pos = d.groupby("seq_id", sort=False).cumcount().to_numpy()
-    cum = d.groupby("seq_id", sort=False)["delta"].cumsum().to_numpy()  # [n]
-    n = np.bincount(pos)
-    s1 = np.bincount(pos, weights=cum)
-    s2 = np.bincount(pos, weights=cum * cum)
+    ps = r.positions
+    if not ps.ordered:
+        raise MismatchError(
+            f"{r.label}: the rows of a sequence are not stored in position order across the "
+            "token table, so its running sum cannot be streamed"
+        )
+    n, s1, s2 = ps.n, ps.s1, ps.s2
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = s1 / n
         var = (s2 - n * mean**2) / (n - 1)
