@@ -57,6 +57,7 @@ class MeasureConfig:
     pipeline_parallel_size: int = 1
     device_map: str | None = None
     max_memory: str | None = None
+    rescore_memory: str | None = None
 
     def validate(self) -> None:
         """Raise a one-line MismatchError for any impossible value."""
@@ -106,6 +107,7 @@ class MeasureConfig:
         if self.max_memory is not None and self.device_map is None:
             bad("--max-memory needs --device-map (e.g. --device-map auto)")
         parse_max_memory(self.max_memory)
+        parse_size(self.rescore_memory, "--rescore-memory")
 
     def sampling(self) -> dict[str, Any]:
         """The sampling settings both sides use (recorded in run.json)."""
@@ -154,6 +156,21 @@ def parse_engine_args(items: list[str] | None) -> dict[str, Any]:
 
 
 _MEMORY_SIZE = r"\d+(\.\d+)?\s*([KMGT]i?B|B)"
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(text: str | None, flag: str) -> int | None:
+    """A byte size such as `2GiB`, `512MiB`, `1.5GB` (GiB = 2^30 bytes, GB = 10^9) as an int;
+    None when not given. `flag` names the option in the one-line error."""
+    import re
+
+    if text is None or not str(text).strip():
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)", str(text).strip(), flags=re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise MismatchError(f"{flag} expects a size like 2GiB or 512MiB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def parse_max_memory(text: str | None) -> dict[int | str, str] | None:

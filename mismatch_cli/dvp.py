@@ -126,24 +126,117 @@ def pruned_mass_grid(
     probability is summed per bin, and a cumulative sum over bins gives m(rho_g). The
     keep/prune comparison is `safe_vocab_mask_from_probs`'s (float32, vLLM's min-p rule).
     """
+    _check_grid(grid)
+    if rule not in ("min-p", "absolute"):
+        raise ValueError(f"grid pruned mass supports min-p and absolute, not {rule!r}")
+    flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
+    g = torch.tensor(list(grid), dtype=torch.float32, device=probs.device)  # [G]
+    thresholds = flat.amax(dim=-1, keepdim=True) * g if rule == "min-p" else g[None]
+    out = _grid_from_bins(flat, _bins(flat, thresholds), len(grid))  # [N, G]
+    return out.reshape(*probs.shape[:-1], len(grid))
+
+
+def pruned_mass_grids(
+    probs: torch.Tensor, grid: Sequence[float], p_max: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pruned_mass_grid` for the min-p and the absolute rule together, sharing the pass
+    that reads each probability's exponent. probs [n, V] (p_max [n] = probs.amax(1) if
+    already known) -> (min-p [n, G], absolute [n, G]), bit-identical to two calls."""
+    _check_grid(grid)
+    g = torch.tensor(list(grid), dtype=torch.float32, device=probs.device)  # [G]
+    pmax = probs.amax(dim=-1) if p_max is None else p_max  # [n]
+    exps = _exponents(probs)
+    return tuple(  # type: ignore[return-value]
+        _grid_from_bins(probs, _bins(probs, thr, exps), len(grid))
+        for thr in (pmax[:, None] * g, g[None])
+    )
+
+
+def _check_grid(grid: Sequence[float]) -> None:
     if any(b <= a for a, b in itertools.pairwise(grid)):
         raise ValueError("the pruning grid must be strictly ascending")
-    g = torch.tensor(list(grid), dtype=torch.float32, device=probs.device)  # [G]
-    n = len(grid)
-    flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
-    if rule == "min-p":
-        thresholds = flat.amax(dim=-1, keepdim=True) * g  # [N, G] float32, ascending
-        # bin b(i) = number of thresholds p_i is NOT below: token i is pruned at g >= b(i)
-        bins = torch.searchsorted(thresholds.contiguous(), flat, right=True)  # [N, V]
-    elif rule == "absolute":
-        bins = torch.bucketize(flat, g, right=True)  # [N, V] in 0..G
+
+
+def _grid_from_bins(flat: torch.Tensor, bins: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum each row's probabilities per bin (0..n) and accumulate: tokens in bin b are pruned
+    at thresholds g >= b, so m_g = sum_{b <= g} mass_b. flat [N, V], bins [N, V] -> [N, n]."""
+    N = flat.shape[0]
+    if bins.dtype == torch.int32:  # flat indices row * (n + 1) + bin (`_octave_bins`)
+        mass = torch.zeros(N * (n + 1), dtype=flat.dtype, device=flat.device)
+        mass.index_add_(0, bins.reshape(-1), flat.reshape(-1))  # the order scatter_add_ sums in
+        mass = mass.view(N, n + 1)
     else:
-        raise ValueError(f"grid pruned mass supports min-p and absolute, not {rule!r}")
-    mass = torch.zeros(flat.shape[0], n + 1, dtype=flat.dtype, device=flat.device)
-    mass.scatter_add_(1, bins, flat)  # [N, G+1]
-    # tokens in bin b are pruned at thresholds g >= b: m_g = sum_{b <= g} mass_b
-    out = mass[:, :n].cumsum(dim=1)  # [N, G]
-    return out.reshape(*probs.shape[:-1], n)
+        mass = torch.zeros(N, n + 1, dtype=flat.dtype, device=flat.device)
+        mass.scatter_add_(1, bins, flat)  # [N, n+1]
+    return mass[:, :n].cumsum(dim=1)  # [N, n]
+
+
+# float32 bit layout: sign (1), exponent (8), mantissa (23); for x >= +0 the int32 view of x
+# orders like x itself.
+_MANTISSA_BITS = 23
+_EXPONENTS = 256
+
+
+def _exponents(flat: torch.Tensor) -> torch.Tensor | None:
+    """The biased float32 exponent of each probability plus row * 256, int32 [N, V] (the
+    index of the row's octave table), or None where the octave bins do not apply (not
+    float32, or a value with the sign bit set, e.g. -0.0)."""
+    if flat.dtype != torch.float32 or flat.numel() == 0 or flat.device.type == "meta":
+        return None
+    bits = flat.view(torch.int32)  # [N, V]
+    exps = bits >> _MANTISSA_BITS  # [N, V] in 0..255 for x >= +0, negative otherwise
+    if bool((exps < 0).any()):
+        return None
+    rows = torch.arange(0, flat.shape[0] * _EXPONENTS, _EXPONENTS, dtype=torch.int32)
+    return exps.add_(rows.to(flat.device)[:, None])
+
+
+def _bins(
+    flat: torch.Tensor, thresholds: torch.Tensor, exps: torch.Tensor | None = None
+) -> torch.Tensor:
+    """For each p_i, the number of thresholds p_i is NOT below (vLLM's comparison
+    p_i >= t_g in float32): flat [N, V], thresholds [N or 1, G] ascending float32.
+
+    Fast path (`_octave_bins`), int32 flat indices; else a binary search (int64, [N, V])."""
+    if exps is None:
+        exps = _exponents(flat)
+    if exps is not None:
+        bins = _octave_bins(flat, thresholds.expand(flat.shape[0], -1), exps)
+        if bins is not None:
+            return bins
+    if thresholds.shape[0] == 1:
+        return torch.bucketize(flat, thresholds[0], right=True)  # [N, V] in 0..G
+    return torch.searchsorted(thresholds.contiguous(), flat, right=True)  # [N, V]
+
+
+def _octave_bins(flat: torch.Tensor, thr: torch.Tensor, exps: torch.Tensor) -> torch.Tensor | None:
+    """Bins without a search, exact: when consecutive thresholds differ by a factor >= 2
+    (the 1-2-5 grid, and max p times it: float32 rounding keeps t_{g+1} >= 2 t_g), each binary
+    octave [2^e, 2^(e+1)) holds at most one threshold, so
+        bin(p) = #{t_g : exponent(t_g) <= e(p)} - [p < the threshold in p's octave]
+    from two lookups in a 256-entry table per row and one integer comparison (p < t iff
+    bits(p) - bits(t) < 0 for p, t >= +0). Returns row * (G + 1) + bin, int32 [N, V], or None
+    when a threshold is not a normal float or two share an octave.
+
+    flat [N, V] float32 >= +0; thr [N, G]; exps [N, V] = `_exponents(flat)`."""
+    N, G = thr.shape
+    tiny = torch.finfo(torch.float32).tiny
+    spaced = (thr[:, 1:] >= 2 * thr[:, :-1]).all() & (thr[:, 0] >= tiny).all()
+    if not bool(spaced & torch.isfinite(thr[:, -1]).all()):
+        return None
+    t_exp = (thr.view(torch.int32) >> _MANTISSA_BITS).long()  # [N, G] octave of each threshold
+    counts = torch.zeros(N, _EXPONENTS, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(1, t_exp, torch.ones_like(t_exp, dtype=torch.int32))  # [N, 256]
+    row0 = torch.arange(0, N * (G + 1), G + 1, dtype=torch.int32, device=flat.device)
+    upto = counts.cumsum(dim=1, dtype=torch.int32) + row0[:, None]  # [N, 256] thresholds <= octave
+    t_bits = torch.zeros(N, _EXPONENTS, dtype=torch.int32, device=flat.device)
+    t_bits.scatter_(1, t_exp, thr.contiguous().view(torch.int32))  # [N, 256], 0 = none there
+    e = exps.view(-1)  # [N V]
+    below = t_bits.view(-1).index_select(0, e)  # [N V] bits of the threshold in p's octave
+    torch.sub(flat.view(torch.int32).reshape(-1), below, out=below)
+    below >>= 31  # -1 where p < that threshold, else 0
+    below += upto.view(-1).index_select(0, e)
+    return below.view(flat.shape)
 
 
 def pruned_mass_grid_from_logp(
@@ -163,6 +256,7 @@ __all__ = [
     "pruned_mass",
     "pruned_mass_grid",
     "pruned_mass_grid_from_logp",
+    "pruned_mass_grids",
     "safe_vocab_mask",
     "safe_vocab_mask_from_logp",
     "safe_vocab_mask_from_probs",

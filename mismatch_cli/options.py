@@ -46,3 +46,14 @@ EpsOpt = Annotated[
         rich_help_panel=PANEL_ANALYSIS,
     ),
 ]
+RescoreMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rescore-memory",
+        help="Byte budget of the training side's per-position pass, e.g. 2GiB: it works on as "
+        "many rows of the [tokens x vocabulary] logits at a time as fit (default: 25% of the "
+        "memory free on the logits' device).",
+        show_default=False,
+        rich_help_panel=PANEL_TRAINING,
+    ),
+]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import MeasureConfig
+from .config import MeasureConfig, parse_size
 from .errors import MismatchError
 from .prompts import encode_prompts, load_prompts
 from .runs import RunDir, check_writable_dir, new_meta, now, token_frame
@@ -252,7 +252,11 @@ def run_measure(
         _phase_generate(
             cfg, run, chunks, prompt_ids, model_path, device, timings, prog, save_progress
         )
-        _phase_rescore(cfg, run, chunks, model_path, device, timings, prog, save_progress)
+        per_position = _phase_rescore(
+            cfg, run, chunks, model_path, device, timings, prog, save_progress
+        )
+        if per_position is not None:
+            meta["engines"]["train"]["per_position"] = per_position
         with _timed(timings, "finalize"):
             rollouts = pd.concat(
                 [run.read_part(ROLLOUT, i)[list(_SEQUENCE_STATIC)] for i in range(len(chunks))],
@@ -299,7 +303,9 @@ def _phase_generate(cfg, run, chunks, prompt_ids, model_path, device, timings, p
 
 @dataclass(frozen=True)
 class TrainSide:
-    """How the training side scores: model, dtype, attention, device, batch budget, top-K."""
+    """How the training side scores: model, dtype, attention, device, batch budget, top-K,
+    and the byte budget of the per-position pass (`memory`; None: the default share of free
+    memory)."""
 
     model_path: str
     dtype: str = "float32"
@@ -309,6 +315,7 @@ class TrainSide:
     top_k: int = 20
     device_map: str | None = None  # accelerate's, to spread the model over devices
     max_memory: str | None = None  # per device, e.g. "0=70GiB,cpu=200GiB"
+    memory: int | None = None  # --rescore-memory in bytes
 
     @classmethod
     def of(cls, cfg: MeasureConfig, model_path: str, device: Any) -> TrainSide:
@@ -321,14 +328,15 @@ class TrainSide:
             cfg.top_logprobs,
             cfg.device_map,
             cfg.max_memory,
+            parse_size(cfg.rescore_memory, "--rescore-memory"),
         )
 
 
-def _phase_rescore(cfg, run, chunks, model_path, device, timings, prog, save) -> None:
+def _phase_rescore(cfg, run, chunks, model_path, device, timings, prog, save) -> Any:
     from .sampling import Sampling
 
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p)
-    rescore_parts(
+    return rescore_parts(
         run, len(chunks), TrainSide.of(cfg, model_path, device), sampling, prog, timings, save
     )
 
@@ -341,9 +349,11 @@ def rescore_parts(
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
     save: Callable[[], None] = lambda: None,
-) -> None:
+) -> dict[str, Any] | None:
     """Score the rollout parts 0..n_parts-1 of `run` on the training side and write a token
-    part for each one that lacks it (resumable: done parts are skipped).
+    part for each one that lacks it (resumable: done parts are skipped). Returns how the
+    per-position pass ran (`rescore.PositionPass.record`, for run.json), None if nothing was
+    left to score.
 
     A rollout part has one row per completion: seq_id, prompt_token_ids, response_token_ids,
     logp_infer (per response token), topk_ids_infer / topk_logp_infer (lists per token;
@@ -355,14 +365,14 @@ def rescore_parts(
     """
     from .config import parse_max_memory
     from .models import load_model
-    from .rescore import SeqInput, score_sequences
+    from .rescore import SeqInput, plan_pass, score_sequences
 
     prog = progress or Progress()
     timings = {} if timings is None else timings
     todo = [i for i in range(n_parts) if not run.has_part(TOKENS, i)]
     if not todo:
         prog.start("rescore", 1, 1)
-        return
+        return None
     total = sum(_response_tokens(run.part_path(ROLLOUT, i)) for i in todo)
     prog.start("rescore", total)
     with _timed(timings, "train_load"):
@@ -370,6 +380,7 @@ def rescore_parts(
             train.model_path, train.dtype, train.device, train.attn_implementation,
             train.device_map, parse_max_memory(train.max_memory),
         )  # fmt: skip
+    plan = plan_pass(model, sampling, train.memory, total, lambda m: prog.log(f"warning: {m}"))
     for i in todo:  # one part in memory at a time
         df = run.read_part(ROLLOUT, i)
         seqs = [
@@ -391,10 +402,12 @@ def rescore_parts(
                 train.device,
                 train.batch_tokens,
                 on_batch=lambda n: prog.advance("rescore", n),
+                plan=plan,
             )
             tokens = _token_frame(df, scored)
         run.write_part(TOKENS, i, tokens)
         save()
+    return plan.record()
 
 
 def _response_tokens(part: Path) -> int:
@@ -437,6 +450,7 @@ class RescoreOptions:
     device: str | None = None
     infer_side: str = "decode"
     infer_dtype: str | None = None
+    rescore_memory: str | None = None  # the per-position pass's byte budget, e.g. "2GiB"
 
 
 def vllm_prefill_refusal(sampling: dict[str, Any]) -> str | None:
@@ -629,6 +643,7 @@ def rescore_run(
 
     cfg = dict(meta.get("config") or {})
     cfg.update(now_)
+    cfg["rescore_memory"] = opts.rescore_memory
     engines = dict(meta.get("engines") or {})
     infer = dict(engines.get("infer") or {})
     if opts.infer_side != "decode":
@@ -685,8 +700,11 @@ def rescore_run(
             device,
             int(now_["rescore_batch_tokens"]),
             int(was["top_logprobs"]),
+            memory=parse_size(opts.rescore_memory, "--rescore-memory"),
         )
-        rescore_parts(run, len(parts), train, sampling, prog, timings, save)
+        new["engines"]["train"]["per_position"] = rescore_parts(
+            run, len(parts), train, sampling, prog, timings, save
+        )
         with _timed(timings, "finalize"):
             static = [c for c in _SEQUENCE_STATIC if c in parts[0].columns] if parts else ["seq_id"]
             seqs = pd.concat([df[static] for df in parts], ignore_index=True) if parts else None
@@ -716,6 +734,7 @@ def _check_options(opts: RescoreOptions) -> None:
         )
     if opts.rescore_batch_tokens is not None and opts.rescore_batch_tokens < 1:
         raise MismatchError(f"--rescore-batch-tokens must be >= 1, got {opts.rescore_batch_tokens}")
+    parse_size(opts.rescore_memory, "--rescore-memory")
 
 
 def _prefill_infer_side(

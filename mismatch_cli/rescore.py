@@ -11,20 +11,32 @@ the pruned-mass grid), never the [tokens x V] array: memory grows with the batch
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .dvp import pruned_mass_grid
+from .dvp import pruned_mass_grids
+from .errors import first_line
 from .models import input_device
 from .sampling import Sampling, processed_logits, processed_logprobs
 from .schema import COARSE_COLUMNS, RHO_GRID
 
-# Rows of [n, V] logits processed at once in the per-position step (bounds peak memory).
-_ROW_CHUNK = 256
+# The per-position pass works on [rows, V] slices of the logits. Its peak memory is
+# ARRAYS_PER_ROW float32/int32 [rows, V] arrays (the float32 logits, log-probs,
+# probabilities and the three int32 arrays of the grids' bins); under top-p the sort of
+# `sampling.top_p_drop` (values, int64 indices, cumulative sums) raises it to
+# ARRAYS_PER_ROW_TOP_P. Measured with benchmarks/bench_rescore.py --memory (docs/gpu.md).
+ARRAYS_PER_ROW = 6
+ARRAYS_PER_ROW_TOP_P = 8
+# Default byte budget of the pass: this share of the memory free on the logits' device.
+DEFAULT_MEMORY_SHARE = 0.25
+# On a CPU, slices larger than this per array run slower (each array pass leaves the caches):
+# measured 2x faster at 16-42 rows of a 49k vocabulary than at 256 rows.
+CPU_SLICE_BYTES = 8 << 20
 # Below this, the "everything else" cell's mass 1 - sum_S is rounding: float32 log-probs
 # give it to about 1e-7..2e-5 (the error of a float32 logsumexp, shared by every token of S).
 # Where BOTH sides' rest masses are below it, the cell counts as empty on both sides.
@@ -39,6 +51,9 @@ def position_stats(
     logp_infer: torch.Tensor,
     top_k: int,
     probs: torch.Tensor | None = None,
+    *,
+    finite: bool = False,
+    fused: Callable[..., tuple[torch.Tensor, ...]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-position quantities from processed training log-probs.
 
@@ -47,15 +62,24 @@ def position_stats(
     infer_topk_logp [n, K] (padded with id -1 / -inf); logp_infer [n]. Returns tensors of
     shape [n] or [n, k] / [n, G], including the distribution-level measures of
     `coarse_mismatch` on the partition {inference top-K + sampled token, everything else}.
+
+    `finite`: no truncation set a log-prob to -inf, so the entropy skips a clamp (the same
+    numbers; it falls back to the clamp if one was -inf after all). `fused`: the compiled
+    entropy-and-grids function of `PositionPass` (equal to float32 rounding), else eager.
     """
     p = logp.exp() if probs is None else probs  # [n, V]; 0 where a truncation set -inf
     logp_train = logp.gather(1, tokens[:, None]).squeeze(1)  # [n]
     p_train = p.gather(1, tokens[:, None]).squeeze(1)  # [n]
-    logp_max = logp.amax(dim=1)  # [n]
     p_max = p.amax(dim=1)  # [n]
-    entropy = -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=1)  # [n]
     k = min(top_k, logp.shape[1])
     topk = logp.topk(k, dim=1)  # [n, k]
+    logp_max = topk.values[:, 0] if k else logp.amax(dim=1)  # [n] the same maximum
+    if fused is not None:
+        g = torch.tensor(RHO_GRID, dtype=torch.float32, device=p.device)  # [G]
+        entropy, mass_minp, mass_abs = fused(p, logp, p_max[:, None] * g, g)
+    else:
+        entropy = _entropy(p, logp, finite)  # [n]
+        mass_minp, mass_abs = pruned_mass_grids(p, RHO_GRID, p_max)  # [n, G] each
 
     # eps_hat: spread of d_i = logq_i - logp_i over {infer top-K} U {sampled}, both finite.
     ids = torch.cat([infer_topk_ids, tokens[:, None]], dim=1)  # [n, K+1]
@@ -76,9 +100,33 @@ def position_stats(
         "topk_ids_train": topk.indices.to(torch.int32),
         "topk_logp_train": topk.values,
         "eps_hat": eps_hat,
-        "pruned_mass_minp": pruned_mass_grid(p, RHO_GRID, "min-p"),
-        "pruned_mass_abs": pruned_mass_grid(p, RHO_GRID, "absolute"),
+        "pruned_mass_minp": mass_minp,
+        "pruned_mass_abs": mass_abs,
     }
+
+
+def _entropy(p: torch.Tensor, logp: torch.Tensor, finite: bool) -> torch.Tensor:
+    """H = -sum_i p_i log p_i, [n, V] -> [n]; a -inf log-prob (p_i = 0) contributes 0."""
+    if finite:
+        h = -(p * logp).sum(dim=1)  # [n]
+        if not bool(torch.isnan(h).any()):  # 0 * -inf: a -inf after all
+            return h
+    return -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=1)
+
+
+def _fused_stats(
+    p: torch.Tensor, logp: torch.Tensor, thr_minp: torch.Tensor, grid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entropy and both pruned-mass grids in one pass over p, for `torch.compile`: each
+    m(rho_g) is a masked sum sum_i p_i [p_i < t_g] (the same tokens as the bins of
+    `dvp.pruned_mass_grid`, summed in another order: equal to float32 rounding).
+    p, logp [n, V]; thr_minp [n, G] = p_max * grid; grid [G] -> [n], [n, G], [n, G]."""
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    entropy = -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=1)  # [n]
+    G = thr_minp.shape[1]
+    minp = [torch.where(p < thr_minp[:, g : g + 1], p, zero).sum(dim=1) for g in range(G)]
+    absolute = [torch.where(p < grid[g], p, zero).sum(dim=1) for g in range(G)]
+    return entropy, torch.stack(minp, dim=1), torch.stack(absolute, dim=1)
 
 
 def eps_hat_of(logq: torch.Tensor, logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -243,12 +291,17 @@ def score_sequences(
     device: torch.device,
     batch_tokens: int = 4096,
     on_batch: Callable[[int], None] | None = None,
+    plan: PositionPass | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Score every response token of `seqs` on the training side, batched.
 
     Returns, per sequence, a dict of numpy arrays with one row per response token.
-    `on_batch(n_tokens)` is called after each forward pass (progress bars).
+    `on_batch(n_tokens)` is called after each forward pass (progress bars). `plan`: rows per
+    slice of the per-position pass and whether it is compiled (default: `plan_pass` with
+    the default budget, eager).
     """
+    if plan is None:
+        plan = plan_pass(model, sampling)
     results: list[dict[str, np.ndarray] | None] = [None] * len(seqs)
     lengths = [(len(s.prompt_token_ids), len(s.response_token_ids)) for s in seqs]
     for batch in make_batches(lengths, batch_tokens):
@@ -263,20 +316,194 @@ def score_sequences(
         ids_q = _cat([s.topk_ids_infer for s in bseqs], torch.long, 2).to(dev)
         lq_topk = _cat([s.topk_logp_infer for s in bseqs], torch.float32, 2).to(dev)
         lq = _cat([s.logp_infer for s in bseqs], torch.float32).to(dev)
-        parts: list[dict[str, torch.Tensor]] = []
-        for r in range(0, logits.shape[0], _ROW_CHUNK):
-            sl = slice(r, r + _ROW_CHUNK)
-            z = processed_logits(logits[sl], sampling)  # [n, V] float32
-            logp, probs = torch.log_softmax(z, dim=-1), torch.softmax(z, dim=-1)
-            st = position_stats(logp, tokens[sl], ids_q[sl], lq_topk[sl], lq[sl], top_k, probs)
-            parts.append({k: v.cpu() for k, v in st.items()})
-        merged = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
+        merged = score_logits(logits, tokens, ids_q, lq_topk, lq, sampling, top_k, plan)
+        arrays = {k: v.numpy() for k, v in merged.items()}
         for j, i in enumerate(batch):
-            results[i] = {k: v[slices[j]] for k, v in merged.items()}
+            results[i] = {k: v[slices[j]] for k, v in arrays.items()}
         if on_batch is not None:
             on_batch(int(logits.shape[0]))
         del logits
     return [r for r in results if r is not None]
+
+
+def score_logits(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    ids_q: torch.Tensor,
+    lq_topk: torch.Tensor,
+    lq: torch.Tensor,
+    sampling: Sampling,
+    top_k: int,
+    plan: PositionPass,
+) -> dict[str, torch.Tensor]:
+    """The per-position pass over a batch's logits, `plan.rows` rows at a time (its memory
+    bound): the sampling replayed, then `position_stats`. logits [N, V] (any float dtype);
+    tokens [N]; ids_q / lq_topk [N, K]; lq [N], on the logits' device. Returns the
+    `position_stats` columns [N, ...] on the CPU."""
+    N = logits.shape[0]
+    merged: dict[str, torch.Tensor] = {}
+    for r in range(0, N, plan.rows):
+        sl = slice(r, r + plan.rows)
+        z = processed_logits(logits[sl], sampling)  # [n, V] float32
+        logp, probs = torch.log_softmax(z, dim=-1), torch.softmax(z, dim=-1)
+        del z
+        st = position_stats(
+            logp, tokens[sl], ids_q[sl], lq_topk[sl], lq[sl], top_k, probs,
+            finite=not sampling.truncates, fused=plan.fused(),
+        )  # fmt: skip
+        for k, v in st.items():  # results go to the CPU slice by slice, into one array
+            if k not in merged:
+                merged[k] = torch.empty((N, *v.shape[1:]), dtype=v.dtype)
+            merged[k][sl] = v
+    return merged
+
+
+# ----------------------------------------------------------------------------- the pass's plan
+
+COMPILE_ENV = "MISMATCH_COMPILE"
+# `auto` compiles the per-position pass on a CPU when at least this many positions are to be
+# scored: where the time it saves (measured ~0.3 ms per position at a 49k vocabulary) covers
+# the one-time compilation (~5 s from inductor's cache, ~30 s without), see docs/gpu.md.
+COMPILE_MIN_ROWS = 100_000
+
+
+@dataclass
+class PositionPass:
+    """How the per-position pass runs: `rows` of the [rows, V] logits at a time, chosen so
+    that its temporaries (`bytes_per_row` each row) stay within `budget_bytes`; `compiled`:
+    entropy and the grids run through `torch.compile` (a failure falls back to eager with
+    one warning, through `warn`)."""
+
+    rows: int
+    budget_bytes: int
+    bytes_per_row: int
+    budget_source: str
+    compiled: bool = False
+    warn: Callable[[str], None] | None = None
+    _fn: Any = None
+
+    def fused(self) -> Callable[..., tuple[torch.Tensor, ...]] | None:
+        """The compiled `_fused_stats` (with a fallback), or None for the eager pass."""
+        if not self.compiled:
+            return None
+        if self._fn is None:
+            self._fn = _compiled_stats(self)
+        return self._fn
+
+    def record(self) -> dict[str, Any]:
+        """What run.json keeps of the plan (`engines.train.per_position`)."""
+        d = asdict(self)
+        return {k: d[k] for k in ("rows", "budget_bytes", "bytes_per_row", "budget_source",
+                                  "compiled")}  # fmt: skip
+
+
+def bytes_per_row(vocab: int, sampling: Sampling) -> int:
+    """Peak bytes of the per-position pass per row of the logits (4-byte [V] arrays)."""
+    arrays = ARRAYS_PER_ROW_TOP_P if sampling.top_p < 1.0 else ARRAYS_PER_ROW
+    return arrays * 4 * vocab
+
+
+def rows_for_budget(vocab: int, sampling: Sampling, budget: int, device: Any = None) -> int:
+    """Rows per slice: as many as `budget` bytes allow (at least one), and on a CPU no more
+    than keep one float32 array near CPU_SLICE_BYTES (cache-sized slices run faster)."""
+    rows = max(1, budget // bytes_per_row(vocab, sampling))
+    if torch.device(device or "cpu").type != "cuda":
+        rows = min(rows, max(1, CPU_SLICE_BYTES // (4 * vocab)))
+    return int(rows)
+
+
+def free_memory(device: Any = None) -> int:
+    """Bytes free for new tensors on `device`: CUDA's free memory, else the system's
+    available memory (/proc/meminfo's MemAvailable, else free pages from os.sysconf)."""
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30  # unknown: assume 4 GiB free
+
+
+def output_device(model: Any, default: Any = None) -> Any:
+    """The device the logits come out on: the LM head's (the last device of a `device_map`)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return default
+
+
+def plan_pass(
+    model: Any,
+    sampling: Sampling,
+    memory: int | None = None,
+    total_rows: int = 0,
+    warn: Callable[[str], None] | None = None,
+) -> PositionPass:
+    """The per-position pass for `model`: the byte budget is `memory` (`--rescore-memory`)
+    or DEFAULT_MEMORY_SHARE of the memory free on the logits' device; compiled per
+    `MISMATCH_COMPILE` (`auto`: on a CPU for at least COMPILE_MIN_ROWS rows; `1` / `0`)."""
+    vocab = int(model.config.vocab_size)
+    dev = torch.device(output_device(model, "cpu"))
+    if memory is None:
+        budget = int(DEFAULT_MEMORY_SHARE * free_memory(dev))
+        source = f"{DEFAULT_MEMORY_SHARE:.0%} of the memory free on {dev.type}"
+    else:
+        budget, source = int(memory), "--rescore-memory"
+    return PositionPass(
+        rows=rows_for_budget(vocab, sampling, budget, dev),
+        budget_bytes=budget,
+        bytes_per_row=bytes_per_row(vocab, sampling),
+        budget_source=source,
+        compiled=compile_wanted(dev, total_rows),
+        warn=warn,
+    )
+
+
+def compile_wanted(device: Any, total_rows: int) -> bool:
+    """`MISMATCH_COMPILE`: `1`/`on` compiles, `0`/`off` does not, `auto` (default) compiles
+    on a CPU for at least COMPILE_MIN_ROWS rows (not measured on a GPU: off there)."""
+    mode = os.environ.get(COMPILE_ENV, "auto").strip().lower()
+    if mode in ("1", "on", "true", "yes"):
+        return True
+    if mode in ("0", "off", "false", "no"):
+        return False
+    return torch.device(device).type == "cpu" and total_rows >= COMPILE_MIN_ROWS
+
+
+def _compiled_stats(plan: PositionPass) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """`_fused_stats` through torch.compile, its kernels cached across processes (inductor's
+    cache, under the tool's cache folder unless TORCHINDUCTOR_CACHE_DIR is set). The first
+    failure (no compiler, an inductor bug) warns once and turns the plan eager."""
+    from .models import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    compiled = torch.compile(_fused_stats, dynamic=True)
+
+    def run(p: torch.Tensor, logp: torch.Tensor, thr: torch.Tensor, g: torch.Tensor):
+        if p.shape[0] == 1:  # one row would be compiled again (size 1 is specialised)
+            out = run(p.expand(2, -1).contiguous(), logp.expand(2, -1).contiguous(),
+                      thr.expand(2, -1).contiguous(), g)  # fmt: skip
+            return tuple(o[:1] for o in out)
+        if plan.compiled:
+            try:
+                return compiled(p, logp, thr, g)
+            except Exception as e:  # any compile failure: eager instead
+                plan.compiled = False
+                if plan.warn is not None:
+                    why = first_line(e)
+                    plan.warn(f"torch.compile of the per-position pass failed ({why}); eager")
+        entropy = _entropy(p, logp, finite=False)
+        return (entropy, *pruned_mass_grids(p, RHO_GRID, p.amax(dim=1)))
+
+    return run
 
 
 def _cat(arrays: Sequence[Any], dtype: torch.dtype, ndim: int = 1) -> torch.Tensor:
@@ -310,14 +537,17 @@ def _empty_result(top_k: int, k: int) -> dict[str, np.ndarray]:
 
 
 __all__ = [
+    "PositionPass",
     "Sampling",
     "SeqInput",
     "coarse_mismatch",
     "eps_hat_of",
     "forward_logits",
     "make_batches",
+    "plan_pass",
     "position_stats",
     "processed_logprobs",
+    "score_logits",
     "score_sequences",
     "topk_pair_stats",
 ]

@@ -38,6 +38,8 @@ def _assert_clean_failure(proc, needle: str) -> None:
         (["--samples-per-prompt", "0"], "--samples-per-prompt must be >= 1"),
         (["--infer-dtype", "fp8"], "--infer-dtype must be one of"),
         (["--engine-arg", "novalue"], "--engine-arg expects key=value"),
+        (["--rescore-memory", "2XB"], "--rescore-memory expects a size like 2GiB"),
+        (["--rescore-memory", "0GiB"], "--rescore-memory expects a size like 2GiB"),
     ],
 )
 def test_impossible_flag_values(tmp_path: Path, flags: list[str], needle: str) -> None:

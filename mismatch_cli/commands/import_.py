@@ -10,7 +10,14 @@ from typing import Annotated
 import typer
 
 from ..importers import FORMATS
-from ..options import PANEL_INPUT, PANEL_OUTPUT, PANEL_SAMPLING, PANEL_TRAINING, JsonOpt
+from ..options import (
+    PANEL_INPUT,
+    PANEL_OUTPUT,
+    PANEL_SAMPLING,
+    PANEL_TRAINING,
+    JsonOpt,
+    RescoreMemoryOpt,
+)
 
 
 def import_(
@@ -120,6 +127,7 @@ def import_(
             min=1,
         ),
     ] = 4096,
+    rescore_memory: RescoreMemoryOpt = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -162,6 +170,7 @@ def import_(
         overwrite=overwrite,
         device=device,
         batch_tokens=rescore_batch_tokens,
+        rescore_memory=rescore_memory,
     )
     err = Console(stderr=True)
     with progress(err) as prog:

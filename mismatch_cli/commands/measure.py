@@ -16,6 +16,7 @@ from ..options import (
     PANEL_SAMPLING,
     PANEL_TRAINING,
     JsonOpt,
+    RescoreMemoryOpt,
 )
 
 
@@ -218,6 +219,7 @@ def measure(
             rich_help_panel=PANEL_TRAINING,
         ),
     ] = None,
+    rescore_memory: RescoreMemoryOpt = None,
 ) -> None:
     """Generate rollouts with vLLM, rescore them with transformers, and store per-token
     log-probs of both sides in a run directory (tokens.parquet, sequences.parquet, run.json).
@@ -262,6 +264,7 @@ def measure(
         pipeline_parallel_size=pipeline_parallel_size,
         device_map=device_map,
         max_memory=max_memory,
+        rescore_memory=rescore_memory,
     )
     if not resume:
         cfg.validate()  # fail on bad flags before any model loads

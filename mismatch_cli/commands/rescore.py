@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from ..options import PANEL_ENGINE, PANEL_OUTPUT, PANEL_TRAINING, JsonOpt, RunArg
+from ..options import (
+    PANEL_ENGINE,
+    PANEL_OUTPUT,
+    PANEL_TRAINING,
+    JsonOpt,
+    RescoreMemoryOpt,
+    RunArg,
+)
 
 
 class InferSide(str, enum.Enum):
@@ -54,6 +61,7 @@ def rescore(
             show_default=False,
         ),
     ] = None,
+    rescore_memory: RescoreMemoryOpt = None,
     device: Annotated[
         str | None,
         typer.Option(
@@ -108,6 +116,7 @@ def rescore(
         train_dtype=train_dtype,
         attn_implementation=attn_implementation,
         rescore_batch_tokens=rescore_batch_tokens,
+        rescore_memory=rescore_memory,
         device=device,
         infer_side=infer_side.value,
         infer_dtype=infer_dtype,

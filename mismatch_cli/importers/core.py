@@ -468,6 +468,7 @@ class ImportOptions:
     overwrite: bool = False
     device: str | None = None
     batch_tokens: int = 4096
+    rescore_memory: str | None = None  # --rescore-memory, e.g. "2GiB"
     part_tokens: int = PART_TOKENS
 
     def sampling(self) -> dict[str, Any]:
@@ -649,10 +650,11 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
     for w in getattr(mod, "warnings", lambda s: [])(ingest.steps):
         warn(w)
     check: dict[str, Any] = {}
+    per_position = None  # how the training side's per-position pass ran (rescored only)
     if mode == SCORED:
         check["slope"], w = checks.slope_check(ingest.slope.sums)
     else:
-        check["temperature_fit"], w = _rescore(opts, model, run, ingest.n_parts, prog)
+        check["temperature_fit"], w, per_position = _rescore(opts, model, run, ingest.n_parts, prog)
     if w:
         warn(w)
     summary = run.finalize(ingest.n_parts, None, tokens=TOKENS_KIND)
@@ -676,7 +678,12 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
         model={"name": model.name, "path": model.path, "vocab_size": model.vocab},
         engines={
             "infer": {"engine": f"{mod.NAME} rollouts", "dtype": None},
-            "train": {"engine": "transformers", "dtype": "float32", "attn_implementation": "eager"}
+            "train": {
+                "engine": "transformers",
+                "dtype": "float32",
+                "attn_implementation": "eager",
+                "per_position": per_position,
+            }
             if rescored
             else {"engine": f"{mod.NAME} trainer", "dtype": None},
         },
@@ -715,10 +722,11 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
     }
 
 
-def _rescore(opts, model, run, n_parts, prog) -> tuple[dict[str, Any] | None, str | None]:
+def _rescore(opts, model, run, n_parts, prog) -> tuple[dict[str, Any] | None, str | None, Any]:
     """Rescore the rollout parts on the training side (float32, eager attention, like
     `measure`), after fitting the temperature that best explains logp_infer; eps_hat is set
     to null (no dump stores the inference side's top-K)."""
+    from ..config import parse_size
     from ..models import load_model, pick_device
     from ..pipeline import TrainSide, rescore_parts
     from ..sampling import Sampling
@@ -730,13 +738,14 @@ def _rescore(opts, model, run, n_parts, prog) -> tuple[dict[str, Any] | None, st
     net, _ = load_model(model.path, "float32", device, "eager")
     fit = checks.fit_temperature(net, run.read_part(ROLLOUT_KIND, 0), sampling, device)
     del net
-    train = TrainSide(model.path, "float32", "eager", device, opts.batch_tokens)
-    rescore_parts(run, n_parts, train, sampling, prog)
+    train = TrainSide(model.path, "float32", "eager", device, opts.batch_tokens,
+                      memory=parse_size(opts.rescore_memory, "--rescore-memory"))  # fmt: skip
+    per_position = rescore_parts(run, n_parts, train, sampling, prog)
     for i in range(n_parts):
         df = run.read_part(TOKENS_KIND, i)
         df["eps_hat"] = np.nan
         run.write_part(TOKENS_KIND, i, df)
-    return fit, checks.temperature_warning(fit)
+    return fit, checks.temperature_warning(fit), per_position
 
 
 __all__ = [
