@@ -8,10 +8,12 @@ figures drawn from the token table: bound, bias, sequence, distribution) and `co
 RUN` (the run against itself: two report scans and the row-aligned `moved` pass), and prints
 each one's wall time, CPU time and its own peak resident memory (os.wait4). All three stream
 the table: memory does not grow with the run. Target for report: < 30 s and < 4 GB on 2
-cores.
+cores. `report --json` is also timed against a bare pyarrow scan of the columns it needs
+(another fresh process that reads them batch by batch and does nothing else), alternately,
+`--repeats` times: the ratio of the medians (target <= 4x).
 
     .venv/bin/python benchmarks/bench_report.py [--tokens 10000000] [--keep DIR] [--large]
-        [--skip plot,compare]
+        [--skip plot,compare] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,12 +97,53 @@ def timed(cmd: list[str]) -> tuple[float, float, float, subprocess.CompletedProc
     return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024**2, done
 
 
+# the columns `report` needs (analysis.NEEDED_COLUMNS, eps_hat, kept_train), for the bare scan
+SCAN_COLUMNS = ["seq_id", "delta", "p_train", "p_infer", "eps_hat", "kept_train"]
+BARE_SCAN = """
+import sys, pyarrow.parquet as pq
+f = pq.ParquetFile(sys.argv[1])
+n = sum(b.num_rows for b in f.iter_batches(batch_size=1 << 20, columns=sys.argv[2].split(",")))
+print(n)
+"""
+
+
+def scan_ratio(run: Path, repeats: int) -> None:
+    """Median wall time of `report RUN --json` (the whole process) over that of a bare
+    pyarrow scan of the columns it needs, run alternately `repeats` times."""
+    py = sys.executable
+    cmds = {
+        "bare pyarrow scan": [
+            py,
+            "-c",
+            BARE_SCAN,
+            str(run / "tokens.parquet"),
+            ",".join(SCAN_COLUMNS),
+        ],
+        "report --json": [py, "-m", "mismatch_cli", "report", str(run), "--json"],
+    }
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    peaks: dict[str, float] = {}
+    for _ in range(repeats):
+        for k, cmd in cmds.items():
+            wall, _, peak, proc = timed(cmd)
+            if proc.returncode != 0:
+                raise SystemExit(f"{k} failed: {proc.stderr[-2000:]}")
+            times[k].append(wall)
+            peaks[k] = max(peaks.get(k, 0.0), peak)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"{k:18s} median {v:6.1f} s of {repeats}, peak RSS {peaks[k]:.2f} GB")
+    ratio = med["report --json"] / med["bare pyarrow scan"]
+    print(f"report / bare scan = {ratio:.2f}x (target <= 4x: {'met' if ratio <= 4 else 'NOT met'})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=10_000_000)
     ap.add_argument("--keep", type=Path, default=None, help="build the run here and keep it")
     ap.add_argument("--large", action="store_true", help="100 million tokens")
     ap.add_argument("--skip", default="", help="comma-separated: plot, compare")
+    ap.add_argument("--repeats", type=int, default=None, help="bare scan vs report (3; 1 --large)")
     args = ap.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.large:
@@ -124,6 +168,7 @@ def main() -> None:
         ("compare RUN RUN", ["compare", str(run), str(run), "--json"]),
     ]
     try:
+        scan_ratio(run, args.repeats or (1 if args.large else 3))
         for label, cmd in commands:
             if label.split()[0] in skip:
                 continue
