@@ -184,8 +184,9 @@ def _exponents(flat: torch.Tensor) -> torch.Tensor | None:
     if flat.dtype != torch.float32 or flat.numel() == 0 or flat.device.type == "meta":
         return None
     bits = flat.view(torch.int32)  # [N, V]
-    exps = bits >> _MANTISSA_BITS  # [N, V] in 0..255 for x >= +0, negative otherwise
-    if bool((exps < 0).any()):
+    # torch.bitwise_right_shift, not `>>`: the operator with a Python int runs ~10x slower
+    exps = torch.bitwise_right_shift(bits, _MANTISSA_BITS)  # [N, V] 0..255 for x >= +0, else < 0
+    if bool(exps.min() < 0):
         return None
     rows = torch.arange(0, flat.shape[0] * _EXPONENTS, _EXPONENTS, dtype=torch.int32)
     return exps.add_(rows.to(flat.device)[:, None])
@@ -233,8 +234,9 @@ def _octave_bins(flat: torch.Tensor, thr: torch.Tensor, exps: torch.Tensor) -> t
     t_bits.scatter_(1, t_exp, thr.contiguous().view(torch.int32))  # [N, 256], 0 = none there
     e = exps.view(-1)  # [N V]
     below = t_bits.view(-1).index_select(0, e)  # [N V] bits of the threshold in p's octave
-    torch.sub(flat.view(torch.int32).reshape(-1), below, out=below)
-    below >>= 31  # -1 where p < that threshold, else 0
+    below.sub_(flat.view(torch.int32).reshape(-1)).neg_()  # bits(p) - bits(t), in place (an
+    # out= aliasing an input takes a slow path)
+    torch.bitwise_right_shift(below, 31, out=below)  # -1 where p < that threshold, else 0
     below += upto.view(-1).index_select(0, e)
     return below.view(flat.shape)
 
