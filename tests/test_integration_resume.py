@@ -33,6 +33,9 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> No
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # a suite started in the background (`make test &`, nohup) ignores SIGINT, and a
+        # Python started with SIGINT ignored never raises KeyboardInterrupt: restore it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     first_part = out / "parts" / "rollout-00000.parquet"
     deadline = time.time() + 300
