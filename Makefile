@@ -42,7 +42,7 @@ lint: setup
 
 # make bench: every benchmark at its default size (<= 15 minutes on a 2-core CPU);
 # make bench-large: the large sizes (a 100M-token report, <= 32.8k generated tokens, 64 rescored
-# sequences): much longer; the 100M-token report needs >20 GB of memory until it is streamed.
+# sequences): much longer (the 100M-token cases stream: under 2 GB each).
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
