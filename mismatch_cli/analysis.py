@@ -42,9 +42,9 @@ from . import theory
 from .errors import MismatchError
 from .grouped import BATCH_ROWS, EXACT_LIMIT, BatchSeqs, SeqIndex, TokenBatches, distinct
 from .results import json_ready
-from .schema import COARSE_COLUMNS, CONVENTIONS, STATUS_COMPLETE, TOKENS_FILE
+from .schema import COARSE_COLUMNS, CONVENTIONS
 from .sketch import QuantileAccumulator
-from .tokens import REQUIRED_COLUMNS, check_by, prefetch
+from .tokens import REQUIRED_COLUMNS, check_by, open_run_tokens, prefetch
 from .verdict import verdict
 
 DEFAULT_EDGES: tuple[float, ...] = (
@@ -806,31 +806,7 @@ def open_tokens(
     warnings. Raises MismatchError for a path that is not a run, a run without
     tokens.parquet, a table lacking one of REQUIRED_COLUMNS, or an empty table; an
     incomplete run yields a warning, not an error."""
-    from .runs import finish_hint, open_run
-
-    run, meta = open_run(path)
-    status = meta.get("status", "incomplete")
-    file = run.path / TOKENS_FILE
-    if not file.is_file():
-        raise MismatchError(
-            f"run {run.path} has no {TOKENS_FILE} (status: {status}): nothing to report yet; "
-            f"{finish_hint(run.path, meta)}"
-        )
-    warnings = []
-    if status != STATUS_COMPLETE:
-        warnings.append(
-            f"run {run.path} is {status}, not complete: reporting the {TOKENS_FILE} it has, "
-            "which may not hold every prompt"
-        )
-    src = TokenBatches(file, batch_rows)
-    missing = [c for c in REQUIRED_COLUMNS if c not in src.columns]
-    if missing:
-        raise MismatchError(
-            f"{file} lacks column(s) {', '.join(missing)}: rerun `mismatch measure` "
-            "with this version to produce them"
-        )
-    if src.num_rows == 0:
-        raise MismatchError(f"run {run.path} has no tokens: nothing to report")
+    src, meta, warnings, _ = open_run_tokens(path, batch_rows, "report")
     return src, meta, warnings
 
 

@@ -22,7 +22,7 @@ from .grouped import BATCH_ROWS, TokenBatches
 from .results import json_ready
 from .runs import open_run, read_tokens, run_labels
 from .schema import TOKENS_FILE
-from .tokens import prefetch
+from .tokens import prefetch, require_columns
 
 # The headline metrics, in display order: (key, label). The ratio to the first run is
 # given for each.
@@ -207,12 +207,7 @@ def _move_source(path: str | Path, batch_rows: int) -> TokenBatches:
     if not file.is_file():
         read_tokens(path, _MOVE_COLUMNS)  # the one-line error of a run without tokens
     src = TokenBatches(file, batch_rows)
-    missing = [c for c in _MOVE_COLUMNS if c not in src.columns]
-    if missing:
-        raise MismatchError(
-            f"{file} lacks column(s) {', '.join(missing)}: rerun `mismatch measure` "
-            "with this version to produce them"
-        )
+    require_columns(src.columns, _MOVE_COLUMNS, file)
     return src
 
 

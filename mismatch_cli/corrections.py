@@ -656,26 +656,9 @@ def _open(
 ) -> tuple[TokenBatches, dict[str, Any], list[str], Path]:
     """A run's tokens.parquet as TokenBatches (nothing read yet), run.json, warnings (an
     incomplete run is read as it is) and the run's path."""
-    from .runs import finish_hint, open_run
-    from .schema import STATUS_COMPLETE, TOKENS_FILE
+    from .tokens import open_run_tokens
 
-    run, meta = open_run(path)
-    status = meta.get("status", "incomplete")
-    file = run.path / TOKENS_FILE
-    if not file.is_file():
-        raise MismatchError(
-            f"run {run.path} has no {TOKENS_FILE} (status: {status}): nothing to correct yet; "
-            f"{finish_hint(run.path, meta)}"
-        )
-    warnings = []
-    if status != STATUS_COMPLETE:
-        warnings.append(
-            f"run {run.path} is {status}, not complete: correcting the {TOKENS_FILE} it has, "
-            "which may not hold every prompt"
-        )
-    src = TokenBatches(file, batch_rows)
-    _check_table(src.columns, src.num_rows, str(file))
-    return src, meta, warnings, run.path
+    return open_run_tokens(path, batch_rows, "correct", BASE_COLUMNS)
 
 
 # ----------------------------------------------------------------------------- summaries

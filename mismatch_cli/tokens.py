@@ -44,7 +44,9 @@ __all__ = [
     "check_by",
     "iter_token_batches",
     "num_token_rows",
+    "open_run_tokens",
     "prefetch",
+    "require_columns",
 ]
 
 
@@ -76,6 +78,50 @@ def num_token_rows(path: str | Path) -> int:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(Path(path) / TOKENS_FILE).metadata.num_rows
+
+
+def require_columns(have: Iterable[str], needed: Iterable[str], file: str | Path) -> None:
+    """One line naming the columns of `needed` that a token table `file` lacks."""
+    have = set(have)
+    missing = [c for c in needed if c not in have]
+    if missing:
+        raise MismatchError(
+            f"{file} lacks column(s) {', '.join(missing)}: rerun `mismatch measure` "
+            "with this version to produce them"
+        )
+
+
+def open_run_tokens(
+    path: str | Path, batch_rows: int, verb: str, needed: Sequence[str] = REQUIRED_COLUMNS
+) -> tuple[Any, dict[str, Any], list[str], Path]:
+    """A run's tokens.parquet as `grouped.TokenBatches` (nothing read yet), its run.json,
+    warnings and the run's path, for a command that will `verb` it ("report", "correct").
+    One-line errors for a path that is not a run, a run without tokens.parquet, a table
+    lacking one of `needed`, or no rows; an incomplete run gives a warning, not an error."""
+    from .grouped import TokenBatches
+    from .runs import finish_hint, open_run
+    from .schema import STATUS_COMPLETE
+
+    run, meta = open_run(path)
+    status = meta.get("status", "incomplete")
+    file = run.path / TOKENS_FILE
+    if not file.is_file():
+        raise MismatchError(
+            f"run {run.path} has no {TOKENS_FILE} (status: {status}): nothing to {verb} yet; "
+            f"{finish_hint(run.path, meta)}"
+        )
+    warnings = []
+    if status != STATUS_COMPLETE:
+        ing = verb[:-1] + "ing" if verb.endswith("e") else verb + "ing"
+        warnings.append(
+            f"run {run.path} is {status}, not complete: {ing} the {TOKENS_FILE} it has, "
+            "which may not hold every prompt"
+        )
+    src = TokenBatches(file, batch_rows)
+    require_columns(src.columns, needed, file)
+    if src.num_rows == 0:
+        raise MismatchError(f"run {run.path} has no tokens: nothing to {verb}")
+    return src, meta, warnings, run.path
 
 
 def prefetch(batches: Iterable[T], depth: int = 1) -> Iterator[T]:
