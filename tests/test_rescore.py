@@ -117,20 +117,6 @@ def test_batches_partition_and_respect_the_token_budget(lengths, budget) -> None
         assert len(b) == 1 or padded <= budget
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    """A tiny randomly initialised Llama (built from a config, no weights downloaded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        attn_implementation="eager",
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _seqs(n: int, seed: int = 0) -> list[SeqInput]:
     rng = np.random.default_rng(seed)
     out = []

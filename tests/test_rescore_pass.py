@@ -184,18 +184,6 @@ def test_plan_records_where_its_budget_came_from(tiny_llama, monkeypatch) -> Non
     assert not rescore.compile_wanted("cuda", 10**9)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
 def test_the_compiled_pass_equals_the_eager_one() -> None:
     """torch.compile for real (the default on a CPU for large runs): to float32 rounding,
     with rows of varying count (dynamic shapes, one compile) and a single row."""
