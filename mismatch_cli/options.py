@@ -52,7 +52,7 @@ RescoreMemoryOpt = Annotated[
         "--rescore-memory",
         help="Byte budget of the training side's per-position pass, e.g. 2GiB: it works on as "
         "many rows of the [tokens x vocabulary] logits at a time as fit (default: 25% of the "
-        "memory free on the logits' device).",
+        "memory free on the logits' device, at most 2GiB).",
         show_default=False,
         rich_help_panel=PANEL_TRAINING,
     ),

@@ -34,6 +34,9 @@ ARRAYS_PER_ROW = 6
 ARRAYS_PER_ROW_TOP_P = 8
 # Default byte budget of the pass: this share of the memory free on the logits' device.
 DEFAULT_MEMORY_SHARE = 0.25
+# ... and at most this much by default: the budget is taken after the weights load but
+# before a batch's logits exist, and on a GPU a few hundred rows already fill the device.
+DEFAULT_MEMORY_CAP = 2 << 30
 # On a CPU, slices larger than this per array run slower (each array pass leaves the caches):
 # measured 2x faster at 16-42 rows of a 49k vocabulary than at 256 rows.
 CPU_SLICE_BYTES = 8 << 20
@@ -448,13 +451,17 @@ def plan_pass(
     warn: Callable[[str], None] | None = None,
 ) -> PositionPass:
     """The per-position pass for `model`: the byte budget is `memory` (`--rescore-memory`)
-    or DEFAULT_MEMORY_SHARE of the memory free on the logits' device; compiled per
+    or DEFAULT_MEMORY_SHARE of the memory free on the logits' device, at most
+    DEFAULT_MEMORY_CAP; compiled per
     `MISMATCH_COMPILE` (`auto`: on a CPU for at least COMPILE_MIN_ROWS rows; `1` / `0`)."""
     vocab = int(model.config.vocab_size)
     dev = torch.device(output_device(model, "cpu"))
     if memory is None:
-        budget = int(DEFAULT_MEMORY_SHARE * free_memory(dev))
-        source = f"{DEFAULT_MEMORY_SHARE:.0%} of the memory free on {dev.type}"
+        budget = min(int(DEFAULT_MEMORY_SHARE * free_memory(dev)), DEFAULT_MEMORY_CAP)
+        source = (
+            f"{DEFAULT_MEMORY_SHARE:.0%} of the memory free on {dev.type}, "
+            f"at most {DEFAULT_MEMORY_CAP >> 30} GiB"
+        )
     else:
         budget, source = int(memory), "--rescore-memory"
     return PositionPass(

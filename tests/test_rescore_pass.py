@@ -177,7 +177,10 @@ def test_plan_records_where_its_budget_came_from(tiny_llama, monkeypatch) -> Non
         "budget_source": "--rescore-memory", "compiled": False,
     }  # fmt: skip
     auto = rescore.plan_pass(tiny_llama, Sampling())
-    assert auto.budget_source.startswith("25% of the memory free on cpu")
+    assert auto.budget_source == "25% of the memory free on cpu, at most 2 GiB"
+    assert 0 < auto.budget_bytes <= rescore.DEFAULT_MEMORY_CAP
+    monkeypatch.setattr(rescore, "free_memory", lambda dev=None: 80 << 30)  # an 80 GB GPU
+    assert rescore.plan_pass(tiny_llama, Sampling()).budget_bytes == 2 << 30
     monkeypatch.setenv(rescore.COMPILE_ENV, "auto")
     assert rescore.compile_wanted("cpu", rescore.COMPILE_MIN_ROWS)
     assert not rescore.compile_wanted("cpu", rescore.COMPILE_MIN_ROWS - 1)
