@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+try:
+    from benchmarks.common import run_child
+except ImportError:  # run as a script from benchmarks/
+    from common import run_child
 from mismatch_cli.runs import atomic_write_json  # noqa: E402
 from mismatch_cli.synthetic import (  # noqa: E402
     bulk_grid_columns,
@@ -63,23 +66,6 @@ def build_run(
     meta = synthetic_meta(summary={"num_tokens": num_tokens, "num_sequences": first_seq})
     meta["status"] = "complete"
     atomic_write_json(path / "run.json", meta)
-
-
-def timed(cmd: list[str]) -> tuple[float, float, float, int, str, str]:
-    """(wall s, CPU s (user + system), peak RSS GB, exit code, stdout, stderr) of one child
-    process, its own resource usage from os.wait4. CPU time says what the wall time would
-    be on an idle machine (2 shared cores here)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=os.environ)
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        text, errors = out.read().decode(), err.read().decode()
-    # ru_maxrss is in KiB on Linux
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024**2, proc.returncode, text, errors
 
 
 def main() -> None:
@@ -118,15 +104,10 @@ def main() -> None:
     for command in commands:
         for extra in (["--json"], *([[]] if args.tables else [])):
             label = f"{command} {' '.join(extra) or '(tables)'}"
-            wall, cpu, peak, code, out, err = timed(
-                [py, "-m", "mismatch_cli", command, str(run), *extra]
-            )
-            if code != 0:
-                print(err)
-                raise SystemExit(f"{label} failed with exit code {code}")
-            mode = json.loads(out).get("quantiles", "?") if extra else ""
+            r = run_child([py, "-m", "mismatch_cli", command, str(run), *extra], label, ROOT)
+            mode = json.loads(r.stdout).get("quantiles", "?") if extra else ""
             print(
-                f"{label:28s} {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak RSS {peak:.2f} GB "
+                f"{label:28s} {r.wall:6.1f} s wall, {r.cpu:6.1f} s CPU, peak RSS {r.peak_gb:.2f} GB "
                 f"{'[quantiles: ' + mode + ']' if mode else ''} load {os.getloadavg()[0]:.1f}"
             )
     if tmp is not None:

@@ -17,14 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+try:
+    from benchmarks.common import run_child
+except ImportError:  # run as a script from benchmarks/
+    from common import run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 NULL_KEYS = (
@@ -99,16 +102,6 @@ def _record(rng: np.random.Generator, step: int, rank: int, k: int, left: int) -
     return rec, R
 
 
-def timed(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Wall seconds and peak RSS (GB) of a child process (ru_maxrss of the largest child
-    so far: run the largest first)."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
-    wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
-    return wall, peak, proc
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=20_000_000, help="loss-masked tokens")
@@ -128,24 +121,15 @@ def main() -> None:
     print(f"cores available: {len(os.sched_getaffinity(0))}")
     py = sys.executable
     run = base / "run"
-    wall, peak, proc = timed([py, "-m", "mismatch_cli", "import", "prime-rl", str(base / "export"),
-                              "--out", str(run), "--json"])  # fmt: skip
-    if proc.returncode != 0:
-        print(proc.stderr)
-        raise SystemExit(f"import failed with exit code {proc.returncode}")
-    res = json.loads(proc.stdout)
-    print(f"import           {wall:6.1f} s   peak RSS {peak:.2f} GB   "
-          f"{res['num_tokens'] / wall / 1e6:.2f} M tokens/s   ({res['num_tokens']:,} tokens, "
+    r = run_child([py, "-m", "mismatch_cli", "import", "prime-rl", str(base / "export"),
+                   "--out", str(run), "--json"], "import", ROOT)  # fmt: skip
+    res = json.loads(r.stdout)
+    print(f"import           {r.wall:6.1f} s   peak RSS {r.peak_gb:.2f} GB   "
+          f"{res['num_tokens'] / r.wall / 1e6:.2f} M tokens/s   ({res['num_tokens']:,} tokens, "
           f"{res['num_sequences']:,} completions, {res['num_dropped_tokens']:,} masked)")  # fmt: skip
-    wall, peak2, proc = timed(
-        [py, "-m", "mismatch_cli", "report", str(run), "--group-by", "step", "--json"]
-    )
-    if proc.returncode != 0:
-        print(proc.stderr)
-        raise SystemExit(f"report failed with exit code {proc.returncode}")
-    print(
-        f"report --group-by step {wall:6.1f} s   (peak RSS of the largest child so far {peak2:.2f} GB)"
-    )
+    cmd = [py, "-m", "mismatch_cli", "report", str(run), "--group-by", "step", "--json"]
+    r = run_child(cmd, "report --group-by step", ROOT)
+    print(f"report --group-by step {r.wall:6.1f} s   peak RSS {r.peak_gb:.2f} GB")
     if tmp is not None:
         tmp.cleanup()
 

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+try:
+    from benchmarks.common import run_child
+except ImportError:  # run as a script from benchmarks/
+    from common import run_child
 from mismatch_cli.synthetic import bulk_token_columns, synthetic_meta  # noqa: E402
 from mismatch_cli.tokens import REQUIRED_COLUMNS  # noqa: E402
 
@@ -80,23 +83,6 @@ def move_columns(cols: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.nda
     }
 
 
-def timed(cmd: list[str]) -> tuple[float, float, float, subprocess.CompletedProcess]:
-    """(wall s, CPU s (user + system), peak RSS GB) of one child process, its own resource
-    usage from os.wait4 (not the largest child so far), and the process."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=os.environ)
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        out.seek(0)
-        err.seek(0)
-        done = subprocess.CompletedProcess(
-            cmd, os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()
-        )
-    # ru_maxrss is in KiB on Linux
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024**2, done
-
-
 # the columns `report` needs (analysis.NEEDED_COLUMNS, eps_hat, kept_train), for the bare scan
 SCAN_COLUMNS = ["seq_id", "delta", "p_train", "p_infer", "eps_hat", "kept_train"]
 BARE_SCAN = """
@@ -125,11 +111,9 @@ def scan_ratio(run: Path, repeats: int) -> None:
     peaks: dict[str, float] = {}
     for _ in range(repeats):
         for k, cmd in cmds.items():
-            wall, _, peak, proc = timed(cmd)
-            if proc.returncode != 0:
-                raise SystemExit(f"{k} failed: {proc.stderr[-2000:]}")
-            times[k].append(wall)
-            peaks[k] = max(peaks.get(k, 0.0), peak)
+            r = run_child(cmd, k, ROOT)
+            times[k].append(r.wall)
+            peaks[k] = max(peaks.get(k, 0.0), r.peak_gb)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:18s} median {v:6.1f} s of {repeats}, peak RSS {peaks[k]:.2f} GB")
@@ -172,11 +156,10 @@ def main() -> None:
         for label, cmd in commands:
             if label.split()[0] in skip:
                 continue
-            wall, cpu, peak, proc = timed([py, "-m", "mismatch_cli", *cmd])
-            if proc.returncode != 0:
-                print(proc.stderr)
-                raise SystemExit(f"{label} failed with exit code {proc.returncode}")
-            print(f"{label:16s} {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak RSS {peak:.2f} GB")
+            r = run_child([py, "-m", "mismatch_cli", *cmd], label, ROOT)
+            print(
+                f"{label:16s} {r.wall:6.1f} s wall, {r.cpu:6.1f} s CPU, peak RSS {r.peak_gb:.2f} GB"
+            )
     finally:
         if tmp is not None:
             tmp.cleanup()

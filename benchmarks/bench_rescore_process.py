@@ -13,13 +13,16 @@ a couple of minutes on a 2-core CPU); pass an existing run to skip that.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+try:
+    from benchmarks.common import run_child
+except ImportError:  # run as a script from benchmarks/
+    from common import run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,14 +58,6 @@ print(sum(len(x) for x in out))
 """
 
 
-def timed(cmd: list[str]) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", nargs="?", type=Path, help="a complete run (default: measure one)")
@@ -77,9 +72,9 @@ def main() -> None:
         if run is None:
             run = Path(tmp) / "run"
             t0 = time.perf_counter()
-            timed([py, "-m", "mismatch_cli", "measure", "--num-prompts", "16",
+            run_child([py, "-m", "mismatch_cli", "measure", "--num-prompts", "16",
                    "--samples-per-prompt", "2", "--max-tokens", "64", "--enforce-eager",
-                   "--no-plots", "--out", str(run)])  # fmt: skip
+                   "--no-plots", "--out", str(run)], "measure", ROOT)  # fmt: skip
             print(f"measured a run in {time.perf_counter() - t0:.0f} s: {run}")
         model = str(provision_default_model())
         cmds = {
@@ -90,7 +85,7 @@ def main() -> None:
         for i in range(args.repeats):
             for k, cmd in cmds.items():
                 out = ["--out", str(Path(tmp) / f"new-{i}")] if "rescore" in k else []
-                times[k].append(timed([*cmd, *out]))
+                times[k].append(run_child([*cmd, *out], k, ROOT).wall)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"  {k:32s} median {v:6.1f} s of {args.repeats}")
