@@ -57,3 +57,34 @@ RescoreMemoryOpt = Annotated[
         rich_help_panel=PANEL_TRAINING,
     ),
 ]
+
+# Input and sampling options that `measure` and `diagnose` declare alike (each command sets
+# its own default).
+ChatTemplateOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Apply the model's chat template when it has one.", rich_help_panel=PANEL_INPUT
+    ),
+]
+SamplesPerPromptOpt = Annotated[
+    int, typer.Option(help="Completions per prompt.", rich_help_panel=PANEL_SAMPLING)
+]
+MaxTokensOpt = Annotated[
+    int, typer.Option(help="Maximum completion length.", rich_help_panel=PANEL_SAMPLING)
+]
+TopPOpt = Annotated[
+    float, typer.Option(help="Nucleus sampling mass in (0, 1].", rich_help_panel=PANEL_SAMPLING)
+]
+TopKOpt = Annotated[
+    int, typer.Option(help="Top-k sampling (-1 = off).", rich_help_panel=PANEL_SAMPLING)
+]
+MaxModelLenOpt = Annotated[
+    int | None, typer.Option(help="vLLM maximum context length.", rich_help_panel=PANEL_ENGINE)
+]
+TrainDeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Training-side device (default: cuda if available, else cpu).",
+        rich_help_panel=PANEL_TRAINING,
+    ),
+]

@@ -15,8 +15,14 @@ from ..options import (
     PANEL_INPUT,
     PANEL_OUTPUT,
     PANEL_SAMPLING,
-    PANEL_TRAINING,
+    ChatTemplateOpt,
     JsonOpt,
+    MaxModelLenOpt,
+    MaxTokensOpt,
+    SamplesPerPromptOpt,
+    TopKOpt,
+    TopPOpt,
+    TrainDeviceOpt,
 )
 
 PANEL_VARIANTS = "Variants"
@@ -71,18 +77,9 @@ def diagnose(
     num_prompts: Annotated[
         int, typer.Option(help="Use only the first N prompts.", rich_help_panel=PANEL_INPUT)
     ] = 32,
-    chat_template: Annotated[
-        bool,
-        typer.Option(
-            help="Apply the model's chat template when it has one.", rich_help_panel=PANEL_INPUT
-        ),
-    ] = True,
-    samples_per_prompt: Annotated[
-        int, typer.Option(help="Completions per prompt.", rich_help_panel=PANEL_SAMPLING)
-    ] = 2,
-    max_tokens: Annotated[
-        int, typer.Option(help="Maximum completion length.", rich_help_panel=PANEL_SAMPLING)
-    ] = 128,
+    chat_template: ChatTemplateOpt = True,
+    samples_per_prompt: SamplesPerPromptOpt = 2,
+    max_tokens: MaxTokensOpt = 128,
     temperature: Annotated[
         float,
         typer.Option(
@@ -90,12 +87,8 @@ def diagnose(
             rich_help_panel=PANEL_SAMPLING,
         ),
     ] = 1.0,
-    top_p: Annotated[
-        float, typer.Option(help="Nucleus sampling mass in (0, 1].", rich_help_panel=PANEL_SAMPLING)
-    ] = 1.0,
-    top_k: Annotated[
-        int, typer.Option(help="Top-k sampling (-1 = off).", rich_help_panel=PANEL_SAMPLING)
-    ] = -1,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = -1,
     min_p: Annotated[
         float, typer.Option(help="Min-p sampling in [0, 1).", rich_help_panel=PANEL_SAMPLING)
     ] = 0.0,
@@ -113,16 +106,8 @@ def diagnose(
             rich_help_panel=PANEL_ENGINE,
         ),
     ] = False,
-    max_model_len: Annotated[
-        int | None, typer.Option(help="vLLM maximum context length.", rich_help_panel=PANEL_ENGINE)
-    ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(
-            help="Training-side device (default: cuda if available, else cpu).",
-            rich_help_panel=PANEL_TRAINING,
-        ),
-    ] = None,
+    max_model_len: MaxModelLenOpt = None,
+    device: TrainDeviceOpt = None,
     plots: Annotated[
         bool,
         typer.Option(

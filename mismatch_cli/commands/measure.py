@@ -15,8 +15,15 @@ from ..options import (
     PANEL_OUTPUT,
     PANEL_SAMPLING,
     PANEL_TRAINING,
+    ChatTemplateOpt,
     JsonOpt,
+    MaxModelLenOpt,
+    MaxTokensOpt,
     RescoreMemoryOpt,
+    SamplesPerPromptOpt,
+    TopKOpt,
+    TopPOpt,
+    TrainDeviceOpt,
 )
 
 
@@ -47,27 +54,14 @@ def measure(
     num_prompts: Annotated[
         int | None, typer.Option(help="Use only the first N prompts.", rich_help_panel=PANEL_INPUT)
     ] = None,
-    chat_template: Annotated[
-        bool,
-        typer.Option(
-            help="Apply the model's chat template when it has one.", rich_help_panel=PANEL_INPUT
-        ),
-    ] = True,
-    samples_per_prompt: Annotated[
-        int, typer.Option(help="Completions per prompt.", rich_help_panel=PANEL_SAMPLING)
-    ] = 4,
-    max_tokens: Annotated[
-        int, typer.Option(help="Maximum completion length.", rich_help_panel=PANEL_SAMPLING)
-    ] = 256,
+    chat_template: ChatTemplateOpt = True,
+    samples_per_prompt: SamplesPerPromptOpt = 4,
+    max_tokens: MaxTokensOpt = 256,
     temperature: Annotated[
         float, typer.Option(help="Sampling temperature (> 0).", rich_help_panel=PANEL_SAMPLING)
     ] = 1.0,
-    top_p: Annotated[
-        float, typer.Option(help="Nucleus sampling mass in (0, 1].", rich_help_panel=PANEL_SAMPLING)
-    ] = 1.0,
-    top_k: Annotated[
-        int, typer.Option(help="Top-k sampling (-1 = off).", rich_help_panel=PANEL_SAMPLING)
-    ] = -1,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = -1,
     min_p: Annotated[
         float,
         typer.Option(
@@ -116,9 +110,7 @@ def measure(
         str,
         typer.Option(help="vLLM KV-cache dtype (auto, fp8, ...).", rich_help_panel=PANEL_ENGINE),
     ] = "auto",
-    max_model_len: Annotated[
-        int | None, typer.Option(help="vLLM maximum context length.", rich_help_panel=PANEL_ENGINE)
-    ] = None,
+    max_model_len: MaxModelLenOpt = None,
     engine_arg: Annotated[
         list[str] | None,
         typer.Option(
@@ -132,13 +124,7 @@ def measure(
             help="Training-side dtype: float32, bfloat16, float16.", rich_help_panel=PANEL_TRAINING
         ),
     ] = "float32",
-    device: Annotated[
-        str | None,
-        typer.Option(
-            help="Training-side device (default: cuda if available, else cpu).",
-            rich_help_panel=PANEL_TRAINING,
-        ),
-    ] = None,
+    device: TrainDeviceOpt = None,
     attn_implementation: Annotated[
         str,
         typer.Option(
