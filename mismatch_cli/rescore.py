@@ -125,7 +125,7 @@ def _fused_stats(
     `dvp.pruned_mass_grid`, summed in another order: equal to float32 rounding).
     p, logp [n, V]; thr_minp [n, G] = p_max * grid; grid [G] -> [n], [n, G], [n, G]."""
     zero = torch.zeros((), dtype=p.dtype, device=p.device)
-    entropy = -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=1)  # [n]
+    entropy = _entropy(p, logp, finite=False)  # [n]
     G = thr_minp.shape[1]
     minp = [torch.where(p < thr_minp[:, g : g + 1], p, zero).sum(dim=1) for g in range(G)]
     absolute = [torch.where(p < grid[g], p, zero).sum(dim=1) for g in range(G)]
