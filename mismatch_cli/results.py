@@ -34,4 +34,14 @@ def json_ready(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["json_ready"]
+def write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """`df` as CSV at `path` (a `--csv` file); an unwritable path is one MismatchError line."""
+    from .errors import MismatchError
+
+    try:
+        df.to_csv(path, index=False)
+    except OSError as e:
+        raise MismatchError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+__all__ = ["json_ready", "write_csv"]

@@ -78,16 +78,14 @@ def corrections(
     delta is masked by every method. Formulas and framework sources: docs/theory.md.
     """
     from .. import corrections as C
-    from ..errors import MismatchError
 
     names = C.check_methods(method)
     overrides = C.parse_sets(set_)
     result = C.corrections(run, names, overrides, rho=rho, edges=edges)
     if csv is not None:
-        try:
-            C.rows_frame(result).to_csv(csv, index=False)
-        except OSError as e:
-            raise MismatchError(f"cannot write {csv}: {e.strerror or e}") from e
+        from ..results import write_csv
+
+        write_csv(C.rows_frame(result), csv)
     if json_out:
         typer.echo(json.dumps(result, indent=2, allow_nan=False))
         return

@@ -110,12 +110,9 @@ def sweep_threshold(
     rhos = sw.parse_rhos(rho) if rho is not None else None
     result = sw.sweep(run, rule=rule, rhos=rhos, max_bias=max_bias, target_mismatch=target_mismatch)
     if csv is not None:
-        try:
-            sw.rows_frame(result).to_csv(csv, index=False)
-        except OSError as e:
-            from ..errors import MismatchError
+        from ..results import write_csv
 
-            raise MismatchError(f"cannot write {csv}: {e.strerror or e}") from e
+        write_csv(sw.rows_frame(result), csv)
     validation = None
     if validate:
         validation = _validate(run, rule, result, validate_out)
