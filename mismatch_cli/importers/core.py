@@ -139,6 +139,23 @@ def list_column(
     return lens, values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
+def per_token_column(
+    table: pa.Table, name: str, where: str, dtype: Any, lens: np.ndarray, first: int, of: str
+) -> np.ndarray:
+    """The flat values of list column `name`, which must hold `lens[r]` values in record r
+    (one per token of the list column `of`); else one line naming the first record that
+    differs (`first` is the table's first record number in the file)."""
+    n, v = list_column(table, name, where, dtype)
+    bad = np.flatnonzero(n != lens)
+    if bad.size:
+        r = int(bad[0])
+        raise MismatchError(
+            f"{where} record {first + r}: {name} has {n[r]} values for {lens[r]} {of} "
+            "(length mismatch)"
+        )
+    return v
+
+
 def jsonl_tables(
     path: Path, schema: pa.Schema | None = None, block_bytes: int = 32 << 20
 ) -> Iterator[tuple[int, pa.Table]]:
@@ -763,6 +780,7 @@ __all__ = [
     "list_column",
     "missing",
     "parse_steps",
+    "per_token_column",
     "require_trust",
     "run_import",
     "sha256_file",

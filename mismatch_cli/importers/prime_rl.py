@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..errors import MismatchError
-from .core import Chunk, ReadContext, jsonl_tables, list_column, missing
+from .core import Chunk, ReadContext, jsonl_tables, list_column, missing, per_token_column
 
 NAME = "prime-rl"
 PATTERNS = ("rank_*.jsonl",)
@@ -91,15 +90,8 @@ def _chunk(table: pa.Table, first: int, path: Path, dir_step: int | None) -> Chu
     for k in (*REQUIRED[1:], "advantages"):
         if k == "advantages" and table.column(k).null_count == table.num_rows:
             continue
-        n, v = list_column(table, k, where, bool if k == "loss_mask" else np.float64)
-        bad = np.flatnonzero(n != lens)
-        if bad.size:
-            r = int(bad[0])
-            raise MismatchError(
-                f"{where} record {first + r}: {k} has {n[r]} values for {lens[r]} token_ids "
-                "(length mismatch)"
-            )
-        arrays[k] = v
+        dtype = bool if k == "loss_mask" else np.float64
+        arrays[k] = per_token_column(table, k, where, dtype, lens, first, "token_ids")
     T = tok.size
     rec = np.repeat(np.arange(table.num_rows), lens)  # [T] record of each position
     rec_start = np.zeros(T, bool)

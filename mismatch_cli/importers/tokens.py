@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import MismatchError
-from .core import Chunk, ReadContext, jsonl_tables, list_column, missing
+from .core import Chunk, ReadContext, jsonl_tables, list_column, missing, per_token_column
 
 NAME = "tokens"
 PATTERNS = ("*.jsonl", "*.parquet")
@@ -75,15 +75,7 @@ def _chunk(table: pa.Table, first: int, where: str) -> Chunk:
     lens, tok = list_column(table, "response_token_ids", where, np.int64)
 
     def per_token(name: str, dtype) -> np.ndarray:
-        n, v = list_column(table, name, where, dtype)
-        bad = np.flatnonzero(n != lens)
-        if bad.size:
-            r = int(bad[0])
-            raise MismatchError(
-                f"{where} record {first + r}: {name} has {n[r]} values for {lens[r]} "
-                "response_token_ids (length mismatch)"
-            )
-        return v
+        return per_token_column(table, name, where, dtype, lens, first, "response_token_ids")
 
     li = per_token("logprobs_infer", np.float64)
     lt = per_token("logprobs_train", np.float64) if _present(table, "logprobs_train") else None
