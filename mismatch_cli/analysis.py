@@ -40,6 +40,7 @@ import pandas as pd
 from . import metrics as M
 from . import theory
 from .errors import MismatchError
+from .formatting import number_list
 from .grouped import BATCH_ROWS, EXACT_LIMIT, BatchSeqs, SeqIndex, TokenBatches, distinct
 from .results import json_ready
 from .schema import COARSE_COLUMNS, CONVENTIONS
@@ -91,14 +92,10 @@ def parse_edges(edges: str | Sequence[float] | None) -> np.ndarray:
     if e.size < 2:
         raise MismatchError(f"--edges needs at least two values, got {e.size}")
     if not np.all(np.isfinite(e)) or e.min() < 0 or e.max() > 1:
-        raise MismatchError(f"--edges must lie in [0, 1], got {_fmt_list(e)}")
+        raise MismatchError(f"--edges must lie in [0, 1], got {number_list(e, ",")}")
     if np.any(np.diff(e) <= 0):
-        raise MismatchError(f"--edges must be strictly increasing, got {_fmt_list(e)}")
+        raise MismatchError(f"--edges must be strictly increasing, got {number_list(e, ",")}")
     return e
-
-
-def _fmt_list(e: np.ndarray) -> str:
-    return ",".join(f"{v:g}" for v in e)
 
 
 # ----------------------------------------------------------------------------- buckets

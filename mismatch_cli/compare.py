@@ -326,7 +326,8 @@ def compare(
 ) -> dict[str, Any]:
     """Compare complete runs side by side (a strict-JSON dict).
 
-    Keys: runs (each `run_summary`), reference (the first run's label), edges, ratios (for
+    Keys: runs (each `run_summary`), reference (the first run's label), headline (the
+    HEADLINE (key, label) pairs, in display order), edges, ratios (for
     each later run, HEADLINE value / the first run's, by key), bucket_means (one row per
     bucket: lo, hi, and each run's mean |delta| under its label), moved (for each later run
     sharing rollouts with the first: `moved(first, run)` with `label`; runs that do not are
@@ -355,6 +356,7 @@ def compare(
         {
             "runs": runs,
             "reference": ref["label"],
+            "headline": [list(h) for h in HEADLINE],
             "edges": e,
             "ratios": ratios,
             "bucket_means": bucket_means,

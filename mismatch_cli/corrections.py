@@ -55,6 +55,7 @@ import pandas as pd
 
 from . import metrics
 from .errors import MismatchError
+from .formatting import fmt, pct
 from .grouped import (
     BATCH_ROWS,
     EXACT_LIMIT,
@@ -64,7 +65,6 @@ from .grouped import (
     TokenBatches,
     distinct,
 )
-from .render import fmt, pct
 from .results import json_ready
 
 LOG2 = math.log(2.0)

@@ -296,7 +296,7 @@ def summarize(
 def diagnose_verdict(result: dict[str, Any]) -> str:
     """The plain-words paragraph: the baseline, the largest single source, the floor at equal
     dtype, the share of bf16, the FP16 recipe, the null check, what was skipped."""
-    from .render import fmt, pct, ratio_x
+    from .formatting import fmt, pct, ratio_x
 
     rows = {r["name"]: r for r in result["variants"]}
     ok = {n: r for n, r in rows.items() if r["k3"] is not None}

@@ -150,7 +150,7 @@ _SEQUENCE_STATIC = ("seq_id", "prompt_id", "sample_idx", "prompt_token_ids", "re
 
 
 class Progress:
-    """Callbacks the pipeline reports to (`render.progress` draws bars or log lines from
+    """Callbacks the pipeline reports to (`progress.progress` draws bars or log lines from
     them); this base class ignores everything."""
 
     def start(self, phase: str, total: int, done: int = 0) -> None: ...

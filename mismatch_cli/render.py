@@ -1,72 +1,23 @@
-"""Everything a person reads in the terminal: number formatting, rich tables, progress.
+"""The rich tables a person reads in the terminal: one `print_<command>` per result dict
+(`print_report`, `print_sweep`, `print_validation`, `print_run_summary`, `print_import`,
+`print_groups`, `print_corrections`, `print_compare`, `print_diagnose`).
 
-- formatters (`fmt`, `pct`, `times`): the only place numbers become text;
-- tables of each command's result dict (`print_report`, `print_sweep`, `print_validation`,
-  `print_run_summary`), and `write_csv` for tools;
-- `progress`: rich bars on a terminal, a plain line at least every 30 s in a log.
-
-Nothing here computes a statistic: every number comes from a result dict.
+Nothing here computes a statistic: every number comes from a result dict and becomes text
+through `formatting` (the one formatter, shared with the library's verdicts). Progress bars
+live in `progress`, CSV files in `results`. Only `commands/` imports this module.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from rich import box
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-DASH = "–"  # an empty bucket or an undefined statistic: never printed as 0
-
-
-def fmt(x: float | None, digits: int = 3, sign: bool = False) -> str:
-    """A number in `digits` significant figures; compact scientific when tiny or huge
-    (2.6e-6); '–' if None or NaN."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return DASH
-    if isinstance(x, int) and not isinstance(x, bool):
-        return f"{x:,}"
-    s = "+" if sign else ""
-    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
-        mant, exp = f"{x:{s}.{digits - 1}e}".split("e")
-        return f"{mant}e{int(exp)}"
-    return f"{x:{s}.{digits}g}"
-
-
-def pct(x: float | None) -> str:
-    """A share as a percentage in 3 significant figures ('–' if None); never rounds a
-    shortfall up to 100% (0.99984 -> '99.984%') nor a small share down to 0%."""
-    if x is None or not math.isfinite(x):
-        return DASH
-    if x == 0 or x == 1:
-        return f"{100 * x:.0f}%"
-    if 0.999 < x < 1:
-        return f"{100 * x:.{max(1, int(-math.log10(1 - x)))}f}%"
-    if abs(x) < 1e-4:
-        return f"{fmt(100 * x, 2)}%"
-    return f"{100 * x:.3g}%"
-
-
-def times(x: float | None) -> str:
-    """A ratio to a reference, 2 decimals: '0.43x' ('–' if None)."""
-    if x is None or not math.isfinite(x):
-        return DASH
-    return f"{x:.2f}x"
-
-
-def _edge(v: float) -> str:
-    """A bucket edge, short: 0, 1e-5, 0.01, 0.5, 0.999, 1."""
-    if 0 < v < 0.01:
-        mant, exp = f"{v:.6g}".split("e") if "e" in f"{v:.6g}" else (f"{v:.6e}".split("e"))
-        mant = mant.rstrip("0").rstrip(".")
-        return f"{mant}e{int(exp)}"
-    return f"{v:g}"
+from .formatting import DASH, bucket_label, edge, fmt, params_text, pct, ratio_x, times
 
 
 def _table(title: str, caption: str | None = None) -> Table:
@@ -108,7 +59,7 @@ def header(result: dict[str, Any]) -> str:
 
 
 def _label(r: dict[str, Any], last: bool) -> str:
-    return f"[{_edge(r['lo'])}, {_edge(r['hi'])}{']' if last else ')'}"
+    return bucket_label(r["lo"], r["hi"], last)
 
 
 def bucket_tables(result: dict[str, Any]) -> tuple[Table, Table, Table]:
@@ -372,50 +323,6 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
 # ----------------------------------------------------------------------------- CSV
 
 
-def _kv_frame(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            rows += _kv_frame(v, f"{prefix}{k}.")
-        elif not isinstance(v, list):
-            rows.append((f"{prefix}{k}", v))
-    return rows
-
-
-def write_csv(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """Write each table as CSV into out_dir: buckets, bound, tail, length_bins, metrics."""
-    from .runs import check_writable_dir
-
-    out = Path(out_dir)
-    check_writable_dir(out)
-    bound = {
-        "eps": result["eps"],
-        "eps_hat": result["eps_hat"],
-        "eps_estimator": result["eps_estimator"],
-        "eps_needed_q99": result["eps_needed_q99"],
-        "eps_hat_quantiles": result.get("eps_hat_quantiles") or {},
-        "envelope": result["envelope"],
-        "fit": result["fit"],
-        "num_tokens": result["num_tokens"],
-        "num_infinite": result["num_infinite"],
-    }
-    acc = {k: v for k, v in result["accumulation"].items() if k != "length_bins"}
-    frames = {
-        "buckets": pd.DataFrame(result["buckets"]),
-        "bound": pd.DataFrame(_kv_frame(bound), columns=["name", "value"]),
-        "tail": pd.DataFrame(_kv_frame(result["tail"]), columns=["name", "value"]),
-        "accumulation": pd.DataFrame(_kv_frame(acc), columns=["name", "value"]),
-        "length_bins": pd.DataFrame(result["accumulation"]["length_bins"]),
-        "metrics": pd.DataFrame(list(result["metrics"].items()), columns=["name", "value"]),
-    }
-    paths = []
-    for name, df in frames.items():
-        p = out / f"{name}.csv"
-        df.to_csv(p, index=False)
-        paths.append(p)
-    return paths
-
-
 # ----------------------------------------------------------------------------- measure
 
 
@@ -564,130 +471,7 @@ def _wide_console() -> Console:
     return console
 
 
-# ----------------------------------------------------------------------------- progress
-
-PROGRESS_UNITS = {"generate": "completions", "rescore": "tokens", "import": "records",
-                  "prefill": "sequences"}  # fmt: skip
-LOG_INTERVAL_S = 30.0
-
-
-def _duration(s: float) -> str:
-    s = max(0, round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-class LogProgress:
-    """Progress for a log (stderr not a terminal: CI, nohup, a file): one plain line per
-    phase at its start, then at least every `interval` seconds while it advances, and at
-    its end: phase, done/total, rate, ETA."""
-
-    def __init__(self, console: Console, interval: float | None = None) -> None:
-        import os
-        import time
-
-        self._time = time.monotonic
-        self.console = console
-        env = os.environ.get("MISMATCH_PROGRESS_INTERVAL")
-        self.interval = interval if interval is not None else float(env or LOG_INTERVAL_S)
-        self.phases: dict[str, dict[str, float]] = {}
-
-    def start(self, phase: str, total: int, done: int = 0) -> None:
-        now = self._time()
-        self.phases[phase] = {
-            "total": total,
-            "done": done,
-            "start_done": done,
-            "t0": now,
-            "last": now,
-        }
-        self._line(phase, "start")
-
-    def advance(self, phase: str, n: int) -> None:
-        st = self.phases[phase]
-        st["done"] += n
-        now = self._time()
-        if st["done"] >= st["total"]:
-            self._line(phase, "done")
-        elif now - st["last"] >= self.interval:
-            self._line(phase, None)
-
-    def log(self, message: str) -> None:
-        self.console.print(message, highlight=False, soft_wrap=True)
-
-    def _line(self, phase: str, what: str | None) -> None:
-        st = self.phases[phase]
-        now = self._time()
-        st["last"] = now
-        done, total = int(st["done"]), int(st["total"])
-        unit = PROGRESS_UNITS.get(phase, "")
-        elapsed = now - st["t0"]
-        rate = (done - st["start_done"]) / elapsed if elapsed > 0 else 0.0
-        bits = [f"{phase}: {done:,}/{total:,} {unit}".rstrip()]
-        if what == "start":
-            bits.append("started")
-        else:
-            bits.append(f"{rate:.3g} {unit}/s".strip())
-            if what == "done":
-                bits.append(f"done in {_duration(elapsed)}")
-            elif rate > 0:
-                bits.append(f"ETA {_duration((total - done) / rate)}")
-        self.console.print(", ".join(bits), highlight=False, soft_wrap=True)
-
-
-class _BarsProgress:
-    """Rich progress bars (a terminal)."""
-
-    def __init__(self, bars: Any) -> None:
-        self.bars = bars
-        self.tasks: dict[str, Any] = {}
-
-    def start(self, phase: str, total: int, done: int = 0) -> None:
-        self.tasks[phase] = self.bars.add_task(
-            phase, total=total, completed=done, unit=PROGRESS_UNITS.get(phase, "")
-        )
-
-    def advance(self, phase: str, n: int) -> None:
-        self.bars.advance(self.tasks[phase], n)
-
-    def log(self, message: str) -> None:
-        self.bars.console.print(message, highlight=False, soft_wrap=True)
-
-
-@contextmanager
-def progress(console: Console) -> Iterator[Any]:
-    """A progress reporter (start / advance / log) for the pipeline: rich bars when
-    `console` is a terminal, plain lines otherwise (`LogProgress`)."""
-    if not console.is_terminal:
-        yield LogProgress(console)
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.progress import Progress as RichProgress
-
-    bars = RichProgress(
-        TextColumn("[bold]{task.description:<9}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[unit]}"),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-    with bars:
-        yield _BarsProgress(bars)
-
-
-# ----------------------------------------------------------------------------- import (issue 10)
-
-PROGRESS_UNITS["read"] = "files"  # `mismatch import` reads the dump file by file
+# ----------------------------------------------------------------------------- import
 
 
 def print_import(result: dict[str, Any], console: Console | None = None) -> None:
@@ -757,17 +541,6 @@ def print_groups(result: dict[str, Any], console: Console | None = None) -> None
 
 
 # ----------------------------------------------------------------------------- corrections
-
-
-def params_text(params: dict[str, Any] | None) -> str:
-    """A method's bounds, short: 'C=2', '[0.5, 5]', 'tau=0.01', 'rho=1e-06 (recommended)'."""
-    p = {k: v for k, v in (params or {}).items() if v is not None}
-    if "lo" in p and "hi" in p:
-        return f"[{p['lo']:g}, {p['hi']:g}]"
-    bits = [f"{k}={v:g}" for k, v in p.items() if isinstance(v, (int, float))]
-    if p.get("rho_from"):
-        bits.append(f"({p['rho_from']})")
-    return " ".join(bits)
 
 
 def print_corrections(result: dict[str, Any], console: Console | None = None) -> None:
@@ -879,12 +652,12 @@ def print_corrections(result: dict[str, Any], console: Console | None = None) ->
             title="Where it bites: share of tokens masked or clipped, by p_train bucket",
             title_justify="left",
             caption="columns: bucket lower edge lo, the bucket is [lo, next lo) (the last "
-            f"includes {_edge(buckets[last]['hi'])}); – = empty bucket",
+            f"includes {edge(buckets[last]['hi'])}); – = empty bucket",
             caption_justify="left",
         )
         t.add_column("method", no_wrap=True, min_width=16)
         for b in buckets:
-            t.add_column(_edge(b["lo"]), justify="right", no_wrap=True)
+            t.add_column(edge(b["lo"]), justify="right", no_wrap=True)
         t.add_row("tokens", *(f"{b['num_tokens']:,}" for b in buckets), style="dim")
         for r in live:
             t.add_row(
@@ -984,8 +757,6 @@ def _headline_cell(key: str, v: Any) -> str:
 def print_compare(result: dict[str, Any], console: Console | None = None) -> None:
     """The tables of a `compare` result: headline metrics (with ratios to the first run),
     mean |delta| by bucket, per-token movement between runs sharing rollouts, verdicts."""
-    from .compare import HEADLINE
-
     console = console or _wide_console()
     runs = result["runs"]
     labels = [r["label"] for r in runs]
@@ -1001,7 +772,7 @@ def print_compare(result: dict[str, Any], console: Console | None = None) -> Non
     t.add_row("inference", *[r["inference"] for r in runs], style="dim")
     t.add_row("training", *[r["training"] for r in runs], style="dim")
     t.add_row("tokens", *[f"{r['num_tokens']:,}" for r in runs])
-    for key, name in HEADLINE:
+    for key, name in result["headline"]:
         if all(r.get(key) is None for r in runs):
             continue
         cells = [_headline_cell(key, runs[0].get(key))]
@@ -1069,15 +840,6 @@ def print_compare(result: dict[str, Any], console: Console | None = None) -> Non
         )
     for r in runs:
         console.print(Panel(r["verdict"], title=f"verdict: {r['label']}", title_align="left"))
-
-
-def ratio_x(x: float | None) -> str:
-    """A ratio to a reference: '0.43x' ('times'), '2.3e-8x' when below 0.01, '0' if zero."""
-    if x == 0:
-        return "0"
-    if x is not None and math.isfinite(x) and 0 < abs(x) < 0.01:
-        return f"{fmt(x, 2)}x"
-    return times(x)
 
 
 def print_diagnose(result: dict[str, Any], console: Console | None = None) -> None:

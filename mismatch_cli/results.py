@@ -44,4 +44,49 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> None:
         raise MismatchError(f"cannot write {path}: {e.strerror or e}") from e
 
 
-__all__ = ["json_ready", "write_csv"]
+def _kv_frame(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            rows += _kv_frame(v, f"{prefix}{k}.")
+        elif not isinstance(v, list):
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def write_report_csv(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write each table of a report (`analysis.analyze`) as CSV into out_dir: buckets,
+    bound, tail, accumulation, length_bins, metrics (`report --csv DIR`)."""
+    from .runs import check_writable_dir
+
+    out = Path(out_dir)
+    check_writable_dir(out)
+    bound = {
+        "eps": result["eps"],
+        "eps_hat": result["eps_hat"],
+        "eps_estimator": result["eps_estimator"],
+        "eps_needed_q99": result["eps_needed_q99"],
+        "eps_hat_quantiles": result.get("eps_hat_quantiles") or {},
+        "envelope": result["envelope"],
+        "fit": result["fit"],
+        "num_tokens": result["num_tokens"],
+        "num_infinite": result["num_infinite"],
+    }
+    acc = {k: v for k, v in result["accumulation"].items() if k != "length_bins"}
+    frames = {
+        "buckets": pd.DataFrame(result["buckets"]),
+        "bound": pd.DataFrame(_kv_frame(bound), columns=["name", "value"]),
+        "tail": pd.DataFrame(_kv_frame(result["tail"]), columns=["name", "value"]),
+        "accumulation": pd.DataFrame(_kv_frame(acc), columns=["name", "value"]),
+        "length_bins": pd.DataFrame(result["accumulation"]["length_bins"]),
+        "metrics": pd.DataFrame(list(result["metrics"].items()), columns=["name", "value"]),
+    }
+    paths = []
+    for name, df in frames.items():
+        p = out / f"{name}.csv"
+        write_csv(df, p)
+        paths.append(p)
+    return paths
+
+
+__all__ = ["json_ready", "write_csv", "write_report_csv"]

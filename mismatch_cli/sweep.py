@@ -138,10 +138,6 @@ def parse_rhos(values: Iterable[str]) -> list[float]:
     return out
 
 
-def _fmt_grid(grid: np.ndarray) -> str:
-    return ", ".join(f"{g:g}" for g in grid)
-
-
 def resolve_rhos(rhos: Sequence[float] | None, grid: Sequence[float]) -> list[tuple[float, int]]:
     """(rho, grid index) pairs, ascending and de-duplicated; all of `grid` when `rhos` is None.
 
@@ -162,7 +158,7 @@ def resolve_rhos(rhos: Sequence[float] | None, grid: Sequence[float]) -> list[tu
         if hit.size == 0:
             raise MismatchError(
                 f"rho={r:g} is not on the run's pruning grid (pruned mass is stored only "
-                f"there); use grid values: {_fmt_grid(g)}"
+                f"there); use grid values: {number_list(g)}"
             )
         picked[int(hit[0])] = float(g[hit[0]])
     return sorted(((r, i) for i, r in picked.items()), key=lambda t: t[0])

@@ -1,7 +1,7 @@
 """The verdict: the report's findings in plain words, one paragraph, from an analyze() result.
 
 Nothing here computes a statistic; every number comes from the result dict and is formatted
-by `render`'s formatters.
+by `formatting`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .render import fmt, pct
+from .formatting import fmt, pct
 
 
 def verdict(result: dict[str, Any]) -> str:

@@ -7,7 +7,8 @@ import io
 import pytest
 from rich.console import Console
 
-from mismatch_cli.render import LogProgress, fmt, pct, times
+from mismatch_cli.formatting import fmt, pct, times
+from mismatch_cli.progress import LogProgress
 
 
 @pytest.mark.parametrize(

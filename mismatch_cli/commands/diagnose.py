@@ -134,7 +134,7 @@ def diagnose(
     from ..config import MeasureConfig
     from ..diagnose import draw_diagnose, parse_variants, run_diagnose
     from ..errors import MismatchError
-    from ..render import progress
+    from ..progress import progress
 
     names = parse_variants(variants)  # bad flags fail before any model loads
     if out is None:

@@ -151,7 +151,8 @@ def import_(
 
     from ..errors import MismatchError
     from ..importers.core import ImportOptions, run_import
-    from ..render import print_import, progress
+    from ..progress import progress
+    from ..render import print_import
 
     if out is None:
         raise MismatchError("--out RUN is required: the run directory to write")

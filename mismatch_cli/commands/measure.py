@@ -264,7 +264,7 @@ def measure_with_progress(
     """Run the pipeline with progress (bars on a terminal, lines in a log); Ctrl-C leaves a
     resumable incomplete run and exits 130 with one line saying how to resume it."""
     from ..pipeline import run_measure
-    from ..render import progress
+    from ..progress import progress
 
     where: dict[str, Path] = {}
     try:

@@ -84,9 +84,9 @@ def report(
         if "infinite delta" not in w:  # the report itself states those
             err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     if csv is not None:
-        from ..render import write_csv
+        from ..results import write_report_csv
 
-        paths = write_csv(result, csv)
+        paths = write_report_csv(result, csv)
         err.print(f"wrote {len(paths)} CSV files to {csv}", highlight=False)
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")

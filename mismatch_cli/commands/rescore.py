@@ -109,7 +109,7 @@ def rescore(
     from rich.console import Console
 
     from ..pipeline import RescoreOptions, rescore_run
-    from ..render import progress
+    from ..progress import progress
     from .measure import finish_run
 
     opts = RescoreOptions(

@@ -8,8 +8,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..errors import MismatchError
+from ..formatting import bucket_label
 from .data import RunData
-from .style import NATS, bucket_label, new_fig
+from .style import NATS, new_fig
 
 NAME = "bias"
 TITLE = "Tail bias: signed mean δ per probability bucket"

@@ -13,8 +13,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from ..errors import MismatchError
+from ..formatting import bucket_label, edge
 from .data import RunData
-from .style import LINE_IN, NATS, TITLE_IN, bucket_label, rho_str
+from .style import LINE_IN, NATS, TITLE_IN
 
 NAME = "corrections"
 TITLE = "Mismatch corrections: signal removed vs mismatch left"
@@ -138,7 +139,7 @@ def _scatter_panel(
                 for k in range(0, len(rhos), 6):
                     if np.isfinite(xs[k]) and np.isfinite(ys[k]):
                         ax.annotate(
-                            f"ρ={rho_str(rhos[k])}", (xs[k], ys[k]), xytext=(-4, -9),
+                            f"ρ={edge(rhos[k])}", (xs[k], ys[k]), xytext=(-4, -9),
                             textcoords="offset points", fontsize=5.5, color="0.45",
                         )  # fmt: skip
         if i == 0 and not multi:

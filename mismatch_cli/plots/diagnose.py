@@ -10,8 +10,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..errors import MismatchError
+from ..formatting import bucket_label
 from .data import RunData
-from .style import NATS, PALETTE, bucket_label, new_fig
+from .style import NATS, PALETTE, new_fig
 
 NAME = "diagnose"
 TITLE = "Where the mismatch comes from: one bar per variant, on the same tokens"

@@ -83,15 +83,6 @@ def draw_title(fig: Figure, what: str, runs: Sequence[RunData]) -> None:
         )
 
 
-def bucket_label(lo: float, hi: float, last: bool) -> str:
-    def f(v: float) -> str:
-        if 0 < v < 0.01:
-            return f"1e{round(math.log10(v))}" if is_pow10(v) else f"{v:.0e}"
-        return f"{v:g}"
-
-    return f"[{f(lo)}, {f(hi)}{']' if last else ')'}"
-
-
 def is_pow10(v: float) -> bool:
     e = math.log10(v)
     return abs(e - round(e)) < 1e-9
@@ -112,14 +103,6 @@ def plotted(fig: Figure, gid: str) -> np.ndarray | None:
         if line is not None:
             return np.asarray(line.get_ydata(), dtype=np.float64)
     return None
-
-
-def rho_str(r: float) -> str:
-    """1e-05 -> 1e-5, 0.0002 -> 2e-4, 0.5 -> 0.5."""
-    if r >= 0.01:
-        return f"{r:g}"
-    m, e = f"{r:.0e}".split("e")
-    return f"{m}e{int(e)}"
 
 
 def check_formats(formats: Sequence[str]) -> list[str]:

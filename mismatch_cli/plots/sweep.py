@@ -10,8 +10,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..errors import MismatchError
+from ..formatting import edge
 from .data import RunData
-from .style import NATS, is_pow10, new_fig, rho_str
+from .style import NATS, is_pow10, new_fig
 
 NAME = "sweep"
 TITLE = "Vocabulary-pruning sweep: remaining mismatch vs bias"
@@ -34,7 +35,7 @@ def plot_sweep(runs: Sequence[RunData], sweeps: Sequence[dict[str, Any]] | None 
     for i, (r, sw) in enumerate(zip(runs, sweeps, strict=True)):
         rows = [row for row in sw["rows"] if row["seq_bias_bound_mean"] is not None]
         rec = sw["recommended"]["rho"]
-        rec_txt = f"recommended ρ = {rho_str(rec)}" if rec is not None else "no ρ recommended"
+        rec_txt = f"recommended ρ = {edge(rec)}" if rec is not None else "no ρ recommended"
         run_handles.append(
             Line2D(
                 [], [], color=r.color, lw=2.5, label=f"{r.label}: {rec_txt}" if multi else rec_txt
@@ -55,7 +56,7 @@ def plot_sweep(runs: Sequence[RunData], sweeps: Sequence[dict[str, Any]] | None 
                 for xi, yi, ri in zip(xpos, y, rho, strict=True):
                     if np.isfinite(xi) and np.isfinite(yi) and _is_label_rho(ri):
                         ax.annotate(
-                            f"ρ={rho_str(ri)}",
+                            f"ρ={edge(ri)}",
                             (xi, yi),
                             xytext=(2, 5),
                             textcoords="offset points",
