@@ -92,9 +92,9 @@ def parse_edges(edges: str | Sequence[float] | None) -> np.ndarray:
     if e.size < 2:
         raise MismatchError(f"--edges needs at least two values, got {e.size}")
     if not np.all(np.isfinite(e)) or e.min() < 0 or e.max() > 1:
-        raise MismatchError(f"--edges must lie in [0, 1], got {number_list(e, ",")}")
+        raise MismatchError(f"--edges must lie in [0, 1], got {number_list(e, ',')}")
     if np.any(np.diff(e) <= 0):
-        raise MismatchError(f"--edges must be strictly increasing, got {number_list(e, ",")}")
+        raise MismatchError(f"--edges must be strictly increasing, got {number_list(e, ',')}")
     return e
 
 

@@ -50,6 +50,7 @@ import pandas as pd
 
 from . import metrics
 from .errors import MismatchError, RunNotFoundError
+from .formatting import number_list
 from .grouped import BATCH_ROWS, EXACT_LIMIT, BatchSeqs, KeyedQuantiles, SeqIndex, TokenBatches
 from .results import json_ready
 from .runs import finish_hint, open_run
