@@ -12,11 +12,11 @@ Conventions (also in every result under `conventions`):
 - Standard errors treat tokens as independent unless named `*_seq` (clustered by sequence).
 
 Streaming (runs of 10^8 tokens in bounded memory): `scan` reads the token table in batches
-(`grouped.TokenBatches`; a DataFrame is sliced the same way) and adds each batch into
+(`tokens.TokenBatches`; a DataFrame is sliced the same way) and adds each batch into
 mergeable aggregates (`Aggregates`): counts, float64 sums, means and squared deviations
 merged batch by batch (`Moments`), bincounts per bucket, per-sequence partial sums in
 S-sized arrays (a sequence split across batches is summed in parts), and quantiles from
-`sketch.QuantileAccumulator` (exact while at most `exact_limit` values were added, the
+`quantiles.QuantileAccumulator` (exact while at most `exact_limit` values were added, the
 mergeable sketch beyond: relative error <= 0.5%). A first pass reads seq_id and eps_hat
 (the envelope counts need eps); a run without eps_hat gets a third, short pass for them.
 Every statistic is exact (equal to an in-memory computation up to the order of float
@@ -41,11 +41,12 @@ from . import metrics as M
 from . import theory
 from .errors import MismatchError
 from .formatting import number_list
-from .grouped import BATCH_ROWS, EXACT_LIMIT, BatchSeqs, SeqIndex, TokenBatches, distinct
+from .per_sequence import BatchSeqs, SeqIndex, distinct
+from .quantiles import EXACT_LIMIT, QuantileAccumulator, sketch_label
 from .results import json_ready
+from .runs import RunMeta
 from .schema import COARSE_COLUMNS, CONVENTIONS
-from .sketch import QuantileAccumulator
-from .tokens import REQUIRED_COLUMNS, check_by, open_run_tokens, prefetch
+from .tokens import BATCH_ROWS, TokenBatches, check_by, frame_tokens, open_run_tokens, prefetch
 from .verdict import verdict
 
 DEFAULT_EDGES: tuple[float, ...] = (
@@ -65,7 +66,7 @@ DEFAULT_EDGES: tuple[float, ...] = (
 DEFAULT_TAIL = 0.1
 QUANTILES = (0.5, 0.9, 0.99)
 MAX_LENGTH_BINS = 8
-# The columns a token DataFrame must have (a run's tokens.parquet: REQUIRED_COLUMNS);
+# The columns a token DataFrame must have (a run's tokens.parquet: tokens.REQUIRED_COLUMNS);
 # without eps_hat, eps comes from the data; without kept_train every token is kept.
 NEEDED_COLUMNS: tuple[str, ...] = ("seq_id", "delta", "p_train", "p_infer")
 EPS_HAT_QUANTILES = (0.5, 0.9, 0.99, 1.0)
@@ -529,9 +530,7 @@ class Aggregates:
 
     def quantiles_label(self) -> str:
         """'exact', or which sketch the quantiles beyond the exact limit come from."""
-        from .sketch import DEFAULT_ALPHA
-
-        return "exact" if self.exact else f"sketch (relative error <= {DEFAULT_ALPHA:g})"
+        return sketch_label(self.exact)
 
     def eps_hat(self) -> tuple[float, dict[str, float]]:
         """The data's eps estimate (q0.99 of the finite eps_hat; NaN if none) and the
@@ -796,25 +795,15 @@ def _fit_from_sums(n: int, sxx: float, sxy: float, syy: float, m2y: float) -> di
 # ----------------------------------------------------------------------------- scanning
 
 
-def open_tokens(
-    path: str | Path, batch_rows: int = BATCH_ROWS
-) -> tuple[TokenBatches, dict[str, Any], list[str]]:
-    """A run's tokens.parquet as `TokenBatches` (nothing read yet), its run.json and
-    warnings. Raises MismatchError for a path that is not a run, a run without
-    tokens.parquet, a table lacking one of REQUIRED_COLUMNS, or an empty table; an
-    incomplete run yields a warning, not an error."""
-    src, meta, warnings, _ = open_run_tokens(path, batch_rows, "report")
-    return src, meta, warnings
-
-
-def frame_tokens(df: pd.DataFrame, batch_rows: int = BATCH_ROWS) -> TokenBatches:
-    """A token DataFrame as `TokenBatches` (sliced `batch_rows` rows at a time), checked."""
-    missing = [c for c in NEEDED_COLUMNS if c not in df.columns]
-    if missing:
-        raise MismatchError(f"token table lacks column(s) {', '.join(missing)}")
-    if len(df) == 0:
-        raise MismatchError("the token table is empty: nothing to report")
-    return TokenBatches(df, batch_rows)
+def report_tokens(
+    source: pd.DataFrame | str | Path, batch_rows: int = BATCH_ROWS, *, complete: bool = False
+) -> TokenBatches:
+    """The token table `report` reads: a run (`tokens.open_run_tokens`: the report's
+    columns, an incomplete run with a warning unless `complete`) or a DataFrame (the
+    NEEDED_COLUMNS)."""
+    if isinstance(source, pd.DataFrame):
+        return frame_tokens(source, verb="report", needed=NEEDED_COLUMNS, batch_rows=batch_rows)
+    return open_run_tokens(source, verb="report", batch_rows=batch_rows, complete=complete)
 
 
 def _batches(src: TokenBatches, columns: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
@@ -889,7 +878,7 @@ def _scan_frame(
     eps: float | None = None,
 ) -> Aggregates:
     """`scan` of a token DataFrame as one batch (the small functions below use it)."""
-    src = frame_tokens(df, max(len(df), 1))
+    src = report_tokens(df, max(len(df), 1))
     return scan(src, edges=parse_edges(edges), by=check_by(by or "train"), tail=tail, eps=eps)
 
 
@@ -1169,7 +1158,7 @@ def group_metrics(
             f"the run has no {key} column: only imported runs (`mismatch import`) carry {key}"
         )
     acc = GroupAccumulator(key, tail)
-    src = frame_tokens(df, max(len(df), 1))
+    src = report_tokens(df, max(len(df), 1))
     scan(src, edges=parse_edges(None), by=check_by(by), tail=tail, eps=0.0, extras=[acc])
     return acc.result()
 
@@ -1197,7 +1186,7 @@ def analyze_groups(
     """`group_metrics` of a run directory, streamed (seq_id, delta, p_<by>, kept_train and
     the key column). `analyze(..., group_by=key)` gives the same rows with the report."""
     check_group_key(path, key)
-    src, _, _ = open_tokens(path, batch_rows)
+    src = report_tokens(path, batch_rows)
     acc = GroupAccumulator(key, tail)
     scan(src, edges=parse_edges(None), by=check_by(by), tail=tail, eps=0.0, extras=[acc])
     return json_ready(acc.result())
@@ -1229,15 +1218,14 @@ def distribution_level(
 # ----------------------------------------------------------------------------- analyze
 
 
-def _run_info(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    cfg = meta.get("config", {}) or {}
+def _run_info(path: Path, meta: RunMeta) -> dict[str, Any]:
     keys = ("infer_engine", "infer_dtype", "train_dtype", "temperature", "top_p", "top_k", "min_p")
     return {
         "path": str(path),
         "status": meta.get("status"),
-        "model": (meta.get("model") or {}).get("name") or cfg.get("model"),
-        **{k: cfg.get(k) for k in keys},
-        "train_engine": ((meta.get("engines") or {}).get("train") or {}).get("engine"),
+        "model": meta.model_name,
+        **{k: meta.config.get(k) for k in keys},
+        "train_engine": meta.train.get("engine"),
     }
 
 
@@ -1248,7 +1236,6 @@ def analyze(
     by: str = "train",
     tail: float = DEFAULT_TAIL,
     eps: float | None = None,
-    sequences: pd.DataFrame | None = None,
     group_by: str | None = None,
     batch_rows: int = BATCH_ROWS,
     exact_limit: int = EXACT_LIMIT,
@@ -1261,10 +1248,9 @@ def analyze(
     eps_hat_quantiles, eps_needed_q99, edges, buckets, envelope, fit, tail, accumulation,
     metrics, distribution_level (`distribution_level`; None for runs without those
     columns), quantiles ("exact", or the sketch they come from), verdict; with `group_by`
-    (step, env) also group_by and groups (`group_metrics`). NaN becomes None. `sequences`
-    (optional) only supplies num_sequences when it lists completions the token table
-    lacks; every statistic comes from the tokens. The table is streamed `batch_rows` rows at
-    a time; quantiles are exact up to `exact_limit` values (module doc).
+    (step, env) also group_by and groups (`group_metrics`). NaN becomes None. The table is
+    streamed `batch_rows` rows at a time; quantiles are exact up to `exact_limit` values
+    (module doc).
     """
     by = check_by(by)
     e = parse_edges(edges)
@@ -1272,19 +1258,17 @@ def analyze(
     if eps is not None and not (math.isfinite(eps) and eps >= 0):
         raise MismatchError(f"--eps must be a finite number >= 0, got {eps}")
     run: dict[str, Any] | None = None
-    warnings: list[str] = []
     if isinstance(source, (str, Path)):
         if group_by is not None:
             check_group_key(source, group_by)
-        src, meta, warnings = open_tokens(source, batch_rows)
-        run = _run_info(Path(source), meta)
-    else:
-        if group_by is not None and group_by not in source.columns:
-            group_metrics(source.iloc[:0], group_by)  # the one-line error
-        src = frame_tokens(source, batch_rows)
+    elif group_by is not None and group_by not in source.columns:
+        group_metrics(source.iloc[:0], group_by)  # the one-line error
+    src = report_tokens(source, batch_rows)
+    if src.meta is not None:
+        run = _run_info(Path(source), src.meta)  # type: ignore[arg-type]
     groups = [GroupAccumulator(group_by, tail)] if group_by is not None else []
     agg = scan(src, edges=e, by=by, tail=tail, eps=eps, exact_limit=exact_limit, extras=groups)
-    result = report(agg, run, warnings, sequences)
+    result = report(agg, run, src.warnings)
     if groups:
         result["group_by"] = group_by
         result["groups"] = json_ready(groups[0].result())
@@ -1295,15 +1279,12 @@ def report(
     agg: Aggregates,
     run: dict[str, Any] | None = None,
     warnings: Sequence[str] = (),
-    sequences: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """The report dict of `analyze` from a scan's aggregates."""
     warnings = list(warnings)
     seqs = agg.sequences()
     n_seq_inf = int((seqs["num_infinite"] > 0).sum())
     num_sequences = agg.num_sequences
-    if sequences is not None and "seq_id" in sequences.columns:
-        num_sequences = max(num_sequences, int(sequences["seq_id"].nunique()))
     if agg.num_infinite:
         warnings.append(
             f"{agg.num_infinite} token(s) have an infinite delta (kept-set disagreement): "
@@ -1366,7 +1347,6 @@ __all__ = [
     "DEFAULT_TAIL",
     "GROUP_KEYS",
     "NO_EPS_HAT_ESTIMATOR",
-    "REQUIRED_COLUMNS",
     "Aggregates",
     "Batch",
     "EnvelopeCounts",
@@ -1382,17 +1362,14 @@ __all__ = [
     "eps_needed",
     "estimate_eps",
     "fit_slope",
-    "frame_tokens",
     "group_metrics",
-    "json_ready",
     "length_bins",
-    "open_tokens",
     "parse_edges",
     "quantile_with_inf",
     "report",
+    "report_tokens",
     "rl_metrics",
     "scan",
     "sequence_stats",
     "tail_bias",
-    "verdict",
 ]

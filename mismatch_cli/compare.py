@@ -16,13 +16,11 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .analysis import DEFAULT_EDGES, bucket_index, open_tokens, parse_edges, report, scan
+from .analysis import DEFAULT_EDGES, bucket_index, parse_edges, report, report_tokens, scan
 from .errors import MismatchError
-from .grouped import BATCH_ROWS, TokenBatches
 from .results import json_ready
-from .runs import open_run, read_tokens, run_labels
-from .schema import TOKENS_FILE
-from .tokens import prefetch, require_columns
+from .runs import RunMeta, read_tokens, run_labels
+from .tokens import BATCH_ROWS, TokenBatches, open_run_tokens, prefetch
 
 # The headline metrics, in display order: (key, label). The ratio to the first run is
 # given for each.
@@ -40,13 +38,11 @@ HEADLINE: tuple[tuple[str, str], ...] = (
 SIDES = ("train", "infer")
 
 
-def describe_sides(meta: dict[str, Any]) -> tuple[str, str]:
+def describe_sides(meta: RunMeta) -> tuple[str, str]:
     """Short descriptions of a run's inference and training sides, e.g. ("vllm decode
     bfloat16", "transformers float32 eager, batch 4096 tokens"), from run.json's `engines`
     (and `config` for runs that predate a key)."""
-    cfg = meta.get("config") or {}
-    eng = meta.get("engines") or {}
-    inf, tr = eng.get("infer") or {}, eng.get("train") or {}
+    cfg, inf, tr = meta.config, meta.infer, meta.train
 
     def words(*xs: Any) -> str:
         return " ".join(str(x) for x in xs if x)
@@ -81,10 +77,11 @@ def run_summary(
     one streamed `analysis.scan` (the report) and the p99 of |delta| over finite tokens
     (exact up to the scan's exact limit, the sketch beyond)."""
     path = Path(path)
-    _, meta = open_run(path, allow_incomplete=False)
-    src, meta, warnings = open_tokens(path, batch_rows)
+    src = report_tokens(path, batch_rows, complete=True)
+    meta = src.meta
+    assert meta is not None
     agg = scan(src, edges=parse_edges(edges))
-    rep = report(agg, None, warnings)
+    rep = report(agg, None, src.warnings)
     p99 = float(agg.abs_delta_quantile(0.99)[0]) if agg.num_finite else math.nan
     m = rep["metrics"]
     dist = rep.get("distribution_level") or {}
@@ -94,7 +91,7 @@ def run_summary(
         "path": str(path),
         "inference": infer,
         "training": train,
-        "rescored_from": (meta.get("rescored_from") or {}).get("run"),
+        "rescored_from": meta.rescored_from.get("run"),
         "num_tokens": rep["num_tokens"],
         "num_infinite": rep["num_infinite"],
         "mean_abs_delta": m["mean_abs_delta"],
@@ -202,13 +199,11 @@ class _Moves:
 
 
 def _move_source(path: str | Path, batch_rows: int) -> TokenBatches:
-    """A run's tokens.parquet as TokenBatches, with the columns `moved` reads."""
-    file = Path(path) / TOKENS_FILE
-    if not file.is_file():
-        read_tokens(path, _MOVE_COLUMNS)  # the one-line error of a run without tokens
-    src = TokenBatches(file, batch_rows)
-    require_columns(src.columns, _MOVE_COLUMNS, file)
-    return src
+    """A run's tokens.parquet as TokenBatches, with the columns `moved` reads (an empty
+    table moves nothing; an incomplete run is compared as it is)."""
+    return open_run_tokens(
+        path, verb="compare", needed=_MOVE_COLUMNS, batch_rows=batch_rows, allow_empty=True
+    )
 
 
 def _aligned(src_a: TokenBatches, src_b: TokenBatches, acc: _Moves) -> bool:

@@ -1,34 +1,17 @@
-"""Every published training-inference mismatch correction applied to a run's stored tokens
-(`mismatch corrections RUN`): what each one masks, clips, leaves behind and costs.
+"""`mismatch corrections RUN`: every correction of `correction_rules` applied to a run's
+stored tokens, side by side: what each one masks, clips, leaves behind and costs, the
+Pareto front and the decision (docs/corrections.md shows how to read the result).
 
-Notation (docs/theory.md, "9. Mismatch corrections"; docs/corrections.md shows how to read
-the result):
-    delta_t = logp_infer - logp_train      this tool's sign
-    d_t     = -delta_t                     every framework's log_ratio (train - rollout)
-    r_t     = exp(d_t)                     the token importance ratio pi_train / pi_infer
-    S_i     = sum_t d_t                    sequence log-ratio: exp(S_i) is the product ratio
-    G_i     = S_i / T_i                    its geometric mean, T_i = token rows of sequence i
-
-Each method is one pure function `rule(delta [N], seq [N], **params) -> Applied` (weights,
-masks, clipping); a sequence-level rule decides per sequence (`decide_*`) from sums over its
-token rows in float64 (`SeqView`, never from sequences.parquet), then broadcasts the
-decision to the tokens. No Python loop runs over tokens or sequences.
-
-Memory: `corrections(path)` streams the token table in batches (`grouped.TokenBatches`), in
+Memory: `corrections(path)` streams the token table in batches (`tokens.TokenBatches`), in
 three passes: seq_id (and step); the per-sequence sums and the DVP rules' sweeps; every
 method on each batch, each accumulating its summaries (`Summary`: counts and sums, [S]
 per-sequence kept rows and weights). Nothing of size N (tokens) is held beyond a batch.
 Counts, sums, means, maxima, ESS and shares are exact (float64, summed batch by batch); the
-p99 |delta| each method leaves is exact up to `grouped.EXACT_LIMIT` finite tokens and from
-the quantile sketch beyond (relative error <= 0.5%; the result's `quantiles` key says
-which). A token with an infinite delta (the training
-side's own truncation removed it; `kept_train` False) is masked by every method, since no
-framework can give it a finite weight, and a sequence holding one is masked by every
-sequence-level method.
-
-Ratios that become weights are exp of the log-ratio clamped to +-20 (verl's SAFETY_BOUND,
-SkyRL's safe_exp_delta; `metrics.importance_ratio`): the clamp only changes weights below
-exp(-20) or above every cap, never a mask decision at the shipped bounds.
+p99 |delta| each method leaves is exact up to `quantiles.EXACT_LIMIT` finite tokens and
+from the quantile sketch beyond (relative error <= 0.5%; the result's `quantiles` key says
+which). A token with an infinite delta (the training side's own truncation removed it;
+`kept_train` False) is masked by every method, since no framework can give it a finite
+weight, and a sequence holding one is masked by every sequence-level method.
 
 The DVP rows (`dvp-minp`, `dvp-abs`) are the seed paper's pruning, taken from `sweep.py`:
 its recommendation rule picks rho (unless `--rho` / `--set dvp-*.rho=` gives one), its
@@ -45,7 +28,7 @@ No torch here: the command must start fast.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,455 +37,26 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
+from .correction_rules import (
+    METHODS,
+    SEQ_DECISIONS,
+    Applied,
+    SeqAccumulator,
+    SeqDecision,
+    check_methods,
+    resolve_params,
+    rule_dvp,
+    rule_none,
+)
 from .errors import MismatchError
 from .formatting import fmt, pct
-from .grouped import (
-    BATCH_ROWS,
-    EXACT_LIMIT,
-    BatchSeqs,
-    KeyedQuantiles,
-    SeqIndex,
-    TokenBatches,
-    distinct,
-)
+from .per_sequence import BatchSeqs, SeqIndex, distinct
+from .quantiles import EXACT_LIMIT, KeyedQuantiles
 from .results import json_ready
+from .tokens import BATCH_ROWS, TokenBatches, frame_tokens, open_run_tokens
 
 LOG2 = math.log(2.0)
 RATIO_BAND = (0.5, 2.0)  # left_frac_ratio_outside_0.5_2
-
-# ----------------------------------------------------------------------------- rules
-
-
-@dataclass(frozen=True)
-class Applied:
-    """What a rule does to each token (N token rows)."""
-
-    weight: np.ndarray  # [N] float64: the weight after the rule, 0 where masked
-    masked: np.ndarray  # [N] bool: carries no gradient (weight zeroed or token dropped)
-    clipped: np.ndarray  # [N] bool: weight changed by a cap or clip (never a masked token)
-    excess: np.ndarray | None  # [N] float64: |raw weight - weight| where clipped (None: 0)
-
-
-@dataclass(frozen=True)
-class SeqView:
-    """The sequences as the sequence-level rules see them: sums over each sequence's token
-    rows in float64 (S sequences), accumulated batch by batch (`SeqAccumulator`)."""
-
-    S: np.ndarray  # [S] sum_t d_t over the finite tokens
-    T: np.ndarray  # [S] token rows
-    has_inf: np.ndarray  # [S] holds a token with an infinite delta
-    k3_sum: np.ndarray  # [S] sum_t exp(d_t) - 1 - d_t, d_t clamped to +-20 (0 if infinite)
-    d_min: np.ndarray  # [S] smallest finite d_t (+inf if none): the veto's test
-    exp_abs_sum: np.ndarray  # [S] sum_t exp(|d_t|) (1 for an infinite token; inf past 709)
-
-    @property
-    def G(self) -> np.ndarray:
-        """[S] geometric-mean log-ratio S / T."""
-        return self.S / np.maximum(self.T, 1)
-
-
-class SeqAccumulator:
-    """A `SeqView` summed over batches of token rows (a sequence may span batches)."""
-
-    def __init__(self, num_sequences: int) -> None:
-        S = int(num_sequences)
-        self.S, self.T, self.n_inf = np.zeros(S), np.zeros(S), np.zeros(S)
-        self.k3_sum, self.exp_abs_sum = np.zeros(S), np.zeros(S)
-        self.d_min = np.full(S, np.inf)
-
-    def add(self, delta: np.ndarray, bs: BatchSeqs) -> None:
-        """Add token rows: delta [n] (+inf where not finite), bs their sequences."""
-        fin = np.isfinite(delta)
-        d = np.where(fin, -delta, 0.0)  # [n]
-        bs.add(self.S, d)
-        self.T[bs.ids] += bs.part.sizes()
-        bs.add(self.n_inf, ~fin)
-        dc = np.clip(d, -metrics.LOG_RATIO_CLAMP, metrics.LOG_RATIO_CLAMP)
-        bs.add(self.k3_sum, np.expm1(dc) - dc)
-        bs.minimum(self.d_min, np.where(fin, d, np.inf))
-        with np.errstate(over="ignore"):
-            bs.add(self.exp_abs_sum, np.exp(np.abs(d)))
-
-    def view(self) -> SeqView:
-        return SeqView(self.S, self.T, self.n_inf > 0, self.k3_sum, self.d_min, self.exp_abs_sum)
-
-
-def seq_view(delta: np.ndarray, seq: np.ndarray) -> SeqView:
-    """S, T, G and the other sums of every sequence (`seq`: indices 0..S-1), in memory."""
-    seq = np.asarray(seq, dtype=np.int64)
-    acc = SeqAccumulator(int(seq.max()) + 1 if seq.size else 0)
-    acc.add(np.asarray(delta, dtype=np.float64), BatchSeqs(seq))
-    return acc.view()
-
-
-def _clamped_exp(x: np.ndarray) -> np.ndarray:
-    """exp(clamp(x, +-20)), as verl's SAFETY_BOUND and SkyRL's safe_exp_delta."""
-    return np.exp(np.clip(x, -metrics.LOG_RATIO_CLAMP, metrics.LOG_RATIO_CLAMP))
-
-
-def _ratio_clamped(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(r = exp(clamp(d, +-20)) with d = -delta, 0 where delta is not finite; finite). [N]"""
-    fin = np.isfinite(delta)
-    r = _clamped_exp(np.where(fin, -delta, 0.0))
-    r[~fin] = 0.0
-    return r, fin
-
-
-def _token_result(
-    fin: np.ndarray, weight: np.ndarray, masked: np.ndarray | None,
-    clipped: np.ndarray | None = None, excess: np.ndarray | None = None,
-) -> Applied:  # fmt: skip
-    """A token rule's result: infinite-delta tokens masked, masked tokens weight 0."""
-    masked = ~fin if masked is None else masked | ~fin
-    if clipped is None:
-        clipped = np.zeros(fin.shape, bool)
-    else:
-        clipped &= ~masked
-        excess = np.where(clipped, excess, 0.0) if excess is not None else None
-    weight[masked] = 0.0
-    return Applied(weight, masked, clipped, excess if clipped.any() else None)
-
-
-@dataclass(frozen=True)
-class SeqDecision:
-    """A sequence-level rule decided per sequence [S] (once, from the `SeqView`): weight
-    (None: 1), dropped, clipped (None: none) and the clipped excess. A sequence holding an
-    infinite delta is dropped whole."""
-
-    weight: np.ndarray  # [S] float64, 0 where dropped
-    drop: np.ndarray  # [S] bool
-    clip: np.ndarray | None  # [S] bool, never a dropped sequence
-    excess: np.ndarray | None  # [S] float64, 0 where not clipped
-
-    @classmethod
-    def of(
-        cls, v: SeqView, w_seq: np.ndarray | None, drop_seq: np.ndarray | None,
-        clip_seq: np.ndarray | None = None, excess_seq: np.ndarray | None = None,
-    ) -> SeqDecision:  # fmt: skip
-        drop = v.has_inf if drop_seq is None else drop_seq | v.has_inf  # [S]
-        w = np.ones(drop.shape) if w_seq is None else w_seq.astype(np.float64, copy=True)
-        w[drop] = 0.0
-        if clip_seq is None:
-            return cls(w, drop, None, None)
-        clip = clip_seq & ~drop
-        exc = np.where(clip, excess_seq, 0.0) if excess_seq is not None else None
-        return cls(w, drop, clip, exc)
-
-    def tokens(self, seq: np.ndarray) -> Applied:
-        """The decision broadcast to token rows of sequences seq [n]."""
-        if self.clip is None:
-            return Applied(self.weight[seq], self.drop[seq], np.zeros(seq.shape, bool), None)
-        clip = self.clip[seq]
-        has = self.excess is not None and bool(clip.any())
-        return Applied(self.weight[seq], self.drop[seq], clip, self.excess[seq] if has else None)  # type: ignore[index]
-
-
-def _view(delta: np.ndarray, seq: np.ndarray, view: SeqView | None) -> SeqView:
-    return seq_view(delta, seq) if view is None else view
-
-
-def rule_none(delta: np.ndarray, seq: np.ndarray) -> Applied:
-    """No correction: weight 1 (only the infinite-delta tokens are masked)."""
-    fin = np.isfinite(delta)
-    return _token_result(fin, np.ones(delta.shape), None)
-
-
-def rule_tis_token(delta: np.ndarray, seq: np.ndarray, C: float) -> Applied:
-    """Truncated IS per token: w_t = min(r_t, C) (verl, SkyRL, TRL token_truncate)."""
-    r, fin = _ratio_clamped(delta)
-    over = r > C
-    return _token_result(fin, np.minimum(r, C), None, over, r - C)
-
-
-def rule_cispo(delta: np.ndarray, seq: np.ndarray, cap: float) -> Applied:
-    """CISPO's clamp: w_t = min(r_t, cap), the cap being TRL's epsilon_high itself."""
-    return rule_tis_token(delta, seq, cap)
-
-
-def rule_icepop(delta: np.ndarray, seq: np.ndarray, lo: float, hi: float) -> Applied:
-    """IcePop: w_t = r_t if lo <= r_t <= hi, else 0 (masked)."""
-    r, fin = _ratio_clamped(delta)
-    return _token_result(fin, r, ~((r >= lo) & (r <= hi)))
-
-
-def rule_dvp(delta: np.ndarray, seq: np.ndarray, kept: np.ndarray) -> Applied:
-    """DVP: drop the sampled tokens outside the safe vocabulary (`kept` [N] from
-    `sweep.kept_mask` on the training side's support); weight 1 on the others."""
-    return _token_result(np.isfinite(delta), np.ones(delta.shape), ~kept)
-
-
-# Sequence-level rules: `decide_*(view, **params)` once per run, then `SeqDecision.tokens`
-# per batch; `rule_*(delta, seq, **params)` is both on one table (view: its `SeqView`).
-
-
-def decide_tis_seq(v: SeqView, C: float) -> SeqDecision:
-    """Truncated IS per sequence: min(exp(clamp(S, +-20)), C) (verl, SkyRL)."""
-    eS = _clamped_exp(v.S)  # [S]
-    return SeqDecision.of(v, np.minimum(eS, C), None, eS > C, eS - C)
-
-
-def decide_seq_mask_product(v: SeqView, lo: float, hi: float) -> SeqDecision:
-    """Drop the sequence if exp(S) is outside [lo, hi] (SkyRL's product mask); weight 1."""
-    eS = _clamped_exp(v.S)
-    return SeqDecision.of(v, None, ~((eS >= lo) & (eS <= hi)))
-
-
-def decide_seq_mask_geo(v: SeqView, lo: float, hi: float) -> SeqDecision:
-    """Drop the sequence if exp(G) = exp(S / T) is outside [lo, hi] (SkyRL's geometric mask)."""
-    eG = _clamped_exp(v.G)
-    return SeqDecision.of(v, None, ~((eG >= lo) & (eG <= hi)))
-
-
-def decide_seq_mask_k3(v: SeqView, tau: float) -> SeqDecision:
-    """Drop the sequence if mean_t k3_t > tau, k3_t = r_t - 1 - log r_t on the +-20-clamped
-    log-ratio (verl's seq_mean_k3)."""
-    return SeqDecision.of(v, None, v.k3_sum / np.maximum(v.T, 1) > tau)
-
-
-def decide_seq_veto(v: SeqView, tau: float) -> SeqDecision:
-    """Drop the sequence if any token has r_t < tau, i.e. d_t < log tau (slime's
-    rs_veto_threshold, verl's removed veto, SkyRL's outlier_token_is_threshold_low)."""
-    return SeqDecision.of(v, None, v.d_min < math.log(tau))
-
-
-def decide_gspo_clip(v: SeqView, lo: float, hi: float) -> SeqDecision:
-    """GSPO's sequence ratio exp(G) clipped to [lo, hi]; every token gets the clipped value."""
-    eG = _clamped_exp(v.G)
-    w = np.clip(eG, lo, hi)
-    return SeqDecision.of(v, w, None, (eG < lo) | (eG > hi), np.abs(eG - w))
-
-
-def decide_nemo_seq_mult(v: SeqView, tau: float) -> SeqDecision:
-    """Drop the sequence if mean_t exp(|delta_t|) > tau (NeMo-RL's seq_logprob_error_threshold)."""
-    mult = v.exp_abs_sum / np.maximum(v.T, 1)  # [S]; inf past |delta| > 709: dropped
-    return SeqDecision.of(v, None, ~(mult <= tau))
-
-
-def rule_tis_seq(
-    delta: np.ndarray, seq: np.ndarray, C: float, *, view: SeqView | None = None
-) -> Applied:
-    """Truncated IS per sequence: every token gets min(exp(clamp(S, +-20)), C) (verl, SkyRL)."""
-    return decide_tis_seq(_view(delta, seq, view), C).tokens(seq)
-
-
-def rule_seq_mask_product(
-    delta: np.ndarray, seq: np.ndarray, lo: float, hi: float, *, view: SeqView | None = None
-) -> Applied:
-    """Drop the sequence if exp(S) is outside [lo, hi] (SkyRL's product mask); weight 1."""
-    return decide_seq_mask_product(_view(delta, seq, view), lo, hi).tokens(seq)
-
-
-def rule_seq_mask_geo(
-    delta: np.ndarray, seq: np.ndarray, lo: float, hi: float, *, view: SeqView | None = None
-) -> Applied:
-    """Drop the sequence if exp(G) = exp(S / T) is outside [lo, hi] (SkyRL's geometric mask)."""
-    return decide_seq_mask_geo(_view(delta, seq, view), lo, hi).tokens(seq)
-
-
-def rule_seq_mask_k3(
-    delta: np.ndarray, seq: np.ndarray, tau: float, *, view: SeqView | None = None
-) -> Applied:
-    """Drop the sequence if mean_t k3_t > tau (verl's seq_mean_k3, clamped log-ratio)."""
-    return decide_seq_mask_k3(_view(delta, seq, view), tau).tokens(seq)
-
-
-def rule_seq_veto(
-    delta: np.ndarray, seq: np.ndarray, tau: float, *, view: SeqView | None = None
-) -> Applied:
-    """Drop the sequence if any token has r_t < tau (slime, verl, SkyRL's outlier low)."""
-    return decide_seq_veto(_view(delta, seq, view), tau).tokens(seq)
-
-
-def rule_gspo_clip(
-    delta: np.ndarray, seq: np.ndarray, lo: float, hi: float, *, view: SeqView | None = None
-) -> Applied:
-    """GSPO's sequence ratio exp(G) clipped to [lo, hi]; every token gets the clipped value."""
-    return decide_gspo_clip(_view(delta, seq, view), lo, hi).tokens(seq)
-
-
-def rule_nemo_seq_mult(
-    delta: np.ndarray, seq: np.ndarray, tau: float, *, view: SeqView | None = None
-) -> Applied:
-    """Drop the sequence if mean_t exp(|delta_t|) > tau (NeMo-RL)."""
-    return decide_nemo_seq_mult(_view(delta, seq, view), tau).tokens(seq)
-
-
-# rule -> its per-sequence decision (the streamed path decides once, applies per batch)
-SEQ_DECISIONS: dict[Callable[..., Applied], Callable[..., SeqDecision]] = {
-    rule_tis_seq: decide_tis_seq,
-    rule_seq_mask_product: decide_seq_mask_product,
-    rule_seq_mask_geo: decide_seq_mask_geo,
-    rule_seq_mask_k3: decide_seq_mask_k3,
-    rule_seq_veto: decide_seq_veto,
-    rule_gspo_clip: decide_gspo_clip,
-    rule_nemo_seq_mult: decide_nemo_seq_mult,
-}
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class Method:
-    """One correction: its rule, the level it masks at, defaults, the formula and source."""
-
-    name: str
-    level: str  # "token" or "sequence"
-    rule: Callable[..., Applied] | None  # None for DVP (built from the sweep)
-    defaults: Mapping[str, float | None]
-    formula: str
-    source: str
-    dvp_rule: str | None = None  # sweep rule of a DVP row
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("none", "token", rule_none, {}, "w = 1", "no correction"),
-        Method(
-            "tis-token", "token", rule_tis_token, {"C": 2.0}, "w = min(r, C)",
-            "verl token TIS, SkyRL token_tis_ratio_clip_high, TRL token_truncate",
-        ),
-        Method(
-            "tis-seq", "sequence", rule_tis_seq, {"C": 5.0}, "w = min(exp(S), C) per sequence",
-            "SkyRL sequence_tis_ratio_clip_high, verl rollout_is=sequence",
-        ),
-        Method(
-            "icepop", "token", rule_icepop, {"lo": 0.5, "hi": 5.0},
-            "w = r if lo <= r <= hi else 0", "verl decoupled_token_icepop, OpenRLHF icepop",
-        ),
-        Method(
-            "icepop-narrow", "token", rule_icepop, {"lo": 0.5, "hi": 2.0},
-            "w = r if lo <= r <= hi else 0", "SkyRL token_mask_is_threshold (docs), TRL token_mask",
-        ),
-        Method(
-            "seq-mask-product", "sequence", rule_seq_mask_product, {"lo": 0.5, "hi": 2.0},
-            "drop sequence if exp(S) outside [lo, hi]", "SkyRL product mask, verl seq_sum_k1",
-        ),
-        Method(
-            "seq-mask-geo", "sequence", rule_seq_mask_geo, {"lo": 0.99, "hi": 1.01},
-            "drop sequence if exp(G) outside [lo, hi]", "SkyRL geometric mask (verl: 0.999_1.001)",
-        ),
-        Method(
-            "seq-mask-k3", "sequence", rule_seq_mask_k3, {"tau": 0.01},
-            "drop sequence if mean_t k3_t > tau", "verl seq_mean_k3",
-        ),
-        Method(
-            "seq-veto", "sequence", rule_seq_veto, {"tau": 1e-4},
-            "drop sequence if any r_t < tau", "slime rs_veto_threshold, SkyRL outlier low",
-        ),
-        Method(
-            "gspo-clip", "sequence", rule_gspo_clip, {"lo": 1 - 3e-4, "hi": 1 + 4e-4},
-            "w = clip(exp(G), lo, hi) per sequence", "GSPO (TRL docs recipe, OpenRLHF gspo)",
-        ),
-        Method(
-            "cispo", "token", rule_cispo, {"cap": 5.0}, "w = min(r, cap)",
-            "TRL cispo (cap = epsilon_high)",
-        ),
-        Method(
-            "nemo-seq-mult", "sequence", rule_nemo_seq_mult, {"tau": 1.5},
-            "drop sequence if mean_t exp(|delta_t|) > tau",
-            "NeMo-RL seq_logprob_error_threshold",
-        ),
-        Method(
-            "dvp-minp", "token", None, {"rho": None},
-            "drop tokens with p < rho * max p (training side)", "seed paper, sweep-threshold",
-            dvp_rule="min-p",
-        ),
-        Method(
-            "dvp-abs", "token", None, {"rho": None}, "drop tokens with p < rho (training side)",
-            "seed paper, sweep-threshold --rule absolute", dvp_rule="absolute",
-        ),
-    )
-}  # fmt: skip
-METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
-
-# Domain of every parameter key: (test, words for the error).
-_DOMAINS: dict[str, tuple[Callable[[float], bool], str]] = {
-    "C": (lambda v: v > 0, "> 0"),
-    "cap": (lambda v: v > 0, "> 0"),
-    "tau": (lambda v: v > 0, "> 0"),
-    "lo": (lambda v: v >= 0, ">= 0"),
-    "hi": (lambda v: v > 0, "> 0"),
-    "rho": (lambda v: 0 < v < 1, "in (0, 1)"),
-}
-
-
-def check_methods(names: Iterable[str] | None) -> list[str]:
-    """Validated method names, in registry order (all when None or empty). Each value may
-    be a comma-separated list (`--method icepop,tis-token`)."""
-    if names is None:
-        return list(METHOD_NAMES)
-    picked: list[str] = []
-    for v in names:
-        for part in str(v).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if part not in METHODS:
-                raise MismatchError(
-                    f"unknown method {part!r}; choose from {', '.join(METHOD_NAMES)}"
-                )
-            picked.append(part)
-    if not picked:
-        raise MismatchError(f"--method needs at least one of {', '.join(METHOD_NAMES)}")
-    return [n for n in METHOD_NAMES if n in picked]
-
-
-def parse_sets(values: Iterable[str] | None) -> dict[str, dict[str, float]]:
-    """`--set NAME.KEY=VALUE` overrides (each value may hold several, comma-separated) as
-    {name: {key: value}}; names and keys checked here, domains in `resolve_params`."""
-    out: dict[str, dict[str, float]] = {}
-    for v in values or ():
-        for item in str(v).split(","):
-            item = item.strip()
-            if not item:
-                continue
-            lhs, eq, rhs = item.partition("=")
-            name, dot, key = lhs.strip().rpartition(".")
-            if not (eq and dot and name and key and rhs.strip()):
-                raise MismatchError(
-                    f"--set {item!r} is not NAME.KEY=VALUE (e.g. --set tis-token.C=3)"
-                )
-            if name not in METHODS:
-                raise MismatchError(
-                    f"--set {item!r}: unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}"
-                )
-            keys = list(METHODS[name].defaults)
-            if key not in keys:
-                has = f"its parameters: {', '.join(keys)}" if keys else "it has no parameters"
-                raise MismatchError(f"--set {item!r}: {name} has no parameter {key!r} ({has})")
-            try:
-                value = float(rhs)
-            except ValueError:
-                raise MismatchError(f"--set {item!r}: {rhs.strip()!r} is not a number") from None
-            out.setdefault(name, {})[key] = value
-    return out
-
-
-def resolve_params(
-    name: str, overrides: Mapping[str, float] | None = None, rho: float | None = None
-) -> dict[str, float | None]:
-    """A method's parameters: defaults, then `rho` (DVP rows), then `overrides`; each value
-    checked against its domain (finite, C/cap/tau/hi > 0, lo >= 0, lo <= hi, rho in (0, 1))."""
-    m = METHODS[name]
-    params: dict[str, float | None] = dict(m.defaults)
-    if m.dvp_rule is not None and rho is not None:
-        params["rho"] = float(rho)
-    for k, v in (overrides or {}).items():
-        if k not in params:
-            raise MismatchError(f"{name} has no parameter {k!r}")
-        params[k] = float(v)
-    for k, v in params.items():
-        if v is None:
-            continue
-        test, words = _DOMAINS[k]
-        if not (math.isfinite(v) and test(v)):
-            flag = "--rho" if k == "rho" and rho is not None and v == rho else f"{name}.{k}"
-            raise MismatchError(f"{flag} must be {words}, got {v:g}")
-    if "lo" in params and params["lo"] > params["hi"]:  # type: ignore[operator]
-        raise MismatchError(f"{name}.lo ({params['lo']:g}) must be <= {name}.hi ({params['hi']:g})")
-    return params
 
 
 # ----------------------------------------------------------------------------- run tokens
@@ -607,8 +161,7 @@ def run_tokens(df: pd.DataFrame, edges: Sequence[float] | np.ndarray | None = No
     kept_train, advantage, step, p_max_train): the streamed path's batch, in one batch."""
     from .analysis import parse_edges
 
-    src = TokenBatches(df)
-    _check_table(src.columns, src.num_rows, "the token table")
+    src = frame_tokens(df, verb="correct", needed=BASE_COLUMNS, batch_rows=max(len(df), 1))
     cols = [*BASE_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in src.columns)]
     (b,) = src.read(cols, batch_rows=src.num_rows)
     seqs = SeqIndex.scan([b["seq_id"]])
@@ -621,14 +174,6 @@ def _step_values(chunks: Iterable[np.ndarray]) -> np.ndarray | None:
     parts = [distinct(c[~np.asarray(pd.isna(c), dtype=bool)]) for c in chunks]
     parts = [p for p in parts if p.size]
     return np.unique(np.concatenate(parts)) if parts else None
-
-
-def _check_table(columns: Sequence[str], num_rows: int, name: str) -> None:
-    missing = [c for c in BASE_COLUMNS if c not in columns]
-    if missing:
-        raise MismatchError(f"{name} lacks column(s) {', '.join(missing)}")
-    if num_rows == 0:
-        raise MismatchError("the run has no tokens: nothing to correct")
 
 
 def _totals(t: RunTokens) -> dict[str, Any]:
@@ -649,16 +194,6 @@ def _totals(t: RunTokens) -> dict[str, Any]:
         tot["step"] = np.bincount(t.step + 1, minlength=K + 1)[1:]
         tot["step_abs"] = np.bincount(t.step + 1, weights=t.abs_delta, minlength=K + 1)[1:]
     return tot
-
-
-def _open(
-    path: str | Path, batch_rows: int
-) -> tuple[TokenBatches, dict[str, Any], list[str], Path]:
-    """A run's tokens.parquet as TokenBatches (nothing read yet), run.json, warnings (an
-    incomplete run is read as it is) and the run's path."""
-    from .tokens import open_run_tokens
-
-    return open_run_tokens(path, batch_rows, "correct", BASE_COLUMNS)
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -857,6 +392,7 @@ def summarize(a: Applied, t: RunTokens) -> dict[str, Any]:
 METHOD_KEYS: tuple[str, ...] = (
     "name",
     "level",
+    "kind",
     "params",
     "skipped",
     "tokens_masked",
@@ -887,12 +423,14 @@ SCALAR_KEYS: tuple[str, ...] = tuple(
 
 def _skipped(name: str, params: dict[str, Any], why: str) -> dict[str, Any]:
     row = dict.fromkeys(METHOD_KEYS)
-    row.update(name=name, level=METHODS[name].level, params=params, skipped=why)
+    m = METHODS[name]
+    row.update(name=name, level=m.level, kind=m.kind, params=params, skipped=why)
     return row
 
 
 def _row(name: str, params: dict[str, Any], summary: dict[str, Any], bias: Any = None) -> dict:
-    row = {"name": name, "level": METHODS[name].level, "params": params, "skipped": None}
+    m = METHODS[name]
+    row = {"name": name, "level": m.level, "kind": m.kind, "params": params, "skipped": None}
     row.update(summary)
     row["bias_bound"] = bias
     return {k: row[k] for k in METHOD_KEYS}
@@ -1068,19 +606,22 @@ def corrections(
     warnings: list[str] = []
     run = None
     scored: MismatchError | None = None
+    src: TokenBatches
     if isinstance(source, pd.DataFrame):
-        src, where = TokenBatches(source, batch_rows), "the token table"
-        _check_table(src.columns, src.num_rows, where)
+        src = frame_tokens(source, verb="correct", needed=BASE_COLUMNS, batch_rows=batch_rows)
+        where = "the token table"
     else:
         run = str(source)
-        src, meta, warnings, path = _open(source, batch_rows)
-        where = sw.run_where(path, meta)
+        src = open_run_tokens(source, verb="correct", needed=BASE_COLUMNS, batch_rows=batch_rows)
+        assert src.run is not None and src.meta is not None
+        warnings = src.warnings
+        where = sw.run_where(src.run, src.meta)
         try:
-            sw.check_scored_import(path, meta)
+            sw.check_scored_import(src.run, src.meta)
         except MismatchError as e:  # the DVP rows are skipped, the others work
             scored = e
-        if grid is None and meta.get("rho_grid"):
-            grid = meta["rho_grid"]
+        if grid is None and src.meta.rho_grid:
+            grid = src.meta.rho_grid
     e = parse_edges(edges)
     g = np.asarray(RHO_GRID if grid is None else grid, dtype=np.float64)
     have = set(src.columns)
@@ -1202,9 +743,7 @@ def corrections(
         "pareto_axes": {"x": x, "y": "left_k3"},
         "dvp_curves": curves,
         "warnings": warnings,
-        "quantiles": (
-            "exact" if quantiles.exact else f"sketch (relative error <= {quantiles.alpha:g})"
-        ),
+        "quantiles": quantiles.label,
         "conventions": CONVENTIONS,
     }
     result = json_ready(result)
@@ -1274,41 +813,19 @@ def rows_frame(result: dict[str, Any]) -> pd.DataFrame:
         )
         rec["pareto"] = r["name"] in result["pareto"]
         recs.append(rec)
-    cols = ["name", "level", "params", *SCALAR_KEYS[3:], "pareto"]
+    cols = ["name", "level", "kind", "params", *SCALAR_KEYS[4:], "pareto"]
     return pd.DataFrame(recs, columns=cols)
 
 
 __all__ = [
-    "METHODS",
+    "CONVENTIONS",
     "METHOD_KEYS",
-    "METHOD_NAMES",
-    "Applied",
-    "Method",
     "RunTokens",
-    "SeqAccumulator",
-    "SeqDecision",
-    "SeqView",
     "Summary",
-    "check_methods",
     "corrections",
     "pareto",
-    "parse_sets",
-    "resolve_params",
     "rows_frame",
-    "rule_cispo",
-    "rule_dvp",
-    "rule_gspo_clip",
-    "rule_icepop",
-    "rule_nemo_seq_mult",
-    "rule_none",
-    "rule_seq_mask_geo",
-    "rule_seq_mask_k3",
-    "rule_seq_mask_product",
-    "rule_seq_veto",
-    "rule_tis_seq",
-    "rule_tis_token",
     "run_tokens",
-    "seq_view",
     "summarize",
     "verdict",
 ]

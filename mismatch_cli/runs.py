@@ -101,6 +101,112 @@ def check_writable_dir(path: Path) -> None:
         raise MismatchError(f"cannot write to output directory {path}: {e.strerror or e}") from e
 
 
+_OBJECT_KEYS = ("config", "engines", "model", "sampling", "source", "summary", "rescored_from")
+
+
+class RunMeta(dict):
+    """A run's run.json, read: the dict itself (every key as written) plus typed accessors
+    for what readers ask of it, so no reader walks `meta.get(...) or {}` chains. An object
+    key that is absent reads as {} (older runs predate some); one that holds something other
+    than an object is refused when the file is read (`RunMeta.parse`)."""
+
+    @classmethod
+    def parse(cls, obj: Any, file: Path | str) -> RunMeta:
+        """`obj` (run.json's parsed content) checked: an object with a `status`, each of the
+        object-valued keys an object or null; else a one-line error naming `file`."""
+        if not isinstance(obj, dict):
+            raise RunNotFoundError(
+                f"{file} is not a run's metadata: it holds a JSON {type(obj).__name__}, not an object"
+            )
+        if "status" not in obj:
+            raise RunNotFoundError(
+                f"{file} lacks the key 'status': not a run written by mismatch (or a damaged one)"
+            )
+        for key in _OBJECT_KEYS:
+            if obj.get(key) is not None and not isinstance(obj[key], dict):
+                raise RunNotFoundError(
+                    f"{file}: '{key}' holds a {type(obj[key]).__name__}, not an object: "
+                    "the file is damaged"
+                )
+        return cls(obj)
+
+    def _object(self, key: str) -> dict[str, Any]:
+        return self.get(key) or {}
+
+    @property
+    def status(self) -> str:
+        return str(self.get("status") or STATUS_INCOMPLETE)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == STATUS_COMPLETE
+
+    @property
+    def command(self) -> str:
+        """The command that made the run (`measure` for runs that predate the key)."""
+        return str(self.get("command") or "measure")
+
+    @property
+    def format_version(self) -> int:
+        return int(self.get("format_version") or 0)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The measure settings (`MeasureConfig.to_dict`); {} for imports without one."""
+        return self._object("config")
+
+    @property
+    def engines(self) -> dict[str, Any]:
+        return self._object("engines")
+
+    @property
+    def infer(self) -> dict[str, Any]:
+        """The inference side's engine block (engine, dtype, mode, ...)."""
+        return self.engines.get("infer") or {}
+
+    @property
+    def train(self) -> dict[str, Any]:
+        """The training side's engine block (engine, dtype, attention, per_position, ...)."""
+        return self.engines.get("train") or {}
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self._object("model")
+
+    @property
+    def model_name(self) -> str | None:
+        return self.model.get("name") or self.config.get("model")
+
+    @property
+    def model_path(self) -> str | None:
+        return self.model.get("path")
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The sampling settings replayed on the training side (the config's for runs that
+        predate the `sampling` block)."""
+        return self._object("sampling") or self.config
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """Where imported tokens came from (format, files, mode); {} for measured runs."""
+        return self._object("source")
+
+    @property
+    def rescored_from(self) -> dict[str, Any]:
+        return self._object("rescored_from")
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self._object("summary")
+
+    @property
+    def rho_grid(self) -> list[float] | None:
+        """The run's pruning grid (None when run.json does not record one)."""
+        g = self.get("rho_grid")
+        return list(g) if g else None
+
+
 @dataclass
 class RunDir:
     """A run directory on disk (complete or not)."""
@@ -118,17 +224,22 @@ class RunDir:
     def exists(self) -> bool:
         return self.meta_path.is_file()
 
-    def read_meta(self) -> dict[str, Any]:
+    def read_meta(self) -> RunMeta:
+        """run.json, checked (`RunMeta.parse`); one-line errors for a missing, unreadable,
+        non-JSON or malformed file."""
         try:
-            return json.loads(self.meta_path.read_text())
+            obj = json.loads(self.meta_path.read_text())
         except FileNotFoundError as e:
             raise RunNotFoundError(
                 f"{self.path} is not a mismatch run (no {RUN_JSON}); create one with `mismatch measure`"
             ) from e
         except json.JSONDecodeError as e:
             raise RunNotFoundError(f"{self.meta_path} is not valid JSON: {e}") from e
+        except UnicodeDecodeError as e:
+            raise RunNotFoundError(f"{self.meta_path} is not text (damaged?): {e.reason}") from e
         except OSError as e:
             raise RunNotFoundError(f"{self.path} is not a run directory: {e.strerror or e}") from e
+        return RunMeta.parse(obj, self.meta_path)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         atomic_write_json(self.meta_path, meta)
@@ -391,13 +502,13 @@ def finish_hint(path: str | Path, meta: dict[str, Any] | None = None) -> str:
             meta = RunDir(Path(path)).read_meta()
         except MismatchError:
             meta = {}
-    command = meta.get("command", "measure")
+    command = meta.get("command") or "measure"
     if command == "measure":
         return f"finish it with `mismatch measure --resume --out {path}`"
     return f"it was interrupted: run `mismatch {command}` again with `--overwrite --out {path}`"
 
 
-def open_run(path: str | Path, *, allow_incomplete: bool = True) -> tuple[RunDir, dict[str, Any]]:
+def open_run(path: str | Path, *, allow_incomplete: bool = True) -> tuple[RunDir, RunMeta]:
     """Open a run for reading; raise a clear error if it is not one (or not complete)."""
     run = RunDir(Path(path))
     if not run.path.exists():
@@ -405,11 +516,8 @@ def open_run(path: str | Path, *, allow_incomplete: bool = True) -> tuple[RunDir
     if not run.path.is_dir():
         raise RunNotFoundError(f"{run.path} is a file, not a run directory")
     meta = run.read_meta()
-    status = meta.get("status")
-    if status != STATUS_COMPLETE and not allow_incomplete:
-        raise IncompleteRunError(
-            f"run {run.path} is {status or STATUS_INCOMPLETE}; {finish_hint(run.path, meta)}"
-        )
+    if not meta.complete and not allow_incomplete:
+        raise IncompleteRunError(f"run {run.path} is {meta.status}; {finish_hint(run.path, meta)}")
     return run, meta
 
 
@@ -464,6 +572,7 @@ __all__ = [
     "STATUS_COMPLETE",
     "STATUS_INCOMPLETE",
     "RunDir",
+    "RunMeta",
     "atomic_write_json",
     "atomic_write_table",
     "check_writable_dir",

@@ -25,14 +25,14 @@ kept_train False) have p = 0 on the training sampling distribution: they are out
 safe set, so they count as pruned at every rho (and in the baseline's pruned fraction), and
 are excluded from every mean, as everywhere in the tool.
 
-Memory. `sweep(path)` streams the token table in batches (`grouped.TokenBatches`): a pass
+Memory. `sweep(path)` streams the token table in batches (`tokens.TokenBatches`): a pass
 over seq_id gives each row its sequence index, one pass over the sweep's columns fills a
 `SweepAccumulator` (every row at once). Memory holds one batch and S-sized arrays (S
 sequences), never a per-token array of the run, so a 10^8-token run fits in a few GB.
 Counts, sums, means, maxima, and the bias bound's mean and p95 (over the S per-sequence
 sums, which are kept) are exact; the p99 of kept |delta| is exact up to
-`grouped.EXACT_LIMIT` finite tokens and from the quantile sketch beyond (relative error
-<= 0.5%, `sketch.QuantileSketch`); the result's `quantiles` key says which.
+`quantiles.EXACT_LIMIT` finite tokens and from the quantile sketch beyond (relative error
+<= 0.5%, `quantiles.QuantileSketch`); the result's `quantiles` key says which.
 
 No torch here: the command must start fast.
 """
@@ -49,12 +49,14 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
-from .errors import MismatchError, RunNotFoundError
+from .errors import MismatchError
 from .formatting import number_list
-from .grouped import BATCH_ROWS, EXACT_LIMIT, BatchSeqs, KeyedQuantiles, SeqIndex, TokenBatches
+from .per_sequence import BatchSeqs, SeqIndex
+from .quantiles import EXACT_LIMIT, KeyedQuantiles
 from .results import json_ready
-from .runs import finish_hint, open_run
-from .schema import CONVENTIONS, FORMAT_VERSION, RHO_GRID, TOKENS_FILE
+from .runs import RunMeta
+from .schema import CONVENTIONS, FORMAT_VERSION, RHO_GRID
+from .tokens import BATCH_ROWS, TokenBatches, frame_tokens, open_run_tokens
 
 SWEEP_RULES: tuple[str, ...] = ("min-p", "absolute")
 MASS_COLUMN: dict[str, str] = {"min-p": "pruned_mass_minp", "absolute": "pruned_mass_abs"}
@@ -100,10 +102,10 @@ def _no_grid_error(where: str, column: str) -> MismatchError:
     )
 
 
-def check_scored_import(path: Path, meta: dict[str, Any]) -> None:
+def check_scored_import(path: Path, meta: RunMeta) -> None:
     """A run imported with both sides as dumped ("scored") has no training-side
     distribution, so no pruned-mass grid: say how to get one (`import --rescore`)."""
-    source = meta.get("source") or {}
+    source = meta.source
     if source.get("mode") == "scored":
         raise MismatchError(
             f"run {path} was imported from {source.get('format', 'a dump')} without rescoring: "
@@ -222,29 +224,25 @@ def rule_error(
     return None
 
 
-def run_where(path: Path, meta: dict[str, Any]) -> str:
+def run_where(path: Path, meta: RunMeta) -> str:
     """How errors name a run's token table (with its format version)."""
-    return f"run {path} (format_version {meta.get('format_version', 0)})"
+    return f"run {path} (format_version {meta.format_version})"
 
 
-def open_run_tokens(
-    path: str | Path, batch_rows: int = BATCH_ROWS
-) -> tuple[TokenBatches, dict[str, Any], Path]:
-    """A complete run's tokens.parquet as `TokenBatches` (nothing read yet), its run.json and
-    path; a run imported without rescoring is refused (`check_scored_import`)."""
-    run, meta = open_run(path, allow_incomplete=False)
-    check_scored_import(run.path, meta)
-    file = run.path / TOKENS_FILE
-    if not file.is_file():
-        raise RunNotFoundError(
-            f"{run.path} has no {TOKENS_FILE}: the run is incomplete or not a run "
-            f"({finish_hint(run.path, meta)})"
-        )
-    return TokenBatches(file, batch_rows), meta, run.path
+def sweep_tokens(path: str | Path, batch_rows: int = BATCH_ROWS) -> TokenBatches:
+    """A complete run's tokens.parquet as `TokenBatches` (`tokens.open_run_tokens`; the
+    columns are checked per rule by `rule_error`); a run imported without rescoring is
+    refused (`check_scored_import`)."""
+    src = open_run_tokens(
+        path, verb="sweep", needed=(), batch_rows=batch_rows, complete=True, allow_empty=True
+    )
+    assert src.run is not None and src.meta is not None
+    check_scored_import(src.run, src.meta)
+    return src
 
 
-def _grid_of(meta: dict[str, Any], grid: Sequence[float] | None) -> np.ndarray:
-    g = grid if grid is not None else (meta.get("rho_grid") or RHO_GRID)
+def _grid_of(meta: RunMeta, grid: Sequence[float] | None) -> np.ndarray:
+    g = grid if grid is not None else (meta.rho_grid or RHO_GRID)
     return np.asarray(g, dtype=np.float64)
 
 
@@ -305,17 +303,19 @@ def prepare(
     err = rule_error([str(c) for c in tokens.columns], len(tokens), rule)
     if err is not None:
         raise err
-    return _inputs(TokenBatches(tokens), rule, np.asarray(grid, dtype=np.float64))
+    src = frame_tokens(tokens, verb="sweep", needed=(), batch_rows=max(len(tokens), 1))
+    return _inputs(src, rule, np.asarray(grid, dtype=np.float64))
 
 
 def load(path: str | Path, rule: str = "min-p", grid: Sequence[float] | None = None) -> SweepInputs:
     """A run's sweep columns read into memory (grid: the run's `rho_grid`), for small runs
     and tests; `sweep(path)` streams instead."""
-    src, meta, run = open_run_tokens(path)
-    err = rule_error(src.columns, src.num_rows, rule, run_where(run, meta))
+    src = sweep_tokens(path)
+    assert src.run is not None and src.meta is not None
+    err = rule_error(src.columns, src.num_rows, rule, run_where(src.run, src.meta))
     if err is not None:
         raise err
-    return _inputs(src, rule, _grid_of(meta, grid))
+    return _inputs(src, rule, _grid_of(src.meta, grid))
 
 
 def _ratio(a: float, b: float) -> float:
@@ -618,8 +618,9 @@ def sweep(
         g = np.asarray(RHO_GRID if grid is None else grid, dtype=np.float64)
     else:
         run = str(source)
-        src, meta, path = open_run_tokens(source, batch_rows)
-        where, g = run_where(path, meta), _grid_of(meta, grid)
+        src = sweep_tokens(source, batch_rows)
+        assert src.run is not None and src.meta is not None
+        where, g = run_where(src.run, src.meta), _grid_of(src.meta, grid)
     err = rule_error(src.columns, src.num_rows, rule, where)
     if err is not None:
         raise err
@@ -669,7 +670,6 @@ __all__ = [
     "check_scored_import",
     "kept_mask",
     "load",
-    "open_run_tokens",
     "parse_rhos",
     "prepare",
     "recommend",
@@ -680,4 +680,5 @@ __all__ = [
     "scalar_columns",
     "sweep",
     "sweep_columns",
+    "sweep_tokens",
 ]

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mismatch_cli import correction_rules as R
 from mismatch_cli import corrections as C
 from mismatch_cli import sweep as sw
 from mismatch_cli.errors import MismatchError
@@ -34,7 +35,7 @@ ISSUE_KEYS = {
     "removed_token_share", "removed_abs_delta_share", "clipped_mass_per_seq", "bias_bound",
     "by_bucket", "by_step",
 }  # fmt: skip
-EXTRA_KEYS = {"level", "skipped", "removed_advantage_share"}
+EXTRA_KEYS = {"level", "kind", "skipped", "removed_advantage_share"}
 
 
 def arrays(seqs: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -68,10 +69,10 @@ def table(seqs: list[list[float]], p: float | list[float] = 0.5, **extra) -> pd.
 HAND = [[0.0, -LN3, LN4], [0.1, -0.1], [INF, 0.2], [12.0]]
 
 
-def rule(name: str, **over: float) -> C.Applied:
+def rule(name: str, **over: float) -> R.Applied:
     delta, seq = arrays(HAND)
-    params = C.resolve_params(name, over)
-    return C.METHODS[name].rule(delta, seq, **params)  # type: ignore[misc]
+    params = R.resolve_params(name, over)
+    return R.METHODS[name].rule(delta, seq, **params)  # type: ignore[misc]
 
 
 def test_hand_token_rules() -> None:
@@ -93,7 +94,7 @@ def test_hand_token_rules() -> None:
 
 
 def test_hand_sequence_rules() -> None:
-    def masked_seqs(a: C.Applied) -> list[int]:
+    def masked_seqs(a: R.Applied) -> list[int]:
         _, seq = arrays(HAND)
         return sorted({int(s) for s in seq[a.masked]})
 
@@ -239,7 +240,7 @@ TOKEN = st.one_of(
     st.sampled_from([INF, 12.0, -4.0, 0.0, 0.69, -0.7, 1e-3]),
 )
 SEQS = st.lists(st.lists(TOKEN, min_size=1, max_size=9), min_size=1, max_size=8)
-LOOP_METHODS = [n for n in C.METHOD_NAMES if C.METHODS[n].rule is not None]
+LOOP_METHODS = [n for n in R.METHOD_NAMES if R.METHODS[n].rule is not None]
 
 
 @settings(max_examples=60, deadline=None)
@@ -248,10 +249,10 @@ def test_rules_equal_a_brute_force_loop(seqs: list[list[float]], scale: float) -
     delta, seq = arrays(seqs)
     t = C.run_tokens(table(seqs))
     for name in LOOP_METHODS:
-        d = C.METHODS[name].defaults  # bounds widened or narrowed around 1, caps scaled
+        d = R.METHODS[name].defaults  # bounds widened or narrowed around 1, caps scaled
         p = {k: v**scale if k in ("lo", "hi") else v * scale for k, v in d.items()}
-        p = C.resolve_params(name, p)
-        a = C.METHODS[name].rule(delta, seq, **p)
+        p = R.resolve_params(name, p)
+        a = R.METHODS[name].rule(delta, seq, **p)
         ref = loop_rule(name, seqs, p)
         assert a.masked.tolist() == [m for _, m, _ in ref], name
         assert a.clipped.tolist() == [c for _, _, c in ref], name
@@ -297,28 +298,28 @@ def test_verl_definitions(seqs: list[list[float]]) -> None:
     # token TIS: raw = exp(clamp(log_ratio, +-SB)) * mask; weights = raw.clamp(max=upper)
     raw = np.exp(np.clip(lr, -SB, SB)) * mask
     np.testing.assert_allclose(
-        unpad(np.minimum(raw, 2.0), mask), C.rule_tis_token(delta, seq, C=2.0).weight
+        unpad(np.minimum(raw, 2.0), mask), R.rule_tis_token(delta, seq, C=2.0).weight
     )
     # token IcePop: where((raw >= lower) & (raw <= upper), raw, 0), "0.5_5.0"
     ice = np.where((raw >= 0.5) & (raw <= 5.0), raw, 0.0)
-    np.testing.assert_allclose(unpad(ice, mask), C.rule_icepop(delta, seq, lo=0.5, hi=5.0).weight)
+    np.testing.assert_allclose(unpad(ice, mask), R.rule_icepop(delta, seq, lo=0.5, hi=5.0).weight)
     # sequence TIS: exp(clamp(masked_sum(log_ratio), +-SB)) broadcast, clamp(max=upper)
     seq_w = np.exp(np.clip((lr * mask).sum(-1, keepdims=True), -SB, SB)) * mask
     np.testing.assert_allclose(
-        unpad(np.minimum(seq_w, 5.0), mask), C.rule_tis_seq(delta, seq, C=5.0).weight
+        unpad(np.minimum(seq_w, 5.0), mask), R.rule_tis_seq(delta, seq, C=5.0).weight
     )
     # seq_mean_k3: token_k3 = exp(lrs) - 1 - lrs on the clamped lr; keep = stat <= upper
     lrs = np.clip(lr, -SB, SB)
     k3 = np.exp(lrs) - 1.0 - lrs
     stat = (k3 * mask).sum(-1) / (mask.sum(-1) + 1e-8)
     keep = stat <= 0.01
-    ours = C.rule_seq_mask_k3(delta, seq, tau=0.01)
+    ours = R.rule_seq_mask_k3(delta, seq, tau=0.01)
     assert np.array_equal(unpad(np.broadcast_to(~keep[:, None], mask.shape), mask), ours.masked)
     # seq_sum_k1 / seq_mean_k1: statistic token_k1 = -log_ratio_safe (= OUR delta), kept iff
     # log(lower) <= stat <= log(upper). With reciprocal bounds ("0.5_2.0") this is our
     # exp(S) in [0.5, 2]; in general it is exp(S) in [1/upper, 1/lower].
     k1 = -lrs
-    for agg, rule in (("sum", C.rule_seq_mask_product), ("mean", C.rule_seq_mask_geo)):
+    for agg, rule in (("sum", R.rule_seq_mask_product), ("mean", R.rule_seq_mask_geo)):
         s = (k1 * mask).sum(-1)
         if agg == "mean":
             s = s / (mask.sum(-1) + 1e-8)
@@ -336,8 +337,8 @@ def test_verl_k1_sign_differs_for_asymmetric_bounds() -> None:
     delta, seq = arrays([[-math.log(3)]])  # d = log 3: exp(S) = 3
     stat = float(delta.sum())  # verl's seq_sum_k1: sum of token_k1 = -log_ratio = delta
     assert not (math.log(0.5) <= stat <= math.log(5.0))  # verl "0.5_5.0" rejects it
-    assert not C.rule_seq_mask_product(delta, seq, lo=0.5, hi=5.0).masked[0]  # we keep it
-    assert C.rule_seq_mask_product(delta, seq, lo=1 / 5.0, hi=1 / 0.5).masked[0]  # = verl
+    assert not R.rule_seq_mask_product(delta, seq, lo=0.5, hi=5.0).masked[0]  # we keep it
+    assert R.rule_seq_mask_product(delta, seq, lo=1 / 5.0, hi=1 / 0.5).masked[0]  # = verl
 
 
 @settings(max_examples=40, deadline=None)
@@ -357,28 +358,28 @@ def test_skyrl_definitions(seqs: list[list[float]]) -> None:
         return np.exp(np.clip(x, -20.0, 20.0))
 
     tok = np.minimum(safe_exp(lr), 2.0)
-    np.testing.assert_allclose(unpad(tok, mask), C.rule_tis_token(delta, seq, C=2.0).weight)
+    np.testing.assert_allclose(unpad(tok, mask), R.rule_tis_token(delta, seq, C=2.0).weight)
     S = (lr * mask).sum(-1, keepdims=True)
     seqw = np.minimum(safe_exp(S), 5.0) * np.ones_like(lr)
-    np.testing.assert_allclose(unpad(seqw, mask), C.rule_tis_seq(delta, seq, C=5.0).weight)
+    np.testing.assert_allclose(unpad(seqw, mask), R.rule_tis_seq(delta, seq, C=5.0).weight)
     G = S / np.maximum(mask.sum(-1, keepdims=True), 1)
-    for x, lo, hi, rule in ((G, 0.99, 1.01, C.rule_seq_mask_geo), (S, 0.5, 2.0, C.rule_seq_mask_product)):  # fmt: skip
+    for x, lo, hi, rule in ((G, 0.99, 1.01, R.rule_seq_mask_geo), (S, 0.5, 2.0, R.rule_seq_mask_product)):  # fmt: skip
         keep = (safe_exp(x) >= lo) & (safe_exp(x) <= hi)
         want = unpad(np.broadcast_to(~keep, mask.shape), mask)
         assert np.array_equal(want, rule(delta, seq, lo=lo, hi=hi).masked)
     low = 1e-1
     outlier = ((safe_exp(lr) < low) & (mask > 0)).any(-1, keepdims=True)
     want = unpad(np.broadcast_to(outlier, mask.shape), mask)
-    assert np.array_equal(want, C.rule_seq_veto(delta, seq, tau=low).masked)
+    assert np.array_equal(want, R.rule_seq_veto(delta, seq, tau=low).masked)
     tm = (safe_exp(lr) >= 0.5) & (safe_exp(lr) <= 2.0)
-    assert np.array_equal(unpad(~tm, mask), C.rule_icepop(delta, seq, lo=0.5, hi=2.0).masked)
+    assert np.array_equal(unpad(~tm, mask), R.rule_icepop(delta, seq, lo=0.5, hi=2.0).masked)
 
 
 # --- the registry and bad input -----------------------------------------------------------
 
 
 def test_defaults_are_the_issue_table() -> None:
-    d = {n: dict(m.defaults) for n, m in C.METHODS.items()}
+    d = {n: dict(m.defaults) for n, m in R.METHODS.items()}
     assert d["tis-token"] == {"C": 2.0} and d["tis-seq"] == {"C": 5.0}
     assert d["icepop"] == {"lo": 0.5, "hi": 5.0} and d["icepop-narrow"] == {"lo": 0.5, "hi": 2.0}
     assert d["seq-mask-product"] == {"lo": 0.5, "hi": 2.0}
@@ -390,33 +391,33 @@ def test_defaults_are_the_issue_table() -> None:
 
 
 def test_parse_sets_and_methods() -> None:
-    assert C.parse_sets(["icepop.lo=0.8,icepop.hi=3", "tis-token.C=4"]) == {
+    assert R.parse_sets(["icepop.lo=0.8,icepop.hi=3", "tis-token.C=4"]) == {
         "icepop": {"lo": 0.8, "hi": 3.0},
         "tis-token": {"C": 4.0},
     }
-    assert C.check_methods(["icepop,none", "tis-token"]) == ["none", "tis-token", "icepop"]
-    assert C.resolve_params("icepop", {"lo": 0.8}) == {"lo": 0.8, "hi": 5.0}
+    assert R.check_methods(["icepop,none", "tis-token"]) == ["none", "tis-token", "icepop"]
+    assert R.resolve_params("icepop", {"lo": 0.8}) == {"lo": 0.8, "hi": 5.0}
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: C.check_methods(["tis"]), "unknown method 'tis'"),
-        (lambda: C.check_methods([" , "]), "--method needs at least one"),
-        (lambda: C.parse_sets(["icepop.lo"]), "is not NAME.KEY=VALUE"),
-        (lambda: C.parse_sets(["icepop=3"]), "is not NAME.KEY=VALUE"),
-        (lambda: C.parse_sets(["icepop.lo="]), "is not NAME.KEY=VALUE"),
-        (lambda: C.parse_sets(["ice.lo=3"]), "unknown method 'ice'"),
-        (lambda: C.parse_sets(["icepop.C=3"]), "icepop has no parameter 'C'"),
-        (lambda: C.parse_sets(["none.C=3"]), "it has no parameters"),
-        (lambda: C.parse_sets(["icepop.lo=abc"]), "'abc' is not a number"),
-        (lambda: C.resolve_params("icepop", {"lo": 3.0, "hi": 2.0}), "icepop.lo (3) must be <="),
-        (lambda: C.resolve_params("tis-token", {"C": 0.0}), "tis-token.C must be > 0"),
-        (lambda: C.resolve_params("cispo", {"cap": -1.0}), "cispo.cap must be > 0"),
-        (lambda: C.resolve_params("seq-veto", {"tau": 0.0}), "seq-veto.tau must be > 0"),
-        (lambda: C.resolve_params("icepop", {"lo": -0.1}), "icepop.lo must be >= 0"),
-        (lambda: C.resolve_params("tis-token", {"C": math.inf}), "must be > 0, got inf"),
-        (lambda: C.resolve_params("dvp-minp", {"rho": 1.5}), "dvp-minp.rho must be in (0, 1)"),
+        (lambda: R.check_methods(["tis"]), "unknown method 'tis'"),
+        (lambda: R.check_methods([" , "]), "--method needs at least one"),
+        (lambda: R.parse_sets(["icepop.lo"]), "is not NAME.KEY=VALUE"),
+        (lambda: R.parse_sets(["icepop=3"]), "is not NAME.KEY=VALUE"),
+        (lambda: R.parse_sets(["icepop.lo="]), "is not NAME.KEY=VALUE"),
+        (lambda: R.parse_sets(["ice.lo=3"]), "unknown method 'ice'"),
+        (lambda: R.parse_sets(["icepop.C=3"]), "icepop has no parameter 'C'"),
+        (lambda: R.parse_sets(["none.C=3"]), "it has no parameters"),
+        (lambda: R.parse_sets(["icepop.lo=abc"]), "'abc' is not a number"),
+        (lambda: R.resolve_params("icepop", {"lo": 3.0, "hi": 2.0}), "icepop.lo (3) must be <="),
+        (lambda: R.resolve_params("tis-token", {"C": 0.0}), "tis-token.C must be > 0"),
+        (lambda: R.resolve_params("cispo", {"cap": -1.0}), "cispo.cap must be > 0"),
+        (lambda: R.resolve_params("seq-veto", {"tau": 0.0}), "seq-veto.tau must be > 0"),
+        (lambda: R.resolve_params("icepop", {"lo": -0.1}), "icepop.lo must be >= 0"),
+        (lambda: R.resolve_params("tis-token", {"C": math.inf}), "must be > 0, got inf"),
+        (lambda: R.resolve_params("dvp-minp", {"rho": 1.5}), "dvp-minp.rho must be in (0, 1)"),
     ],
 )
 def test_library_bad_input(call, message: str) -> None:
@@ -443,7 +444,7 @@ def result(run_dir: Path) -> dict:
 def test_result_keys_and_strict_json(result: dict) -> None:
     json.dumps(result, allow_nan=False)
     assert {"run", "methods", "pareto", "verdict"} <= set(result)
-    assert [m["name"] for m in result["methods"]] == list(C.METHOD_NAMES)
+    assert [m["name"] for m in result["methods"]] == list(R.METHOD_NAMES)
     for m in result["methods"]:
         assert set(m) == ISSUE_KEYS | EXTRA_KEYS and list(m) == list(C.METHOD_KEYS)
         assert m["skipped"] is None
@@ -451,7 +452,7 @@ def test_result_keys_and_strict_json(result: dict) -> None:
             assert 0 <= m[k] <= 1, (m["name"], k)
         assert m["by_step"] is None and m["removed_advantage_share"] is None
         assert (m["bias_bound"] is None) == (not m["name"].startswith("dvp"))
-    assert result["pareto"] and set(result["pareto"]) <= set(C.METHOD_NAMES)
+    assert result["pareto"] and set(result["pareto"]) <= set(R.METHOD_NAMES)
 
 
 def test_dvp_rows_are_the_sweep(run_dir: Path, result: dict) -> None:
@@ -572,7 +573,7 @@ def test_figure_draws_the_result(run_dir: Path, result: dict) -> None:
     front = P.plotted(fig, f"pareto-left_k3:{label}")
     assert front is not None and len(front) == len(result["pareto"])
     heat = next(im for ax in fig.axes for im in ax.images if im.get_gid() == f"bites:{label}")
-    assert heat.get_array().shape == (len(C.METHOD_NAMES), len(result["edges"]) - 1)
+    assert heat.get_array().shape == (len(R.METHOD_NAMES), len(result["edges"]) - 1)
     P.plt.close(fig)
 
 
@@ -582,7 +583,7 @@ def test_figure_draws_the_result(run_dir: Path, result: dict) -> None:
 def test_cli_table(run_dir: Path) -> None:
     proc = run_cli("corrections", str(run_dir), check=True)
     assert "Pareto front" in proc.stdout and "verdict" in proc.stdout
-    for n in C.METHOD_NAMES:
+    for n in R.METHOD_NAMES:
         assert n in proc.stdout
 
 

@@ -1,7 +1,7 @@
 """Streamed sweep and corrections (issue 12 §3): a run read in small batches, with sequences
 split across batches and quantiles from the sketch, gives the one-batch results (counts
 equal, sums and means to float summation order, p99 within 1%, maxima exact), and memory
-does not grow with the number of tokens. Also the streaming primitives of `grouped`."""
+does not grow with the number of tokens. Also the streaming primitives (`tokens`, `per_sequence`, `quantiles`)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,8 @@ from hypothesis import strategies as st
 from mismatch_cli import corrections as C
 from mismatch_cli import sweep as sw
 from mismatch_cli.errors import MismatchError
-from mismatch_cli.grouped import (
-    BatchSeqs,
-    KeyedQuantiles,
-    Segments,
-    SeqIndex,
-    TokenBatches,
-)
+from mismatch_cli.per_sequence import BatchSeqs, Segments, SeqIndex
+from mismatch_cli.quantiles import KeyedQuantiles
 from mismatch_cli.runs import atomic_write_json, read_tokens
 from mismatch_cli.synthetic import (
     bulk_grid_columns,
@@ -35,6 +30,7 @@ from mismatch_cli.synthetic import (
     synthetic_meta,
     write_synthetic_run,
 )
+from mismatch_cli.tokens import TokenBatches
 
 ONE_BATCH = 10**9
 QUANTILE_KEYS = ("kept_p99_abs_delta", "left_p99_abs_delta", "p99_abs_delta")

@@ -8,16 +8,17 @@ from typing import Annotated
 
 import typer
 
+from ..correction_rules import KINDS, methods_of_kind
 from ..options import PANEL_ANALYSIS, EdgesOpt, JsonOpt, RunArg
 
+_BY_KIND = "; ".join(f"{k}: {', '.join(methods_of_kind(k))}" for k in KINDS)
 MethodOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--method",
         metavar="NAME[,NAME...]",
-        help="Only these methods (comma-separated and/or repeated): none, tis-token, tis-seq, "
-        "icepop, icepop-narrow, seq-mask-product, seq-mask-geo, seq-mask-k3, seq-veto, "
-        "gspo-clip, cispo, nemo-seq-mult, dvp-minp, dvp-abs. Default: all.",
+        help=f"Only these methods (comma-separated and/or repeated), by what they do: "
+        f"{_BY_KIND}. Default: all.",
         show_default=False,
     ),
 ]
@@ -77,10 +78,11 @@ def corrections(
     and G = S / T per sequence, recomputed from the token rows. A token with an infinite
     delta is masked by every method. Formulas and framework sources: docs/theory.md.
     """
+    from .. import correction_rules as R
     from .. import corrections as C
 
-    names = C.check_methods(method)
-    overrides = C.parse_sets(set_)
+    names = R.check_methods(method)
+    overrides = R.parse_sets(set_)
     result = C.corrections(run, names, overrides, rho=rho, edges=edges)
     if csv is not None:
         from ..results import write_csv

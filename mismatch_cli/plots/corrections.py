@@ -12,6 +12,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
+from ..correction_rules import (
+    KINDS,
+    MASKS_SEQUENCES,
+    MASKS_TOKENS,
+    METHODS,
+    PRUNES,
+    REWEIGHTS,
+    methods_of_kind,
+)
 from ..errors import MismatchError
 from ..formatting import bucket_label, edge
 from .data import RunData
@@ -20,16 +29,9 @@ from .style import LINE_IN, NATS, TITLE_IN
 NAME = "corrections"
 TITLE = "Mismatch corrections: signal removed vs mismatch left"
 
-# Marker per kind of rule, so a reader sees at a glance what a point does.
-REWEIGHT = ("none", "tis-token", "tis-seq", "gspo-clip", "cispo")
-TOKEN_MASK = ("icepop", "icepop-narrow")
-DVP = ("dvp-minp", "dvp-abs")
-KINDS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
-    ("o", "reweights only (TIS, CISPO, GSPO clip)", REWEIGHT),
-    ("s", "masks tokens (IcePop)", TOKEN_MASK),
-    ("*", "prunes the vocabulary (DVP)", DVP),
-    ("^", "masks sequences", None),  # everything else
-)
+# Marker per kind of method (`correction_rules.KINDS`, declared by each method), so a reader
+# sees at a glance what a point does; a kind without a marker here fails the figure's test.
+MARKERS: dict[str, str] = {REWEIGHTS: "o", MASKS_TOKENS: "s", PRUNES: "*", MASKS_SEQUENCES: "^"}
 DVP_STYLE = {"dvp-minp": "--", "dvp-abs": "-."}
 LINTHRESH = 1e-4  # symlog x: linear below 0.01% removed
 CMAP = "cividis"  # colour-blind safe, monotone in lightness
@@ -37,10 +39,14 @@ HEAT_MIN = 1e-4  # lowest share on the heatmap's log colour scale
 
 
 def marker(name: str) -> str:
-    for m, _, names in KINDS:
-        if names is not None and name in names:
-            return m
-    return KINDS[-1][0]
+    """The marker of a registered method, by its kind."""
+    return MARKERS[METHODS[name].kind]
+
+
+def _kind_label(kind: str) -> str:
+    """'masks tokens (icepop, icepop-narrow)': the kind and the methods of it."""
+    names = [n for n in methods_of_kind(kind) if n != "none"]
+    return f"{kind} ({', '.join(names)})" if names else kind
 
 
 def _results(runs: Sequence[RunData]) -> list[dict[str, Any]]:
@@ -251,9 +257,10 @@ def plot_corrections(
     who = f" ({runs[0].label})" if len(runs) > 1 else ""
     axd["heat"].set_title(f"Where each method acts{who}", loc="left")
     kinds = [
-        Line2D([], [], ls="none", marker=m, color="0.3", ms=8 if m == "*" else 6, label=lab)
-        for m, lab, _ in KINDS
-    ]
+        Line2D([], [], ls="none", marker=MARKERS[k], color="0.3",
+               ms=8 if MARKERS[k] == "*" else 6, label=_kind_label(k))
+        for k in KINDS
+    ]  # fmt: skip
     extra = [
         Line2D([], [], ls="none", marker="o", color="white", mec="black", mew=0.8, ms=6,
                label="on the Pareto front (black edge)"),

@@ -15,10 +15,12 @@ import numpy as np
 import pandas as pd
 
 from .. import analysis as A
-from ..grouped import BATCH_ROWS, EXACT_LIMIT
+from ..quantiles import EXACT_LIMIT
+from ..runs import RunMeta
+from ..tokens import BATCH_ROWS, REQUIRED_COLUMNS
 from .style import PALETTE
 
-PLOT_COLUMNS: tuple[str, ...] = (*A.REQUIRED_COLUMNS, "pos")  # pos: optional (row order)
+PLOT_COLUMNS: tuple[str, ...] = (*REQUIRED_COLUMNS, "pos")  # pos: optional (row order)
 OPTIONAL_PLOT_COLUMNS: tuple[str, ...] = ("step",)  # read when present (imported runs)
 
 
@@ -283,7 +285,7 @@ class RunData:
     steps: list[dict[str, Any]] | None  # analysis.group_metrics by step; None: no step column
     columns: tuple[str, ...]  # the token table's columns
     frame: pd.DataFrame | None = None  # the token table, when given as a DataFrame
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: RunMeta = field(default_factory=lambda: RunMeta(status="complete"))
     path: Path | None = None
     color: str = PALETTE[0]
 
@@ -297,17 +299,16 @@ class RunData:
 
     def describe(self) -> str:
         """Model, engines and dtypes, sampling settings, token count: one line."""
-        cfg = self.meta.get("config", {}) or {}
-        model = (self.meta.get("model") or {}).get("name") or cfg.get("model") or "model ?"
-        bits = [str(model)]
-        engines = self.meta.get("engines") or {}
-        if any("mode" in (engines.get(s) or {}) for s in ("infer", "train")):
+        meta = self.meta
+        cfg = meta.config
+        bits = [str(meta.model_name or "model ?")]
+        if "mode" in meta.infer or "mode" in meta.train:
             from ..compare import describe_sides  # a rescored or repeated side: say how
 
-            infer, train = describe_sides(self.meta)
+            infer, train = describe_sides(meta)
             bits.append(f"{infer} vs {train}")
         elif cfg.get("infer_engine"):
-            train = (engines.get("train") or {}).get("engine")
+            train = meta.train.get("engine")
             infer = " ".join(filter(None, (cfg["infer_engine"], cfg.get("infer_dtype"))))
             train = " ".join(filter(None, (train or "transformers", cfg.get("train_dtype"))))
             bits.append(f"{infer} vs {train}")
@@ -327,20 +328,20 @@ def run_data(
     *,
     edges: Sequence[float] | str | None = A.DEFAULT_EDGES,
     eps: float | None = None,
-    meta: dict[str, Any] | None = None,
+    meta: RunMeta | None = None,
     batch_rows: int = BATCH_ROWS,
     exact_limit: int = EXACT_LIMIT,
 ) -> RunData:
     """Stream a run (path) or a token DataFrame once through the report's passes and the
     figures' aggregates (memory independent of the number of tokens)."""
     path, frame = None, None
+    src = A.report_tokens(source, batch_rows)
     if isinstance(source, (str, Path)):
         path = Path(source)
-        src, meta, _ = A.open_tokens(path, batch_rows)
+        meta = src.meta
         label = label or path.name
     else:
         frame = source
-        src = A.frame_tokens(source, batch_rows)
         label = label or "run"
     e = A.parse_edges(edges)
     bound, deltas, positions = BoundHist(), DeltaHist(), PositionSums()
@@ -373,7 +374,7 @@ def run_data(
         steps=steps.result() if steps is not None else None,
         columns=tuple(src.columns),
         frame=frame,
-        meta=meta or {},
+        meta=meta if meta is not None else RunMeta(status="complete"),
         path=path,
     )
 

@@ -1,4 +1,4 @@
-"""grouped: per-sequence reductions (reduceat or bincount) and quantiles read from the top
+"""per_sequence and quantiles: per-sequence reductions (reduceat or bincount) and quantiles read from the top
 values, against plain numpy."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mismatch_cli.grouped import Segments, TopValues
+from mismatch_cli.per_sequence import Segments
+from mismatch_cli.quantiles import TopValues
 
 
 @settings(max_examples=60, deadline=None)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mismatch_cli.sketch import QuantileSketch
+from mismatch_cli.quantiles import QuantileSketch
 
 QS = (0.0, 0.01, 0.5, 0.9, 0.99, 0.999, 1.0)
 
@@ -72,7 +72,7 @@ def test_groups_merge_and_ignore_nonfinite() -> None:
 
 
 def test_accumulator_is_exact_until_its_limit_then_within_one_percent() -> None:
-    from mismatch_cli.sketch import QuantileAccumulator
+    from mismatch_cli.quantiles import QuantileAccumulator
 
     rng = np.random.default_rng(2)
     x, g = rng.lognormal(-4, 2, 30_000), rng.integers(0, 4, 30_000)
