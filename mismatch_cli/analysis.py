@@ -251,6 +251,11 @@ class Batch:
         return np.abs(self.delta)
 
     @cached_property
+    def k3(self) -> np.ndarray:
+        """k3_t of each finite token (`metrics.k3_per_token`), shared by every accumulator. [m]"""
+        return M.k3_per_token(self.delta)
+
+    @cached_property
     def x(self) -> np.ndarray:
         return 1.0 - self.p
 
@@ -471,7 +476,7 @@ class Aggregates:
         # the RL metrics' token sums (metrics.py: c = -delta clamped to +-20)
         c = M.clamped_log_ratio(d)  # [m]
         self.sum_k2 += float(c @ c)
-        self.sum_k3 += float(M.k3_per_token(d).sum())
+        self.sum_k3 += float(b.k3.sum())
         r = np.exp(c)  # [m] importance ratio
         self.sum_r += float(r.sum())
         self.sum_r2 += float(r @ r)
@@ -1099,7 +1104,7 @@ class GroupAccumulator:
         g = np.where(has, lut[np.maximum(codes, 0)] if lut.size else 0, -1)  # [n] global group
         gf = b.finite(g)  # [m]
         ok = gf >= 0
-        gf, d = gf[ok], b.delta[ok]  # [m'] finite tokens with a key
+        gf, d, k3 = gf[ok], b.delta[ok], b.k3[ok]  # [m'] finite tokens with a key
         ad = np.abs(d)
         tail = b.p[ok] < self.tail
         out = ad > math.log(RATIO_BAND[1])  # r = exp(-delta) outside [1/2, 2]
@@ -1108,7 +1113,7 @@ class GroupAccumulator:
         s[1] += np.bincount(gf, minlength=G)
         s[2] += np.bincount(gf, weights=ad, minlength=G)
         s[3] += np.bincount(gf, weights=d, minlength=G)
-        s[4] += np.bincount(gf, weights=M.k3_per_token(d), minlength=G)
+        s[4] += np.bincount(gf, weights=k3, minlength=G)
         s[5] += np.bincount(gf[tail], weights=ad[tail], minlength=G)
         s[6] += np.bincount(gf[out], minlength=G)
         assert b.seq is not None
@@ -1222,7 +1227,7 @@ def _run_info(path: Path, meta: RunMeta) -> dict[str, Any]:
     keys = ("infer_engine", "infer_dtype", "train_dtype", "temperature", "top_p", "top_k", "min_p")
     return {
         "path": str(path),
-        "status": meta.get("status"),
+        "status": meta.status,
         "model": meta.model_name,
         **{k: meta.config.get(k) for k in keys},
         "train_engine": meta.train.get("engine"),

@@ -80,8 +80,7 @@ class SeqAccumulator:
         bs.add(self.S, d)
         self.T[bs.ids] += bs.part.sizes()
         bs.add(self.n_inf, ~fin)
-        dc = np.clip(d, -metrics.LOG_RATIO_CLAMP, metrics.LOG_RATIO_CLAMP)
-        bs.add(self.k3_sum, np.expm1(dc) - dc)
+        bs.add(self.k3_sum, metrics.k3_per_token_clamped(-d))
         bs.minimum(self.d_min, np.where(fin, d, np.inf))
         with np.errstate(over="ignore"):
             bs.add(self.exp_abs_sum, np.exp(np.abs(d)))

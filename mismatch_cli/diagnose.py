@@ -36,6 +36,7 @@ from .pipeline import (
     run_measure,
 )
 from .results import json_ready
+from .runs import RunDir, RunMeta
 
 DIAGNOSE_JSON = "diagnose.json"
 VARIANTS_DIR = "variants"
@@ -135,10 +136,10 @@ def parse_variants(spec: str | Sequence[str] | None) -> list[str]:
     return [n for n in VARIANT_NAMES if n in names or n == BASELINE]
 
 
-def check_baseline_run(meta: dict[str, Any], path: Path) -> None:
+def check_baseline_run(meta: RunMeta, path: Path) -> None:
     """`--run RUN` must be what the baseline row says: vLLM bf16 decode, transformers fp32
     eager (the variants' descriptions assume it)."""
-    cfg = meta.get("config") or {}
+    cfg = meta.config
     want = {
         "infer_engine": "vllm",
         "infer_dtype": _BF16,
@@ -146,10 +147,10 @@ def check_baseline_run(meta: dict[str, Any], path: Path) -> None:
         "attn_implementation": "eager",
     }
     off = [f"{k} {cfg.get(k)}" for k, v in want.items() if cfg.get(k) != v]
-    if off or meta.get("command") != "measure":
+    if off or meta.command != "measure":
         raise MismatchError(
             f"--run {path} is not a baseline (a `measure` run, vLLM bf16 decode vs "
-            f"transformers fp32 eager): {', '.join(off) or 'command ' + str(meta.get('command'))}"
+            f"transformers fp32 eager): {', '.join(off) or 'command ' + meta.command}"
         )
 
 
@@ -245,7 +246,7 @@ def summarize(
             if name == DECODE_REPEAT:
                 from .runs import read_tokens
 
-                dr = json.loads((path / "run.json").read_text()).get("decode_repeat") or {}
+                dr = RunDir(path).read_meta().get("decode_repeat") or {}
                 row["num_sequences"] = dr.get("num_sequences")
                 row["num_identical_sequences"] = dr.get("num_identical")
                 row["num_tokens_moved"] = int((read_tokens(path, ["delta"])["delta"] != 0).sum())

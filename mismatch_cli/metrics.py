@@ -47,6 +47,12 @@ def k3_per_token(delta: np.ndarray) -> np.ndarray:
     return np.expm1(d) - d
 
 
+def k3_per_token_clamped(delta: np.ndarray) -> np.ndarray:
+    """k3_t on the log-ratio clamped to +-20 (verl's `seq_mean_k3` mask); >= 0. [n] -> [n]"""
+    c = clamped_log_ratio(delta)
+    return np.expm1(c) - c
+
+
 def k3(delta: np.ndarray) -> float:
     """k3 = mean(exp(d) - 1 - d), unclamped (verl `k3_kl`); always >= 0."""
     return float(np.mean(k3_per_token(delta))) if delta.size else float("nan")
@@ -111,6 +117,7 @@ __all__ = [
     "k2",
     "k3",
     "k3_per_token",
+    "k3_per_token_clamped",
     "max_abs",
     "mean_abs",
     "p99_abs",

@@ -27,7 +27,7 @@ import pandas as pd
 from .config import MeasureConfig, parse_size
 from .errors import MismatchError
 from .prompts import encode_prompts, load_prompts
-from .runs import RunDir, check_writable_dir, new_meta, now, token_frame
+from .runs import RunDir, RunMeta, check_writable_dir, new_meta, now, token_frame
 from .schema import COARSE_COLUMNS, STATUS_COMPLETE, TOKEN_EXTRA_COLUMNS
 
 ROLLOUT = "rollout"
@@ -207,7 +207,7 @@ def run_measure(
             raise MismatchError(
                 f"cannot resume {out}: its prompts ({cfg.prompts}) changed since the run started"
             )
-        if meta["model"].get("weights_sha256") != weights_hash(model_path):
+        if meta.model.get("weights_sha256") != weights_hash(model_path):
             raise MismatchError(
                 f"cannot resume {out}: the model weights changed since the run started"
             )
@@ -485,11 +485,10 @@ def _check_out_free(out: Path) -> None:
         raise MismatchError(f"--out {out} already exists; choose a new directory")
 
 
-def _settings(meta: dict[str, Any]) -> dict[str, Any]:
+def _settings(meta: RunMeta) -> dict[str, Any]:
     """RUN's training-side and engine settings (run.json `config`, else `engines`), with
     measure's defaults for what an imported run does not record."""
-    cfg = meta.get("config") or {}
-    train = (meta.get("engines") or {}).get("train") or {}
+    cfg, train = meta.config, meta.train
     d = MeasureConfig()
     return {
         "train_dtype": cfg.get("train_dtype") or train.get("dtype") or d.train_dtype,
@@ -503,13 +502,13 @@ def _settings(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _weights_check(model_path: str, meta: dict[str, Any]) -> dict[str, Any]:
+def _weights_check(model_path: str, meta: RunMeta) -> dict[str, Any]:
     """RUN's recorded weights_sha256, reused without hashing when no file in the model folder
     was modified after RUN was created; otherwise the folder is hashed again, and a changed
     hash is refused (the rescored numbers would not belong to RUN's model)."""
     from .models import weights_hash
 
-    recorded = (meta.get("model") or {}).get("weights_sha256")
+    recorded = meta.model.get("weights_sha256")
     p = Path(model_path)
     if recorded is None or not p.is_dir():
         return {"weights_sha256": recorded, "weights_check": "nothing recorded to check"}
@@ -529,7 +528,7 @@ def _weights_check(model_path: str, meta: dict[str, Any]) -> dict[str, Any]:
     return {"weights_sha256": recorded, "weights_check": "re-hashed (a file was newer): unchanged"}
 
 
-def rollout_parts_of(path: Path, meta: dict[str, Any]) -> list[pd.DataFrame]:
+def rollout_parts_of(path: Path, meta: RunMeta) -> list[pd.DataFrame]:
     """Rebuild the rollout parts of a complete run from its tables (one row per completion,
     the columns `rescore_parts` reads), split as `measure` split them (chunks of
     `chunk_prompts` prompts, seq_id order) so batches, and so `logp_train`, come out the same.
@@ -574,7 +573,7 @@ def rollout_parts_of(path: Path, meta: dict[str, Any]) -> list[pd.DataFrame]:
         v = tok[c].to_numpy()
         fill = {"f": np.nan, "b": False, "O": None}.get(v.dtype.kind, 0)
         out[c] = scatter(v, fill)
-    cfg = meta.get("config") or {}
+    cfg = meta.config
     if cfg.get("chunk_prompts") and "prompt_id" in out.columns:
         part = out["prompt_id"].to_numpy() // int(cfg["chunk_prompts"])
     else:
@@ -608,7 +607,7 @@ def rescore_run(
     _, meta = open_run(src, allow_incomplete=False)
     was = _settings(meta)
     _check_options(opts)
-    s = dict(meta.get("sampling") or meta.get("config") or {})  # RUN's sampling settings
+    s = dict(meta.sampling)  # RUN's sampling settings
     if opts.infer_side == "vllm-prefill" and (why := vllm_prefill_refusal(s)):
         raise MismatchError(why)
     sampling = Sampling(
@@ -617,7 +616,7 @@ def rescore_run(
         int(s.get("top_k", -1)),
         float(s.get("min_p", 0.0)),
     )
-    model_path = (meta.get("model") or {}).get("path")
+    model_path = meta.model_path
     if not model_path:
         raise MismatchError(f"{src} records no model path (run.json model.path): nothing to load")
     if model_path.startswith(("/", ".", "~")) and not Path(model_path).is_dir():
@@ -641,11 +640,11 @@ def rescore_run(
     if on_ready:
         on_ready(out)
 
-    cfg = dict(meta.get("config") or {})
+    cfg = dict(meta.config)
     cfg.update(now_)
     cfg["rescore_memory"] = opts.rescore_memory
-    engines = dict(meta.get("engines") or {})
-    infer = dict(engines.get("infer") or {})
+    engines = dict(meta.engines)
+    infer = dict(meta.infer)
     if opts.infer_side != "decode":
         engine = "vllm" if opts.infer_side == "vllm-prefill" else "hf"
         infer = {"engine": engine, "mode": PREFILL, "dtype": infer_dtype}
@@ -663,7 +662,7 @@ def rescore_run(
         "rescore",
         config=cfg,
         sampling=meta.get("sampling"),
-        model={**(meta.get("model") or {}), "weights_sha256": weights["weights_sha256"]},
+        model={**meta.model, "weights_sha256": weights["weights_sha256"]},
         engines=engines,
         num_prompts=meta.get("num_prompts"),
         num_chunks=len(parts),
@@ -837,10 +836,10 @@ def decode_repeat(src: Path, out: Path, *, progress: Progress | None = None) -> 
 
     prog = progress or Progress()
     _, meta = open_run(src, allow_incomplete=False)
-    cfg = MeasureConfig.from_dict(meta.get("config") or {})
-    if cfg.infer_engine != "vllm" or (meta.get("engines") or {}).get("infer", {}).get("mode"):
+    cfg = MeasureConfig.from_dict(meta.config)
+    if cfg.infer_engine != "vllm" or meta.infer.get("mode"):
         raise MismatchError(f"{src} was not decoded by vLLM: nothing to decode again")
-    model_path = (meta.get("model") or {}).get("path")
+    model_path = meta.model_path
     if not model_path or not Path(model_path).exists():
         raise MismatchError(f"the model folder of {src} is gone: {model_path}")
     _check_out_free(out)

@@ -18,6 +18,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .formatting import DASH, bucket_label, edge, fmt, params_text, pct, ratio_x, times
+from .runs import RunMeta
 
 
 def _table(title: str, caption: str | None = None) -> Table:
@@ -327,14 +328,14 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
 
 
 def print_run_summary(
-    console: Console, run_path: Path, meta: dict[str, Any], result: dict[str, Any]
+    console: Console, run_path: Path, meta: RunMeta, result: dict[str, Any]
 ) -> None:
     """The headline numbers of a new run, taken from its report (no second read of the run)."""
     m = result["metrics"]
-    cfg = meta.get("config") or {}
-    infer = (meta.get("engines") or {}).get("infer", {}).get("engine", cfg.get("infer_engine"))
+    cfg = meta.config
+    infer = meta.infer.get("engine", cfg.get("infer_engine"))
     t = Table(
-        title=f"mismatch: {meta['model']['name']}  ({infer} "
+        title=f"mismatch: {meta.model_name}  ({infer} "
         f"{cfg.get('infer_dtype')} vs transformers {cfg.get('train_dtype')})"
     )
     t.add_column("quantity")

@@ -37,9 +37,9 @@ def validation_config(run: Path, rho: float) -> Any:
     from .config import MeasureConfig
 
     _, meta = open_run(run, allow_incomplete=False)
-    if meta.get("command", "measure") != "measure":
+    if meta.command != "measure":
         raise MismatchError(
-            f"run {run} was not made by `mismatch measure` ({meta.get('command')}): "
+            f"run {run} was not made by `mismatch measure` ({meta.command}): "
             "--validate reruns its rollouts, which needs the original prompts and model"
         )
     cfg = MeasureConfig.from_dict(meta["config"])
@@ -57,7 +57,7 @@ def check_reusable(source: Path, target: Path, cfg: Any) -> None:
     run's prompts, model and seed): reusing or resuming it would compare the wrong run."""
     meta = RunDir(target).read_meta()
     src = RunDir(source).read_meta()
-    have = meta.get("config") or {}
+    have = meta.config
     want = cfg.to_dict()
     for key, value in want.items():
         if key in _FREE:
@@ -67,10 +67,10 @@ def check_reusable(source: Path, target: Path, cfg: Any) -> None:
                 f"{target} is not the validation run of {source} at min_p={cfg.min_p:g}: its "
                 f"{key} is {have.get(key)!r}, expected {value!r}; pass another --validate-out"
             )
-    for key, what in (("prompt_ids_sha256", "prompt tokens"), ("model", "model weights")):
-        a, b = meta.get(key), src.get(key)
-        if key == "model":
-            a, b = (a or {}).get("weights_sha256"), (b or {}).get("weights_sha256")
+    for what, a, b in (
+        ("prompt tokens", meta.get("prompt_ids_sha256"), src.get("prompt_ids_sha256")),
+        ("model weights", meta.model.get("weights_sha256"), src.model.get("weights_sha256")),
+    ):
         if a != b:
             raise MismatchError(
                 f"{target} was made with other {what} than {source}; pass another --validate-out"

@@ -295,7 +295,7 @@ def finish_run(run_path: Path, *, json_out: bool, plots: bool, console: Any) -> 
     _, meta = open_run(run_path)
     result = analyze(run_path)
     if json_out:
-        payload = {"run": str(run_path), "summary": meta.get("summary", {}), "report": result}
+        payload = {"run": str(run_path), "summary": meta.summary, "report": result}
         sys.stdout.write(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     else:
         from rich.console import Console
