@@ -17,14 +17,14 @@ import pytest
 from mismatch_cli import analysis as A
 from mismatch_cli.errors import MismatchError
 from mismatch_cli.importers import FORMATS, get_format
-from mismatch_cli.importers.core import (
+from mismatch_cli.importers.ingest import (
     ImportOptions,
-    ReadContext,
     discover,
     parse_steps,
     run_import,
     span_turns,
 )
+from mismatch_cli.importers.toolkit import ReadContext
 
 from . import import_fixtures as F
 from .conftest import assert_one_line_error
@@ -599,3 +599,34 @@ def test_openrlhf_hook_in_the_docs_writes_an_importable_tokens_file(
     e, tok = aligned(known, tmp_path / "run", list(range(len(comps))))
     np.testing.assert_array_equal(tok["delta"].to_numpy(), e["delta"].to_numpy())
     np.testing.assert_array_equal(tok["pos"].to_numpy(), e["pos"].to_numpy())
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_every_format_module_fulfils_the_contract(name: str) -> None:
+    """Each FORMATS module defines the `toolkit.Format` names with the types and signatures
+    the Protocol gives, and the optional hooks with theirs (the contract is code, not prose)."""
+    import inspect
+    import typing
+
+    from mismatch_cli.importers import toolkit
+
+    mod = get_format(name)
+    assert isinstance(mod, toolkit.Format)
+    assert mod.NAME == name
+    hints = typing.get_type_hints(toolkit.Format)
+    for attr in ("NAME", "PATTERNS", "PICKLE", "SIDES", "SIGN"):
+        assert attr in hints
+        assert isinstance(getattr(mod, attr), (str, bool, tuple, list)), attr
+    assert isinstance(mod.PICKLE, bool) and mod.SIDES in ("both", "infer", "either")
+    assert mod.PATTERNS and all(isinstance(p, str) for p in mod.PATTERNS)
+
+    def params(fn: typing.Any, drop_self: bool) -> list[str]:
+        names = list(inspect.signature(fn).parameters)
+        return names[1:] if drop_self else names
+
+    hooks = {"step_of": toolkit.Format, "read": toolkit.Format,
+             "select": toolkit.SelectsFiles, "warnings": toolkit.WarnsOnSteps}  # fmt: skip
+    for fn, proto in hooks.items():
+        if fn in ("select", "warnings") and not hasattr(mod, fn):
+            continue
+        assert params(getattr(mod, fn), False) == params(getattr(proto, fn), True), (name, fn)

@@ -150,7 +150,7 @@ def import_(
     from rich.console import Console
 
     from ..errors import MismatchError
-    from ..importers.core import ImportOptions, run_import
+    from ..importers.ingest import ImportOptions, run_import
     from ..progress import progress
     from ..render import print_import
 

@@ -1,19 +1,16 @@
 """Readers of the rollouts RL frameworks save (`mismatch import`): one module per format.
 
-A format module defines
-    NAME        the FORMAT argument of `mismatch import`
-    PATTERNS    file-name globs searched for when a SOURCE is a folder
-    PICKLE      True if its files are pickles (refused without --trust-pickle)
-    SIDES       "both" (inference and trainer log-probs), "infer" (inference only: rescore)
-                or "either" (depends on the file)
-    SIGN        the framework's sign convention, one sentence (recorded in run.json)
-    step_of(path) -> int | None           the step, from the path alone (for --steps)
-    read(path, ctx) -> Iterator[Chunk]    the completions of one file, in chunks
-and optionally `select(files, warn) -> files` (drop files discovery should not import) and
-`warnings(ctx) -> list[str]` (format-specific caveats, e.g. staleness). `core` does the rest:
-discovery, --steps, streaming chunks into parts, run.json's `source` block.
+- `toolkit.py`: what a format author uses: `Chunk` (the completions a reader yields),
+  `ReadContext`, the Arrow / JSON Lines helpers, and the contract a format module fulfils,
+  `toolkit.Format` (NAME, PATTERNS, PICKLE, SIDES, SIGN, `step_of(path)`, `read(path, ctx)`)
+  with the optional hooks `SelectsFiles.select(files, warn, explicit)` and
+  `WarnsOnSteps.warnings(steps)`; a test checks every format module against it;
+- `ingest.py`: the import pipeline: discovery, --steps, streaming chunks into parts,
+  scoring or rescoring, run.json's `source` block;
+- `checks.py` (the temperature check), `pickles.py` (restricted unpicklers, a torch-free
+  `torch.save` reader).
 
-A new format is one module here plus one line in FORMATS.
+A new format is one module here plus one line in FORMATS (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .core import Chunk, ReadContext, jsonl_tables, list_column, missing, per_token_column
+from .toolkit import Chunk, ReadContext, jsonl_tables, list_column, missing, per_token_column
 
 NAME = "prime-rl"
 PATTERNS = ("rank_*.jsonl",)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MismatchError
-from .core import Chunk, ReadContext, missing, require_trust
+from .toolkit import Chunk, ReadContext, missing, require_trust
 from .pickles import as_dtype, from_bytes, load_torch_zip, read_bytes, restricted_load
 
 NAME = "skyrl"

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MismatchError, first_line
-from .core import Chunk, ReadContext, missing
+from .toolkit import Chunk, ReadContext, missing
 
 NAME = "slime"
 PATTERNS = ("*.pt",)

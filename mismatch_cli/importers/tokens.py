@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import MismatchError
-from .core import Chunk, ReadContext, jsonl_tables, list_column, missing, per_token_column
+from .toolkit import Chunk, ReadContext, jsonl_tables, list_column, missing, per_token_column
 
 NAME = "tokens"
 PATTERNS = ("*.jsonl", "*.parquet")

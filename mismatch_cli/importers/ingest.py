@@ -1,9 +1,6 @@
-"""What every import format shares: finding the files, `--steps`, the `Chunk` a reader yields,
-and streaming chunks into the run directory's parts (memory bounded by one part).
-
-A reader turns one file into `Chunk`s: S completions as flat (ragged) arrays, each completion
-being the whole text after its prompt (tool and observation tokens included), with a
-`loss_mask` that is true on the model-generated tokens. `Ingest` turns chunks into
+"""The import pipeline (`mismatch import`): finding a dump's files, `--steps`, reading them
+through a format module (`toolkit.Format`), and streaming the `Chunk`s it yields into the
+run directory's parts (memory bounded by one part). `Ingest` turns chunks into
     scored mode    token parts (both sides present: delta = logp_infer - logp_train now)
     rescored mode  rollout parts for `pipeline.rescore_parts` (the training side is recomputed)
 plus sequence parts, and `finish` writes the final tables through `runs.py`.
@@ -19,8 +16,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,7 @@ import pyarrow as pa
 from ..errors import MismatchError
 from ..runs import RunDir, atomic_write_table, token_frame
 from .checks import SlopeSums
+from .toolkit import Chunk, ReadContext, require_trust
 
 SCORED = "scored"
 RESCORED = "rescored"
@@ -38,165 +36,6 @@ TOKENS_KIND = "tokens"  # token parts (pipeline.TOKENS)
 ROLLOUT_KIND = "rollout"  # rollout parts (pipeline.ROLLOUT)
 SEQS_KIND = "seqs"  # per-part static sequence columns
 PART_TOKENS = 1_000_000  # completion tokens per part: bounds memory of finalize and rescore
-
-
-# ----------------------------------------------------------------------------- chunks
-
-
-@dataclass
-class Chunk:
-    """S completions of one file (or one block of it), as flat arrays.
-
-    Completion j has prompt tokens prompt_ids[po_j : po_j + prompt_lens[j]] and completion
-    tokens token_ids[o_j : o_j + lens[j]] (o, po: running offsets). Per completion token:
-    logp_infer, logp_train (None when the dump has no trainer side), loss_mask; NaN is a
-    null log-prob. `token_extra` holds per-completion-token columns (advantage, turn),
-    `seq_extra` per-completion ones (step, env, reward, source_row).
-    """
-
-    prompt_lens: np.ndarray  # [S] int64
-    prompt_ids: np.ndarray  # [sum P] int64
-    lens: np.ndarray  # [S] int64
-    token_ids: np.ndarray  # [sum R] int64
-    logp_infer: np.ndarray  # [sum R] float64
-    loss_mask: np.ndarray  # [sum R] bool
-    logp_train: np.ndarray | None = None  # [sum R] float64
-    token_extra: dict[str, np.ndarray] = field(default_factory=dict)  # [sum R] each
-    seq_extra: dict[str, np.ndarray] = field(default_factory=dict)  # [S] each
-
-    @property
-    def num_sequences(self) -> int:
-        return int(self.lens.size)
-
-    def select(self, keep: np.ndarray) -> Chunk:
-        """The completions where `keep` [S] is true."""
-        tk = np.repeat(keep, self.lens)  # [sum R]
-        pk = np.repeat(keep, self.prompt_lens)  # [sum P]
-        return Chunk(
-            self.prompt_lens[keep],
-            self.prompt_ids[pk],
-            self.lens[keep],
-            self.token_ids[tk],
-            self.logp_infer[tk],
-            self.loss_mask[tk],
-            None if self.logp_train is None else self.logp_train[tk],
-            {k: v[tk] for k, v in self.token_extra.items()},
-            {k: v[keep] for k, v in self.seq_extra.items()},
-        )
-
-
-def concat_rows(rows: Sequence[np.ndarray], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths [S], flat values) of per-completion arrays (a loop over completions only)."""
-    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    flat = np.concatenate([np.asarray(r, dtype=dtype) for r in rows]) if rows else np.zeros(0)
-    return lens, flat.astype(dtype, copy=False)
-
-
-def check_lengths(where: str, expect: int, what: str, **arrays: Any) -> None:
-    """One-line error when a per-token field's length differs from the token count."""
-    for name, a in arrays.items():
-        if a is not None and len(a) != expect:
-            raise MismatchError(
-                f"{where}: {name} has {len(a)} values for {expect} {what} (length mismatch)"
-            )
-
-
-def missing(where: str, names: Sequence[str], hint: str = "") -> MismatchError:
-    """The one-line error for fields a record lacks, naming them."""
-    s = "s" if len(names) > 1 else ""
-    return MismatchError(f"{where}: missing field{s} {', '.join(names)}{hint}")
-
-
-# ----------------------------------------------------------------------------- arrow helpers
-
-
-def list_column(
-    table: pa.Table, name: str, where: str, dtype: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths [n], flat values) of a list column of an Arrow table; nulls in float values
-    become NaN, in bool values False. A record without the field is an error naming it."""
-    col = table.column(name).combine_chunks()
-    if col.null_count:
-        first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-        raise missing(f"{where} record {first}", [name])
-    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
-        raise MismatchError(f"{where}: field {name} is not a list (got {col.type})")
-    lens = col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
-    values = col.flatten()
-    try:
-        if np.dtype(dtype) == np.bool_:
-            values = values.cast(pa.bool_()).fill_null(False)
-        elif np.dtype(dtype).kind == "f":
-            values = values.cast(pa.float64())
-        elif values.null_count:
-            raise MismatchError(f"{where}: field {name} holds null values")
-        else:
-            values = values.cast(pa.int64())
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-        raise MismatchError(
-            f"{where}: field {name} holds {values.type} values, not numbers ({e})"
-        ) from e
-    return lens, values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-
-
-def per_token_column(
-    table: pa.Table, name: str, where: str, dtype: Any, lens: np.ndarray, first: int, of: str
-) -> np.ndarray:
-    """The flat values of list column `name`, which must hold `lens[r]` values in record r
-    (one per token of the list column `of`); else one line naming the first record that
-    differs (`first` is the table's first record number in the file)."""
-    n, v = list_column(table, name, where, dtype)
-    bad = np.flatnonzero(n != lens)
-    if bad.size:
-        r = int(bad[0])
-        raise MismatchError(
-            f"{where} record {first + r}: {name} has {n[r]} values for {lens[r]} {of} "
-            "(length mismatch)"
-        )
-    return v
-
-
-def jsonl_tables(
-    path: Path, schema: pa.Schema | None = None, block_bytes: int = 32 << 20
-) -> Iterator[tuple[int, pa.Table]]:
-    """(first record index, Arrow table) per block of whole lines of a JSON-lines file.
-
-    Lines are grouped into blocks of about `block_bytes` (a block always holds whole lines,
-    however long), each parsed by Arrow's JSON reader. `schema`: parse only these fields
-    (others ignored); None infers the types per block.
-    """
-    import pyarrow.json as pj
-
-    popts = (
-        pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-        if schema is not None
-        else pj.ParseOptions()
-    )
-    first = 0
-    with open(path, "rb") as f:
-        while True:
-            lines = f.readlines(block_bytes)
-            if not lines:
-                return
-            lines = [ln for ln in lines if ln.strip()]
-            if not lines:
-                continue
-            buf = b"".join(ln if ln.endswith(b"\n") else ln + b"\n" for ln in lines)
-            # Arrow parses blocks in parallel; a line must fit in one block
-            block = max(1 << 22, max(len(ln) for ln in lines) + 2)
-            try:
-                table = pj.read_json(
-                    pa.BufferReader(buf),
-                    read_options=pj.ReadOptions(block_size=block, use_threads=True),
-                    parse_options=popts,
-                )
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise MismatchError(
-                    f"{path}: not readable as JSON lines near record {first} ({msg})"
-                ) from e
-            yield first, table
-            first += len(lines)
 
 
 # ----------------------------------------------------------------------------- files
@@ -273,25 +112,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
-
-
-@dataclass
-class ReadContext:
-    """What a reader may need besides the path: the pickle permission, the step filter,
-    a place for warnings."""
-
-    trust_pickle: bool = False
-    steps: set[int] | None = None
-    warn: Callable[[str], None] = lambda message: None
-
-
-def require_trust(path: Path, fmt: str, ctx: ReadContext) -> None:
-    """Pickles run code when loaded: refuse them unless --trust-pickle was given."""
-    if not ctx.trust_pickle:
-        raise MismatchError(
-            f"{path} is a pickle ({fmt} dumps are), and loading a pickle can run code from "
-            "the file: pass --trust-pickle if you trust where it came from"
-        )
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -769,19 +589,10 @@ __all__ = [
     "PART_TOKENS",
     "RESCORED",
     "SCORED",
-    "Chunk",
     "ImportOptions",
     "Ingest",
-    "ReadContext",
-    "check_lengths",
-    "concat_rows",
     "discover",
-    "jsonl_tables",
-    "list_column",
-    "missing",
     "parse_steps",
-    "per_token_column",
-    "require_trust",
     "run_import",
     "sha256_file",
     "span_turns",
