@@ -414,9 +414,12 @@ def diagnose_runs(path: Path) -> tuple[list[str], list[str]] | None:
     f = Path(path) / DIAGNOSE_JSON
     if not f.is_file():
         return None
-    data = json.loads(f.read_text())
-    runs = [r for r in data.get("variants", []) if r.get("run")]
-    return [r["run"] for r in runs], [r["name"] for r in runs]
+    try:
+        data = json.loads(f.read_text())
+        runs = [r for r in data.get("variants", []) if r.get("run")]
+        return [str(r["run"]) for r in runs], [str(r["name"]) for r in runs]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        raise MismatchError(f"{f} is damaged (not a diagnose result): {first_line(e)}") from e
 
 
 __all__ = [

@@ -27,6 +27,24 @@ COMPARED = ("kept_mean_abs_delta", "kept_mean_delta", "kept_k3", "kept_seq_mean_
 _FREE = frozenset({"chunk_prompts", "rescore_batch_tokens", "device"})
 
 
+def validation_row(result: dict[str, Any], rule: str) -> dict[str, Any]:
+    """The sweep row `--validate` measures: the single --rho asked for, else the
+    recommendation; one-line errors for the absolute rule (vLLM has no engine-side
+    equivalent) and for a sweep that recommends nothing."""
+    if rule != "min-p":
+        raise MismatchError(
+            "--validate supports --rule min-p only (vLLM's min_p); the absolute rule has no "
+            "engine-side equivalent"
+        )
+    rows = result["rows"]
+    if len(rows) == 1:
+        return rows[0]
+    rec = result["recommended"]["rho"]
+    if rec is None:
+        raise MismatchError("no recommended rho to validate; pass a single --rho")
+    return next(r for r in rows if r["rho"] == rec)
+
+
 def validation_out(run: Path, rho: float) -> Path:
     """Default directory of the validation run: beside the original run."""
     return run.parent / f"{run.name}-validate-minp-{rho:g}"

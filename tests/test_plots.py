@@ -238,7 +238,7 @@ def test_skipped_figures_are_named_with_the_reason(tmp_path: Path) -> None:
 
     from rich.console import Console
 
-    from mismatch_cli.commands.measure import draw_figures
+    from mismatch_cli.commands.common import draw_figures
     from mismatch_cli.runs import write_run
     from mismatch_cli.synthetic import synthetic_meta, synthetic_tables
 

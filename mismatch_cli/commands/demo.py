@@ -26,7 +26,7 @@ def demo(
     from ..config import MeasureConfig
     from ..runs import RunDir
     from ..schema import STATUS_COMPLETE
-    from .measure import finish_run, measure_with_progress
+    from .common import finish_run, measure_with_progress
 
     err = Console(stderr=True)
     run = RunDir(out)

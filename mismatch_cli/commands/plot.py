@@ -93,37 +93,23 @@ def plot(
     """
     from rich.console import Console
 
-    from ..errors import MismatchError
-
-    if not runs:
-        raise MismatchError("no runs given: `mismatch plot RUN [RUN ...] --out DIR`")
     from ..analysis import parse_edges
-    from ..plots import check_figures, check_formats, make_figures
+    from ..errors import MismatchError
+    from ..plots import check_formats, make_figures, plan
 
     formats = check_formats(fmt or ["png"])  # bad flags fail before any file is read
-    from ..diagnose import diagnose_runs
-
-    if len(runs) == 1 and (diag := diagnose_runs(runs[0])) is not None:
-        if out is None:
-            out = runs[0] / "figures"
-        runs, label = [Path(p) for p in diag[0]], label or diag[1]
-        figure = figure or ["diagnose"]
-    names = check_figures(figure)
+    todo = plan(runs or [], out, label, figure)
     edge_values = parse_edges(edges)
     if eps is not None and not (eps >= 0):
         raise MismatchError(f"--eps must be >= 0, got {eps}")
-    if out is None:
-        if len(runs) > 1:
-            raise MismatchError("--out DIR is required with several runs")
-        out = runs[0] / "figures"
     console, err = Console(), Console(stderr=True)
     notes: list[str] = []
     paths = make_figures(
-        runs,
-        out,
+        todo.runs,
+        todo.out,
         formats,
-        label,
-        figures=names,
+        todo.labels,
+        figures=todo.figures,
         dpi=dpi,
         edges=edge_values,
         eps=eps,
@@ -135,8 +121,8 @@ def plot(
         from ..analysis import analyze
         from ..render import print_report
 
-        for r in runs:
+        for r in todo.runs:
             print_report(analyze(r, edges=edge_values, eps=eps), console)
-    console.print(f"wrote {len(paths)} file(s) to {out}:", highlight=False)
+    console.print(f"wrote {len(paths)} file(s) to {todo.out}:", highlight=False)
     for p in paths:
         console.print(f"  {p}", highlight=False)

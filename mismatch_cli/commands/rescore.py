@@ -110,7 +110,7 @@ def rescore(
 
     from ..pipeline import RescoreOptions, rescore_run
     from ..progress import progress
-    from .measure import finish_run
+    from .common import finish_run
 
     opts = RescoreOptions(
         train_dtype=train_dtype,

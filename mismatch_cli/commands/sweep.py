@@ -133,22 +133,10 @@ def _validate(run: Path, rule: str, result: dict[str, Any], out: Path | None) ->
     """Pick the rho to validate (a single --rho, else the recommendation) and measure it."""
     from rich.console import Console
 
-    from ..errors import MismatchError
-    from ..validate import validate
-    from .measure import measure_with_progress
+    from ..validate import validate, validation_row
+    from .common import measure_with_progress
 
-    if rule != "min-p":
-        raise MismatchError(
-            "--validate supports --rule min-p only (vLLM's min_p); the absolute rule has no engine-side equivalent"
-        )
-    rows = result["rows"]
-    if len(rows) == 1:
-        row = rows[0]
-    else:
-        rec = result["recommended"]["rho"]
-        if rec is None:
-            raise MismatchError("no recommended rho to validate; pass a single --rho")
-        row = next(r for r in rows if r["rho"] == rec)
+    row = validation_row(result, rule)
     err = Console(stderr=True)
 
     def measure(cfg: Any, path: Path, resume: bool) -> Path:

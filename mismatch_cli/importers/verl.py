@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import MismatchError
-from .toolkit import Chunk, ReadContext, missing, require_trust
 from .pickles import as_dtype, from_bytes, load_torch_zip, read_bytes, restricted_load
+from .toolkit import Chunk, ReadContext, missing, require_trust
 
 NAME = "verl"
 PATTERNS = ("gen_batch.dp",)

@@ -2,13 +2,16 @@
 
 Each figure module defines NAME, TITLE and `plot_<name>(runs)`; `FIGURES` lists them in the
 order they are drawn. A new figure is a new module here plus one line in `_MODULES`. The
-numbers drawn come from `analysis` (the same functions `report` uses); figures read the run
-directory only (`data.RunData`), never a model.
+numbers drawn come from one streamed `analysis.scan` per run (`data.RunData`: the report's
+aggregates plus the figures' own streamed histograms and running sums), so a figure shows
+what `report` prints; figures read the run directory only, never a model. `plan` says what
+`mismatch plot` draws for its arguments (a diagnose directory becomes its variant runs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -49,6 +52,47 @@ def check_figures(figures: Sequence[str] | None) -> list[str]:
     if bad:
         raise MismatchError(f"unknown figure {bad[0]!r}; choose from {', '.join(FIGURES)}")
     return [f for f in FIGURES if f in figures]
+
+
+@dataclass(frozen=True)
+class PlotPlan:
+    """What `mismatch plot RUN...` draws: the runs, their labels, the figures, where."""
+
+    runs: list[Path]
+    out: Path
+    labels: list[str] | None
+    figures: list[str]  # checked names (the default figures when none were named)
+
+
+def plan(
+    runs: Sequence[str | Path],
+    out: str | Path | None,
+    labels: Sequence[str] | None = None,
+    figures: Sequence[str] | None = None,
+) -> PlotPlan:
+    """The plan of `mismatch plot`: one path holding a diagnose.json is a diagnose directory,
+    drawn as its variants' runs (labelled by variant) with the `diagnose` figure unless
+    figures are named, into DIR/figures; one run draws into RUN/figures; several runs need
+    `out`. Named figures are checked (the default ones when none are named: a figure that
+    does not apply is skipped with a note). One-line errors for no runs, a damaged
+    diagnose.json, unknown figure names."""
+    from ..diagnose import diagnose_runs
+
+    if not runs:
+        raise MismatchError("no runs given: `mismatch plot RUN [RUN ...] --out DIR`")
+    paths = [Path(r) for r in runs]
+    lab = list(labels) if labels else None
+    names = list(figures) if figures else None
+    if len(paths) == 1 and (diag := diagnose_runs(paths[0])) is not None:
+        out = out if out is not None else paths[0] / "figures"
+        paths, lab = [Path(p) for p in diag[0]], lab or diag[1]
+        names = names or ["diagnose"]
+    checked = check_figures(names)
+    if out is None:
+        if len(paths) > 1:
+            raise MismatchError("--out DIR is required with several runs")
+        out = paths[0] / "figures"
+    return PlotPlan(paths, Path(out), lab, checked)
 
 
 def make_figures(
@@ -124,6 +168,7 @@ __all__ = [
     "PLOT_COLUMNS",
     "STYLE",
     "TITLES",
+    "PlotPlan",
     "RunData",
     "check_figures",
     "check_formats",
@@ -131,6 +176,7 @@ __all__ = [
     "figure",
     "load_runs",
     "make_figures",
+    "plan",
     "plot_bias",
     "plot_bound",
     "plot_corrections",
