@@ -890,7 +890,7 @@ def _scan_frame(
 # ----------------------------------------------------------------------------- one table
 
 
-def estimate_eps(df: pd.DataFrame, q: float = theory.EPS_QUANTILE) -> float:
+def frame_eps(df: pd.DataFrame, q: float = theory.EPS_QUANTILE) -> float:
     """The global eps of a token table: theory.estimate_eps (q-quantile of eps_hat)."""
     if "eps_hat" not in df.columns:
         return math.nan
@@ -1070,7 +1070,6 @@ NO_EPS_HAT_ESTIMATOR = (
     "(1 - p) shape, not an independent bound)"
 )
 GROUP_KEYS: tuple[str, ...] = ("step", "env")
-RATIO_BAND = (0.5, 2.0)
 
 
 class GroupAccumulator:
@@ -1107,7 +1106,7 @@ class GroupAccumulator:
         gf, d, k3 = gf[ok], b.delta[ok], b.k3[ok]  # [m'] finite tokens with a key
         ad = np.abs(d)
         tail = b.p[ok] < self.tail
-        out = ad > math.log(RATIO_BAND[1])  # r = exp(-delta) outside [1/2, 2]
+        out = ad > math.log(M.RATIO_BAND[1])  # r = exp(-delta) outside [1/2, 2]
         s = self._sums
         s[0] += np.bincount(g[has], minlength=G)
         s[1] += np.bincount(gf, minlength=G)
@@ -1365,8 +1364,8 @@ __all__ = [
     "distribution_level",
     "envelope_check",
     "eps_needed",
-    "estimate_eps",
     "fit_slope",
+    "frame_eps",
     "group_metrics",
     "length_bins",
     "parse_edges",

@@ -20,7 +20,7 @@ from .analysis import DEFAULT_EDGES, bucket_index, parse_edges, report, report_t
 from .errors import MismatchError
 from .results import json_ready
 from .runs import RunMeta, read_tokens, run_labels
-from .tokens import BATCH_ROWS, TokenBatches, open_run_tokens, prefetch
+from .tokens import BATCH_ROWS, SIDES, TokenBatches, open_run_tokens, prefetch
 
 # The headline metrics, in display order: (key, label). The ratio to the first run is
 # given for each.
@@ -35,7 +35,6 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("kl_qp_coarse_mean", "KL(q||p) lower bound, mean"),
     ("kl_pq_coarse_mean", "KL(p||q) lower bound, mean"),
 )
-SIDES = ("train", "infer")
 
 
 def describe_sides(meta: RunMeta) -> tuple[str, str]:

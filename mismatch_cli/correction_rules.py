@@ -3,7 +3,7 @@ function, and their registry (`METHODS`). What `mismatch corrections` applies to
 stored tokens (`corrections.py` streams the table through these rules), and what a trainer
 plug-in applies to the tensors of a step: one definition of each rule.
 
-Notation (docs/theory.md, "9. Mismatch corrections"):
+Notation (docs/theory.md §9 "Mismatch corrections"):
     delta_t = logp_infer - logp_train      this tool's sign
     d_t     = -delta_t                     every framework's log_ratio (train - rollout)
     r_t     = exp(d_t)                     the token importance ratio pi_train / pi_infer

@@ -56,7 +56,6 @@ from .results import json_ready
 from .tokens import BATCH_ROWS, TokenBatches, frame_tokens, open_run_tokens
 
 LOG2 = math.log(2.0)
-RATIO_BAND = (0.5, 2.0)  # left_frac_ratio_outside_0.5_2
 
 
 # ----------------------------------------------------------------------------- run tokens
@@ -377,7 +376,7 @@ def _keep_all(keys: np.ndarray) -> np.ndarray:
     return np.ones(keys.shape, dtype=bool)
 
 
-def summarize(a: Applied, t: RunTokens) -> dict[str, Any]:
+def summarize_method(a: Applied, t: RunTokens) -> dict[str, Any]:
     """Every per-method quantity of a rule's result `a` on the rows `t` (one table in
     memory: the streamed path's `Summary` over one batch)."""
     acc = Summary(t.num_sequences, t.edges, t.step_values, t.advantage is not None)
@@ -501,7 +500,7 @@ def pareto(rows: Sequence[dict[str, Any]], x: str, y: str = "left_k3") -> list[s
     return [n for n, _, _ in sorted(front, key=lambda p: (p[1], p[2]))]
 
 
-def verdict(result: dict[str, Any]) -> str:
+def corrections_verdict(result: dict[str, Any]) -> str:
     """The plain-words paragraph: the mismatch without a correction, the Pareto front, the
     methods that only reweight, DVP's cost, skipped rows."""
     rows = {r["name"]: r for r in result["methods"]}
@@ -744,11 +743,11 @@ def corrections(
         "dvp_curves": curves,
         "warnings": warnings,
         "quantiles": quantiles.label,
-        "conventions": CONVENTIONS,
+        "conventions": CONVENTIONS_CORRECTIONS,
     }
     result = json_ready(result)
     result["pareto"] = pareto(result["methods"], x)
-    result["verdict"] = verdict(result)
+    result["verdict"] = corrections_verdict(result)
     return result
 
 
@@ -775,7 +774,7 @@ def _apply(
     return m.rule(t.delta, t.seq, **params)
 
 
-CONVENTIONS: dict[str, str] = {
+CONVENTIONS_CORRECTIONS: dict[str, str] = {
     "quantiles": (
         "counts, sums, means, maxima, ESS and shares are exact; p99 |delta| is exact up to "
         f"{EXACT_LIMIT:,} finite tokens, beyond from a quantile sketch with relative error "
@@ -801,7 +800,7 @@ CONVENTIONS: dict[str, str] = {
 }
 
 
-def rows_frame(result: dict[str, Any]) -> pd.DataFrame:
+def methods_frame(result: dict[str, Any]) -> pd.DataFrame:
     """The method rows as a DataFrame (for --csv): scalar keys, params as 'k=v;k=v'."""
     recs = []
     for r in result["methods"]:
@@ -818,14 +817,14 @@ def rows_frame(result: dict[str, Any]) -> pd.DataFrame:
 
 
 __all__ = [
-    "CONVENTIONS",
+    "CONVENTIONS_CORRECTIONS",
     "METHOD_KEYS",
     "RunTokens",
     "Summary",
     "corrections",
+    "corrections_verdict",
+    "methods_frame",
     "pareto",
-    "rows_frame",
     "run_tokens",
-    "summarize",
-    "verdict",
+    "summarize_method",
 ]

@@ -37,8 +37,8 @@ from .pipeline import (
 )
 from .results import json_ready
 from .runs import RunDir, RunMeta
+from .schema import DIAGNOSE_JSON
 
-DIAGNOSE_JSON = "diagnose.json"
 VARIANTS_DIR = "variants"
 BASELINE = "baseline"
 NULL = "null"
@@ -408,28 +408,12 @@ def draw_diagnose(out: Path, result: dict[str, Any], formats: Sequence[str] = ("
     )
 
 
-def diagnose_runs(path: Path) -> tuple[list[str], list[str]] | None:
-    """(run paths, variant names) of a diagnose directory, from its diagnose.json; None if
-    `path` is not one. Lets `mismatch plot DIR` draw a diagnose directory."""
-    f = Path(path) / DIAGNOSE_JSON
-    if not f.is_file():
-        return None
-    try:
-        data = json.loads(f.read_text())
-        runs = [r for r in data.get("variants", []) if r.get("run")]
-        return [str(r["run"]) for r in runs], [str(r["name"]) for r in runs]
-    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-        raise MismatchError(f"{f} is damaged (not a diagnose result): {first_line(e)}") from e
-
-
 __all__ = [
     "BASELINE",
-    "DIAGNOSE_JSON",
     "SOURCES",
     "VARIANTS",
     "VARIANT_NAMES",
     "Variant",
-    "diagnose_runs",
     "diagnose_verdict",
     "draw_diagnose",
     "parse_variants",

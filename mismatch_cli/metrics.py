@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 CAPS: tuple[float, ...] = (2.0, 3.0, 5.0)
+RATIO_BAND = (0.5, 2.0)  # frac_ratio_outside_0.5_2: r = exp(-delta) outside it, |delta| > log 2
 LOG_RATIO_CLAMP = 20.0  # verl's SAFETY_BOUND
 SEQ_LOG_CLAMP = LOG_RATIO_CLAMP
 
@@ -107,6 +108,7 @@ def ess(weights: np.ndarray) -> float:
 __all__ = [
     "CAPS",
     "LOG_RATIO_CLAMP",
+    "RATIO_BAND",
     "chi2_seq",
     "chi2_token",
     "clamped_log_ratio",

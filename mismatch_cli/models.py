@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -155,12 +156,8 @@ def convert_gguf(
             "AutoModelForCausalLM accepts"
         )
     label = name or gguf.stem
-    if not quiet:
-        from rich.console import Console
-
-        Console(stderr=True).print(
-            f"[bold]Converting[/] {label} from {gguf.name} into {target} (once)", highlight=False
-        )
+    if not quiet:  # a plain line: the library never draws on the terminal itself
+        print(f"Converting {label} from {gguf.name} into {target} (once)", file=sys.stderr)
     dtype = _storage_dtype(meta["weight_types"])
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))

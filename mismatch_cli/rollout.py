@@ -25,7 +25,7 @@ from .errors import MismatchError, first_line
 Record = dict[str, Any]
 
 
-class RichTqdm:
+class CallbackTqdm:
     """The slice of tqdm's interface vLLM's `LLM.generate(use_tqdm=...)` uses, over a callback.
 
     vLLM calls update(n) with the number of finished completions of each request. It also
@@ -140,7 +140,7 @@ class VllmEngine:
         params = [self.sampling_params(pid) for pid, _ in prompts]
         try:
             outs = self.llm.generate(
-                inputs, params, use_tqdm=lambda *a, **kw: RichTqdm(advance, *a, **kw)
+                inputs, params, use_tqdm=lambda *a, **kw: CallbackTqdm(advance, *a, **kw)
             )
         except ValueError as e:  # e.g. a prompt longer than the model's context
             raise MismatchError(f"vLLM refused the request: {first_line(e)}") from e
@@ -189,7 +189,7 @@ class VllmEngine:
         ]  # Python ints: vLLM's request serialiser refuses numpy scalars
         try:
             outs = self.llm.generate(
-                inputs, params, use_tqdm=lambda *a, **kw: RichTqdm(advance, *a, **kw)
+                inputs, params, use_tqdm=lambda *a, **kw: CallbackTqdm(advance, *a, **kw)
             )
         except ValueError as e:  # e.g. a sequence longer than the model's context
             raise MismatchError(f"vLLM refused the request: {first_line(e)}") from e

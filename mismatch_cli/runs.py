@@ -33,9 +33,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import IncompleteRunError, MismatchError, RunNotFoundError
+from .errors import IncompleteRunError, MismatchError, RunNotFoundError, first_line
 from .schema import (
     CONVENTIONS,
+    DIAGNOSE_JSON,
     FORMAT_VERSION,
     PARTS_DIR,
     RHO_GRID,
@@ -416,7 +417,7 @@ class _SummaryAccumulator:
         }
 
 
-def summarize(tokens: pd.DataFrame, num_sequences: int) -> dict[str, Any]:
+def token_summary(tokens: pd.DataFrame, num_sequences: int) -> dict[str, Any]:
     """The run.json summary of a token table in memory."""
     acc = _SummaryAccumulator()
     acc.add(tokens["delta"].to_numpy(dtype=np.float64))
@@ -452,7 +453,7 @@ def write_run(
     seqs = sequence_frame(sequences, sequence_sums(tokens))
     atomic_write_table(path / SEQUENCES_FILE, pa.Table.from_pandas(seqs, preserve_index=False))
     meta = {**meta, "status": STATUS_COMPLETE, "completed": now()}
-    meta["summary"] = summarize(tokens, len(seqs))
+    meta["summary"] = token_summary(tokens, len(seqs))
     RunDir(path).write_meta(meta)
     return path
 
@@ -544,6 +545,20 @@ def run_labels(paths: Sequence[str | Path], labels: Sequence[str] | None = None)
     return names
 
 
+def diagnose_runs(path: Path) -> tuple[list[str], list[str]] | None:
+    """(run paths, variant names) of a diagnose directory, from its diagnose.json; None if
+    `path` is not one (`plots.plan` draws a diagnose directory as its variants' runs)."""
+    f = Path(path) / DIAGNOSE_JSON
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+        runs = [r for r in data.get("variants", []) if r.get("run")]
+        return [str(r["run"]) for r in runs], [str(r["name"]) for r in runs]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        raise MismatchError(f"{f} is damaged (not a diagnose result): {first_line(e)}") from e
+
+
 def token_columns(path: str | Path) -> list[str]:
     """The column names of a run's tokens.parquet ([] if it has none): lets readers ask for
     optional columns (schema.COARSE_COLUMNS, ...) only when a run has them."""
@@ -576,6 +591,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_table",
     "check_writable_dir",
+    "diagnose_runs",
     "finish_hint",
     "new_meta",
     "now",
@@ -586,9 +602,9 @@ __all__ = [
     "sequence_frame",
     "sequence_sums",
     "stream_sequences",
-    "summarize",
     "token_columns",
     "token_frame",
+    "token_summary",
     "versions",
     "write_run",
 ]

@@ -6,11 +6,10 @@ is called the same thing in the writer, the analysis, the plots and the docs.
 
 from __future__ import annotations
 
-import numpy as np
-
 FORMAT_VERSION = 1
 
 RUN_JSON = "run.json"
+DIAGNOSE_JSON = "diagnose.json"  # a `mismatch diagnose` directory: its variants and result
 TOKENS_FILE = "tokens.parquet"
 SEQUENCES_FILE = "sequences.parquet"
 PARTS_DIR = "parts"  # per-chunk Parquet files of an incomplete run (resume state)
@@ -119,8 +118,3 @@ SEQUENCE_EXTRA_COLUMNS: dict[str, str] = {
     "source_file": "int32: index of the file in run.json's source.files",
     "source_row": "int64: record (prime-rl, tokens) or batch row (slime, SkyRL, verl) in that file",
 }
-
-
-def rho_grid() -> np.ndarray:
-    """The stored pruning grid as a float64 array, shape [G]."""
-    return np.asarray(RHO_GRID, dtype=np.float64)

@@ -7,7 +7,7 @@ For every candidate threshold rho of a pruning rule
 the sweep reports, from a stored run and without any model:
     removed    sampled tokens outside S (a pruned rollout never produces them), the
                sequences holding one, and their share of the run's sum |delta|
-    remaining  mismatch on kept tokens: mean |delta|, signed mean delta (section 3's bias),
+    remaining  mismatch on kept tokens: mean |delta|, signed mean delta (§5's bias),
                k3, mean |sum_t delta_t| per sequence (each also relative to no pruning), and
                the tail: p99 and max |delta|, share with r = exp(-delta) outside [0.5, 2]
     cost       pruned mass m(c) = 1 - P(S) per position (= TV(p, p~)), and its sum over a
@@ -636,7 +636,7 @@ CONVENTIONS_SWEEP: dict[str, str] = {
     "delta": CONVENTIONS["delta"],
     "pruned_mass": CONVENTIONS["pruned_mass"],
     "bias_bound": (
-        "per sequence: sum_t m(c_t) over its positions (docs/theory.md, 'The bias bound'); "
+        "per sequence: sum_t m(c_t) over its positions (docs/theory.md §6 'The bias bound'); "
         "its mean decides the recommendation, p95 is the 95th percentile "
         "(linear interpolation)"
     ),
@@ -652,7 +652,7 @@ CONVENTIONS_SWEEP: dict[str, str] = {
 }
 
 
-def rows_frame(result: dict[str, Any]) -> pd.DataFrame:
+def sweep_frame(result: dict[str, Any]) -> pd.DataFrame:
     """The sweep's rows as a DataFrame (for --csv), with a boolean `recommended` column."""
     df = pd.DataFrame(result["rows"], columns=list(ROW_KEYS))
     rec = result["recommended"]["rho"]
@@ -674,11 +674,11 @@ __all__ = [
     "prepare",
     "recommend",
     "resolve_rhos",
-    "rows_frame",
     "rule_error",
     "run_where",
     "scalar_columns",
     "sweep",
     "sweep_columns",
+    "sweep_frame",
     "sweep_tokens",
 ]

@@ -1,4 +1,5 @@
-"""The (1 - p) bound on the sampled-token mismatch, and how eps is estimated (theory.md s.2).
+"""The (1 - p) bound on the sampled-token mismatch (docs/theory.md §3 "The (1 − p) bound"), and
+how eps is estimated (§4 "Estimating ε from top-K log-probs").
 
 Notation (one generated position, sampled token a):
     z^q = z^p + delta            logits; eps = max_i |delta_i|      (logit perturbation)
@@ -20,8 +21,8 @@ bound on |Delta_a| is
                                                       ~= 2 eps (1 - p_a)      (first order)
               <= 2 eps                                                        (always)
 
-Note: theory.md section 2 writes the exact bound as -log(1 - (1-p)(1 - exp(-2 eps))); that
-is the bound on POSITIVE Delta only (`envelope_exact_upper`). A token with Delta < 0 can
+Note: the often-quoted "exact" bound -log(1 - (1-p)(1 - exp(-2 eps))) is the bound on POSITIVE
+Delta only (`envelope_exact_upper`; docs/theory.md §3 "The bounds the tool draws"). A token with Delta < 0 can
 exceed it (p = 0.5, eps = 0.5: Delta = -0.620 > 0.380), so `envelope_exact` is the two-sided
 bound above. All functions are vectorised: arrays of any shape broadcast against eps.
 """
@@ -43,7 +44,7 @@ def envelope_first_order(one_minus_p: np.ndarray, eps: float) -> np.ndarray:
 
 
 def envelope_exact_upper(one_minus_p: np.ndarray, eps: float) -> np.ndarray:
-    """Largest POSITIVE Delta: -log(1 - (1 - p)(1 - exp(-2 eps))) (theory.md's formula)."""
+    """Largest POSITIVE Delta: -log(1 - (1 - p)(1 - exp(-2 eps))) (the often-quoted form)."""
     x = np.asarray(one_minus_p, dtype=np.float64)
     return -np.log1p(x * np.expm1(-2.0 * eps))  # expm1(-2eps) = -(1 - exp(-2 eps))
 

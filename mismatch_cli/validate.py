@@ -95,7 +95,7 @@ def check_reusable(source: Path, target: Path, cfg: Any) -> None:
             )
 
 
-def compare(
+def compare_prediction(
     predicted: dict[str, Any], observed_sweep: dict[str, Any], rho: float
 ) -> dict[str, Any]:
     """Prediction (the original run's sweep row at rho) against the validation run's numbers."""
@@ -144,4 +144,4 @@ def validate(
     else:
         log(f"validating rho={rho:g}: rerunning the rollouts with vLLM min_p={rho:g} into {out}")
         measure(cfg, out, resume=vrun.exists())
-    return compare(predicted, sweep(out), rho)
+    return compare_prediction(predicted, sweep(out), rho)

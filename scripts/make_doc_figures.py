@@ -30,7 +30,7 @@ def main() -> None:
         f"created {meta['created']}).\n"
     )
     if args.diagnose:
-        from mismatch_cli.diagnose import diagnose_runs
+        from mismatch_cli.runs import diagnose_runs
 
         runs, names = diagnose_runs(Path(args.diagnose)) or ([], [])
         files += make_figures(

@@ -170,7 +170,7 @@ def test_envelope_check_fit_and_eps() -> None:
     fit = A.fit_slope(np.array(x), np.array(y))
     assert fit["slope"] == pytest.approx(slope) and fit["r2"] == pytest.approx(1 - ss_res / ss_tot)
     # eps_hat 0.01..0.10 for all 10 positions: numpy's q0.99
-    assert A.estimate_eps(df) == pytest.approx(0.01 + 0.99 * 9 * 0.01)
+    assert A.frame_eps(df) == pytest.approx(0.01 + 0.99 * 9 * 0.01)
 
 
 def test_tail_bias_hand_computed() -> None:

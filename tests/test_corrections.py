@@ -123,7 +123,7 @@ def test_hand_sequence_rules() -> None:
 
 def test_hand_summary() -> None:
     t = C.run_tokens(table(HAND, p=[0.9, 0.9, 0.05, 0.5, 0.5, 0.0, 0.5, 1e-4]))
-    s = C.summarize(rule("icepop-narrow"), t)
+    s = C.summarize_method(rule("icepop-narrow"), t)
     left = [0.0, 0.1, 0.1, 0.2]  # |delta| of the 4 tokens it keeps
     assert s["tokens_masked"] == 4 / 8
     assert s["sequences_masked"] == 1 / 4  # seq 3 (seq 2 keeps its finite token)
@@ -147,7 +147,7 @@ def test_hand_summary() -> None:
     assert b[(0.9, 0.99)]["num_tokens"] == 2 and b[(0.9, 0.99)]["masked"] == 0.5
     assert b[(0.0, 1e-6)]["masked"] == 1.0  # the infinite token (p_train 0)
     assert s["clipped_mass_per_seq"] == 0.0
-    tis = C.summarize(rule("tis-token"), t)
+    tis = C.summarize_method(rule("tis-token"), t)
     assert tis["tokens_clipped"] == 1 / 8 and tis["clipped_mass_per_seq"] == pytest.approx(1 / 4)
     assert tis["removed_token_share"] == 0.0 and tis["sequences_masked"] == 0.0
 
@@ -257,7 +257,7 @@ def test_rules_equal_a_brute_force_loop(seqs: list[list[float]], scale: float) -
         assert a.masked.tolist() == [m for _, m, _ in ref], name
         assert a.clipped.tolist() == [c for _, _, c in ref], name
         np.testing.assert_allclose(a.weight, [w for w, _, _ in ref], rtol=1e-12, err_msg=name)
-        got, want = C.summarize(a, t), loop_summary(seqs, ref)
+        got, want = C.summarize_method(a, t), loop_summary(seqs, ref)
         for k, v in want.items():
             assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-15, nan_ok=True), (name, k)
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from mismatch_cli import plots as P
-from mismatch_cli.diagnose import DIAGNOSE_JSON, VARIANT_NAMES, parse_variants, summarize
+from mismatch_cli.diagnose import VARIANT_NAMES, parse_variants, summarize
 from mismatch_cli.errors import MismatchError
 from mismatch_cli.metrics import k3
 from mismatch_cli.runs import read_sequences, read_tokens, token_frame, write_run
+from mismatch_cli.schema import DIAGNOSE_JSON
 from mismatch_cli.synthetic import synthetic_meta, write_synthetic_run
 
 from .conftest import assert_one_line_error, run_cli

@@ -52,3 +52,65 @@ def test_relative_links_and_images_resolve(page: Path) -> None:
             continue
         path = (page.parent / t.split("#")[0]).resolve()
         assert path.exists(), f"{page.name}: broken link {t}"
+
+
+def _theory_sections() -> tuple[dict[int, list[str]], set[str]]:
+    """docs/theory.md: {section number: headings inside it} and the GitHub anchors."""
+    sections: dict[int, list[str]] = {}
+    anchors: set[str] = set()
+    current = 0
+    for line in (ROOT / "docs" / "theory.md").read_text().splitlines():
+        m = re.match(r"^(#+)\s+(.*)$", line)
+        if not m:
+            continue
+        title = m.group(2).strip()
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        anchors.add(slug)
+        n = re.match(r"^(\d+)\.\s+(.*)$", title)
+        if len(m.group(1)) == 2 and n:
+            current = int(n.group(1))
+            sections[current] = [n.group(2)]
+        elif current:
+            sections[current].append(title)
+    return sections, anchors
+
+
+def test_citations_of_theory_md_name_real_sections() -> None:
+    """Every `theory.md §N`, `§N "Title"`, `theory.md, "Title"` and `theory.md#anchor` in the
+    package, the scripts and the docs points at a section that exists under that number and
+    title (a renumbered section fails here, not in a reader's hands)."""
+    sections, anchors = _theory_sections()
+    headings = {t for ts in sections.values() for t in ts}
+    files = [*PKG_FILES, *PAGES]
+    cited = 0
+    for f in files:
+        text = re.sub(r"\s*\n\s*(#\s*)?", " ", f.read_text())  # citations wrap lines
+        for m in re.finditer(r"theory\.md,?\s*§(\d+)(?:\s*[\"']([^\"']+)[\"'])?", text):
+            n, title = int(m.group(1)), m.group(2)
+            assert n in sections, f"{f.name}: {m.group(0)!r} cites no such section"
+            if title is not None:
+                ok = any(h.startswith(title) for h in sections[n])
+                assert ok, f"{f.name}: {m.group(0)!r}: not a heading of §{n}"
+            cited += 1
+        for m in re.finditer(r"theory\.md,\s*[\"']([^\"']+)[\"']", text):
+            title = re.sub(r"^\d+\.\s+", "", m.group(1))
+            ok = any(h.startswith(title) for h in headings)
+            assert ok, f"{f.name}: {m.group(0)!r} cites no such heading"
+            cited += 1
+        for m in re.finditer(r"theory\.md#([\w\-]+)", text):
+            assert m.group(1) in anchors, f"{f.name}: broken anchor {m.group(0)}"
+            cited += 1
+        for m in re.finditer(r"theory\.md §(\d+)\]\(theory\.md#(\d+)-", text):
+            assert m.group(1) == m.group(2), f"{f.name}: {m.group(0)!r} links another section"
+        bare = re.search(
+            r"theory\.md,?\s*(section|s\.)\s*\d|theory\.md,?\s*§\d+(?!\s*[\"'\]])", text
+        )
+        if f.suffix == ".py":  # code and --help cite a number with its title: checkable
+            assert bare is None, f'{f.name}: {bare.group(0)!r}: cite as §N "Title"'
+    assert cited > 10
+
+
+PKG_FILES = [
+    *sorted((ROOT / "mismatch_cli").rglob("*.py")),
+    *sorted((ROOT / "scripts").glob("*.py")),
+]

@@ -210,7 +210,9 @@ def test_verl_file_written_by_tensordict_decodes() -> None:
     """tests/data/verl_gen_batch_tensordict.dp: DataProto (verl-project/verl @ 1dda039
     pickling code) of a consolidated TensorDict written by tensordict 0.15.3 / torch 2.14.1."""
     verl = get_format("verl")
-    t, non_tensor = verl.load(DATA / "verl_gen_batch_tensordict.dp", ReadContext(trust_pickle=True))
+    t, non_tensor = verl.load_data_proto(
+        DATA / "verl_gen_batch_tensordict.dp", ReadContext(trust_pickle=True)
+    )
     np.testing.assert_array_equal(t["prompts"], np.arange(8).reshape(2, 4))
     np.testing.assert_array_equal(t["m"], np.ones((2, 3), np.int64))
     assert t["rollout_log_probs"].dtype == np.float32 and t["rollout_log_probs"].shape == (2, 3)

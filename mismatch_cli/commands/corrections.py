@@ -33,7 +33,7 @@ SetOpt = Annotated[
         rich_help_panel=PANEL_ANALYSIS,
     ),
 ]
-RhoOpt = Annotated[
+DvpRhoOpt = Annotated[
     float | None,
     typer.Option(
         "--rho",
@@ -43,7 +43,7 @@ RhoOpt = Annotated[
         rich_help_panel=PANEL_ANALYSIS,
     ),
 ]
-CsvOpt = Annotated[
+MethodsCsvOpt = Annotated[
     Path | None,
     typer.Option(
         "--csv", metavar="FILE", help="Also write the method rows to FILE as CSV.",
@@ -56,10 +56,10 @@ def corrections(
     run: RunArg,
     method: MethodOpt = None,
     set_: SetOpt = None,
-    rho: RhoOpt = None,
+    rho: DvpRhoOpt = None,
     edges: EdgesOpt = None,
     json_out: JsonOpt = False,
-    csv: CsvOpt = None,
+    csv: MethodsCsvOpt = None,
 ) -> None:
     """Apply every published training-inference mismatch correction to a run's tokens and
     compare what each one masks, clips, leaves behind and costs.
@@ -87,7 +87,7 @@ def corrections(
     if csv is not None:
         from ..results import write_csv
 
-        write_csv(C.rows_frame(result), csv)
+        write_csv(C.methods_frame(result), csv)
     if json_out:
         typer.echo(json.dumps(result, indent=2, allow_nan=False))
         return

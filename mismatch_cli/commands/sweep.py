@@ -18,7 +18,7 @@ RuleOpt = Annotated[
         help="Pruning rule: `min-p` (keep p >= rho * max p) or `absolute` (keep p >= rho).",
     ),
 ]
-RhoOpt = Annotated[
+RhoValuesOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--rho",
@@ -48,7 +48,7 @@ TargetOpt = Annotated[
         rich_help_panel=PANEL_RECOMMENDATION,
     ),
 ]
-CsvOpt = Annotated[
+RowsCsvOpt = Annotated[
     Path | None,
     typer.Option(
         "--csv", metavar="FILE", help="Also write the rows to FILE as CSV.", show_default=False
@@ -82,11 +82,11 @@ ValidateOutOpt = Annotated[
 def sweep_threshold(
     run: RunArg,
     rule: RuleOpt = "min-p",
-    rho: RhoOpt = None,
+    rho: RhoValuesOpt = None,
     max_bias: MaxBiasOpt = 0.05,
     target_mismatch: TargetOpt = None,
     json_out: JsonOpt = False,
-    csv: CsvOpt = None,
+    csv: RowsCsvOpt = None,
     validate: ValidateOpt = False,
     validate_out: ValidateOutOpt = None,
 ) -> None:
@@ -97,7 +97,7 @@ def sweep_threshold(
     (mean |delta|, signed mean delta, k3, mean |sum delta| per sequence; also relative to
     no pruning), and the cost: pruned mass m = 1 - P(safe set) per position (the total
     variation between p and its pruned version) and its sum per sequence, the bias bound
-    of theory.md section 4 (mean and 95th percentile).
+    of docs/theory.md §6 "The bias bound" (mean and 95th percentile).
 
     Conventions: delta = logp_infer - logp_train (nats). The safe set and the pruned mass
     are computed on the training-side sampling distribution (after temperature and
@@ -112,7 +112,7 @@ def sweep_threshold(
     if csv is not None:
         from ..results import write_csv
 
-        write_csv(sw.rows_frame(result), csv)
+        write_csv(sw.sweep_frame(result), csv)
     validation = None
     if validate:
         validation = _validate(run, rule, result, validate_out)

@@ -47,7 +47,7 @@ SCHEMA = pa.schema(
     [("step", pa.int64()), ("rank", pa.int64()), ("env_name", pa.string()),
      *((k, t) for k, t in _LIST.items())]
 )  # fmt: skip
-REQUIRED = ("token_ids", "position_ids", "loss_mask", "inference_logprobs", "trainer_logprobs")
+_REQUIRED = ("token_ids", "position_ids", "loss_mask", "inference_logprobs", "trainer_logprobs")
 
 
 def step_of(path: Path) -> int | None:
@@ -82,12 +82,12 @@ def read(path: Path, ctx: ReadContext) -> Iterator[Chunk]:
 
 def _chunk(table: pa.Table, first: int, path: Path, dir_step: int | None) -> Chunk:
     where = f"{path}"
-    absent = [k for k in REQUIRED if table.column(k).null_count == table.num_rows]
+    absent = [k for k in _REQUIRED if table.column(k).null_count == table.num_rows]
     if absent:
         raise missing(f"{where} record {first}", absent, " (is this a prime-rl token export?)")
     lens, tok = list_column(table, "token_ids", where, np.int64)
     arrays = {}
-    for k in (*REQUIRED[1:], "advantages"):
+    for k in (*_REQUIRED[1:], "advantages"):
         if k == "advantages" and table.column(k).null_count == table.num_rows:
             continue
         dtype = bool if k == "loss_mask" else np.float64

@@ -42,7 +42,7 @@ SIDES = "either"
 SIGN = "SkyRL: rollout_logprobs (inference), action_log_probs (trainer); delta = rollout_logprobs - action_log_probs"
 MODULES = ("skyrl.backends.skyrl_train.training_batch", "skyrl_train.training_batch")
 CLASSES = ("TrainingInputBatch", "TrainingOutputBatch", "TensorBatch")
-REQUIRED = ("sequences", "attention_mask", "response_mask", "rollout_logprobs")
+_REQUIRED = ("sequences", "attention_mask", "response_mask", "rollout_logprobs")
 
 
 class _Batch(dict):
@@ -77,7 +77,7 @@ def step_of(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def load(path: Path, ctx: ReadContext) -> tuple[dict[str, np.ndarray | None], dict[str, Any]]:
+def _load(path: Path, ctx: ReadContext) -> tuple[dict[str, np.ndarray | None], dict[str, Any]]:
     """(tensors as numpy arrays, metadata) of one dump."""
     require_trust(path, NAME, ctx)
     obj = restricted_load(read_bytes(path), _allowed(), str(path))
@@ -107,12 +107,12 @@ def _decode(value: Any, where: str) -> np.ndarray | None:
 
 def read(path: Path, ctx: ReadContext) -> Iterator[Chunk]:
     """The rows of one dump (one step), padding rows dropped."""
-    t, meta = load(path, ctx)
+    t, meta = _load(path, ctx)
     where = str(path)
-    absent = [k for k in REQUIRED if t.get(k) is None]
+    absent = [k for k in _REQUIRED if t.get(k) is None]
     if absent:
         raise missing(where, absent, " (is this a SkyRL training batch?)")
-    seq, att, resp, lr = (t[k] for k in REQUIRED)
+    seq, att, resp, lr = (t[k] for k in _REQUIRED)
     lt = t.get("action_log_probs")
     loss = t.get("loss_mask")
     adv = t.get("advantages")

@@ -60,7 +60,7 @@ def select(files: Sequence[Path], warn, explicit: set[Path]) -> list[Path]:
     return out
 
 
-def load(path: Path, ctx: ReadContext) -> dict[str, Any]:
+def _load(path: Path, ctx: ReadContext) -> dict[str, Any]:
     """torch.load with weights_only=True; with --trust-pickle, a full load when that fails."""
     import pickle
 
@@ -95,7 +95,7 @@ def _np(x: Any, dtype: Any) -> np.ndarray:
 
 def read(path: Path, ctx: ReadContext) -> Iterator[Chunk]:
     """The samples of one dump (one rollout step)."""
-    payload = load(path, ctx)
+    payload = _load(path, ctx)
     samples = payload["samples"]
     where = str(path)
     step = payload.get("rollout_id")

@@ -34,8 +34,8 @@ PATTERNS = ("*.jsonl", "*.parquet")
 PICKLE = False
 SIDES = "either"
 SIGN = "tokens: logprobs_infer and logprobs_train as given; delta = logprobs_infer - logprobs_train"
-REQUIRED = ("prompt_token_ids", "response_token_ids", "logprobs_infer")
-FIELDS = (*REQUIRED, "logprobs_train", "loss_mask", "step", "env", "advantage", "reward", "turn")
+_REQUIRED = ("prompt_token_ids", "response_token_ids", "logprobs_infer")
+FIELDS = (*_REQUIRED, "logprobs_train", "loss_mask", "step", "env", "advantage", "reward", "turn")
 PARQUET_ROWS = 4096
 
 
@@ -68,7 +68,7 @@ def _present(table: pa.Table, name: str) -> bool:
 
 
 def _chunk(table: pa.Table, first: int, where: str) -> Chunk:
-    absent = [k for k in REQUIRED if not _present(table, k)]
+    absent = [k for k in _REQUIRED if not _present(table, k)]
     if absent:
         raise missing(f"{where} record {first}", absent, " (see docs/import.md, `tokens`)")
     plens, pids = list_column(table, "prompt_token_ids", where, np.int64)

@@ -37,7 +37,7 @@ PATTERNS = ("gen_batch.dp",)
 PICKLE = True
 SIDES = "infer"
 SIGN = "verl: rollout_log_probs (inference) only; the training side is rescored, delta = logp_infer - logp_train"
-REQUIRED = ("prompts", "responses", "response_mask", "rollout_log_probs")
+_REQUIRED = ("prompts", "responses", "response_mask", "rollout_log_probs")
 
 
 class _DataProto:
@@ -60,7 +60,7 @@ def step_of(path: Path) -> int | None:
     return int(path.parent.name) if path.parent.name.isdigit() else None
 
 
-def load(path: Path, ctx: ReadContext) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_data_proto(path: Path, ctx: ReadContext) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(tensors as numpy arrays, non_tensor_batch) of one gen_batch.dp."""
     require_trust(path, NAME, ctx)
     where = str(path)
@@ -93,15 +93,15 @@ def load(path: Path, ctx: ReadContext) -> tuple[dict[str, np.ndarray], dict[str,
 
 def read(path: Path, ctx: ReadContext) -> Iterator[Chunk]:
     """The rows of one gen_batch.dp (one step)."""
-    t, non_tensor = load(path, ctx)
+    t, non_tensor = load_data_proto(path, ctx)
     where = str(path)
-    absent = [k for k in REQUIRED if k not in t]
+    absent = [k for k in _REQUIRED if k not in t]
     if absent:
         hint = (
             " (rollout.calculate_log_probs must be on)" if absent == ["rollout_log_probs"] else ""
         )
         raise missing(where, absent, hint)
-    prompts, responses, rmask, lr = (t[k] for k in REQUIRED)
+    prompts, responses, rmask, lr = (t[k] for k in _REQUIRED)
     B, P = prompts.shape
     R = responses.shape[1]
     for name in ("response_mask", "rollout_log_probs"):

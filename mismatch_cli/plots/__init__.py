@@ -30,7 +30,7 @@ from .corrections import plot_corrections
 from .data import PLOT_COLUMNS, RunData, load_runs, run_data
 from .distribution import plot_distribution
 from .sequence import cumulative_by_position, plot_sequence
-from .style import DEFAULT_DPI, FORMATS, PALETTE, STYLE, check_formats, draw_title, plotted
+from .style import DEFAULT_DPI, IMAGE_FORMATS, PALETTE, STYLE, check_formats, draw_title, plotted
 from .sweep import plot_sweep
 
 _MODULES = (bound, bias, sequence, distribution, sweep, corrections, drift, diagnose)
@@ -76,7 +76,7 @@ def plan(
     `out`. Named figures are checked (the default ones when none are named: a figure that
     does not apply is skipped with a note). One-line errors for no runs, a damaged
     diagnose.json, unknown figure names."""
-    from ..diagnose import diagnose_runs
+    from ..runs import diagnose_runs
 
     if not runs:
         raise MismatchError("no runs given: `mismatch plot RUN [RUN ...] --out DIR`")
@@ -162,7 +162,7 @@ __all__ = [
     "DEFAULT_DPI",
     "DEFAULT_FIGURES",
     "FIGURES",
-    "FORMATS",
+    "IMAGE_FORMATS",
     "PALETTE",
     "PLOTTERS",
     "PLOT_COLUMNS",

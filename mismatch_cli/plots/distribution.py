@@ -49,7 +49,7 @@ def plot_distribution(runs: Sequence[RunData]) -> Figure:
             histtype="step",
             color=r.color,
             lw=1.5,
-            label=f"{who}{n:,} tokens; ρ above 2 / 3 / 5: " + " / ".join(f"{v:.2g}%" for v in fr),
+            label=f"{who}{n:,} tokens; r above 2 / 3 / 5: " + " / ".join(f"{v:.2g}%" for v in fr),
         )
         for patch in ph:
             patch.set_gid(f"delta-hist:{r.label}")
@@ -66,7 +66,7 @@ def plot_distribution(runs: Sequence[RunData]) -> Figure:
         for patch in ph:
             patch.set_gid(f"seq-log-ratio-hist:{r.label}")
     for c, ls in zip(M.CAPS, ("--", "-.", ":"), strict=True):
-        ax1.axvline(-math.log(c), color="0.25", ls=ls, lw=1.0, label=f"ρ = {c:g}  (δ = -log {c:g})")
+        ax1.axvline(-math.log(c), color="0.25", ls=ls, lw=1.0, label=f"r = {c:g}  (δ = -log {c:g})")
         ax2.axvline(math.log(c), color="0.25", ls=ls, lw=1.0, label=f"cap {c:g}  (log {c:g})")
     ax1.set_xscale("symlog", linthresh=lt, linscale=0.5)
     for ax in (ax1, ax2):
@@ -77,7 +77,7 @@ def plot_distribution(runs: Sequence[RunData]) -> Figure:
     ax1.set_ylabel("tokens per bin (bins equal in log |δ|)")
     ax1.set_title("Per-token δ (finite tokens) and token ratio caps", loc="left")
     ax2.set_xlabel(
-        rf"sequence log importance ratio  $\Sigma_t \log\rho_t = -\Sigma_t \delta_t$   ({NATS})"
+        rf"sequence log importance ratio  $\Sigma_t \log r_t = -\Sigma_t \delta_t$   ({NATS})"
     )
     ax2.set_ylabel("sequences per bin")
     ax2.set_title("Sequence log importance ratio and caps 2 / 3 / 5", loc="left")

@@ -21,7 +21,7 @@ from ..errors import MismatchError
 if TYPE_CHECKING:
     from .data import RunData
 
-FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
+IMAGE_FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
 DEFAULT_DPI = 200
 # Okabe-Ito: distinguishable with every common colour-vision deficiency.
 PALETTE: tuple[str, ...] = (
@@ -113,10 +113,12 @@ def check_formats(formats: Sequence[str]) -> list[str]:
             part = part.strip().lower().lstrip(".")
             if not part:
                 continue
-            if part not in FORMATS:
-                raise MismatchError(f"unknown --format {part!r}; use one of {', '.join(FORMATS)}")
+            if part not in IMAGE_FORMATS:
+                raise MismatchError(
+                    f"unknown --format {part!r}; use one of {', '.join(IMAGE_FORMATS)}"
+                )
             if part not in out:
                 out.append(part)
     if not out:
-        raise MismatchError(f"--format needs a value: one of {', '.join(FORMATS)}")
+        raise MismatchError(f"--format needs a value: one of {', '.join(IMAGE_FORMATS)}")
     return out
