@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import typer
 
 from .errors import MismatchError
+
+
+def quiet_third_party() -> None:
+    """Keep third-party noise out of the user's terminal and logs; our own progress lines
+    say what happens. Each setting yields to one the user made (set VLLM_LOGGING_LEVEL=INFO,
+    TQDM_DISABLE=0, HF_HUB_DISABLE_PROGRESS_BARS=0, TORCH_CPP_LOG_LEVEL=WARNING to see
+    them again).
+
+    - vLLM logs on stdout by default: its log goes to stderr (stdout holds results: tables,
+      --json), errors only: its warnings on a CPU are performance hints (LD_PRELOAD,
+      Triton, NUMA). Some are logged while `import vllm` runs, before vLLM configures its
+      own logging, so the `vllm` logger's level is set here too.
+    - tqdm and huggingface_hub read their switches when first imported: transformers'
+      GGUF de-quantisation, weight-loading and shard-writing bars would otherwise write
+      carriage returns into a log.
+    - torch's C++ warnings (vLLM's CPU worker prints a NUMA binding notice through them)
+      at ERROR: TORCH_CPP_LOG_LEVEL, read when torch loads in the engine process.
+    Runs when this module is imported, so vLLM's spawned engine process (which re-imports
+    the main module) is quiet too."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    level = logging.getLevelName(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    if isinstance(level, int):
+        logging.getLogger("vllm").setLevel(level)
+
+
+quiet_third_party()
 
 app = typer.Typer(
     name="mismatch",
@@ -49,13 +81,7 @@ app.command("diagnose", no_args_is_help=False)(_diagnose.diagnose)
 
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit code 2."""
-    import os
-
-    # vLLM configures its logging when first imported, on stdout by default: keep stdout for
-    # results (tables, --json) and vLLM's log on stderr, errors only unless the user says
-    # (its warnings on a CPU are performance hints: LD_PRELOAD, Triton, NUMA).
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    quiet_third_party()
     try:
         app()
     except MismatchError as e:

@@ -21,11 +21,17 @@ LOG_INTERVAL_S = 30.0
 
 class LogProgress:
     """Progress for a log (stderr not a terminal: CI, nohup, a file): one plain line per
-    phase at its start, then at least every `interval` seconds while it advances, and at
-    its end: phase, done/total, rate, ETA."""
+    phase at its start, then at least every `interval` seconds while it runs, and at its
+    end: phase, done/total, rate, ETA (elapsed time while nothing is done yet).
+
+    "While it runs" includes stretches where nothing advances (vLLM reports a completion
+    only when it finishes, so a chunk of 64 long completions is silent for minutes): a
+    heartbeat thread (`start_heartbeat`, on in `progress()`) prints the line when
+    `interval` seconds passed since the last one."""
 
     def __init__(self, console: Console, interval: float | None = None) -> None:
         import os
+        import threading
         import time
 
         self._time = time.monotonic
@@ -33,29 +39,59 @@ class LogProgress:
         env = os.environ.get("MISMATCH_PROGRESS_INTERVAL")
         self.interval = interval if interval is not None else float(env or LOG_INTERVAL_S)
         self.phases: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self, phase: str, total: int, done: int = 0) -> None:
-        now = self._time()
-        self.phases[phase] = {
-            "total": total,
-            "done": done,
-            "start_done": done,
-            "t0": now,
-            "last": now,
-        }
-        self._line(phase, "start")
+        with self._lock:
+            now = self._time()
+            self.phases[phase] = {
+                "total": total,
+                "done": done,
+                "start_done": done,
+                "t0": now,
+                "last": now,
+            }
+            self._line(phase, "start")
 
     def advance(self, phase: str, n: int) -> None:
-        st = self.phases[phase]
-        st["done"] += n
-        now = self._time()
-        if st["done"] >= st["total"]:
-            self._line(phase, "done")
-        elif now - st["last"] >= self.interval:
-            self._line(phase, None)
+        with self._lock:
+            st = self.phases[phase]
+            st["done"] += n
+            now = self._time()
+            if st["done"] >= st["total"]:
+                self._line(phase, "done")
+            elif now - st["last"] >= self.interval:
+                self._line(phase, None)
 
     def log(self, message: str) -> None:
-        self.console.print(message, highlight=False, soft_wrap=True)
+        with self._lock:
+            self.console.print(message, highlight=False, soft_wrap=True)
+
+    def beat(self) -> None:
+        """One heartbeat: a line for each unfinished phase silent for `interval` seconds."""
+        with self._lock:
+            now = self._time()
+            for phase, st in self.phases.items():
+                if st["done"] < st["total"] and now - st["last"] >= self.interval:
+                    self._line(phase, None)
+
+    def start_heartbeat(self, tick: float = 1.0) -> None:
+        """Call `beat` every `tick` seconds in a daemon thread until `stop_heartbeat`."""
+        import threading
+
+        def run() -> None:
+            while not self._stop.wait(tick):
+                self.beat()
+
+        self._thread = threading.Thread(target=run, name="mismatch-progress", daemon=True)
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
     def _line(self, phase: str, what: str | None) -> None:
         st = self.phases[phase]
@@ -68,12 +104,12 @@ class LogProgress:
         bits = [f"{phase}: {done:,}/{total:,} {unit}".rstrip()]
         if what == "start":
             bits.append("started")
+        elif what == "done":
+            bits += [f"{rate:.3g} {unit}/s".strip(), f"done in {duration(elapsed)}"]
+        elif rate > 0:
+            bits += [f"{rate:.3g} {unit}/s".strip(), f"ETA {duration((total - done) / rate)}"]
         else:
-            bits.append(f"{rate:.3g} {unit}/s".strip())
-            if what == "done":
-                bits.append(f"done in {duration(elapsed)}")
-            elif rate > 0:
-                bits.append(f"ETA {duration((total - done) / rate)}")
+            bits.append(f"running for {duration(elapsed)}")
         self.console.print(", ".join(bits), highlight=False, soft_wrap=True)
 
 
@@ -101,7 +137,12 @@ def progress(console: Console) -> Iterator[Any]:
     """A progress reporter (start / advance / log) for the pipeline: rich bars when
     `console` is a terminal, plain lines otherwise (`LogProgress`)."""
     if not console.is_terminal:
-        yield LogProgress(console)
+        log = LogProgress(console)
+        log.start_heartbeat()
+        try:
+            yield log
+        finally:
+            log.stop_heartbeat()
         return
     from rich.progress import (
         BarColumn,

@@ -53,3 +53,45 @@ def test_log_progress_prints_plain_lines() -> None:
     assert "/s" in lines[1]
     assert lines[2].startswith("rescore: 1,000/1,000 tokens") and "done in" in lines[2]
     assert len(lines) == 3
+
+
+def test_log_progress_heartbeat_speaks_while_nothing_advances() -> None:
+    """A phase that does not advance (vLLM finishing no completion for minutes) still gets
+    a line every interval from the heartbeat, saying how long it has run; a finished phase
+    gets none."""
+    buf = io.StringIO()
+    now = [0.0]
+    prog = LogProgress(Console(file=buf, width=200), interval=30.0)
+    prog._time = lambda: now[0]  # type: ignore[method-assign]
+    prog.start("generate", 64)
+    for t in (10.0, 29.0, 31.0, 45.0, 62.0):
+        now[0] = t
+        prog.beat()
+    now[0] = 70.0
+    prog.advance("generate", 64)
+    now[0] = 200.0
+    prog.beat()
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "generate: 0/64 completions, started"
+    assert lines[1] == "generate: 0/64 completions, running for 0m31s"
+    assert lines[2] == "generate: 0/64 completions, running for 1m02s"
+    assert lines[3].startswith("generate: 64/64 completions") and "done in 1m10s" in lines[3]
+    assert len(lines) == 4
+
+
+def test_progress_heartbeat_thread_runs_and_stops() -> None:
+    """The real thread, with a tiny interval: lines appear without any advance, and the
+    thread is gone when the context closes."""
+    import threading
+    import time
+
+    from mismatch_cli.progress import progress
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=200)  # not a terminal: plain lines
+    with progress(console) as prog:
+        prog.interval = 0.05
+        prog.start("generate", 3)
+        time.sleep(1.5)
+    assert "running for" in buf.getvalue()
+    assert not any(t.name == "mismatch-progress" for t in threading.enumerate())
