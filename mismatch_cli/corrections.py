@@ -49,7 +49,7 @@ from .correction_rules import (
     rule_none,
 )
 from .errors import MismatchError
-from .formatting import fmt, pct
+from .formatting import fmt, params_text, pct
 from .per_sequence import BatchSeqs, SeqIndex, distinct
 from .quantiles import EXACT_LIMIT, KeyedQuantiles
 from .results import json_ready
@@ -500,15 +500,96 @@ def pareto(rows: Sequence[dict[str, Any]], x: str, y: str = "left_k3") -> list[s
     return [n for n, _, _ in sorted(front, key=lambda p: (p[1], p[2]))]
 
 
+# The decision: the method to use on this run, from the table (docs/corrections.md).
+DECISION_BUDGET = 0.01  # at most this share of the tokens (or advantage signal) removed ...
+DECISION_MIN_GAIN = 0.05  # ... for at least this relative cut of k3; else no correction
+
+
+def decide(
+    result: dict[str, Any], budget: float = DECISION_BUDGET, min_gain: float = DECISION_MIN_GAIN
+) -> dict[str, Any]:
+    """Which method to use on this run, and why: among the Pareto-front methods that remove
+    at most `budget` of the finite tokens (of the advantage-weighted signal when the run
+    has advantages), the one leaving the least k3, if it cuts k3 by at least `min_gain`
+    relative to no correction; otherwise no correction (`none`). Ties go to the smaller
+    share removed, then to registry order. A reweighting-only method never wins on k3 (it
+    removes no token, so the k3 on the tokens is unchanged): it bounds weights instead.
+
+    Returns {method, params, budget, min_gain, gain, removed, reason}: gain = 1 - k3 left /
+    k3 none, removed = the share on the Pareto x axis."""
+    x = result["pareto_axes"]["x"]
+    rows = {r["name"]: r for r in result["methods"]}
+    k0 = result["all_tokens"]["k3"]
+    what = "advantage-weighted signal" if x == "removed_advantage_share" else "tokens"
+    out: dict[str, Any] = {"budget": budget, "min_gain": min_gain}
+
+    def gain(r: dict[str, Any]) -> float:
+        return 1.0 - r["left_k3"] / k0 if k0 else 0.0
+
+    cands = [
+        rows[n] for n in result["pareto"]
+        if n != "none" and rows[n][x] is not None and rows[n][x] <= budget
+    ]  # fmt: skip
+    order = {n: i for i, n in enumerate(rows)}
+    best = min(cands, key=lambda r: (r["left_k3"], r[x], order[r["name"]]), default=None)
+    if best is not None and k0 and gain(best) >= min_gain:
+        out.update(method=best["name"], params=best["params"], gain=gain(best), removed=best[x])
+        out["reason"] = (
+            f"of the methods removing at most {pct(budget)} of the {what}, it leaves the least "
+            f"mismatch: k3 {fmt(best['left_k3'])} ({1 - gain(best):.2f}x none) for "
+            f"{pct(best[x])} removed"
+        )
+        return out
+    out.update(method="none", params={}, gain=0.0, removed=0.0)
+    if not k0:
+        out["reason"] = "the tokens carry no mismatch (k3 = 0): there is nothing to correct"
+        return out
+    if best is None:
+        why = f"no method removing at most {pct(budget)} of the {what} lowers k3"
+    else:
+        why = (
+            f"within a budget of {pct(budget)} of the {what} removed, the best "
+            f"({best['name']}) cuts k3 by only {pct(gain(best))} (less than {pct(min_gain)})"
+        )
+    beyond = [
+        rows[n] for n in result["pareto"]
+        if n != "none" and rows[n][x] is not None and rows[n][x] > budget and gain(rows[n]) > 0
+    ]  # fmt: skip
+    if beyond:
+        cheapest = min(beyond, key=lambda r: r[x])
+        why += (
+            f"; the cheapest method that lowers it further, {cheapest['name']}, removes "
+            f"{pct(cheapest[x])} for {1 - gain(cheapest):.2f}x"
+        )
+    out["reason"] = why
+    return out
+
+
+def _names(ns: Sequence[str], most: int = 3) -> str:
+    """'a, b, c' or 'a, b, c and 7 more': long ties stay one short clause."""
+    if len(ns) <= most:
+        return ", ".join(ns)
+    return f"{', '.join(ns[:most])} and {len(ns) - most} more"
+
+
 def corrections_verdict(result: dict[str, Any]) -> str:
-    """The plain-words paragraph: the mismatch without a correction, the Pareto front, the
-    methods that only reweight, DVP's cost, skipped rows."""
+    """The plain-words paragraph, decision first (`decide`): which method to use and why,
+    then the mismatch without a correction, the Pareto front (ties merged), the methods
+    that only reweight or do nothing, DVP's cost, skipped rows."""
     rows = {r["name"]: r for r in result["methods"]}
     base = result["all_tokens"]
     x = result["pareto_axes"]["x"]
     what = "advantage-weighted signal" if x == "removed_advantage_share" else "tokens"
     k0 = base["k3"]
-    parts = [
+    d = result["decision"]
+    if d["method"] == "none":
+        parts = [f"Decision: no correction on this run. {d['reason'][0].upper()}{d['reason'][1:]}."]
+    else:
+        bounds = params_text(d["params"])
+        parts = [
+            f"Decision: use {d['method']} ({bounds}). {d['reason'][0].upper()}{d['reason'][1:]}."
+        ]
+    parts.append(
         f"Without a correction the {result['num_finite']:,} finite tokens carry k3 = "
         f"{fmt(k0)} (mean |delta| {fmt(base['mean_abs_delta'])}, p99 |delta| "
         f"{fmt(base['p99_abs_delta'])} nats)"
@@ -518,7 +599,7 @@ def corrections_verdict(result: dict[str, Any]) -> str:
             if result["num_infinite"]
             else "."
         )
-    ]
+    )
     groups: list[tuple[list[str], dict[str, Any]]] = []  # front points, ties merged
     for n in result["pareto"]:
         r = rows[n]
@@ -529,7 +610,7 @@ def corrections_verdict(result: dict[str, Any]) -> str:
     front = []
     for ns, r in groups:
         rel = f", {r['left_k3'] / k0:.2f}x none" if k0 else ""
-        front.append(f"{', '.join(ns)} ({pct(r[x])} removed, k3 {fmt(r['left_k3'])}{rel})")
+        front.append(f"{_names(ns)} ({pct(r[x])} removed, k3 {fmt(r['left_k3'])}{rel})")
     if front:
         parts.append(f"On the Pareto front of ({what} removed, k3 left): {'; '.join(front)}.")
     live = {n: r for n, r in rows.items() if r["skipped"] is None and n != "none"}
@@ -537,16 +618,14 @@ def corrections_verdict(result: dict[str, Any]) -> str:
     if reweight:
         one = len(reweight) == 1
         parts.append(
-            f"{', '.join(reweight)} only reweight{'s' if one else ''}: "
+            f"{_names(reweight)} only reweight{'s' if one else ''}: "
             f"{'it drops' if one else 'they drop'} no finite token, so the mismatch on the "
             "tokens that carry gradient stays where it was; the weights are bounded instead "
             "(clipped share and ESS in the table)."
         )
     idle = [n for n, r in live.items() if not r["removed_token_share"] and not r["tokens_clipped"]]
     if idle:
-        parts.append(
-            f"{', '.join(idle)} neither mask nor clip a token on this run at these bounds."
-        )
+        parts.append(f"{_names(idle)} neither mask nor clip a token on this run at these bounds.")
     for n in ("dvp-minp", "dvp-abs"):
         r = rows.get(n)
         if r is not None and r["skipped"] is None:
@@ -747,6 +826,7 @@ def corrections(
     }
     result = json_ready(result)
     result["pareto"] = pareto(result["methods"], x)
+    result["decision"] = json_ready(decide(result))
     result["verdict"] = corrections_verdict(result)
     return result
 
@@ -792,6 +872,11 @@ CONVENTIONS_CORRECTIONS: dict[str, str] = {
         "masked, over sequences with a token row; removed_* over finite tokens (the method's "
         "own cost); left_*, weight_*, ess_* over the tokens (sequences) not masked"
     ),
+    "decision": (
+        f"the Pareto-front method leaving the least k3 among those removing at most "
+        f"{DECISION_BUDGET:.0%} of the finite tokens (advantage signal when present), if it "
+        f"cuts k3 by at least {DECISION_MIN_GAIN:.0%}; else none"
+    ),
     "clipped_mass": "per sequence sum_t |raw weight - weight| over clipped tokens, mean over sequences",
     "denominator": (
         "masked means no gradient: verl, OpenRLHF, TRL, slime and NeMo keep IcePop's zeroed "
@@ -823,6 +908,7 @@ __all__ = [
     "Summary",
     "corrections",
     "corrections_verdict",
+    "decide",
     "methods_frame",
     "pareto",
     "run_tokens",

@@ -631,3 +631,55 @@ def test_cli_bad_input(run_dir: Path, args: list[str], message: str) -> None:
 
 def test_cli_missing_run(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("corrections", str(tmp_path / "nope")), "not found")
+
+
+def _decision_input(points: dict[str, tuple[float, float]], x: str = "removed_token_share"):
+    """A corrections result reduced to what `decide` reads: (removed, k3 left) per method."""
+    methods = [
+        {"name": n, "params": {"lo": 0.5, "hi": 2.0} if n == "icepop" else {}, x: a, "left_k3": b}
+        for n, (a, b) in points.items()
+    ]
+    res = {"methods": methods, "pareto_axes": {"x": x}, "all_tokens": {"k3": points["none"][1]}}
+    res["pareto"] = C.pareto(methods, x)
+    return res
+
+
+def test_decision_takes_the_best_method_within_the_budget() -> None:
+    res = _decision_input(
+        {"none": (0.0, 1e-3), "icepop": (0.005, 5e-4), "seq-mask-geo": (0.2, 1e-4)}
+    )
+    d = C.decide(res)
+    assert d["method"] == "icepop" and d["gain"] == pytest.approx(0.5)
+    assert d["removed"] == 0.005 and "0.50x none" in d["reason"]
+    # a tighter budget leaves nothing that qualifies: no correction, and the reason says
+    # what the cheapest improvement beyond the budget would cost
+    d = C.decide(res, budget=0.001)
+    assert d["method"] == "none"
+    assert (
+        "no method removing at most 0.1%" in d["reason"] and "icepop, removes 0.5%" in d["reason"]
+    )
+
+
+def test_decision_is_none_when_the_gain_within_budget_is_too_small() -> None:
+    """The demo's picture: DVP removes 0.07% for a 1% cut, sequence masks remove 5.6% and
+    more for a few percent: no correction, said with the numbers."""
+    res = _decision_input(
+        {"none": (0.0, 1.06e-3), "dvp-minp": (7e-4, 1.05e-3), "seq-mask-geo": (0.0556, 1.03e-3)}
+    )
+    d = C.decide(res)
+    assert d["method"] == "none" and d["gain"] == 0.0
+    assert "dvp-minp" in d["reason"] and "seq-mask-geo, removes 5.56%" in d["reason"]
+    assert (
+        C.decide(_decision_input({"none": (0.0, 0.0), "icepop": (0.001, 0.0)}))["method"] == "none"
+    )
+
+
+def test_decision_reads_the_advantage_axis_and_leads_the_verdict(result: dict) -> None:
+    res = _decision_input(
+        {"none": (0.0, 1e-3), "icepop": (0.004, 2e-4)}, x="removed_advantage_share"
+    )
+    d = C.decide(res)
+    assert d["method"] == "icepop" and "advantage-weighted signal" in d["reason"]
+    assert result["verdict"].startswith("Decision: ")
+    assert result["decision"] == C.decide(result)
+    assert result["decision"]["method"] in [m["name"] for m in result["methods"]]
