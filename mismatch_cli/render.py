@@ -888,3 +888,15 @@ def print_diagnose(result: dict[str, Any], console: Console | None = None) -> No
             )
         console.print(s)
     console.print(Panel(result["verdict"], title="verdict", title_align="left", expand=True))
+
+
+def print_summary(lines: list[str], where: dict[str, Any], console: Console | None = None) -> None:
+    """The closing summary of a run: its findings (`verdict.findings`) as a short list,
+    then where the run, its figures and its tables are."""
+    console = console or Console()
+    body = "\n".join(f"• {line}" for line in lines)
+    places = "\n".join(f"{k:<8} {v}" for k, v in where.items())
+    console.print(
+        Panel(f"{body}\n\n{places}", title="summary", title_align="left", expand=True),
+        highlight=False,
+    )

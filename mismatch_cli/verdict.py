@@ -1,7 +1,9 @@
-"""The verdict: the report's findings in plain words, one paragraph, from an analyze() result.
+"""The verdicts in plain words: the report's paragraph (`verdict`, from an analyze() result)
+and the short findings a run ends with (`findings`: the (1 - p) shape, the tail's share and
+sign, the recommended threshold and the correction to use).
 
-Nothing here computes a statistic; every number comes from the result dict and is formatted
-by `formatting`.
+Nothing here computes a statistic; every number comes from the result dicts and is
+formatted by `formatting`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .formatting import fmt, pct
+from .formatting import bucket_label, fmt, pct, ratio_x
 
 
 def verdict(result: dict[str, Any]) -> str:
@@ -73,3 +75,74 @@ def verdict(result: dict[str, Any]) -> str:
         f"and {pct(m['frac_seq_above_cap_2'])} of sequences have an importance ratio above 2."
     )
     return " ".join(parts)
+
+
+def _significance(z: float | None) -> str:
+    if z is None or not math.isfinite(z):
+        return "too few tokens to tell its sign"
+    if abs(z) < 2:
+        return f"not resolved in this run ({abs(z):.1f} standard errors from zero)"
+    return f"{abs(z):.1f} standard errors {'above' if z > 0 else 'below'} zero"
+
+
+def findings(
+    report: dict[str, Any],
+    sweep: dict[str, Any] | None = None,
+    corrections: dict[str, Any] | None = None,
+) -> list[str]:
+    """The findings that matter, one sentence each, from the results of `report`,
+    `sweep-threshold` and `corrections` on one run: (1) the (1 - p) shape (mean |delta| of
+    the least and the most confident non-empty buckets, the share under the exact envelope),
+    (2) the tail's share of |delta| and its sign, (3) the recommended rho and its cost, and
+    the correction to use (the corrections decision)."""
+    out: list[str] = []
+    side = "p_train" if report["by"] == "train" else "p_infer"
+    b = [r for r in report["buckets"] if r["count"] and r["mean_abs_delta"] is not None]
+    if len(b) >= 2:
+        lo, hi = b[0], b[-1]
+        ratio = lo["mean_abs_delta"] / hi["mean_abs_delta"] if hi["mean_abs_delta"] else None
+        shape = (
+            f"{ratio:,.0f}x"
+            if ratio is not None and ratio >= 10
+            else (f"{ratio:.2g}x" if ratio is not None else "infinitely")
+        )
+        held = report["envelope"]["exact"]["frac_above"]
+        env = (
+            f"; {pct(1 - held)} of tokens lie under the exact envelope at eps = "
+            f"{fmt(report['eps'])}"
+            if held is not None
+            else ""
+        )
+        out.append(
+            f"The (1 - p) shape: mean |delta| is {fmt(lo['mean_abs_delta'])} nats for "
+            f"{side} in {bucket_label(lo['lo'], lo['hi'], False)} and "
+            f"{fmt(hi['mean_abs_delta'])} in {bucket_label(hi['lo'], hi['hi'], hi['hi'] == 1)}, "
+            f"{shape} smaller where the model is confident{env}."
+        )
+    tl = report["tail"]
+    if tl["n"]:
+        out.append(
+            f"The tail: tokens with {side} < {tl['threshold']:g} are {pct(tl['token_share'])} "
+            f"of the tokens and carry {pct(tl['abs_delta_share'])} of the total |delta|; their "
+            f"signed mean delta is {fmt(tl['mean_delta'], sign=True)} nats, "
+            f"{_significance(tl['z'])}."
+        )
+    if sweep is not None:
+        rec = sweep["recommended"]
+        rho = rec["rho"]
+        row = next((r for r in sweep["rows"] if r["rho"] == rho), None) if rho is not None else None
+        if row is not None:
+            out.append(
+                f"Pruning: the recommended rho = {rho:g} ({sweep['rule']}) removes "
+                f"{pct(row['pruned_token_frac'])} of the sampled tokens at a mean per-sequence "
+                f"bias bound of {fmt(row['seq_bias_bound_mean'])} (budget "
+                f"{fmt(sweep['max_bias'])}) and leaves kept mean |delta| at "
+                f"{ratio_x(row['kept_mean_abs_delta_rel'])} of no pruning."
+            )
+        else:
+            out.append(f"Pruning: no rho recommended ({rec['reason']}).")
+    if corrections is not None and corrections.get("decision"):
+        d = corrections["decision"]
+        what = "no correction" if d["method"] == "none" else d["method"]
+        out.append(f"Correction: {what}; {d['reason']}.")
+    return out

@@ -42,9 +42,9 @@ def measure_with_progress(
         raise typer.Exit(130) from None
 
 
-def finish_run(run_path: Path, *, json_out: bool, plots: bool, console: Any) -> None:
+def finish_run(run_path: Path, *, json_out: bool, plots: bool, console: Any) -> dict[str, Any]:
     """After a run: print the report (tables or JSON), draw figures (saying which were
-    skipped and why), say where things are."""
+    skipped and why), say where things are. Returns the report."""
     from ..analysis import analyze
     from ..runs import open_run
 
@@ -64,6 +64,7 @@ def finish_run(run_path: Path, *, json_out: bool, plots: bool, console: Any) -> 
     if plots:
         draw_figures(run_path, console)
     console.print(f"[bold green]run complete:[/] {run_path}", highlight=False)
+    return result
 
 
 def draw_figures(run_path: Path, console: Any) -> list[Path]:

@@ -16,21 +16,27 @@ def demo(
 ) -> None:
     """Measure the default model (SmolLM2-135M-Instruct, vLLM bfloat16 vs transformers float32,
     temperature 1) on the built-in prompts, then report, plot, sweep the threshold and
-    compare the mismatch corrections.
+    compare the mismatch corrections; end with a short summary (the (1 - p) shape, the
+    tail's share and sign, the recommended rho and its cost, the correction to use) and
+    where the run, its figures and its tables (RUN/tables/*.csv) are.
 
     Reuses a complete run in --out (delete it, or use `measure --overwrite`, to redo it) and
     resumes an interrupted one.
     """
     from rich.console import Console
 
+    from .. import corrections as C
+    from .. import sweep as sw
     from ..config import MeasureConfig
+    from ..render import print_corrections, print_summary, print_sweep
+    from ..results import write_csv, write_report_csv
     from ..runs import RunDir
-    from ..schema import STATUS_COMPLETE
+    from ..verdict import findings
     from .common import finish_run, measure_with_progress
 
     err = Console(stderr=True)
     run = RunDir(out)
-    if run.exists() and run.read_meta().get("status") == STATUS_COMPLETE:
+    if run.exists() and run.read_meta().complete:
         err.print(f"reusing the complete demo run in {out}")
     else:
         cfg = MeasureConfig(
@@ -43,9 +49,16 @@ def demo(
         cfg.validate()
         resume = run.exists()
         measure_with_progress(cfg, out, resume=resume, overwrite=False, console=err)
-    finish_run(out, json_out=False, plots=True, console=err)
-    from .corrections import corrections
-    from .sweep import sweep_threshold
-
-    sweep_threshold(out)
-    corrections(out)
+    report = finish_run(out, json_out=False, plots=True, console=err)
+    sweep = sw.sweep(out)
+    print_sweep(sweep)
+    corr = C.corrections(out)
+    print_corrections(corr)
+    tables = out / "tables"
+    write_report_csv(report, tables)
+    for name, frame in (("sweep", sw.sweep_frame(sweep)), ("corrections", C.methods_frame(corr))):
+        write_csv(frame, tables / f"{name}.csv")
+    print_summary(
+        findings(report, sweep, corr),
+        {"run": out, "figures": out / "figures", "tables": tables},
+    )
