@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .analysis import DEFAULT_EDGES, bucket_index, parse_edges, report, report_tokens, scan
+from .aggregates import DEFAULT_EDGES, bucket_index, parse_edges, report_tokens, scan
+from .analysis import report
 from .errors import MismatchError
 from .results import json_ready
 from .runs import RunMeta, read_tokens, run_labels
@@ -73,7 +74,7 @@ def run_summary(
     batch_rows: int = BATCH_ROWS,
 ) -> dict[str, Any]:
     """One run's headline numbers (HEADLINE keys), its bucket means and its verdict, from
-    one streamed `analysis.scan` (the report) and the p99 of |delta| over finite tokens
+    one streamed `aggregates.scan` (the report) and the p99 of |delta| over finite tokens
     (exact up to the scan's exact limit, the sketch beyond)."""
     path = Path(path)
     src = report_tokens(path, batch_rows, complete=True)

@@ -116,7 +116,7 @@ def _prepare(
     step_values: np.ndarray | None,
 ) -> RunTokens:
     """A batch of token columns (BASE_COLUMNS and the OPTIONAL_COLUMNS it has) as RunTokens."""
-    from .analysis import bucket_index
+    from .aggregates import bucket_index
 
     delta = _token_delta(b)
     finite = np.isfinite(delta)
@@ -158,7 +158,7 @@ def _prepare(
 def run_tokens(df: pd.DataFrame, edges: Sequence[float] | np.ndarray | None = None) -> RunTokens:
     """A whole token table in memory as RunTokens (seq_id, delta, p_train; optional
     kept_train, advantage, step, p_max_train): the streamed path's batch, in one batch."""
-    from .analysis import parse_edges
+    from .aggregates import parse_edges
 
     src = frame_tokens(df, verb="correct", needed=BASE_COLUMNS, batch_rows=max(len(df), 1))
     cols = [*BASE_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in src.columns)]
@@ -670,7 +670,7 @@ def corrections(
     pareto (names), pareto_axes, dvp_curves, verdict, warnings, quantiles, conventions.
     """
     from . import sweep as sw
-    from .analysis import parse_edges
+    from .aggregates import parse_edges
     from .schema import RHO_GRID
 
     names = check_methods(methods)

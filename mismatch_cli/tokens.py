@@ -1,7 +1,7 @@
 """Reading a run's token table: the one reader every command uses (`open_run_tokens` for a
 run, `frame_tokens` for a DataFrame, both giving `TokenBatches`), the columns `report`
 needs, the sides, and `prefetch` (the next batch decoded in a thread while this one is
-worked on). `analysis.Batch` splits each batch once into finite and infinite deltas.
+worked on). `aggregates.Batch` splits each batch once into finite and infinite deltas.
 
 A token has an "infinite delta" when one side's truncation prunes the token the other side
 sampled (kept_train False, logp_train = -inf) or when delta is otherwise not finite: such

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from mismatch_cli import aggregates as G
 from mismatch_cli import analysis as A
 from mismatch_cli import theory
 from mismatch_cli.errors import MismatchError
@@ -117,14 +118,14 @@ def test_bucket_by_infer_uses_p_infer() -> None:
 @settings(max_examples=200, deadline=None)
 @given(
     p=st.lists(
-        st.one_of(st.sampled_from(A.DEFAULT_EDGES), st.floats(0, 1)), min_size=1, max_size=200
+        st.one_of(st.sampled_from(G.DEFAULT_EDGES), st.floats(0, 1)), min_size=1, max_size=200
     ),
     extra=st.lists(st.floats(0.001, 0.999), max_size=5),
 )
 def test_buckets_partition_the_tokens(p: list[float], extra: list[float]) -> None:
     edges = np.unique(np.concatenate([[0.0, 1.0], extra]))
     pa = np.asarray(p)
-    idx = A.bucket_index(pa, edges)
+    idx = G.bucket_index(pa, edges)
     assert np.all(idx >= 0)  # edges cover [0, 1]: every token has exactly one bucket
     lo, hi = edges[idx], edges[idx + 1]
     last = idx == len(edges) - 2
@@ -145,12 +146,12 @@ def test_tokens_outside_the_edges_are_counted() -> None:
 )
 def test_bad_edges(edges: str) -> None:
     with pytest.raises(MismatchError, match="--edges"):
-        A.parse_edges(edges)
+        G.parse_edges(edges)
 
 
 def test_parse_edges_default_and_text() -> None:
-    np.testing.assert_array_equal(A.parse_edges(None), A.DEFAULT_EDGES)
-    np.testing.assert_array_equal(A.parse_edges("0, 1e-3,0.1,1"), [0, 1e-3, 0.1, 1])
+    np.testing.assert_array_equal(G.parse_edges(None), G.DEFAULT_EDGES)
+    np.testing.assert_array_equal(G.parse_edges("0, 1e-3,0.1,1"), [0, 1e-3, 0.1, 1])
 
 
 # ----------------------------------------------------------------------------- bound, tail

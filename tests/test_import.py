@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mismatch_cli import aggregates as G
 from mismatch_cli import analysis as A
 from mismatch_cli.errors import MismatchError
 from mismatch_cli.importers import FORMATS, get_format
@@ -132,7 +133,7 @@ def test_round_trip_reproduces_the_known_run(case: str, known: F.Known, tmp_path
     for k, v in ref["metrics"].items():
         assert got["metrics"][k] == pytest.approx(v, rel=1e-12, abs=1e-15, nan_ok=True), k
     assert got["num_tokens"] == ref["num_tokens"]
-    assert got["eps_estimator"] == A.NO_EPS_HAT_ESTIMATOR
+    assert got["eps_estimator"] == G.NO_EPS_HAT_ESTIMATOR
     assert got["eps"] == pytest.approx(got["eps_needed_q99"])
 
 

@@ -11,6 +11,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from mismatch_cli import aggregates as G
 from mismatch_cli import analysis as A
 from mismatch_cli.cli import app
 from mismatch_cli.render import print_report
@@ -102,7 +103,7 @@ def test_report_json_matches_the_api(run: Path) -> None:
     api = A.analyze(run)
     assert data["buckets"] == api["buckets"] and data["metrics"] == api["metrics"]
     assert data["num_infinite"] == 1 and data["num_tokens"] == len(token_table())
-    assert len(data["buckets"]) == len(A.DEFAULT_EDGES) - 1
+    assert len(data["buckets"]) == len(G.DEFAULT_EDGES) - 1
     r = runner.invoke(app, ["report", str(run), "--json", "--edges", "0,0.5,0.9999999,1"])
     empty = json.loads(r.stdout, parse_constant=no_nan)["buckets"][2]
     assert empty["count"] == 0 and empty["mean_abs_delta"] is None  # null, never 0

@@ -17,7 +17,8 @@ import pytest
 
 from mismatch_cli import compare as C
 from mismatch_cli import metrics as M
-from mismatch_cli.analysis import DEFAULT_EDGES, analyze, bucket_index
+from mismatch_cli.aggregates import DEFAULT_EDGES, bucket_index
+from mismatch_cli.analysis import analyze
 from mismatch_cli.plots.data import BoundHist, DeltaHist, run_data
 from mismatch_cli.runs import atomic_write_json, read_sequences, read_tokens, write_run
 from mismatch_cli.synthetic import synthetic_meta, write_synthetic_run

@@ -45,7 +45,7 @@ def compare(
     log-probs moved between the two, token by token, by bucket. Reads the runs' Parquet files
     only. `mismatch plot RUN RUN ...` draws the same runs overlaid.
     """
-    from ..analysis import parse_edges
+    from ..aggregates import parse_edges
     from ..compare import compare as compare_runs
     from ..render import print_compare
 

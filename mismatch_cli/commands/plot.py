@@ -93,7 +93,7 @@ def plot(
     """
     from rich.console import Console
 
-    from ..analysis import parse_edges
+    from ..aggregates import parse_edges
     from ..errors import MismatchError
     from ..plots import check_formats, make_figures, plan
 

@@ -71,7 +71,8 @@ def report(
     """
     from rich.console import Console
 
-    from ..analysis import GROUP_KEYS, analyze, parse_edges
+    from ..aggregates import parse_edges
+    from ..analysis import GROUP_KEYS, analyze
     from ..errors import MismatchError
 
     edge_values = parse_edges(edges)  # bad --edges fail before any file is read

@@ -2,7 +2,7 @@
 
 Each figure module defines NAME, TITLE and `plot_<name>(runs)`; `FIGURES` lists them in the
 order they are drawn. A new figure is a new module here plus one line in `_MODULES`. The
-numbers drawn come from one streamed `analysis.scan` per run (`data.RunData`: the report's
+numbers drawn come from one streamed `aggregates.scan` per run (`data.RunData`: the report's
 aggregates plus the figures' own streamed histograms and running sums), so a figure shows
 what `report` prints; figures read the run directory only, never a model. `plan` says what
 `mismatch plot` draws for its arguments (a diagnose directory becomes its variant runs).
@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from .. import analysis as A
+from .. import aggregates as G
 from ..errors import MismatchError
 from . import bias, bound, corrections, diagnose, distribution, drift, sequence, sweep
 from .bias import plot_bias
@@ -103,7 +103,7 @@ def make_figures(
     *,
     figures: Sequence[str] | None = None,
     dpi: int = DEFAULT_DPI,
-    edges: Sequence[float] | str | None = A.DEFAULT_EDGES,
+    edges: Sequence[float] | str | None = G.DEFAULT_EDGES,
     eps: float | None = None,
     notes: list[str] | None = None,
 ) -> list[Path]:

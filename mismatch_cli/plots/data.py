@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import aggregates as G
 from .. import analysis as A
 from ..quantiles import EXACT_LIMIT
 from ..runs import RunMeta
@@ -60,10 +61,10 @@ class BoundHist:
         self.drawable = 0  # finite tokens with 1 - p > 0 and |delta| > 0
         self.num_finite = 0
 
-    def start(self, agg: A.Aggregates) -> None:
+    def start(self, agg: G.Aggregates) -> None:
         pass
 
-    def add(self, b: A.Batch) -> None:
+    def add(self, b: G.Batch) -> None:
         if not b.m:
             return
         x, p, y = b.x, b.p, b.ad  # [m]
@@ -138,10 +139,10 @@ class DeltaHist:
         self.max_abs = 0.0
         self.n = 0
 
-    def start(self, agg: A.Aggregates) -> None:
+    def start(self, agg: G.Aggregates) -> None:
         pass
 
-    def add(self, b: A.Batch) -> None:
+    def add(self, b: G.Batch) -> None:
         if not b.m:
             return
         d, ad = b.delta, b.ad  # [m]
@@ -215,7 +216,7 @@ class PositionSums:
         self.s2 = np.zeros(0)  # [T] sum of their squares
         self.ordered = True
 
-    def start(self, agg: A.Aggregates) -> None:
+    def start(self, agg: G.Aggregates) -> None:
         S = agg.num_sequences
         assert agg.seq_infinite is not None, "scan(..., flag_infinite=True)"
         self.ok = ~agg.seq_infinite  # [S]
@@ -223,7 +224,7 @@ class PositionSums:
         self.seen = np.zeros(S, np.int64)  # rows seen
         self.last = np.full(S, -1, np.int64)  # last position seen
 
-    def add(self, b: A.Batch) -> None:
+    def add(self, b: G.Batch) -> None:
         assert b.seq is not None
         keep = self.ok[b.seq]  # [n] rows of sequences without an infinite delta
         if not keep.any():
@@ -272,7 +273,7 @@ class RunData:
     `PositionSums`, per-step metrics)."""
 
     label: str
-    agg: A.Aggregates
+    agg: G.Aggregates
     buckets: pd.DataFrame  # analysis.bucket_stats
     seqs: pd.DataFrame  # analysis.sequence_stats
     metrics: dict[str, float]  # analysis.rl_metrics
@@ -326,7 +327,7 @@ def run_data(
     source: pd.DataFrame | str | Path,
     label: str | None = None,
     *,
-    edges: Sequence[float] | str | None = A.DEFAULT_EDGES,
+    edges: Sequence[float] | str | None = G.DEFAULT_EDGES,
     eps: float | None = None,
     meta: RunMeta | None = None,
     batch_rows: int = BATCH_ROWS,
@@ -335,7 +336,7 @@ def run_data(
     """Stream a run (path) or a token DataFrame once through the report's passes and the
     figures' aggregates (memory independent of the number of tokens)."""
     path, frame = None, None
-    src = A.report_tokens(source, batch_rows)
+    src = G.report_tokens(source, batch_rows)
     if isinstance(source, (str, Path)):
         path = Path(source)
         meta = src.meta
@@ -343,13 +344,13 @@ def run_data(
     else:
         frame = source
         label = label or "run"
-    e = A.parse_edges(edges)
+    e = G.parse_edges(edges)
     bound, deltas, positions = BoundHist(), DeltaHist(), PositionSums()
     extras: list[Any] = [bound, deltas, positions]
     steps = A.GroupAccumulator("step") if "step" in src.columns else None
     if steps is not None:
         extras.append(steps)
-    agg = A.scan(
+    agg = G.scan(
         src,
         edges=e,
         by="train",
@@ -383,7 +384,7 @@ def load_runs(
     run_paths: Sequence[str | Path],
     labels: Sequence[str] | None = None,
     *,
-    edges: Sequence[float] | str | None = A.DEFAULT_EDGES,
+    edges: Sequence[float] | str | None = G.DEFAULT_EDGES,
     eps: float | None = None,
 ) -> list[RunData]:
     """RunData of each run, coloured in order; labels default to the directory names."""

@@ -1,0 +1,914 @@
+"""The report's streamed pass: `scan` reads a token table in batches and adds each one into
+mergeable aggregates (`Aggregates`), from which `analysis.report` builds the report dict.
+What lets `report`, `plot` and `compare` read runs of 10^8 tokens in bounded memory.
+
+Each batch is split once into finite and infinite deltas (`Batch`, shared by every
+accumulator); the aggregates are counts, float64 sums, means and squared deviations merged
+batch by batch (`Moments`, Chan et al.), bincounts per probability bucket, per-sequence
+partial sums in S-sized arrays (a sequence split across batches is summed in parts), and
+quantiles from `quantiles.QuantileAccumulator` (exact while at most `exact_limit` values
+were added, the mergeable sketch beyond: relative error <= 0.5%). A first pass reads seq_id
+and eps_hat (the envelope counts need eps); a run without eps_hat gets a third, short pass
+for them. Every statistic is exact (equal to an in-memory computation up to the order of
+float additions) except quantiles beyond the exact limit. Extras (`Extra`: the figures'
+histograms, `analysis.GroupAccumulator`) see every batch of the second pass.
+Conventions: `analysis` (module doc). Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from . import metrics as M
+from . import theory
+from .errors import MismatchError
+from .formatting import number_list
+from .per_sequence import BatchSeqs, SeqIndex, distinct
+from .quantiles import EXACT_LIMIT, QuantileAccumulator, sketch_label
+from .schema import COARSE_COLUMNS
+from .tokens import BATCH_ROWS, TokenBatches, check_by, frame_tokens, open_run_tokens, prefetch
+
+DEFAULT_EDGES: tuple[float, ...] = (
+    0.0,
+    1e-6,
+    1e-5,
+    1e-4,
+    1e-3,
+    1e-2,
+    0.1,
+    0.5,
+    0.9,
+    0.99,
+    0.999,
+    1.0,
+)
+DEFAULT_TAIL = 0.1
+QUANTILES = (0.5, 0.9, 0.99)
+# The columns a token DataFrame must have (a run's tokens.parquet: tokens.REQUIRED_COLUMNS);
+# without eps_hat, eps comes from the data; without kept_train every token is kept.
+NEEDED_COLUMNS: tuple[str, ...] = ("seq_id", "delta", "p_train", "p_infer")
+EPS_HAT_QUANTILES = (0.5, 0.9, 0.99, 1.0)
+NO_EPS_HAT_ESTIMATOR = (
+    "q0.99 of the eps needed to cover |delta| (this run has no eps_hat: a check of the "
+    "(1 - p) shape, not an independent bound)"
+)
+COARSE_QUANTILES = (0.9, 0.99)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def parse_edges(edges: str | Sequence[float] | None) -> np.ndarray:
+    """Bucket edges from '0,1e-3,0.1,1' or a sequence (None: DEFAULT_EDGES), validated:
+    at least two, finite, strictly increasing, inside [0, 1]. Raises MismatchError."""
+    if edges is None:
+        return np.asarray(DEFAULT_EDGES, dtype=np.float64)
+    if isinstance(edges, str):
+        try:
+            values = [float(s) for s in edges.replace(" ", "").split(",") if s != ""]
+        except ValueError as e:
+            raise MismatchError(
+                f"--edges must be comma-separated numbers, e.g. 0,1e-3,0.1,1; got {edges!r}"
+            ) from e
+    else:
+        values = [float(v) for v in edges]
+    e = np.asarray(values, dtype=np.float64)
+    if e.size < 2:
+        raise MismatchError(f"--edges needs at least two values, got {e.size}")
+    if not np.all(np.isfinite(e)) or e.min() < 0 or e.max() > 1:
+        raise MismatchError(f"--edges must lie in [0, 1], got {number_list(e, ',')}")
+    if np.any(np.diff(e) <= 0):
+        raise MismatchError(f"--edges must be strictly increasing, got {number_list(e, ',')}")
+    return e
+
+
+# ----------------------------------------------------------------------------- buckets
+
+
+def _bucket_codes(p: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bucket of each p: i with edges[i] <= p < edges[i+1], p == edges[-1] in the last
+    bucket, and nb = len(edges) - 1 for p outside [edges[0], edges[-1]] or NaN. [n] -> [n]
+    (int8 for up to 126 buckets). One comparison per interior edge, counting the edges at
+    or below p: four times faster than a binary search for a dozen edges."""
+    nb = len(edges) - 1
+    idx = np.zeros(p.shape, dtype=np.int8 if nb < 127 else np.int32)
+    for e in edges[1:-1]:  # a loop over edges, never over tokens
+        idx += p >= e
+    idx[~((p >= edges[0]) & (p <= edges[-1]))] = nb  # NaN fails both
+    return idx
+
+
+def bucket_index(p: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bucket of each p: i with edges[i] <= p < edges[i+1]; p == edges[-1] goes to the last
+    bucket; -1 for p outside [edges[0], edges[-1]]. [n] -> [n] int64"""
+    e = np.asarray(edges, dtype=np.float64)
+    idx = _bucket_codes(np.asarray(p, dtype=np.float64), e).astype(np.int64)
+    idx[idx == len(e) - 1] = -1
+    return idx
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+class Moments:
+    """Count, mean and sum of squared deviations M2 of values in groups (any array shape),
+    merged batch by batch with Chan, Golub and LeVeque's update:
+
+        n = n_a + n_b,  mean = mean_a + (mean_b - mean_a) n_b / n,
+        M2 = M2_a + M2_b + (mean_b - mean_a)^2 n_a n_b / n
+
+    One batch gives exactly the two-pass result (mean = sum / n, M2 = sum (x - mean)^2);
+    several give it up to the order of float additions, free of the cancellation of
+    sum x^2 - n mean^2. Empty groups keep n = 0, mean = 0, M2 = 0."""
+
+    def __init__(self, shape: int | tuple[int, ...] = ()) -> None:
+        self.n = np.zeros(shape, dtype=np.int64)
+        self.mean = np.zeros(shape)
+        self.m2 = np.zeros(shape)
+
+    def add(self, values: np.ndarray, group: np.ndarray | None = None) -> None:
+        """Add values [m] to their flat groups [m] (None: one group, shape ())."""
+        if group is None:
+            n_b = np.int64(values.size)
+            if not n_b:
+                return
+            mean_b = np.float64(values.sum() / n_b)
+            dev = values - mean_b
+            m2_b = np.float64(dev @ dev)
+        else:
+            G = self.n.size
+            n_b = np.bincount(group, minlength=G)  # [G]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean_b = np.bincount(group, weights=values, minlength=G) / n_b
+            mean_b[n_b == 0] = 0.0
+            dev = values - mean_b[group]  # [m]
+            m2_b = np.bincount(group, weights=dev * dev, minlength=G)
+            n_b, mean_b, m2_b = (a.reshape(self.n.shape) for a in (n_b, mean_b, m2_b))
+        self.merge(n_b, mean_b, m2_b)
+
+    def merge(self, n_b: Any, mean_b: Any, m2_b: Any) -> None:
+        """Merge another set of moments of the same shape into these."""
+        n = self.n + n_b
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(n > 0, n_b / np.maximum(n, 1), 0.0)
+        step = mean_b - self.mean
+        self.mean = self.mean + step * frac
+        self.m2 = self.m2 + m2_b + step * step * self.n * frac
+        self.n = n
+
+    def reduce(self, axis: int | None = None) -> Moments:
+        """The moments of groups merged along `axis` (None: all of them)."""
+        out = Moments()
+        n = self.n.sum(axis=axis)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, (self.n * self.mean).sum(axis=axis) / np.maximum(n, 1), 0.0)
+        dev = self.mean - (mean if axis is None else np.expand_dims(mean, axis))
+        out.n, out.mean = n, mean
+        out.m2 = self.m2.sum(axis=axis) + (self.n * dev * dev).sum(axis=axis)
+        return out
+
+    def mean_or_nan(self) -> Any:
+        """mean, NaN where a group is empty."""
+        return np.where(self.n > 0, self.mean, np.nan)
+
+    def std(self, ddof: int = 0) -> Any:
+        """Standard deviation sqrt(M2 / (n - ddof)), NaN where n <= ddof."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.n > ddof, np.sqrt(self.m2 / (self.n - ddof)), np.nan)
+
+
+class Batch:
+    """One batch of token rows, split once into finite and infinite deltas: what every
+    accumulator reads. `rows`: the columns as read, each [n]; `seq`: each row's sequence
+    index 0..S-1 [n] (None in a pass that needs none). The finite tokens' arrays ([m]:
+    delta, p, p_train, p_infer, ad = |delta|, x = 1 - p, bucket) are computed once, on
+    first use. A delta is infinite when kept_train is False or delta is not finite; p is
+    the `by` side's probability."""
+
+    def __init__(
+        self, rows: dict[str, np.ndarray], seq: np.ndarray | None, by: str, edges: np.ndarray
+    ) -> None:
+        self.rows, self.seq, self.by, self.edges = rows, seq, by, edges
+        self._delta = np.asarray(rows["delta"], dtype=np.float64)  # [n]
+        fin = np.isfinite(self._delta)
+        if "kept_train" in rows:
+            fin &= np.asarray(rows["kept_train"], dtype=bool)
+        self.fin = fin  # [n]
+        self.n = int(fin.size)
+        self.all_finite = bool(fin.all())
+
+    def finite(self, a: np.ndarray) -> np.ndarray:
+        """The finite tokens' entries of a row array: [n] -> [m]."""
+        return a if self.all_finite else a[self.fin]
+
+    def column(self, name: str) -> np.ndarray:
+        """A column as float64. [n]"""
+        return np.asarray(self.rows[name], dtype=np.float64)
+
+    @cached_property
+    def m(self) -> int:
+        return self.n if self.all_finite else int(np.count_nonzero(self.fin))
+
+    @cached_property
+    def delta(self) -> np.ndarray:
+        return self.finite(self._delta)
+
+    @cached_property
+    def p_all(self) -> np.ndarray:
+        return self.column(f"p_{self.by}")
+
+    @cached_property
+    def p(self) -> np.ndarray:
+        return self.finite(self.p_all)
+
+    @cached_property
+    def p_train(self) -> np.ndarray:
+        return self.p if self.by == "train" else self.finite(self.column("p_train"))
+
+    @cached_property
+    def p_infer(self) -> np.ndarray:
+        return self.p if self.by == "infer" else self.finite(self.column("p_infer"))
+
+    @cached_property
+    def ad(self) -> np.ndarray:
+        return np.abs(self.delta)
+
+    @cached_property
+    def k3(self) -> np.ndarray:
+        """k3_t of each finite token (`metrics.k3_per_token`), shared by every accumulator. [m]"""
+        return M.k3_per_token(self.delta)
+
+    @cached_property
+    def x(self) -> np.ndarray:
+        return 1.0 - self.p
+
+    @cached_property
+    def bucket(self) -> np.ndarray:
+        """Bucket of each finite token, nb outside the edges. [m]"""
+        return _bucket_codes(self.p, self.edges)
+
+    @cached_property
+    def p_infinite(self) -> np.ndarray:
+        """The `by` side's p of the tokens with an infinite delta. [n - m]"""
+        return self.p_all[~self.fin]
+
+    @cached_property
+    def bucket_all(self) -> np.ndarray:
+        """Bucket of every row, finite delta or not. [n]"""
+        if self.all_finite:
+            return self.bucket
+        out = np.empty(self.n, dtype=self.bucket.dtype)
+        out[self.fin] = self.bucket
+        out[~self.fin] = _bucket_codes(self.p_infinite, self.edges)
+        return out
+
+    @cached_property
+    def seqs(self) -> BatchSeqs:
+        """The batch's sequences over every row."""
+        assert self.seq is not None
+        return BatchSeqs(self.seq)
+
+    def full(self, a: np.ndarray) -> np.ndarray:
+        """A finite tokens' array back on every row, 0 on the infinite ones: [m] -> [n]."""
+        if self.all_finite:
+            return a
+        out = np.zeros(self.n, dtype=a.dtype)
+        out[self.fin] = a
+        return out
+
+
+def _add_sizes(bs: BatchSeqs, acc: np.ndarray) -> None:
+    """acc[s] += the batch's rows of sequence s (acc [S])."""
+    acc[bs.ids] += bs.part.sizes()
+
+
+ENVELOPES = ("first_order", "exact", "weak", "two_eps")
+
+
+class EnvelopeCounts:
+    """Finite tokens above each envelope at one eps (first order 2 eps (1 - p), exact
+    log(1 + (1 - p)(exp(2 eps) - 1)), weak (exp(2 eps) - 1)(1 - p), flat 2 eps), and above
+    the exact and first-order ones per bucket. Its own accumulator: eps must be known
+    before the first batch (a run without eps_hat learns it from a pass over |delta|)."""
+
+    def __init__(self, eps: float, num_buckets: int) -> None:
+        self.eps = float(eps)
+        self.above = dict.fromkeys(ENVELOPES, 0)
+        self.by_bucket = {k: np.zeros(num_buckets + 1, np.int64) for k in ENVELOPES[:2]}
+
+    def add(self, b: Batch) -> None:
+        eps = self.eps
+        if not math.isfinite(eps) or not b.m:
+            return
+        ad, x = b.ad, b.x  # [m]
+        above = {
+            "first_order": ad > theory.envelope_first_order(x, eps),
+            "exact": ad > theory.envelope_exact(x, eps),
+            "weak": ad > theory.envelope_weak(x, eps),
+            "two_eps": ad > 2.0 * eps,
+        }
+        for k, mask in above.items():
+            self.above[k] += int(np.count_nonzero(mask))
+        for k, acc in self.by_bucket.items():
+            acc += np.bincount(b.bucket[above[k]], minlength=acc.size)
+
+
+class _Coarse:
+    """One distribution-level column: finite values' count and sum, non-finite count, and
+    quantiles, per bucket of p (nb = outside the edges)."""
+
+    def __init__(self, num_buckets: int, exact_limit: int) -> None:
+        G = num_buckets + 1
+        self.n, self.n_inf = np.zeros(G, np.int64), np.zeros(G, np.int64)
+        self.sum = np.zeros(G)
+        self.q = QuantileAccumulator(G, exact_limit)
+
+    def add(self, v: np.ndarray, bucket: np.ndarray) -> None:
+        G = self.n.size
+        ok = np.isfinite(v)
+        if not ok.all():
+            self.n_inf += np.bincount(bucket[~ok], minlength=G)
+            v, bucket = v[ok], bucket[ok]
+        self.n += np.bincount(bucket, minlength=G)
+        self.sum += np.bincount(bucket, weights=v, minlength=G)
+        self.q.add(v, bucket)
+
+
+def quantile_with_inf(acc: QuantileAccumulator, q: float, num_inf: int) -> float:
+    """numpy's linear q-quantile of acc's values plus `num_inf` values of +inf (ranked
+    last): +inf when its upper order statistic is one of them, NaN with no value."""
+    n_fin = acc.count
+    n = n_fin + num_inf
+    if n == 0:
+        return math.nan
+    if not num_inf:
+        return float(acc.quantile(q)[0, 0])
+    h = q * (n - 1)  # fractional 0-based rank
+    if math.ceil(h) >= n_fin:
+        return math.inf
+    return float(acc.quantile(h / (n_fin - 1) if n_fin > 1 else 0.0)[0, 0])
+
+
+class Extra(Protocol):
+    """What a `scan` can feed besides the report: `columns` it reads, `start(agg)` after the
+    first pass (sequence index, flags), `add(batch)` for each batch of the main pass."""
+
+    columns: tuple[str, ...]
+
+    def start(self, agg: Aggregates) -> None: ...
+
+    def add(self, b: Batch) -> None: ...
+
+
+class Aggregates:
+    """Everything `report` (and the figures) read of a token table, accumulated batch by
+    batch in memory independent of the number of tokens: (bucket x tail) moments of delta,
+    sums of |delta| and 1 - p, the RL metrics' token sums, per-sequence sums [S], and
+    quantile accumulators. `add(batch)` for each batch of the main pass; the tables come
+    from the methods (`buckets`, `tail_bias`, `sequences`, `metrics`, ...)."""
+
+    def __init__(
+        self,
+        edges: np.ndarray,
+        by: str,
+        tail: float,
+        seq_ids: np.ndarray,
+        eps_hat: QuantileAccumulator,
+        coarse: Sequence[str] = (),
+        exact_limit: int = EXACT_LIMIT,
+    ) -> None:
+        self.edges, self.by, self.tail = edges, by, float(tail)
+        self.nb = nb = len(edges) - 1
+        self.seq_ids = seq_ids  # [S]
+        self.eps_hat_acc = eps_hat
+        self.eps: float | None = None
+        self.eps_estimator = ""
+        self.envelope: EnvelopeCounts | None = None
+        self.seq_infinite: np.ndarray | None = None  # [S] bool, from the first pass if asked
+        self.exact_limit = exact_limit
+        self.num_tokens = 0
+        G = (nb + 1, 2)  # (bucket incl. "outside", head / tail)
+        self.delta = Moments(G)  # of delta
+        self.sum_ad, self.sum_x = np.zeros(G), np.zeros(G)
+        self.abs_delta = Moments()  # of |delta|, all finite tokens
+        self.sxx = self.sxy = self.syy = 0.0  # the fit's sums: x = 1 - p, y = |delta|
+        self.max_ad = -math.inf
+        self.n_inf_bucket = np.zeros(nb + 1, np.int64)
+        self.q_ad = QuantileAccumulator(nb + 1, exact_limit)  # |delta| by bucket
+        self.q_cover = QuantileAccumulator(1, exact_limit)  # eps needed per token
+        self.n_cover_inf = 0
+        self._eps_needed: dict[float, float] = {}
+        # RL metrics: sums over finite tokens
+        self.sum_k2 = self.sum_k3 = self.sum_r = self.sum_r2 = self.sum_chi2 = 0.0
+        self.min_r, self.max_r = math.inf, -math.inf
+        self.above_cap = np.zeros(len(M.CAPS), np.int64)
+        self.sum_dp, self.max_dp = 0.0, -math.inf
+        self.p_train, self.p_infer = Moments(), Moments()
+        self.comoment = 0.0  # sum (p_train - mean)(p_infer - mean), merged like M2
+        # per sequence [S]
+        S = seq_ids.size
+        self.seq_n, self.seq_n_fin = np.zeros(S, np.int64), np.zeros(S)
+        self.seq_sum_d, self.seq_sum_ad, self.seq_sum_x = np.zeros(S), np.zeros(S), np.zeros(S)
+        self.seq_tail_n, self.seq_tail_d = np.zeros(S), np.zeros(S)
+        # distribution level
+        self.rows_bucket = np.zeros(nb + 1, np.int64)
+        self.coarse = {c: _Coarse(nb, exact_limit) for c in coarse}
+
+    # ------------------------------------------------------------------ accumulation
+
+    def set_eps(self, eps: float, estimator: str) -> None:
+        """The eps of the envelopes (before the main pass, or before `count_envelopes`)."""
+        self.eps, self.eps_estimator = float(eps), estimator
+        self.envelope = EnvelopeCounts(eps, self.nb)
+
+    def add(self, b: Batch) -> None:
+        """Add one batch of token rows (main pass)."""
+        nb1 = self.nb + 1
+        self.num_tokens += b.n
+        if not b.all_finite:
+            self.n_inf_bucket += np.bincount(_bucket_codes(b.p_infinite, self.edges), minlength=nb1)
+        s = b.seqs
+        _add_sizes(s, self.seq_n)
+        s.add(self.seq_sum_x, 1.0 - b.p_all)  # over every token, finite or not
+        if self.coarse:
+            self.rows_bucket += np.bincount(b.bucket_all, minlength=nb1)
+            for c, acc in self.coarse.items():
+                acc.add(b.column(c), b.bucket_all)
+        if b.m:
+            self._add_finite(b)
+        if self.envelope is not None:
+            self.envelope.add(b)
+
+    def _add_finite(self, b: Batch) -> None:
+        d, ad, x = b.delta, b.ad, b.x  # [m]
+        tail = b.p < self.tail  # [m]
+        g = b.bucket.astype(np.intp) * 2 + tail  # [m] flat (bucket, tail) group
+        G = self.sum_ad.size
+        self.delta.add(d, g)
+        self.sum_ad += np.bincount(g, weights=ad, minlength=G).reshape(self.sum_ad.shape)
+        self.sum_x += np.bincount(g, weights=x, minlength=G).reshape(self.sum_x.shape)
+        self.abs_delta.add(ad)
+        self.sxx += float(x @ x)
+        self.sxy += float(x @ ad)
+        self.syy += float(ad @ ad)
+        self.max_ad = max(self.max_ad, float(ad.max()))
+        self.q_ad.add(ad, b.bucket)
+        cover = theory.eps_to_cover(ad, x)  # [m]
+        self.n_cover_inf += int(np.count_nonzero(np.isinf(cover)))
+        self.q_cover.add(cover)
+        # the RL metrics' token sums (metrics.py: c = -delta clamped to +-20)
+        c = M.clamped_log_ratio(d)  # [m]
+        self.sum_k2 += float(c @ c)
+        self.sum_k3 += float(b.k3.sum())
+        r = np.exp(c)  # [m] importance ratio
+        self.sum_r += float(r.sum())
+        self.sum_r2 += float(r @ r)
+        self.min_r, self.max_r = min(self.min_r, float(r.min())), max(self.max_r, float(r.max()))
+        self.sum_chi2 += float(np.expm1(2 * c).sum())
+        for i, cap in enumerate(M.CAPS):
+            self.above_cap[i] += int(np.count_nonzero(r > cap))
+        dp = np.abs(b.p_train - b.p_infer)  # [m]
+        self.sum_dp += float(dp.sum())
+        self.max_dp = max(self.max_dp, float(dp.max()))
+        self._add_pearson(b.p_train, b.p_infer)
+        # per sequence: over every row of the batch, the infinite ones adding 0
+        s, full = b.seqs, b.full
+        s.add(self.seq_n_fin, b.fin)
+        s.add(self.seq_sum_d, full(d))
+        s.add(self.seq_sum_ad, full(ad))
+        s.add(self.seq_tail_n, full(tail))
+        s.add(self.seq_tail_d, full(np.where(tail, d, 0.0)))
+
+    def _add_pearson(self, pt: np.ndarray, pi: np.ndarray) -> None:
+        """Merge a batch's moments and co-moment of (p_train, p_infer) (Chan et al.)."""
+        n_b = pt.size
+        mt, mi = pt.sum() / n_b, pi.sum() / n_b
+        dt, di = pt - mt, pi - mi  # [m]
+        a, b = self.p_train, self.p_infer
+        frac = n_b / (a.n + n_b)
+        self.comoment += float(dt @ di) + float((mt - a.mean) * (mi - b.mean) * a.n * frac)
+        a.merge(np.int64(n_b), mt, float(dt @ dt))
+        b.merge(np.int64(n_b), mi, float(di @ di))
+
+    def count_envelopes(self, batches: Iterable[dict[str, np.ndarray]]) -> None:
+        """The envelope counts in a pass of their own (eps learnt from the main pass)."""
+        assert self.envelope is not None
+        for rows in batches:
+            self.envelope.add(Batch(rows, None, self.by, self.edges))
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.seq_ids.size)
+
+    @property
+    def num_finite(self) -> int:
+        return int(self.delta.n.sum())
+
+    @property
+    def num_infinite(self) -> int:
+        return self.num_tokens - self.num_finite
+
+    @property
+    def exact(self) -> bool:
+        """Are all quantiles exact (every accumulator under its limit)?"""
+        accs = [self.q_ad, self.q_cover, self.eps_hat_acc, *(c.q for c in self.coarse.values())]
+        return all(a.exact for a in accs)
+
+    def quantiles_label(self) -> str:
+        """'exact', or which sketch the quantiles beyond the exact limit come from."""
+        return sketch_label(self.exact)
+
+    def eps_hat(self) -> tuple[float, dict[str, float]]:
+        """The data's eps estimate (q0.99 of the finite eps_hat; NaN if none) and the
+        eps_hat quantiles p50 / p90 / p99 / max ({} if none)."""
+        return self._eps_hat
+
+    @cached_property
+    def _eps_hat(self) -> tuple[float, dict[str, float]]:
+        acc = self.eps_hat_acc
+        if not acc.count:
+            return math.nan, {}
+        q = acc.quantile((*EPS_HAT_QUANTILES, theory.EPS_QUANTILE))[0]
+        names = ("p50", "p90", "p99", "max")
+        return float(q[-1]), {k: float(v) for k, v in zip(names, q, strict=False)}
+
+    def eps_needed(self, q: float = 0.99) -> float:
+        """The smallest eps whose exact envelope covers a fraction q of the finite tokens:
+        the q-quantile of theory.eps_to_cover (+inf for |delta| > 0 at p = 1)."""
+        if q not in self._eps_needed:  # an exact quantile of 10^7 values costs ~0.3 s
+            self._eps_needed[q] = quantile_with_inf(self.q_cover, q, self.n_cover_inf)
+        return self._eps_needed[q]
+
+    def abs_delta_quantile(self, q: Sequence[float] | float) -> np.ndarray:
+        """Quantiles of |delta| over every finite token. [Q]"""
+        return self.q_ad.quantile_merged(q)
+
+    def buckets(self) -> pd.DataFrame:
+        """One row per bucket of p: the mismatch and the bound in that bucket.
+
+        Columns: lo, hi, count (finite tokens), share (of finite tokens), num_infinite,
+        mean_abs_delta, mean_delta, se_delta (std / sqrt(count), ddof 1),
+        p50/p90/p99/max_abs_delta, mean_one_minus_p, abs_delta_per_one_minus_p (mean |delta|
+        / mean (1 - p)), envelope_first_order and envelope_exact (evaluated at the bucket's
+        mean 1 - p), frac_above_envelope (tokens with |delta| above the exact envelope at
+        their own p), frac_above_first_order, share_abs_delta (the bucket's share of the
+        run's sum |delta|). Empty buckets have count 0 and NaN statistics."""
+        nb, e = self.nb, self.edges
+        mom = self.delta.reduce(axis=1)  # [nb + 1] over head and tail
+        count = mom.n[:nb]
+        sum_ad = self.sum_ad.sum(axis=1)  # [nb + 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_ad = sum_ad[:nb] / count
+            mean_x = self.sum_x.sum(axis=1)[:nb] / count
+            se = mom.std(ddof=1)[:nb] / np.sqrt(count)
+            ratio = mean_ad / mean_x
+        eps = math.nan if self.eps is None else self.eps
+        env = self.envelope
+        if env is not None and math.isfinite(eps):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                above = env.by_bucket["exact"][:nb] / count
+                above1 = env.by_bucket["first_order"][:nb] / count
+        else:  # no eps: no envelope, not "nothing above it"
+            above = above1 = np.full(nb, np.nan)
+        qs = self.q_ad.quantile((*QUANTILES, 1.0))[:nb]  # [B, 4]: p50, p90, p99, max
+        total_ad = float(sum_ad.sum())
+        n_fin = max(self.num_finite, 1)
+        return pd.DataFrame(
+            {
+                "lo": e[:-1],
+                "hi": e[1:],
+                "count": count.astype(np.int64),
+                "share": count / n_fin,
+                "num_infinite": self.n_inf_bucket[:nb].astype(np.int64),
+                "mean_abs_delta": mean_ad,
+                "mean_delta": mom.mean_or_nan()[:nb],
+                "se_delta": se,
+                "p50_abs_delta": qs[:, 0],
+                "p90_abs_delta": qs[:, 1],
+                "p99_abs_delta": qs[:, 2],
+                "max_abs_delta": qs[:, 3],
+                "mean_one_minus_p": mean_x,
+                "abs_delta_per_one_minus_p": ratio,
+                "envelope_first_order": theory.envelope_first_order(mean_x, eps),
+                "envelope_exact": theory.envelope_exact(mean_x, eps),
+                "frac_above_envelope": above,
+                "frac_above_first_order": above1,
+                "share_abs_delta": sum_ad[:nb] / total_ad if total_ad > 0 else np.full(nb, np.nan),
+            }
+        )
+
+    def envelope_check(self) -> dict[str, Any]:
+        """Tokens above each envelope at eps: first order 2 eps (1 - p), exact (two-sided,
+        tight), weak (exp(2 eps) - 1)(1 - p), and the flat 2 eps.
+        {eps, name: {num_above, frac_above}}."""
+        eps = math.nan if self.eps is None else self.eps
+        ok = math.isfinite(eps) and self.envelope is not None
+        n = self.num_finite
+        out: dict[str, Any] = {"eps": eps}
+        for name in ENVELOPES:
+            k = self.envelope.above[name] if ok and self.envelope is not None else 0
+            out[name] = {
+                "num_above": k if ok else None,
+                "frac_above": k / n if n and ok else math.nan,
+            }
+        return out
+
+    def fit(self) -> dict[str, float]:
+        """Least squares |delta| ~ slope (1 - p) through the origin (`fit_slope`)."""
+        return fit_from_sums(self.num_finite, self.sxx, self.sxy, self.syy, self.abs_delta.m2)
+
+    def tail_bias(self) -> dict[str, Any]:
+        """Signed mean delta of tail tokens (p < tail) against head tokens (see `tail_bias`)."""
+        by_tail = self.delta.reduce(axis=0)  # [2]: head, tail
+        n_h, n_t = (int(v) for v in by_tail.n)
+        mean, se = by_tail.mean_or_nan(), by_tail.std(ddof=1) / np.sqrt(np.maximum(by_tail.n, 1))
+        m_h, m_t = float(mean[0]), float(mean[1])
+        se_h, se_t = float(se[0]), float(se[1])
+        z_t, p_t = _z_p(m_t, se_t)
+        z_h, p_h = _z_p(m_h, se_h)
+        # Cluster-robust (CR0) standard error: residuals summed per sequence first,
+        # r_s = sum_{t in s, tail} (delta_t - mean) = S_s - n_s mean.
+        se_seq = math.nan
+        if n_t > 1:
+            r = self.seq_tail_d - self.seq_tail_n * m_t  # [S]
+            se_seq = float(math.sqrt(float(r @ r)) / n_t)
+        z_seq, p_seq = _z_p(m_t, se_seq)
+        diff = m_t - m_h
+        se_diff = (
+            math.sqrt(se_t**2 + se_h**2)
+            if math.isfinite(se_t) and math.isfinite(se_h)
+            else math.nan
+        )
+        z_diff, p_diff = _z_p(diff, se_diff)
+        tail_ad, total_ad = float(self.sum_ad[:, 1].sum()), float(self.sum_ad.sum())
+        n = max(self.num_finite, 1)
+        return {
+            "threshold": self.tail,
+            "n": n_t,
+            "token_share": n_t / n if self.num_finite else math.nan,
+            "abs_delta_share": tail_ad / total_ad if total_ad > 0 else math.nan,
+            "mean_delta": m_t,
+            "se": se_t,
+            "z": z_t,
+            "p_value": p_t,
+            "se_seq": se_seq,
+            "z_seq": z_seq,
+            "p_value_seq": p_seq,
+            "head": {"n": n_h, "mean_delta": m_h, "se": se_h, "z": z_h, "p_value": p_h},
+            "diff": diff,
+            "se_diff": se_diff,
+            "z_diff": z_diff,
+            "p_value_diff": p_diff,
+        }
+
+    @cached_property
+    def _sequences(self) -> pd.DataFrame:
+        n_inf = self.seq_n - self.seq_n_fin.astype(np.int64)
+        has_inf = n_inf > 0
+        sum_d = np.where(has_inf, np.inf, self.seq_sum_d)
+        return pd.DataFrame(
+            {
+                "seq_id": self.seq_ids,
+                "num_tokens": self.seq_n.astype(np.int64),
+                "num_infinite": n_inf.astype(np.int64),
+                "sum_delta": sum_d,
+                "sum_abs_delta": np.where(has_inf, np.inf, self.seq_sum_ad),
+                "mean_delta": sum_d / np.maximum(self.seq_n, 1),
+                "sum_one_minus_p": self.seq_sum_x,
+            }
+        )
+
+    def sequences(self) -> pd.DataFrame:
+        """One row per sequence: seq_id, num_tokens, num_infinite, sum_delta (+inf if any
+        token is infinite), sum_abs_delta, mean_delta (the log-PPL gap, mean_t logp_infer -
+        mean_t logp_train; inf likewise), sum_one_minus_p (over all its tokens)."""
+        return self._sequences.copy()
+
+    def metrics(self, seqs: pd.DataFrame | None = None) -> dict[str, float]:
+        """The metrics RL frameworks log (`rl_metrics`): token sums from the batches,
+        sequence ones from `seqs` (default `sequences()`)."""
+        seqs = self._sequences if seqs is None else seqs
+        n = self.num_finite
+
+        def mean(s: float) -> float:
+            return s / n if n else math.nan
+
+        overall = self.delta.reduce()
+        pearson = math.nan
+        m2t, m2i = float(self.p_train.m2), float(self.p_infer.m2)
+        if n > 1 and m2t > 0 and m2i > 0:
+            pearson = float(np.clip(self.comoment / math.sqrt(m2t * m2i), -1.0, 1.0))
+        fin = seqs[np.isfinite(seqs["sum_delta"].to_numpy())]
+        sum_delta = fin["sum_delta"].to_numpy(dtype=np.float64)  # [S']
+        gap = fin["mean_delta"].to_numpy(dtype=np.float64)  # [S'] log-PPL gap per sequence
+        w_seq = np.exp(np.clip(-sum_delta, -M.SEQ_LOG_CLAMP, M.SEQ_LOG_CLAMP))  # [S']
+        w_geo = np.exp(-gap)  # [S']
+
+        def mean_or_nan(a: np.ndarray) -> float:
+            return float(a.mean()) if a.size else math.nan
+
+        k1 = float(overall.mean) if n else math.nan
+        out: dict[str, float] = {
+            "k1": k1,
+            "k2": mean(self.sum_k2) / 2,
+            "k3": mean(self.sum_k3),
+            "mean_delta": k1,
+            "std_delta": float(overall.std()),
+            "mean_abs_delta": mean(float(self.sum_ad.sum())),
+            "max_abs_delta": self.max_ad if n else math.nan,
+            "std_abs_delta": float(self.abs_delta.std()),
+            "mean_abs_dp": mean(self.sum_dp),
+            "max_abs_dp": self.max_dp if n else math.nan,
+            "pearson_p": pearson,
+            "log_ppl_gap_mean": mean_or_nan(gap),
+            "log_ppl_gap_abs_mean": mean_or_nan(np.abs(gap)),
+            "ppl_ratio": mean_or_nan(np.exp(gap)),
+            "chi2_token": mean(self.sum_chi2),
+            "chi2_seq": M.chi2_seq(-sum_delta),
+            "is_token_mean": mean(self.sum_r),
+            "is_token_min": self.min_r if n else math.nan,
+            "is_token_max": self.max_r if n else math.nan,
+            **_stats3(w_seq, "is_seq"),
+            **_stats3(w_geo, "is_seq_geo"),
+            "ess_token": self.sum_r**2 / (n * self.sum_r2) if n else math.nan,
+            "ess_seq": M.ess(w_seq),
+            "ess_seq_geo": M.ess(w_geo),
+        }
+        for i, c in enumerate(M.CAPS):
+            out[f"frac_token_above_cap_{c:g}"] = mean(float(self.above_cap[i]))
+            out[f"frac_seq_above_cap_{c:g}"] = mean_or_nan(w_seq > c)
+        return out
+
+    def distribution_level(self) -> dict[str, Any] | None:
+        """The distribution-level section (`distribution_level`); None without its columns."""
+        if not self.coarse:
+            return None
+        nb, e = self.nb, self.edges
+        overall: dict[str, Any] = {}
+        rows: dict[str, Any] = {"lo": e[:-1], "hi": e[1:], "count": self.rows_bucket[:nb]}
+        for c, acc in self.coarse.items():
+            n = int(acc.n.sum())
+            q = acc.q.quantile_merged((*COARSE_QUANTILES, 1.0))  # over every bucket
+            overall[c] = {
+                "count": n,
+                "num_infinite": int(acc.n_inf.sum()),
+                "mean": float(acc.sum.sum()) / n if n else math.nan,
+                "p90": q[0],
+                "p99": q[1],
+                "max": q[2],
+            }
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rows[f"{c}_mean"] = acc.sum[:nb] / acc.n[:nb]
+            qs = acc.q.quantile(COARSE_QUANTILES)[:nb]  # [B, 2]
+            rows[f"{c}_p90"], rows[f"{c}_p99"] = qs[:, 0], qs[:, 1]
+            rows[f"{c}_num_infinite"] = acc.n_inf[:nb]
+        return {"columns": list(self.coarse), "overall": overall, "buckets": pd.DataFrame(rows)}
+
+
+def fit_from_sums(n: int, sxx: float, sxy: float, syy: float, m2y: float) -> dict[str, float]:
+    """`fit_slope` from sums: slope = sxy / sxx, SS_res = syy - slope sxy, SS_tot = M2 of y."""
+    if n == 0 or sxx == 0:
+        return {"slope": math.nan, "r2": math.nan, "n": int(n)}
+    slope = sxy / sxx
+    ss_res = max(syy - slope * sxy, 0.0)
+    return {
+        "slope": slope,
+        "r2": 1.0 - ss_res / m2y if m2y > 0 else math.nan,
+        "n": int(n),
+    }
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+def report_tokens(
+    source: pd.DataFrame | str | Path, batch_rows: int = BATCH_ROWS, *, complete: bool = False
+) -> TokenBatches:
+    """The token table `report` reads: a run (`tokens.open_run_tokens`: the report's
+    columns, an incomplete run with a warning unless `complete`) or a DataFrame (the
+    NEEDED_COLUMNS)."""
+    if isinstance(source, pd.DataFrame):
+        return frame_tokens(source, verb="report", needed=NEEDED_COLUMNS, batch_rows=batch_rows)
+    return open_run_tokens(source, verb="report", batch_rows=batch_rows, complete=complete)
+
+
+def _batches(src: TokenBatches, columns: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+    """src's batches of `columns` (those it has), read one batch ahead in a thread."""
+    have = set(src.columns)
+    cols = list(dict.fromkeys(c for c in columns if c in have))
+    return prefetch(src.read(cols)) if src.file is not None else src.read(cols)
+
+
+def scan(
+    src: TokenBatches,
+    *,
+    edges: np.ndarray,
+    by: str = "train",
+    tail: float = DEFAULT_TAIL,
+    eps: float | None = None,
+    exact_limit: int = EXACT_LIMIT,
+    extras: Sequence[Extra] = (),
+    flag_infinite: bool = False,
+) -> Aggregates:
+    """Aggregate a token table in streamed passes (module doc): (1) seq_id and eps_hat:
+    the sequence index and the eps estimate (also delta / kept_train when
+    `flag_infinite`: which sequences hold an infinite delta, `Aggregates.seq_infinite`);
+    (2) everything else, each batch also handed to `extras`; (3) only for a run without
+    eps_hat and no `eps`: the envelope counts at the eps learnt in (2)."""
+    have = set(src.columns)
+    kept = ["kept_train"] if "kept_train" in have else []
+    first = ["seq_id", "eps_hat", *(["delta", *kept] if flag_infinite else [])]
+    parts, infinite = [], []
+    eps_hat = QuantileAccumulator(1, exact_limit)
+    for rows in _batches(src, first):
+        sid = rows["seq_id"]
+        parts.append(distinct(sid))
+        if "eps_hat" in rows:
+            eps_hat.add(rows["eps_hat"])  # NaN (imports) ignored
+        if flag_infinite:
+            bad = ~Batch(rows, None, by, edges).fin
+            if bad.any():
+                infinite.append(distinct(sid[bad]))
+    index = SeqIndex.scan(parts)
+    coarse = [c for c in COARSE_COLUMNS if c in have]
+    agg = Aggregates(edges, by, tail, index.ids, eps_hat, coarse, exact_limit)
+    if flag_infinite:
+        agg.seq_infinite = np.zeros(index.num, dtype=bool)
+        if infinite:
+            agg.seq_infinite[index.codes(np.unique(np.concatenate(infinite)))] = True
+    eps_data, _ = agg.eps_hat()
+    if eps is not None:
+        agg.set_eps(eps, "--eps")
+    elif math.isfinite(eps_data):
+        agg.set_eps(eps_data, theory.eps_estimator_name())
+    for x in extras:
+        x.start(agg)
+    main = [*NEEDED_COLUMNS, *kept, *coarse, *(c for x in extras for c in x.columns)]
+    for rows in _batches(src, main):
+        b = Batch(rows, index.codes(rows["seq_id"]), by, edges)
+        agg.add(b)
+        for x in extras:
+            x.add(b)
+    if agg.eps is None:  # no eps_hat: q0.99 of the eps needed, then the envelope counts
+        agg.set_eps(agg.eps_needed(0.99), NO_EPS_HAT_ESTIMATOR)
+        if math.isfinite(agg.eps or math.nan):
+            agg.count_envelopes(_batches(src, ["delta", f"p_{by}", *kept]))
+    return agg
+
+
+def scan_frame(
+    df: pd.DataFrame,
+    edges: Sequence[float] | str | None = DEFAULT_EDGES,
+    by: str | None = "train",
+    tail: float = DEFAULT_TAIL,
+    eps: float | None = None,
+) -> Aggregates:
+    """`scan` of a token DataFrame as one batch (`analysis`'s one-table functions use it)."""
+    src = report_tokens(df, max(len(df), 1))
+    return scan(src, edges=parse_edges(edges), by=check_by(by or "train"), tail=tail, eps=eps)
+
+
+def _z_p(mean: float, se: float) -> tuple[float, float]:
+    """z = mean / se and its two-sided normal p-value."""
+    if not (math.isfinite(mean) and math.isfinite(se)) or se <= 0:
+        return math.nan, math.nan
+    z = mean / se
+    return z, math.erfc(abs(z) / math.sqrt(2.0))
+
+
+def _stats3(w: np.ndarray, prefix: str) -> dict[str, float]:
+    if not w.size:
+        return {f"{prefix}_mean": math.nan, f"{prefix}_min": math.nan, f"{prefix}_max": math.nan}
+    return {
+        f"{prefix}_mean": float(w.mean()),
+        f"{prefix}_min": float(w.min()),
+        f"{prefix}_max": float(w.max()),
+    }
+
+
+__all__ = [
+    "DEFAULT_EDGES",
+    "DEFAULT_TAIL",
+    "NO_EPS_HAT_ESTIMATOR",
+    "Aggregates",
+    "Batch",
+    "EnvelopeCounts",
+    "Extra",
+    "Moments",
+    "bucket_index",
+    "fit_from_sums",
+    "parse_edges",
+    "quantile_with_inf",
+    "report_tokens",
+    "scan",
+    "scan_frame",
+]
