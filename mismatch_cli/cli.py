@@ -26,6 +26,9 @@ def quiet_third_party() -> None:
       carriage returns into a log.
     - torch's C++ warnings (vLLM's CPU worker prints a NUMA binding notice through them)
       at ERROR: TORCH_CPP_LOG_LEVEL, read when torch loads in the engine process.
+    - Python warnings of the child processes: FutureWarnings of modules vLLM's engine
+      imports, and multiprocessing's resource tracker reporting the engine's shared memory
+      at exit (PYTHONWARNINGS, read by every new interpreter).
     Runs when this module is imported, so vLLM's spawned engine process (which re-imports
     the main module) is quiet too."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -33,6 +36,9 @@ def quiet_third_party() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault(
+        "PYTHONWARNINGS", "ignore::FutureWarning,ignore:resource_tracker:UserWarning"
+    )
     level = logging.getLevelName(os.environ["VLLM_LOGGING_LEVEL"].upper())
     if isinstance(level, int):
         logging.getLogger("vllm").setLevel(level)
