@@ -249,6 +249,10 @@ def test_measure_a_gguf_end_to_end(cache: Path, tiny_gguf: Path, tmp_path: Path)
         "--max-tokens", "4", "--top-logprobs", "3", "--no-plots", "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a quiet log: our own lines only, no third-party bars (GGUF de-quantisation, weight
+    # loading, shard writing: carriage returns) and no warnings
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr[-2000:]
+    assert "Converting tiny-llama" in proc.stderr
     meta = json.loads((out / "run.json").read_text())
     assert meta["model"]["name"] == "tiny-llama"
     assert meta["model"]["path"] == str(gguf_cache_dir(tiny_gguf))
