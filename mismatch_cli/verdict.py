@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .formatting import bucket_label, fmt, pct, ratio_x
+from .formatting import bucket_label, edge, fmt, pct, ratio_x
 
 
 def verdict(result: dict[str, Any]) -> str:
@@ -133,7 +133,7 @@ def findings(
         row = next((r for r in sweep["rows"] if r["rho"] == rho), None) if rho is not None else None
         if row is not None:
             out.append(
-                f"Pruning: the recommended rho = {rho:g} ({sweep['rule']}) removes "
+                f"Pruning: the recommended rho = {edge(rho)} ({sweep['rule']}) removes "
                 f"{pct(row['pruned_token_frac'])} of the sampled tokens at a mean per-sequence "
                 f"bias bound of {fmt(row['seq_bias_bound_mean'])} (budget "
                 f"{fmt(sweep['max_bias'])}) and leaves kept mean |delta| at "

@@ -10,7 +10,7 @@ import pytest
 from mismatch_cli import corrections as C
 from mismatch_cli import sweep as sw
 from mismatch_cli.analysis import analyze
-from mismatch_cli.formatting import fmt, pct
+from mismatch_cli.formatting import edge, fmt, pct
 from mismatch_cli.synthetic import write_synthetic_run
 from mismatch_cli.verdict import findings
 
@@ -30,7 +30,7 @@ def test_findings_name_the_shape_the_tail_the_threshold_and_the_correction(run: 
     assert fmt(b[0]["mean_abs_delta"]) in lines[0] and fmt(b[-1]["mean_abs_delta"]) in lines[0]
     assert pct(rep["tail"]["abs_delta_share"]) in lines[1]
     assert fmt(rep["tail"]["mean_delta"], sign=True) in lines[1]
-    assert f"rho = {swp['recommended']['rho']:g}" in lines[2]
+    assert f"rho = {edge(swp['recommended']['rho'])}" in lines[2]
     assert cor["decision"]["reason"] in lines[3]
     # without the sweep and corrections: only the report's findings
     assert len(findings(rep)) == 2
