@@ -191,11 +191,13 @@ class ReadContext:
 
 
 def require_trust(path: Path, fmt: str, ctx: ReadContext) -> None:
-    """Pickles run code when loaded: refuse them unless --trust-pickle was given."""
+    """Pickles are opened only with --trust-pickle (a plain unpickler would run code from
+    the file; ours reads an allow-list and runs nothing, but reads only when asked)."""
     if not ctx.trust_pickle:
         raise MismatchError(
-            f"{path} is a pickle ({fmt} dumps are), and loading a pickle can run code from "
-            "the file: pass --trust-pickle if you trust where it came from"
+            f"{path} is a pickle ({fmt} dumps are): pass --trust-pickle to read it (a "
+            "restricted loader reads only the batch's tensors and arrays; nothing from the "
+            "file is run)"
         )
 
 
@@ -210,7 +212,7 @@ class Format(Protocol):
 
     NAME: str  # the FORMAT argument of `mismatch import`
     PATTERNS: Sequence[str]  # file-name globs searched for when a SOURCE is a folder
-    PICKLE: bool  # its files are pickles: refused without --trust-pickle
+    PICKLE: bool  # its files are pickles: read (restricted) only with --trust-pickle
     SIDES: str  # "both" (inference and trainer log-probs), "infer" (rescore) or "either"
     SIGN: str  # the framework's sign convention, one sentence (recorded in run.json)
 
