@@ -160,23 +160,33 @@ def run_diagnose(
     variants: Sequence[str] | str | None = None,
     *,
     run: Path | None = None,
+    model: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Generate once (or take `run`), build the variants, and return the result dict (also
     written to DIR/diagnose.json); the figure is drawn by the caller (`draw_diagnose`).
+    With `run`, `model` (if given) is where RUN's model is now (its folder moved).
 
+    `run` is checked before anything is written: complete, a baseline, its model folder
+    there (or `model`, hashed against RUN's weights), its token table readable to the end.
     A variant that cannot be built here (a dtype the CPU build refuses, a run sampled at
     temperature != 1 for the vLLM prefill rows, no identical sequence for decode-repeat) is
     skipped with its one-line reason, reported through `progress.log` and in `skipped`."""
-    from .pipeline import _check_out_free
+    from .compare import run_summary
+    from .pipeline import _check_out_free, _weights_check, run_model_path
     from .runs import check_writable_dir, open_run
 
     prog = progress or Progress()
     names = parse_variants(variants)
     cfg.validate()
+    moved: str | None = None
     if run is not None:
         _, meta = open_run(run, allow_incomplete=False)
         check_baseline_run(meta, run)
+        where = run_model_path(meta, run, model, how="pass it as MODEL (diagnose PATH --run RUN)")
+        _weights_check(where, meta, moved=model is not None)
+        moved = where if model is not None else None
+        run_summary(run, BASELINE)  # a table damaged past its footer fails here, in one line
     _check_out_free(out)
     check_writable_dir(out)
     vdir = out / VARIANTS_DIR
@@ -184,6 +194,12 @@ def run_diagnose(
     t0 = time.perf_counter()
     if run is not None:
         shutil.copytree(run, base, ignore=shutil.ignore_patterns("parts", "figures"))
+        if moved is not None:  # the variants load the model from where it is now
+            b = RunDir(base)
+            m = b.read_meta()
+            m["model"] = {**m.model, "path": moved}
+            m["config"] = {**m.config, "model": moved}
+            b.write_meta(m)
     else:
         prog.log(f"diagnose: generating the baseline into {base}")
         run_measure(cfg, base, progress=prog)

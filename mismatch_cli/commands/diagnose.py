@@ -30,11 +30,14 @@ PANEL_VARIANTS = "Variants"
 
 def diagnose(
     model: Annotated[
-        str,
+        str | None,
         typer.Argument(
-            help="Local Hugging Face model folder or hub id; `default` = SmolLM2-135M-Instruct."
+            help="Local Hugging Face model folder or hub id; `default` = SmolLM2-135M-Instruct "
+            "(the default). With --run: where RUN's model is now, if its folder moved (its "
+            "weights must hash to RUN's).",
+            show_default=False,
         ),
-    ] = "default",
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -140,7 +143,7 @@ def diagnose(
     if out is None:
         raise MismatchError("--out DIR is required: the diagnose directory to create")
     cfg = MeasureConfig(
-        model=model,
+        model=model or "default",
         prompts=prompts,
         prompt_column=prompt_column,
         num_prompts=num_prompts,
@@ -160,7 +163,7 @@ def diagnose(
     cfg.validate()
     err = Console(stderr=True)
     with progress(err) as prog:
-        result = run_diagnose(cfg, out, names, run=run, progress=prog)
+        result = run_diagnose(cfg, out, names, run=run, model=model, progress=prog)
     if plots:
         notes: list[str] = []
         files = draw_diagnose(out, result, notes=notes)

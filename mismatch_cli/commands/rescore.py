@@ -62,6 +62,15 @@ def rescore(
         ),
     ] = None,
     rescore_memory: RescoreMemoryOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Load the model from here instead of the folder RUN's run.json records (when "
+            "that folder moved or is gone); its weights must hash to RUN's.",
+            rich_help_panel=PANEL_TRAINING,
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[
         str | None,
         typer.Option(
@@ -120,6 +129,7 @@ def rescore(
         device=device,
         infer_side=infer_side.value,
         infer_dtype=infer_dtype,
+        model=model,
     )
     err = Console(stderr=True)
     with progress(err) as prog:
