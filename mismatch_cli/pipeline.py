@@ -669,11 +669,15 @@ def rescore_run(
     out: Path,
     opts: RescoreOptions | None = None,
     *,
+    overwrite: bool = False,
     progress: Progress | None = None,
     on_ready: Callable[[Path], None] | None = None,
 ) -> Path:
     """Re-score the stored rollouts of the complete run `src` into the new run `out`, with
-    one or both sides changed (`RescoreOptions`), without generating again.
+    one or both sides changed (`RescoreOptions`), without generating again. `out` must not
+    be `src` (nor hold it, nor lie inside it); an existing run there is replaced only with
+    `overwrite`, and only once the new run is complete (`runs.replacing`: it is written
+    beside `out`, so a failure or Ctrl-C leaves `out` as it was).
 
     The training side goes through `rescore_parts`, as in `measure`: with no option it
     reproduces `src`'s logp_train (same model, dtype, attention, batch budget, same parts).
@@ -681,7 +685,7 @@ def rescore_run(
     vLLM or transformers; that engine is shut down before the training side loads. run.json
     records `rescored_from` (the source run and what changed)."""
     from .models import hardware, pick_device
-    from .runs import open_run
+    from .runs import check_out, open_run, replacing
 
     opts = opts or RescoreOptions()
     prog = progress or Progress()
@@ -693,7 +697,8 @@ def rescore_run(
     if opts.infer_side == "vllm-prefill" and (why := vllm_prefill_refusal(s)):
         raise MismatchError(why)
     model_path = run_model_path(meta, src, opts.model)
-    _check_out_free(out)
+    target = {"overwrite": overwrite, "inputs": [("the input run", Path(src))]}
+    check_out(out, **target)
     weights = _weights_check(model_path, meta, moved=opts.model is not None)
 
     now_ = {
@@ -709,56 +714,54 @@ def rescore_run(
         changed["infer_dtype"] = [was["infer_dtype"], infer_dtype]
     device = pick_device(now_["device"])
     parts = rollout_parts_of(Path(src), meta)
-    run = RunDir(out)
-    check_writable_dir(out)
     if on_ready:
         on_ready(out)
-
-    cfg = dict(meta.config)
-    cfg.update(now_)
-    cfg["rescore_memory"] = opts.rescore_memory
-    engines = dict(meta.engines)
-    infer = dict(meta.infer)
-    if opts.infer_side != "decode":
-        engine = "vllm" if opts.infer_side == "vllm-prefill" else "hf"
-        infer = {"engine": engine, "mode": PREFILL, "dtype": infer_dtype}
-        if engine == "hf":
-            infer["attn_implementation"] = was["attn_implementation"]
-            cfg["infer_engine"] = "hf"
-        cfg["infer_dtype"] = infer_dtype
-    engines["infer"] = infer
-    engines["train"] = {
-        "engine": "transformers",
-        "dtype": now_["train_dtype"],
-        "attn_implementation": now_["attn_implementation"],
-    }
-    new = new_meta(
-        "rescore",
-        config=cfg,
-        sampling=meta.get("sampling"),
-        model={**meta.model, "path": model_path, "weights_sha256": weights["weights_sha256"]},
-        engines=engines,
-        num_prompts=meta.get("num_prompts"),
-        num_chunks=len(parts),
-        hardware=hardware(device),
-        rescored_from={
-            "run": str(src),
-            "created": meta.get("created"),
-            "infer_side": opts.infer_side,
-            "changed": changed,
-            "weights_check": weights["weights_check"],
-        },
-        timings_s={},
-    )
-    run.write_meta(new)
-    timings: dict[str, float] = {}
-
-    def save(**extra: Any) -> None:
-        new.update(extra)
-        new["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    with replacing(out, **target) as work:  # written beside `out`, renamed when complete
+        run = RunDir(work)
+        cfg = dict(meta.config)
+        cfg.update(now_)
+        cfg["rescore_memory"] = opts.rescore_memory
+        engines = dict(meta.engines)
+        infer = dict(meta.infer)
+        if opts.infer_side != "decode":
+            engine = "vllm" if opts.infer_side == "vllm-prefill" else "hf"
+            infer = {"engine": engine, "mode": PREFILL, "dtype": infer_dtype}
+            if engine == "hf":
+                infer["attn_implementation"] = was["attn_implementation"]
+                cfg["infer_engine"] = "hf"
+            cfg["infer_dtype"] = infer_dtype
+        engines["infer"] = infer
+        engines["train"] = {
+            "engine": "transformers",
+            "dtype": now_["train_dtype"],
+            "attn_implementation": now_["attn_implementation"],
+        }
+        new = new_meta(
+            "rescore",
+            config=cfg,
+            sampling=meta.get("sampling"),
+            model={**meta.model, "path": model_path, "weights_sha256": weights["weights_sha256"]},
+            engines=engines,
+            num_prompts=meta.get("num_prompts"),
+            num_chunks=len(parts),
+            hardware=hardware(device),
+            rescored_from={
+                "run": str(src),
+                "created": meta.get("created"),
+                "infer_side": opts.infer_side,
+                "changed": changed,
+                "weights_check": weights["weights_check"],
+            },
+            timings_s={},
+        )
         run.write_meta(new)
+        timings: dict[str, float] = {}
 
-    try:
+        def save(**extra: Any) -> None:
+            new.update(extra)
+            new["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+            run.write_meta(new)
+
         if opts.infer_side != "decode":
             parts = _prefill_infer_side(
                 parts, opts.infer_side, model_path, cfg, was, infer_dtype, device, sampling,
@@ -782,11 +785,8 @@ def rescore_run(
             static = [c for c in _SEQUENCE_STATIC if c in parts[0].columns] if parts else ["seq_id"]
             seqs = pd.concat([df[static] for df in parts], ignore_index=True) if parts else None
             new["summary"] = run.finalize(len(parts), seqs, tokens=TOKENS)
-    except BaseException:
-        save()
-        raise
-    save(status=STATUS_COMPLETE, completed=now())
-    shutil.rmtree(run.parts, ignore_errors=True)
+        save(status=STATUS_COMPLETE, completed=now())
+        shutil.rmtree(run.parts, ignore_errors=True)
     return out
 
 

@@ -21,6 +21,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import IncompleteRunError, MismatchError, RunNotFoundError
+from .errors import IncompleteRunError, MismatchError, RunNotFoundError, first_line
 from .schema import (
     CONVENTIONS,
     FORMAT_VERSION,
@@ -99,6 +100,92 @@ def check_writable_dir(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise MismatchError(f"cannot write to output directory {path}: {e.strerror or e}") from e
+
+
+# ----------------------------------------------------------------------------- writing a new one
+
+
+def check_out(
+    out: Path,
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[tuple[str, Path]] = (),
+    marker: str = RUN_JSON,
+    kind: str = "run",
+) -> None:
+    """Refuse an `--out` that would destroy what exists, in one line, before any work:
+    `out` equal to one of `inputs` (what the command reads: the input run, the dump's files
+    and folders; each (words, path)), holding one, or inside one; a file; a non-empty
+    directory that is not a `kind` (no `marker` file: never deleted, --overwrite or not);
+    an existing `kind` unless `overwrite`. `replacing` is where the writing happens."""
+    o = Path(out).expanduser().resolve()
+    for what, path in inputs:
+        i = Path(path).expanduser().resolve()
+        if o == i:
+            raise MismatchError(
+                f"--out {out} is {what}: choose another path (it is never replaced)"
+            )
+        if i.is_relative_to(o):
+            raise MismatchError(
+                f"--out {out} holds {what} ({path}): choose another path (it is never replaced)"
+            )
+        if i.is_dir() and o.is_relative_to(i):
+            raise MismatchError(f"--out {out} is inside {what} ({path}): choose a path outside it")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MismatchError(f"--out {out} exists and is a file; choose another path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / marker).is_file():
+        raise MismatchError(
+            f"--out {out} is a non-empty directory that is not a {kind}; choose another path "
+            "(it is never deleted, --overwrite or not)"
+        )
+    if not overwrite:
+        what = kind
+        if marker == RUN_JSON:
+            try:
+                what = f"{RunDir(out).read_meta().status} {kind}"
+            except MismatchError:
+                what = f"damaged {kind}"
+        raise MismatchError(
+            f"--out {out} holds a {what}; pass --overwrite to replace it (it is kept until the "
+            "new one is complete)"
+        )
+
+
+@contextmanager
+def replacing(out: Path, **check: Any) -> Iterator[Path]:
+    """Write a new run (or diagnose directory) for `--out`: after `check_out(out, **check)`,
+    yield a fresh temporary directory beside `out` (same parent: the final rename stays on
+    one filesystem) for the body to fill. When the body returns, the directory is renamed to
+    `out`; an existing `out` (`--overwrite`) is moved aside first and deleted only after
+    that rename. If the body raises (an error, Ctrl-C), the temporary directory is removed
+    and `out` is untouched: the old run survives, nothing half-written is left behind."""
+    out = Path(out)
+    check_out(out, **check)
+    check_writable_dir(out.parent)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".new"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old: Path | None = None
+    try:
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old)  # an empty directory is replaced by a rename onto it
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 _OBJECT_KEYS = ("config", "engines", "model", "sampling", "source", "summary", "rescored_from")
@@ -568,14 +655,8 @@ def check_table(file: Path) -> None:
         pq.read_metadata(file)
     except (pa.ArrowException, OSError) as e:
         raise MismatchError(
-            f"{file} cannot be read (truncated or damaged Parquet file): {_first_line(e)}"
+            f"{file} cannot be read (truncated or damaged Parquet file): {first_line(e)}"
         ) from e
-
-
-def _first_line(e: BaseException) -> str:
-    from .errors import first_line
-
-    return first_line(e)
 
 
 def read_tokens(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -618,7 +699,7 @@ def _decoding(file: Path) -> Iterator[None]:
         yield
     except (pa.ArrowException, OSError) as e:
         raise MismatchError(
-            f"{file} cannot be read (truncated or damaged Parquet file): {_first_line(e)}"
+            f"{file} cannot be read (truncated or damaged Parquet file): {first_line(e)}"
         ) from e
 
 
@@ -659,6 +740,7 @@ __all__ = [
     "RunMeta",
     "atomic_write_json",
     "atomic_write_table",
+    "check_out",
     "check_table",
     "check_writable_dir",
     "finish_hint",
@@ -667,6 +749,7 @@ __all__ = [
     "open_run",
     "read_sequences",
     "read_tokens",
+    "replacing",
     "run_labels",
     "sequence_frame",
     "sequence_sums",

@@ -41,8 +41,8 @@ def diagnose(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="The diagnose directory (must not exist): variants/<name>/ runs, "
-            "diagnose.json, figures/.",
+            help="The diagnose directory: variants/<name>/ runs, diagnose.json, figures/ "
+            "(an existing one is refused unless --overwrite; never --run's folder).",
             rich_help_panel=PANEL_OUTPUT,
             show_default=False,
         ),
@@ -117,6 +117,15 @@ def diagnose(
             help="Draw the diagnose figure into OUT/figures.", rich_help_panel=PANEL_OUTPUT
         ),
     ] = True,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a diagnose directory in --out; the old one is kept until the new "
+            "one is complete.",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Find which knob causes the mismatch: generate once (demo-sized: 32 prompts x 2 samples
@@ -163,7 +172,9 @@ def diagnose(
     cfg.validate()
     err = Console(stderr=True)
     with progress(err) as prog:
-        result = run_diagnose(cfg, out, names, run=run, model=model, progress=prog)
+        result = run_diagnose(
+            cfg, out, names, run=run, model=model, overwrite=overwrite, progress=prog
+        )
     if plots:
         notes: list[str] = []
         files = draw_diagnose(out, result, notes=notes)

@@ -134,7 +134,11 @@ def import_(
     overwrite: Annotated[
         bool,
         typer.Option(
-            "--overwrite", help="Replace an existing run in --out.", rich_help_panel=PANEL_OUTPUT
+            "--overwrite",
+            help="Replace a run in --out; the old one is kept until the new one is complete "
+            "(the new run is written beside it and renamed into place). --out is never the "
+            "dump's file or folder, nor inside or around it.",
+            rich_help_panel=PANEL_OUTPUT,
         ),
     ] = False,
     json_out: JsonOpt = False,

@@ -315,11 +315,15 @@ class ImportOptions:
 
 def run_import(opts: ImportOptions, progress: Any = None) -> dict[str, Any]:
     """Import a framework's dump into the run directory `opts.out` and return the `--json`
-    result (run, format, mode, counts, steps, warnings). Nothing is left behind on failure."""
+    result (run, format, mode, counts, steps, warnings). The run is written beside `out`
+    and renamed into place when complete (`runs.replacing`): nothing is left behind on
+    failure, and a run `--overwrite` replaces survives until the new one is complete. An
+    `--out` that is the dump's file or folder, holds it or lies inside it is refused."""
     import shutil
 
     from ..config import MeasureConfig
-    from ..pipeline import Progress, prepare_out
+    from ..pipeline import Progress
+    from ..runs import check_out, replacing
     from . import get_format
 
     mod = get_format(opts.fmt)
@@ -338,6 +342,8 @@ def run_import(opts: ImportOptions, progress: Any = None) -> dict[str, Any]:
             "--rescore needs --model MODEL: the model whose training side rescores the dump"
         )
     files = discover(opts.sources, mod.PATTERNS, mod.NAME)
+    inputs = [*_source_inputs(opts.sources), *(("the dump's file", f) for f in files)]
+    check_out(opts.out, overwrite=opts.overwrite, inputs=inputs)  # before any model loads
     explicit = {
         Path(p).expanduser().resolve() for p in opts.sources if Path(p).expanduser().is_file()
     }
@@ -363,17 +369,24 @@ def run_import(opts: ImportOptions, progress: Any = None) -> dict[str, Any]:
             "with the training side"
         )
     model = _Model(opts.model, rescored=mode == RESCORED)
-    existed = opts.out.exists()
-    run = prepare_out(opts.out, resume=False, overwrite=opts.overwrite)
-    try:
+    with replacing(opts.out, overwrite=opts.overwrite, inputs=inputs) as work:
+        run = RunDir(work)
         result = _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings)
-    except BaseException:
-        shutil.rmtree(opts.out, ignore_errors=True)
-        if existed:
-            opts.out.mkdir(parents=True, exist_ok=True)
-        raise
-    shutil.rmtree(run.parts, ignore_errors=True)
+        shutil.rmtree(run.parts, ignore_errors=True)
+    result["run"] = str(opts.out)
     return result
+
+
+def _source_inputs(sources: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """The SOURCE arguments that are files or folders, as `runs.check_out` inputs."""
+    out: list[tuple[str, Path]] = []
+    for src in sources:
+        p = Path(src).expanduser()
+        if p.is_dir():
+            out.append(("the dump's folder", p))
+        elif p.is_file():
+            out.append(("the dump's file", p))
+    return out
 
 
 class _Model:
