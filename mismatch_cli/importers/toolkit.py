@@ -172,12 +172,34 @@ def jsonl_tables(
                     parse_options=popts,
                 )
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise MismatchError(
-                    f"{path}: not readable as JSON lines near record {first} ({msg})"
+                raise _bad_line(path, first, lines) or MismatchError(
+                    f"{path}: not readable as JSON lines near record {first} "
+                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                 ) from e
             yield first, table
             first += len(lines)
+
+
+def _bad_line(path: Path, first: int, lines: Sequence[bytes]) -> MismatchError | None:
+    """The error naming the first line of a block that is not a JSON object (a line cut
+    off where the file ends: a truncated file), or None if every line is one."""
+    import json
+
+    for k, ln in enumerate(lines):
+        try:
+            obj = json.loads(ln)
+        except ValueError as e:
+            cut = k == len(lines) - 1 and not ln.endswith(b"\n")
+            why = "the file ends in the middle of it: truncated?" if cut else str(e)
+            return MismatchError(
+                f"{path}: not readable as JSON lines: record {first + k} is not valid JSON ({why})"
+            )
+        if not isinstance(obj, dict):
+            return MismatchError(
+                f"{path}: not readable as JSON lines: record {first + k} is a JSON "
+                f"{type(obj).__name__}, not an object"
+            )
+    return None
 
 
 @dataclass
