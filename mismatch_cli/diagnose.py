@@ -128,11 +128,20 @@ def parse_variants(spec: str | Sequence[str] | None) -> list[str]:
         return list(VARIANT_NAMES)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [s.strip() for s in items if s.strip()]
+    if not names:
+        raise MismatchError(
+            f"--variants {spec!r} names no variant; choose from all, {', '.join(VARIANT_NAMES)}"
+        )
     if names == ["all"]:
         return list(VARIANT_NAMES)
+    if "all" in names:
+        raise MismatchError("--variants all stands alone: it already names every variant")
     bad = [n for n in names if n not in _BY_NAME]
     if bad:
         raise MismatchError(f"unknown variant {bad[0]!r}; choose from {', '.join(VARIANT_NAMES)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise MismatchError(f"--variants names {', '.join(twice)} twice: name each once")
     return [n for n in VARIANT_NAMES if n in names or n == BASELINE]
 
 

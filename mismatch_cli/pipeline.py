@@ -808,6 +808,10 @@ def _check_options(opts: RescoreOptions) -> None:
     if opts.rescore_batch_tokens is not None and opts.rescore_batch_tokens < 1:
         raise MismatchError(f"--rescore-batch-tokens must be >= 1, got {opts.rescore_batch_tokens}")
     parse_size(opts.rescore_memory, "--rescore-memory")
+    if opts.attn_implementation is not None:
+        from .models import check_attn_implementation
+
+        check_attn_implementation(opts.attn_implementation)
 
 
 def _prefill_infer_side(
