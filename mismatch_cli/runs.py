@@ -149,8 +149,8 @@ def check_out(
             except MismatchError:
                 what = f"damaged {kind}"
         raise MismatchError(
-            f"--out {out} holds a {what}; pass --overwrite to replace it (it is kept until the "
-            "new one is complete)"
+            f"--out {out} holds {'an' if what[0] in 'aeiou' else 'a'} {what}; pass --overwrite "
+            "to replace it (it is kept until the new one is complete)"
         )
 
 

@@ -166,12 +166,13 @@ def span_turns(lens: np.ndarray, mask: np.ndarray) -> np.ndarray:
 INT32_MAX = int(np.iinfo(np.int32).max)  # token ids are stored as int32
 
 
-def _locator(path: Any, rows: np.ndarray | None, seq: np.ndarray) -> Any:
-    """k (an index into per-token values whose completion is seq[k]) -> "FILE record R", R
-    the dump's record (`source_row`) of that completion."""
+def _locator(path: Any, rows: np.ndarray | None, seq: Any) -> Any:
+    """k (an index into per-token values whose completion is seq()[k]) -> "FILE record R",
+    R the dump's record (`source_row`) of that completion; `seq` is computed only when a
+    record is named."""
     if rows is None:
         return lambda k: f"{path}"
-    return lambda k: f"{path} record {int(rows[seq[k]])}"
+    return lambda k: f"{path} record {int(rows[seq()[k]])}"
 
 
 class ValueChecks:
@@ -214,12 +215,14 @@ class ValueChecks:
         if n:
             self.positive[side] += n
             self.max_logp[side] = max(self.max_logp[side], float(v[pos].max()))
-            self.first.setdefault(f"positive_{side}", where(int(np.flatnonzero(pos)[0])))
+            if f"positive_{side}" not in self.first:
+                self.first[f"positive_{side}"] = where(int(np.flatnonzero(pos)[0]))
         if side == "infer":
             ninf = np.isneginf(v)
             if ninf.any():
                 self.neginf_infer += int(ninf.sum())
-                self.first.setdefault("neginf_infer", where(int(np.flatnonzero(ninf)[0])))
+                if "neginf_infer" not in self.first:
+                    self.first["neginf_infer"] = where(int(np.flatnonzero(ninf)[0]))
 
     def finish(self, warn: Any) -> dict[str, Any]:
         """Refuse a side mostly above 0; warn about the rest; the run.json block."""
@@ -340,7 +343,7 @@ class Ingest:
                     **{k: np.split(v, split) for k, v in per_token.items()},
                 }
             )
-        at = _locator(path, chunk.seq_extra.get("source_row"), tok_seq[keep])
+        at = _locator(path, chunk.seq_extra.get("source_row"), lambda: tok_seq[keep])
         self.values.logp("infer", li[keep], at)
         if self.mode == SCORED and lt is not None:
             self.values.logp("train", lt[keep], at)
@@ -369,7 +372,7 @@ class Ingest:
         rows = c.seq_extra.get("source_row")
         for ids, lens, what in ((c.token_ids, c.lens, "the completion"),
                                 (c.prompt_ids, c.prompt_lens, "the prompt")):  # fmt: skip
-            at = _locator(path, rows, np.repeat(np.arange(lens.size), lens))
+            at = _locator(path, rows, lambda lens=lens: np.repeat(np.arange(lens.size), lens))
             self.values.ids(np.asarray(ids), what, at)
 
     def _seq_table(self, chunk: Chunk, seq_ids, pid, sidx, mask, file_index: int) -> pa.Table:
