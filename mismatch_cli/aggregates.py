@@ -791,11 +791,11 @@ def fit_from_sums(n: int, sxx: float, sxy: float, syy: float, m2y: float) -> dic
 
 
 def report_tokens(
-    source: pd.DataFrame | str | Path, batch_rows: int = BATCH_ROWS, *, complete: bool = False
+    source: pd.DataFrame | str | Path, batch_rows: int = BATCH_ROWS, *, complete: bool = True
 ) -> TokenBatches:
     """The token table `report` reads: a run (`tokens.open_run_tokens`: the report's
-    columns, an incomplete run with a warning unless `complete`) or a DataFrame (the
-    NEEDED_COLUMNS)."""
+    columns; an incomplete run is refused unless `complete=False`, which reads it with a
+    warning) or a DataFrame (the NEEDED_COLUMNS)."""
     if isinstance(source, pd.DataFrame):
         return frame_tokens(source, verb="report", needed=NEEDED_COLUMNS, batch_rows=batch_rows)
     return open_run_tokens(source, verb="report", batch_rows=batch_rows, complete=complete)

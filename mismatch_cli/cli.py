@@ -85,17 +85,47 @@ app.command("compare")(_compare.compare)
 app.command("diagnose", no_args_is_help=False)(_diagnose.diagnose)
 
 
+def _is_usage_error(e: BaseException) -> bool:
+    """A click error Typer raises for the command line (by class name: Typer vendors click
+    privately, and its own error printer tests the class name too)."""
+    return any(c.__name__ == "ClickException" for c in type(e).__mro__)
+
+
+def _usage_line(e: Exception) -> str:
+    """A usage error (a flag out of range, a missing or unknown option) as one line, naming
+    the command's --help (Typer would draw a boxed panel of several lines)."""
+    msg = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    cmd = f"mismatch {ctx.info_name}" if ctx is not None and ctx.parent is not None else "mismatch"
+    return f"{msg} (see `{cmd} --help`)"
+
+
 def main() -> None:
-    """Entry point: run the app; user errors become one line on stderr and exit code 2."""
+    """Entry point: run the app; user errors (a `MismatchError`, or a flag Typer refuses)
+    become one line on stderr and exit code 2."""
     quiet_third_party()
     try:
-        app()
+        rv = app(standalone_mode=False)  # usage errors raised here, not printed as a panel
+    except typer.Abort:
+        from rich.console import Console
+
+        Console(stderr=True).print("[bold red]error:[/] aborted", highlight=False)
+        sys.exit(1)
     except MismatchError as e:
         from rich.console import Console
 
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug, not a user error: one line unless asked for the traceback
+        if type(e).__name__ == "NoArgsIsHelpError":
+            sys.exit(2)  # `mismatch` alone: the help is already printed
+        if _is_usage_error(e):
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"[bold red]error:[/] {_usage_line(e)}", highlight=False, soft_wrap=True
+            )
+            sys.exit(int(getattr(e, "exit_code", 2)))
         if os.environ.get("MISMATCH_DEBUG"):
             raise
         from rich.console import Console
@@ -107,3 +137,4 @@ def main() -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)

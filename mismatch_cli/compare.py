@@ -328,8 +328,11 @@ def compare(
     sharing rollouts with the first: `moved(first, run)` with `label`; runs that do not are
     listed with shared False and the reason).
     """
-    if len(paths) < 1:
-        raise MismatchError("no runs given: `mismatch compare RUN [RUN ...]`")
+    if len(paths) < 2:
+        raise MismatchError(
+            f"compare needs two or more runs, got {len(paths)}: `mismatch compare RUN RUN ...` "
+            "(the first is the reference; `mismatch report RUN` summarises one)"
+        )
     e = parse_edges(edges)
     names = run_labels(paths, labels)
     runs = [run_summary(p, n, e) for p, n in zip(paths, names, strict=True)]

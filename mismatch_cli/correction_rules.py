@@ -439,8 +439,12 @@ def parse_sets(values: Iterable[str] | None) -> dict[str, dict[str, float]]:
     {name: {key: value}}; names and keys checked here, domains in `resolve_params`."""
     out: dict[str, dict[str, float]] = {}
     for v in values or ():
-        for item in str(v).split(","):
-            item = item.strip()
+        items = [item.strip() for item in str(v).split(",")]
+        if not any(items):
+            raise MismatchError(
+                f"--set {v!r} is empty: give NAME.KEY=VALUE (e.g. --set tis-token.C=3)"
+            )
+        for item in items:
             if not item:
                 continue
             lhs, eq, rhs = item.partition("=")
@@ -461,7 +465,12 @@ def parse_sets(values: Iterable[str] | None) -> dict[str, dict[str, float]]:
                 value = float(rhs)
             except ValueError:
                 raise MismatchError(f"--set {item!r}: {rhs.strip()!r} is not a number") from None
-            out.setdefault(name, {})[key] = value
+            given = out.setdefault(name, {})
+            if key in given and given[key] != value:
+                raise MismatchError(
+                    f"--set gives {name}.{key} twice ({given[key]:g} and {value:g}): give it once"
+                )
+            given[key] = value
     return out
 
 

@@ -680,6 +680,13 @@ def corrections(
             raise MismatchError(f"--set names {n}, which --method does not select")
     if rho is not None and not (0 < rho < 1):
         raise MismatchError(f"--rho must be in (0, 1), got {rho:g}")
+    if rho is not None:
+        dvp_rows = [n for n in names if METHODS[n].dvp_rule is not None]
+        if not dvp_rows:
+            raise MismatchError(
+                "--rho sets the threshold of the DVP rows, but --method selects none of "
+                f"{', '.join(n for n in METHODS if METHODS[n].dvp_rule is not None)}"
+            )
     params = {n: resolve_params(n, overrides.get(n), rho) for n in names}
     warnings: list[str] = []
     run = None

@@ -128,11 +128,20 @@ def parse_variants(spec: str | Sequence[str] | None) -> list[str]:
         return list(VARIANT_NAMES)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [s.strip() for s in items if s.strip()]
+    if not names:
+        raise MismatchError(
+            f"--variants {spec!r} names no variant; choose from all, {', '.join(VARIANT_NAMES)}"
+        )
     if names == ["all"]:
         return list(VARIANT_NAMES)
+    if "all" in names:
+        raise MismatchError("--variants all stands alone: it already names every variant")
     bad = [n for n in names if n not in _BY_NAME]
     if bad:
         raise MismatchError(f"unknown variant {bad[0]!r}; choose from {', '.join(VARIANT_NAMES)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise MismatchError(f"--variants names {', '.join(twice)} twice: name each once")
     return [n for n in VARIANT_NAMES if n in names or n == BASELINE]
 
 
@@ -160,67 +169,111 @@ def run_diagnose(
     variants: Sequence[str] | str | None = None,
     *,
     run: Path | None = None,
+    model: str | None = None,
+    overwrite: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Generate once (or take `run`), build the variants, and return the result dict (also
     written to DIR/diagnose.json); the figure is drawn by the caller (`draw_diagnose`).
+    With `run`, `model` (if given) is where RUN's model is now (its folder moved).
 
+    `run` is checked before anything is written: complete, a baseline, its model folder
+    there (or `model`, hashed against RUN's weights), its token table readable to the end.
     A variant that cannot be built here (a dtype the CPU build refuses, a run sampled at
     temperature != 1 for the vLLM prefill rows, no identical sequence for decode-repeat) is
     skipped with its one-line reason, reported through `progress.log` and in `skipped`."""
-    from .pipeline import _check_out_free
-    from .runs import check_writable_dir, open_run
+    from .compare import run_summary
+    from .pipeline import _weights_check, run_model_path
+    from .runs import check_out, open_run, replacing
 
     prog = progress or Progress()
     names = parse_variants(variants)
     cfg.validate()
+    moved: str | None = None
     if run is not None:
         _, meta = open_run(run, allow_incomplete=False)
         check_baseline_run(meta, run)
-    _check_out_free(out)
-    check_writable_dir(out)
-    vdir = out / VARIANTS_DIR
-    base = vdir / BASELINE
-    t0 = time.perf_counter()
-    if run is not None:
-        shutil.copytree(run, base, ignore=shutil.ignore_patterns("parts", "figures"))
-    else:
-        prog.log(f"diagnose: generating the baseline into {base}")
-        run_measure(cfg, base, progress=prog)
-    seconds = {BASELINE: time.perf_counter() - t0}
-    skipped: dict[str, str] = {}
-    for name in names[1:]:
-        v = _BY_NAME[name]
-        path = vdir / name
-        prog.log(f"diagnose: {name} ({v.isolates}): {v.inference} vs {v.training}")
+        where = run_model_path(meta, run, model, how="pass it as MODEL (diagnose PATH --run RUN)")
+        _weights_check(where, meta, moved=model is not None)
+        moved = where if model is not None else None
+        run_summary(run, BASELINE)  # a table damaged past its footer fails here, in one line
+    target: dict[str, Any] = {
+        "overwrite": overwrite,
+        "inputs": [("the --run baseline", Path(run))] if run is not None else [],
+        "marker": DIAGNOSE_JSON,
+        "kind": "diagnose directory",
+    }
+    check_out(out, **target)
+    with replacing(out, **target) as work:  # built beside `out`, renamed when complete
+        vdir = work / VARIANTS_DIR
+        base = vdir / BASELINE
         t0 = time.perf_counter()
-        try:
-            if name == DECODE_REPEAT:
-                decode_repeat(base, path, progress=prog)
-            else:
-                rescore_run(base, path, v.rescore, progress=prog)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
-            why = (
-                first_line(e)
-                if isinstance(e, MismatchError)
-                else f"{type(e).__name__}: {first_line(e)}"
-            )
-            skipped[name] = why
-            shutil.rmtree(path, ignore_errors=True)
-            prog.log(f"diagnose: skipped {name}: {why}")
-        seconds[name] = time.perf_counter() - t0
-    result = summarize(out, names, skipped, seconds)
-    (out / DIAGNOSE_JSON).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        if run is not None:
+            shutil.copytree(run, base, ignore=shutil.ignore_patterns("parts", "figures"))
+            if moved is not None:  # the variants load the model from where it is now
+                b = RunDir(base)
+                m = b.read_meta()
+                m["model"] = {**m.model, "path": moved}
+                m["config"] = {**m.config, "model": moved}
+                b.write_meta(m)
+        else:
+            prog.log(f"diagnose: generating the baseline into {out / VARIANTS_DIR / BASELINE}")
+            run_measure(cfg, base, progress=prog)
+        seconds = {BASELINE: time.perf_counter() - t0}
+        skipped: dict[str, str] = {}
+        for name in names[1:]:
+            v = _BY_NAME[name]
+            path = vdir / name
+            prog.log(f"diagnose: {name} ({v.isolates}): {v.inference} vs {v.training}")
+            t0 = time.perf_counter()
+            try:
+                if name == DECODE_REPEAT:
+                    decode_repeat(base, path, progress=prog)
+                else:
+                    rescore_run(base, path, v.rescore, progress=prog)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                why = (
+                    first_line(e)
+                    if isinstance(e, MismatchError)
+                    else f"{type(e).__name__}: {first_line(e)}"
+                )
+                skipped[name] = why.replace(str(work), str(out))
+                shutil.rmtree(path, ignore_errors=True)
+                prog.log(f"diagnose: skipped {name}: {skipped[name]}")
+            seconds[name] = time.perf_counter() - t0
+        _relocate(work, out, names)
+        result = summarize(work, names, skipped, seconds, at=out)
+        (work / DIAGNOSE_JSON).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
 
 
+def _relocate(work: Path, out: Path, names: Sequence[str]) -> None:
+    """The paths the variant runs in `work` record of each other (`rescored_from.run`,
+    `decode_repeat.run`: the baseline) as they will be once `work` is renamed to `out`."""
+    for name in names:
+        run = RunDir(work / VARIANTS_DIR / name)
+        if not run.exists():
+            continue
+        meta = run.read_meta()
+        for key in ("rescored_from", "decode_repeat"):
+            block = meta.get(key)
+            if isinstance(block, dict) and str(block.get("run", "")).startswith(str(work)):
+                block["run"] = str(out) + str(block["run"])[len(str(work)) :]
+        run.write_meta(meta)
+
+
 def summarize(
-    out: Path, names: Sequence[str], skipped: dict[str, str], seconds: dict[str, float]
+    out: Path,
+    names: Sequence[str],
+    skipped: dict[str, str],
+    seconds: dict[str, float],
+    at: Path | None = None,
 ) -> dict[str, Any]:
-    """The diagnose result from the variant runs on disk: one row per variant (matrix
-    order), the ranking by k3, the sources and the verdict (a strict-JSON dict)."""
+    """The diagnose result from the variant runs on disk in `out`: one row per variant
+    (matrix order), the ranking by k3, the sources and the verdict (a strict-JSON dict).
+    `at`: where the directory will be (the paths the result records; default `out`)."""
     from .compare import moved, run_summary
 
     rows: list[dict[str, Any]] = []
@@ -234,7 +287,7 @@ def summarize(
             "inference": v.inference,
             "training": v.training,
             "role": v.role,
-            "run": None if name in skipped else str(path),
+            "run": None if name in skipped else str((at or out) / VARIANTS_DIR / name),
             "skipped": skipped.get(name),
             "seconds": round(seconds.get(name, math.nan), 1),
             **{k: None for k in VARIANT_KEYS},
@@ -284,7 +337,7 @@ def summarize(
         s["share_of_baseline_k3"] = s["k3"] / b if b and s["k3"] is not None else None
     sources.sort(key=lambda s: -(s["k3"] if s["k3"] is not None else -1))
     result = {
-        "out": str(out),
+        "out": str(at or out),
         "variants": rows,
         "ranking": ranking,
         "sources": sources,

@@ -369,6 +369,19 @@ def _update_hash_cache(key: str, entry: dict[str, Any]) -> None:
         pass
 
 
+def check_attn_implementation(name: str, flag: str = "--attn-implementation") -> None:
+    """Refuse an attention implementation transformers does not know, in one line, before
+    any model loads: `eager` or a name of transformers' attention registry (a hub kernel,
+    `org/repo`, is left for transformers to fetch)."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:  # another transformers layout: loading will say
+        return
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+    if name not in known and "/" not in name:
+        raise MismatchError(f"{flag} must be one of {', '.join(known)}, got {name!r}")
+
+
 def check_causal_lm(path: Path) -> None:
     """Refuse a model folder transformers cannot load as a causal LM, by transformers' own
     rule: the config's `model_type` is in `AutoModelForCausalLM`'s mapping (so GPT-2's

@@ -451,6 +451,7 @@ class RescoreOptions:
     infer_side: str = "decode"
     infer_dtype: str | None = None
     rescore_memory: str | None = None  # the per-position pass's byte budget, e.g. "2GiB"
+    model: str | None = None  # load this model instead of RUN's (its folder moved)
 
 
 def vllm_prefill_refusal(sampling: dict[str, Any]) -> str | None:
@@ -485,12 +486,13 @@ def _check_out_free(out: Path) -> None:
         raise MismatchError(f"--out {out} already exists; choose a new directory")
 
 
-def _settings(meta: RunMeta) -> dict[str, Any]:
+def _settings(meta: RunMeta, src: Path | None = None) -> dict[str, Any]:
     """RUN's training-side and engine settings (run.json `config`, else `engines`), with
-    measure's defaults for what an imported run does not record."""
+    measure's defaults for what an imported run does not record; a value of the wrong type
+    is a one-line error naming run.json (a damaged file)."""
     cfg, train = meta.config, meta.train
     d = MeasureConfig()
-    return {
+    out = {
         "train_dtype": cfg.get("train_dtype") or train.get("dtype") or d.train_dtype,
         "attn_implementation": cfg.get("attn_implementation")
         or train.get("attn_implementation")
@@ -500,32 +502,105 @@ def _settings(meta: RunMeta) -> dict[str, Any]:
         "top_logprobs": cfg.get("top_logprobs") or d.top_logprobs,
         "infer_dtype": cfg.get("infer_dtype") or d.infer_dtype,
     }
+    for k, v in out.items():
+        want = int if k in ("rescore_batch_tokens", "top_logprobs") else str
+        if v is not None and (not isinstance(v, want) or isinstance(v, bool)):
+            raise MismatchError(
+                f"{_meta_file(src)}: {k} holds {v!r:.40}, not a{'n integer' if want is int else ' string'}: "
+                "the file is damaged"
+            )
+    return out
 
 
-def _weights_check(model_path: str, meta: RunMeta) -> dict[str, Any]:
+def _meta_file(src: Path | None) -> str:
+    from .schema import RUN_JSON
+
+    return str(Path(src) / RUN_JSON) if src is not None else RUN_JSON
+
+
+def run_sampling(meta: RunMeta, src: Path) -> Any:
+    """RUN's sampling settings as a `sampling.Sampling` (replayed when re-scoring); a
+    one-line error naming run.json when one is not a number or out of its range."""
+    from .sampling import Sampling
+
+    s = meta.sampling
+    vals: dict[str, Any] = {}
+    for k, default, kind in (("temperature", 1.0, float), ("top_p", 1.0, float),
+                             ("top_k", -1, int), ("min_p", 0.0, float)):  # fmt: skip
+        v = s.get(k, default)
+        if v is None:
+            v = default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+            raise MismatchError(
+                f"{_meta_file(src)}: sampling {k} holds {v!r:.40}, not a number: the file is damaged"
+            )
+        vals[k] = kind(v)
+    try:
+        MeasureConfig(**vals).validate()
+    except MismatchError as e:
+        raise MismatchError(
+            f"{_meta_file(src)}: its sampling settings are out of range ({e})"
+        ) from None
+    return Sampling(vals["temperature"], vals["top_p"], vals["top_k"], vals["min_p"])
+
+
+def run_model_path(
+    meta: RunMeta, src: Path, model: str | None = None, how: str = "pass --model PATH"
+) -> str:
+    """The model to load to re-score or decode RUN again: `model` (the user's choice, when
+    RUN's model folder moved) or the path run.json records; a one-line error naming the
+    path and `how` to give another when that folder is gone (never a crash deep inside
+    transformers)."""
+    from .models import resolve_model
+
+    if model is not None:
+        return resolve_model(model)[0]
+    path = meta.model_path
+    if not path:
+        raise MismatchError(
+            f"{src} records no model path ({_meta_file(src)}: model.path): {how} of the "
+            "model that made it"
+        )
+    p = Path(path).expanduser()
+    if not p.exists() and (p.is_absolute() or path.startswith((".", "~")) or "/" not in path):
+        raise MismatchError(
+            f"the model folder of {src} is gone: {path} (recorded in {_meta_file(src)}); if it "
+            f"moved, {how} (the same weights: they are checked against the run's hash)"
+        )
+    if p.exists() and not p.is_dir():
+        raise MismatchError(f"the model path of {src} is not a folder: {path}; {how}")
+    return path
+
+
+def _weights_check(model_path: str, meta: RunMeta, moved: bool = False) -> dict[str, Any]:
     """RUN's recorded weights_sha256, reused without hashing when no file in the model folder
-    was modified after RUN was created; otherwise the folder is hashed again, and a changed
-    hash is refused (the rescored numbers would not belong to RUN's model)."""
+    was modified after RUN was created; otherwise (or when the folder is not the one RUN
+    recorded: `moved`, or RUN has no readable `created`) the folder is hashed again, and a
+    changed hash is refused (the rescored numbers would not belong to RUN's model)."""
     from .models import weights_hash
 
     recorded = meta.model.get("weights_sha256")
     p = Path(model_path)
     if recorded is None or not p.is_dir():
         return {"weights_sha256": recorded, "weights_check": "nothing recorded to check"}
-    # run.json's `created` is rounded down to the second: a file is "newer" from the next one
-    created = _dt.datetime.fromisoformat(meta["created"]).timestamp() + 1.0
+    try:  # run.json's `created` is rounded down to the second: "newer" from the next one
+        created = _dt.datetime.fromisoformat(str(meta.get("created"))).timestamp() + 1.0
+    except ValueError:
+        created = None
     newest = max((f.stat().st_mtime for f in p.iterdir() if f.is_file()), default=0.0)
-    if newest < created:
+    if not moved and created is not None and newest < created:
         return {
             "weights_sha256": recorded,
             "weights_check": "not re-hashed: no file in the model folder is newer than RUN",
         }
     if weights_hash(model_path) != recorded:
+        where = "are not RUN's" if moved else "changed since the run was measured"
         raise MismatchError(
-            f"the weights in {model_path} changed since the run was measured "
-            "(sha256 differs); measure again instead of re-scoring"
+            f"the weights in {model_path} {where} (sha256 differs); measure again instead of "
+            "re-scoring"
         )
-    return {"weights_sha256": recorded, "weights_check": "re-hashed (a file was newer): unchanged"}
+    why = "the model moved" if moved else "a file was newer" if created else "no created time"
+    return {"weights_sha256": recorded, "weights_check": f"re-hashed ({why}): unchanged"}
 
 
 def rollout_parts_of(path: Path, meta: RunMeta) -> list[pd.DataFrame]:
@@ -537,7 +612,14 @@ def rollout_parts_of(path: Path, meta: RunMeta) -> list[pd.DataFrame]:
     their positions are scored as context only, as the first time."""
     from .runs import read_sequences, read_tokens, token_columns
 
-    seqs = read_sequences(path).sort_values("seq_id", kind="stable").reset_index(drop=True)
+    seqs = read_sequences(path)
+    lacks = [c for c in ("seq_id", "prompt_token_ids", "response_token_ids") if c not in seqs]
+    if lacks:
+        raise MismatchError(
+            f"{Path(path) / 'sequences.parquet'} lacks column(s) {', '.join(lacks)}: cannot "
+            "rebuild the run's rollouts"
+        )
+    seqs = seqs.sort_values("seq_id", kind="stable").reset_index(drop=True)
     have = set(token_columns(path))
     extras = [c for c in TOKEN_EXTRA_COLUMNS if c in have]
     topk = [c for c in ("topk_ids_infer", "topk_logp_infer") if c in have]
@@ -587,11 +669,15 @@ def rescore_run(
     out: Path,
     opts: RescoreOptions | None = None,
     *,
+    overwrite: bool = False,
     progress: Progress | None = None,
     on_ready: Callable[[Path], None] | None = None,
 ) -> Path:
     """Re-score the stored rollouts of the complete run `src` into the new run `out`, with
-    one or both sides changed (`RescoreOptions`), without generating again.
+    one or both sides changed (`RescoreOptions`), without generating again. `out` must not
+    be `src` (nor hold it, nor lie inside it); an existing run there is replaced only with
+    `overwrite`, and only once the new run is complete (`runs.replacing`: it is written
+    beside `out`, so a failure or Ctrl-C leaves `out` as it was).
 
     The training side goes through `rescore_parts`, as in `measure`: with no option it
     reproduces `src`'s logp_train (same model, dtype, attention, batch budget, same parts).
@@ -599,30 +685,21 @@ def rescore_run(
     vLLM or transformers; that engine is shut down before the training side loads. run.json
     records `rescored_from` (the source run and what changed)."""
     from .models import hardware, pick_device
-    from .runs import open_run
-    from .sampling import Sampling
+    from .runs import check_out, open_run, replacing
 
     opts = opts or RescoreOptions()
     prog = progress or Progress()
     _, meta = open_run(src, allow_incomplete=False)
-    was = _settings(meta)
+    was = _settings(meta, src)
     _check_options(opts)
     s = dict(meta.sampling)  # RUN's sampling settings
+    sampling = run_sampling(meta, src)
     if opts.infer_side == "vllm-prefill" and (why := vllm_prefill_refusal(s)):
         raise MismatchError(why)
-    sampling = Sampling(
-        float(s.get("temperature", 1.0)),
-        float(s.get("top_p", 1.0)),
-        int(s.get("top_k", -1)),
-        float(s.get("min_p", 0.0)),
-    )
-    model_path = meta.model_path
-    if not model_path:
-        raise MismatchError(f"{src} records no model path (run.json model.path): nothing to load")
-    if model_path.startswith(("/", ".", "~")) and not Path(model_path).is_dir():
-        raise MismatchError(f"the model folder of {src} is gone: {model_path}")
-    _check_out_free(out)
-    weights = _weights_check(model_path, meta)
+    model_path = run_model_path(meta, src, opts.model)
+    target = {"overwrite": overwrite, "inputs": [("the input run", Path(src))]}
+    check_out(out, **target)
+    weights = _weights_check(model_path, meta, moved=opts.model is not None)
 
     now_ = {
         k: getattr(opts, k) if getattr(opts, k) is not None else was[k]
@@ -630,61 +707,61 @@ def rescore_run(
     }
     infer_dtype = opts.infer_dtype or was["infer_dtype"]
     changed = {k: [was[k], v] for k, v in now_.items() if v != was[k]}
+    if model_path != meta.model_path:
+        changed["model_path"] = [meta.model_path, model_path]
     if opts.infer_side != "decode":
         changed["infer_side"] = ["decode", opts.infer_side]
         changed["infer_dtype"] = [was["infer_dtype"], infer_dtype]
     device = pick_device(now_["device"])
     parts = rollout_parts_of(Path(src), meta)
-    run = RunDir(out)
-    check_writable_dir(out)
     if on_ready:
         on_ready(out)
-
-    cfg = dict(meta.config)
-    cfg.update(now_)
-    cfg["rescore_memory"] = opts.rescore_memory
-    engines = dict(meta.engines)
-    infer = dict(meta.infer)
-    if opts.infer_side != "decode":
-        engine = "vllm" if opts.infer_side == "vllm-prefill" else "hf"
-        infer = {"engine": engine, "mode": PREFILL, "dtype": infer_dtype}
-        if engine == "hf":
-            infer["attn_implementation"] = was["attn_implementation"]
-            cfg["infer_engine"] = "hf"
-        cfg["infer_dtype"] = infer_dtype
-    engines["infer"] = infer
-    engines["train"] = {
-        "engine": "transformers",
-        "dtype": now_["train_dtype"],
-        "attn_implementation": now_["attn_implementation"],
-    }
-    new = new_meta(
-        "rescore",
-        config=cfg,
-        sampling=meta.get("sampling"),
-        model={**meta.model, "weights_sha256": weights["weights_sha256"]},
-        engines=engines,
-        num_prompts=meta.get("num_prompts"),
-        num_chunks=len(parts),
-        hardware=hardware(device),
-        rescored_from={
-            "run": str(src),
-            "created": meta.get("created"),
-            "infer_side": opts.infer_side,
-            "changed": changed,
-            "weights_check": weights["weights_check"],
-        },
-        timings_s={},
-    )
-    run.write_meta(new)
-    timings: dict[str, float] = {}
-
-    def save(**extra: Any) -> None:
-        new.update(extra)
-        new["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    with replacing(out, **target) as work:  # written beside `out`, renamed when complete
+        run = RunDir(work)
+        cfg = dict(meta.config)
+        cfg.update(now_)
+        cfg["rescore_memory"] = opts.rescore_memory
+        engines = dict(meta.engines)
+        infer = dict(meta.infer)
+        if opts.infer_side != "decode":
+            engine = "vllm" if opts.infer_side == "vllm-prefill" else "hf"
+            infer = {"engine": engine, "mode": PREFILL, "dtype": infer_dtype}
+            if engine == "hf":
+                infer["attn_implementation"] = was["attn_implementation"]
+                cfg["infer_engine"] = "hf"
+            cfg["infer_dtype"] = infer_dtype
+        engines["infer"] = infer
+        engines["train"] = {
+            "engine": "transformers",
+            "dtype": now_["train_dtype"],
+            "attn_implementation": now_["attn_implementation"],
+        }
+        new = new_meta(
+            "rescore",
+            config=cfg,
+            sampling=meta.get("sampling"),
+            model={**meta.model, "path": model_path, "weights_sha256": weights["weights_sha256"]},
+            engines=engines,
+            num_prompts=meta.get("num_prompts"),
+            num_chunks=len(parts),
+            hardware=hardware(device),
+            rescored_from={
+                "run": str(src),
+                "created": meta.get("created"),
+                "infer_side": opts.infer_side,
+                "changed": changed,
+                "weights_check": weights["weights_check"],
+            },
+            timings_s={},
+        )
         run.write_meta(new)
+        timings: dict[str, float] = {}
 
-    try:
+        def save(**extra: Any) -> None:
+            new.update(extra)
+            new["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+            run.write_meta(new)
+
         if opts.infer_side != "decode":
             parts = _prefill_infer_side(
                 parts, opts.infer_side, model_path, cfg, was, infer_dtype, device, sampling,
@@ -708,11 +785,8 @@ def rescore_run(
             static = [c for c in _SEQUENCE_STATIC if c in parts[0].columns] if parts else ["seq_id"]
             seqs = pd.concat([df[static] for df in parts], ignore_index=True) if parts else None
             new["summary"] = run.finalize(len(parts), seqs, tokens=TOKENS)
-    except BaseException:
-        save()
-        raise
-    save(status=STATUS_COMPLETE, completed=now())
-    shutil.rmtree(run.parts, ignore_errors=True)
+        save(status=STATUS_COMPLETE, completed=now())
+        shutil.rmtree(run.parts, ignore_errors=True)
     return out
 
 
@@ -734,6 +808,10 @@ def _check_options(opts: RescoreOptions) -> None:
     if opts.rescore_batch_tokens is not None and opts.rescore_batch_tokens < 1:
         raise MismatchError(f"--rescore-batch-tokens must be >= 1, got {opts.rescore_batch_tokens}")
     parse_size(opts.rescore_memory, "--rescore-memory")
+    if opts.attn_implementation is not None:
+        from .models import check_attn_implementation
+
+        check_attn_implementation(opts.attn_implementation)
 
 
 def _prefill_infer_side(
@@ -839,9 +917,7 @@ def decode_repeat(src: Path, out: Path, *, progress: Progress | None = None) -> 
     cfg = MeasureConfig.from_dict(meta.config)
     if cfg.infer_engine != "vllm" or meta.infer.get("mode"):
         raise MismatchError(f"{src} was not decoded by vLLM: nothing to decode again")
-    model_path = meta.model_path
-    if not model_path or not Path(model_path).exists():
-        raise MismatchError(f"the model folder of {src} is gone: {model_path}")
+    model_path = run_model_path(meta, src)
     _check_out_free(out)
     seqs = read_sequences(src).sort_values("seq_id", kind="stable").reset_index(drop=True)
     first = seqs.drop_duplicates("prompt_id")

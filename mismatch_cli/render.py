@@ -490,6 +490,7 @@ def print_import(result: dict[str, Any], console: Console | None = None) -> None
         ("tokens (model-generated, imported)", f"{result['num_tokens']:,}"),
         ("masked completion tokens (not imported)", f"{result['num_dropped_tokens']:,}"),
         ("model tokens with a null log-prob", f"{result.get('num_null_tokens', 0):,}"),
+        *_value_rows(result.get("value_checks") or {}),
         ("tokens with an infinite delta", f"{s.get('num_infinite', 0):,}"),
         ("mean |delta| (nats)", fmt(s.get("mean_abs_delta"), 4)),
         ("mean delta (nats)", fmt(s.get("mean_delta"), 4, sign=True)),
@@ -500,6 +501,18 @@ def print_import(result: dict[str, Any], console: Console | None = None) -> None
     console.print(t)
     by = " --group-by step" if len(steps) > 1 else ""
     console.print(f"next: mismatch report {result['run']}{by}", highlight=False)
+
+
+def _value_rows(checks: dict[str, Any]) -> list[tuple[str, str]]:
+    """The import's counted value problems, one row each where there are any."""
+    rows = [
+        (f"model tokens with logp_{side} above 0", f"{n:,}")
+        for side, n in (checks.get("num_positive_logp") or {}).items()
+        if n
+    ]
+    if checks.get("num_neginf_logp_infer"):
+        rows.append(("model tokens with logp_infer = -inf", f"{checks['num_neginf_logp_infer']:,}"))
+    return rows
 
 
 def _steps_text(steps: list[int]) -> str:

@@ -21,6 +21,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -102,7 +103,95 @@ def check_writable_dir(path: Path) -> None:
         raise MismatchError(f"cannot write to output directory {path}: {e.strerror or e}") from e
 
 
+# ----------------------------------------------------------------------------- writing a new one
+
+
+def check_out(
+    out: Path,
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[tuple[str, Path]] = (),
+    marker: str = RUN_JSON,
+    kind: str = "run",
+) -> None:
+    """Refuse an `--out` that would destroy what exists, in one line, before any work:
+    `out` equal to one of `inputs` (what the command reads: the input run, the dump's files
+    and folders; each (words, path)), holding one, or inside one; a file; a non-empty
+    directory that is not a `kind` (no `marker` file: never deleted, --overwrite or not);
+    an existing `kind` unless `overwrite`. `replacing` is where the writing happens."""
+    o = Path(out).expanduser().resolve()
+    for what, path in inputs:
+        i = Path(path).expanduser().resolve()
+        if o == i:
+            raise MismatchError(
+                f"--out {out} is {what}: choose another path (it is never replaced)"
+            )
+        if i.is_relative_to(o):
+            raise MismatchError(
+                f"--out {out} holds {what} ({path}): choose another path (it is never replaced)"
+            )
+        if i.is_dir() and o.is_relative_to(i):
+            raise MismatchError(f"--out {out} is inside {what} ({path}): choose a path outside it")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MismatchError(f"--out {out} exists and is a file; choose another path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / marker).is_file():
+        raise MismatchError(
+            f"--out {out} is a non-empty directory that is not a {kind}; choose another path "
+            "(it is never deleted, --overwrite or not)"
+        )
+    if not overwrite:
+        what = kind
+        if marker == RUN_JSON:
+            try:
+                what = f"{RunDir(out).read_meta().status} {kind}"
+            except MismatchError:
+                what = f"damaged {kind}"
+        raise MismatchError(
+            f"--out {out} holds {'an' if what[0] in 'aeiou' else 'a'} {what}; pass --overwrite "
+            "to replace it (it is kept until the new one is complete)"
+        )
+
+
+@contextmanager
+def replacing(out: Path, **check: Any) -> Iterator[Path]:
+    """Write a new run (or diagnose directory) for `--out`: after `check_out(out, **check)`,
+    yield a fresh temporary directory beside `out` (same parent: the final rename stays on
+    one filesystem) for the body to fill. When the body returns, the directory is renamed to
+    `out`; an existing `out` (`--overwrite`) is moved aside first and deleted only after
+    that rename. If the body raises (an error, Ctrl-C), the temporary directory is removed
+    and `out` is untouched: the old run survives, nothing half-written is left behind."""
+    out = Path(out)
+    check_out(out, **check)
+    check_writable_dir(out.parent)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".new"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old: Path | None = None
+    try:
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old)  # an empty directory is replaced by a rename onto it
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 _OBJECT_KEYS = ("config", "engines", "model", "sampling", "source", "summary", "rescored_from")
+# scalar keys readers use, and what each must hold when present (null allowed)
+_STRING_KEYS = ("status", "command", "created")
 
 
 class RunMeta(dict):
@@ -126,9 +215,29 @@ class RunMeta(dict):
         for key in _OBJECT_KEYS:
             if obj.get(key) is not None and not isinstance(obj[key], dict):
                 raise RunNotFoundError(
-                    f"{file}: '{key}' holds a {type(obj[key]).__name__}, not an object: "
-                    "the file is damaged"
+                    f"{file}: '{key}' holds {_a(obj[key])}, not an object: the file is damaged"
                 )
+        for key in _STRING_KEYS:
+            if obj.get(key) is not None and not isinstance(obj[key], str):
+                raise RunNotFoundError(
+                    f"{file}: '{key}' holds {_a(obj[key])}, not a string: the file is damaged"
+                )
+        fv = obj.get("format_version")
+        if fv is not None and (not isinstance(fv, int) or isinstance(fv, bool)):
+            raise RunNotFoundError(
+                f"{file}: 'format_version' holds {fv!r:.40}, not an integer: the file is damaged"
+            )
+        grid = obj.get("rho_grid")
+        if grid is not None and not (
+            isinstance(grid, list)
+            and all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < 1 for r in grid
+            )
+        ):
+            raise RunNotFoundError(
+                f"{file}: 'rho_grid' holds {grid!r:.60}, not a list of thresholds in (0, 1): "
+                "the file is damaged"
+            )
         return cls(obj)
 
     def _object(self, key: str) -> dict[str, Any]:
@@ -206,6 +315,12 @@ class RunMeta(dict):
         """The run's pruning grid (None when run.json does not record one)."""
         g = self.get("rho_grid")
         return list(g) if g else None
+
+
+def _a(value: Any) -> str:
+    """'a list', 'an int': the JSON value's Python type with its article."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 @dataclass
@@ -510,7 +625,9 @@ def finish_hint(path: str | Path, meta: dict[str, Any] | None = None) -> str:
 
 
 def open_run(path: str | Path, *, allow_incomplete: bool = True) -> tuple[RunDir, RunMeta]:
-    """Open a run for reading; raise a clear error if it is not one (or not complete)."""
+    """Open a run for reading; raise a clear error if it is not one (or not complete), or
+    if one of its tables is there but cannot be read (a truncated or damaged Parquet file:
+    its footer is checked, which costs one small read)."""
     run = RunDir(Path(path))
     if not run.path.exists():
         raise RunNotFoundError(f"run directory not found: {run.path}")
@@ -518,8 +635,29 @@ def open_run(path: str | Path, *, allow_incomplete: bool = True) -> tuple[RunDir
         raise RunNotFoundError(f"{run.path} is a file, not a run directory")
     meta = run.read_meta()
     if not meta.complete and not allow_incomplete:
-        raise IncompleteRunError(f"run {run.path} is {meta.status}; {finish_hint(run.path, meta)}")
+        missing = "" if (run.path / TOKENS_FILE).is_file() else f"; it has no {TOKENS_FILE} yet"
+        raise IncompleteRunError(
+            f"run {run.path} is not complete ({run.meta_path} says status '{meta.status}'"
+            f"{missing}): its tables may not hold every prompt; {finish_hint(run.path, meta)}"
+        )
+    for name in (TOKENS_FILE, SEQUENCES_FILE):
+        check_table(run.path / name)
     return run, meta
+
+
+def check_table(file: Path) -> None:
+    """A one-line error if the Parquet file `file` exists but its footer cannot be read (a
+    truncated or damaged table); nothing if it is absent (readers say what they need)."""
+    if not file.exists():
+        return
+    if not file.is_file():
+        raise RunNotFoundError(f"{file} is not a file: the run is damaged")
+    try:
+        pq.read_metadata(file)
+    except (pa.ArrowException, OSError) as e:
+        raise MismatchError(
+            f"{file} cannot be read (truncated or damaged Parquet file): {first_line(e)}"
+        ) from e
 
 
 def read_tokens(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -563,24 +701,51 @@ def token_columns(path: str | Path) -> list[str]:
     """The column names of a run's tokens.parquet ([] if it has none): lets readers ask for
     optional columns (schema.COARSE_COLUMNS, ...) only when a run has them."""
     file = Path(path) / TOKENS_FILE
-    return list(pq.read_schema(file).names) if file.is_file() else []
+    if not file.is_file():
+        return []
+    with _decoding(file):
+        return list(pq.read_schema(file).names)
+
+
+@contextmanager
+def _decoding(file: Path) -> Iterator[None]:
+    """Arrow's errors on a truncated or damaged table as one line naming the file."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        raise MismatchError(
+            f"{file} cannot be read (truncated or damaged Parquet file): {first_line(e)}"
+        ) from e
 
 
 def _read_table(path: Path, name: str, columns: Sequence[str] | None) -> pd.DataFrame:
     file = path / name
     if not file.is_file():
-        raise RunNotFoundError(
-            f"{path} has no {name}: the run is incomplete or not a run ({finish_hint(path)})"
+        meta = _meta_or_none(path)
+        why = (
+            f"{RUN_JSON} says the run is complete, so it is damaged"
+            if meta is not None and meta.complete
+            else f"the run is incomplete or not a run ({finish_hint(path)})"
         )
-    if columns is not None:
-        have = set(pq.read_schema(file).names)
-        missing = [c for c in columns if c not in have]
-        if missing:
-            raise MismatchError(
-                f"{file} lacks column(s) {', '.join(missing)}: rerun `mismatch measure` "
-                "with this version to produce them"
-            )
-    return pq.read_table(file, columns=list(columns) if columns is not None else None).to_pandas()
+        raise RunNotFoundError(f"{path} has no {name}: {why}")
+    with _decoding(file):
+        if columns is not None:
+            have = set(pq.read_schema(file).names)
+            missing = [c for c in columns if c not in have]
+            if missing:
+                raise MismatchError(
+                    f"{file} lacks column(s) {', '.join(missing)}: rerun `mismatch measure` "
+                    "with this version to produce them"
+                )
+        table = pq.read_table(file, columns=list(columns) if columns is not None else None)
+        return table.to_pandas()
+
+
+def _meta_or_none(path: Path) -> RunMeta | None:
+    try:
+        return RunDir(path).read_meta()
+    except MismatchError:
+        return None
 
 
 __all__ = [
@@ -590,6 +755,8 @@ __all__ = [
     "RunMeta",
     "atomic_write_json",
     "atomic_write_table",
+    "check_out",
+    "check_table",
     "check_writable_dir",
     "diagnose_runs",
     "finish_hint",
@@ -598,6 +765,7 @@ __all__ = [
     "open_run",
     "read_sequences",
     "read_tokens",
+    "replacing",
     "run_labels",
     "sequence_frame",
     "sequence_sums",

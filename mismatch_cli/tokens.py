@@ -176,7 +176,7 @@ def open_run_tokens(
     verb: str,
     needed: Sequence[str] = REQUIRED_COLUMNS,
     batch_rows: int = BATCH_ROWS,
-    complete: bool = False,
+    complete: bool = True,
     allow_empty: bool = False,
 ) -> TokenBatches:
     """A run's tokens.parquet as `TokenBatches` (nothing read yet, `run`, `meta` and
@@ -184,11 +184,17 @@ def open_run_tokens(
 
     One-line errors for a path that is not a run, a damaged run.json, a run without
     tokens.parquet, a table that cannot be decoded, one lacking a column of `needed`, or no
-    rows (unless `allow_empty`). An incomplete run is refused when `complete`, else read as
-    it is with a warning."""
+    rows (unless `allow_empty`). An incomplete run is refused (every command refuses one:
+    nothing half-written passes for complete); `complete=False` reads it as it is, with a
+    warning (a library caller's choice)."""
     run, meta = open_run(path, allow_incomplete=not complete)
     file = run.path / TOKENS_FILE
     if not file.is_file():
+        if meta.complete:
+            raise MismatchError(
+                f"run {run.path} has no {TOKENS_FILE}, though {run.meta_path.name} says it is "
+                f"complete: the run is damaged (nothing to {verb}); make it again"
+            )
         raise MismatchError(
             f"run {run.path} has no {TOKENS_FILE} (status: {meta.status}): nothing to {verb} "
             f"yet; {finish_hint(run.path, meta)}"

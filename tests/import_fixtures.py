@@ -432,11 +432,19 @@ def _skyrl_entry(v: np.ndarray | None) -> Any:
 
 
 def write_skyrl(
-    known: Known, root: Path, layout: str = "new", pad_size: int = 1, with_train: bool = True
+    known: Known,
+    root: Path,
+    layout: str = "new",
+    pad_size: int = 1,
+    with_train: bool = True,
+    inject: Any = None,
+    mutate: Any = None,
 ) -> list[Path]:
     """`root/dumped_data/global_step_{N}_training_input.pkl` per step, pickled as SkyRL's
     TrainingInputBatch: layout "new" (`_rebuild_tensor_batch(cls, state)`, numpy bytes),
-    "old" (default dict pickle: tensor items, then a state of torch.save bytes per key)."""
+    "old" (default dict pickle: tensor items, then a state of torch.save bytes per key).
+    `inject(state)`, if given, may change the pickled state (crafted-file tests);
+    `mutate(arrays)` the arrays before they are encoded (bad-value tests)."""
     import torch
 
     mod = (
@@ -456,12 +464,16 @@ def write_skyrl(
     d.mkdir(parents=True, exist_ok=True)
     for step in sorted({c.step for c in known.completions}):
         arrays = skyrl_arrays(known, step, pad_size, with_train)
+        if mutate is not None:
+            mutate(arrays)
         meta = {"response_length": arrays["response_mask"].shape[1], "pad_size": pad_size,
                 "policy_mini_batch_boundaries": [0]}  # fmt: skip
         if layout == "new":
             state = {"batch_dict": {k: _skyrl_entry(v) for k, v in arrays.items()},
                      "batch_size": len(arrays["sequences"]), "device": torch.device("cpu"),
                      "metadata": meta}  # fmt: skip
+            if inject is not None:
+                inject(state)
 
             def reduce(self, state=state):
                 return (_rebuild_tensor_batch, (type(self), state))
@@ -478,6 +490,8 @@ def write_skyrl(
             state = {"batch_dict": {k: None if v is None else to_bytes(v) for k, v in arrays.items()},
                      "batch_size": len(arrays["sequences"]), "device": torch.device("cpu"),
                      "metadata": meta}  # fmt: skip
+            if inject is not None:
+                inject(state)
             TrainingInputBatch.__getstate__ = lambda self, state=state: state
             batch = TrainingInputBatch(
                 {k: None if v is None else torch.from_numpy(v) for k, v in arrays.items()}
@@ -541,11 +555,20 @@ def _consolidated_td(arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarray]:
     return meta, np.concatenate(chunks)
 
 
-def write_verl(known: Known, root: Path, method: str = "torch", **kw: Any) -> list[Path]:
+def write_verl(
+    known: Known,
+    root: Path,
+    method: str = "torch",
+    inject: Any = None,
+    mutate: Any = None,
+    **kw: Any,
+) -> list[Path]:
     """`root/exp_proj/GBS4_N2_in8_out32/{step}/gen_batch.dp` + meta.json per step: a pickle
     of DataProto whose state is (batch, non_tensor_batch, meta_info); `method` "torch":
     batch = torch.save bytes of a consolidated TensorDict; "numpy": verl's
-    VERL_DATAPROTO_SERIALIZATION_METHOD=numpy tuple."""
+    VERL_DATAPROTO_SERIALIZATION_METHOD=numpy tuple. `inject(state) -> state`, if given,
+    replaces the pickled state (crafted-file tests); `mutate(arrays)` changes the arrays
+    before they are encoded (bad-value tests)."""
     import torch
 
     def _rebuild_tensordict_files_consolidated(meta, flat):  # pragma: no cover - never called
@@ -567,6 +590,8 @@ def write_verl(known: Known, root: Path, method: str = "torch", **kw: Any) -> li
     paths = []
     for step in sorted({c.step for c in known.completions}):
         arrays = verl_arrays(known, step, **kw)
+        if mutate is not None:
+            mutate(arrays)
         B = len(arrays["prompts"])
         envs = [c.env for c in known.completions if c.step == step]
         non_tensor = {"uid": np.array([f"u{i // 2}" for i in range(B)], dtype=object),
@@ -586,6 +611,8 @@ def write_verl(known: Known, root: Path, method: str = "torch", **kw: Any) -> li
                                           np.ascontiguousarray(v).view(np.uint8).ravel())
                                       for k, v in arrays.items()})  # fmt: skip
             state = (batch, non_tensor, meta_info)
+            if inject is not None:
+                state = inject(state)
             DataProto.__getstate__ = lambda self, state=state: state
             d = root / "exp_proj" / "GBS4_N2_in8_out32" / str(step)
             d.mkdir(parents=True, exist_ok=True)

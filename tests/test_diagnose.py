@@ -94,7 +94,7 @@ def test_plot_of_a_diagnose_directory(diag_dir: Path) -> None:
 def test_bad_input_is_one_line(diag_dir: Path, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("diagnose", "--variants", "null,fp8", "--out", str(tmp_path / "x")),
                           "unknown variant 'fp8'")  # fmt: skip
-    assert_one_line_error(run_cli("diagnose", "--out", str(diag_dir)), "already exists")
+    assert_one_line_error(run_cli("diagnose", "--out", str(diag_dir)), "--overwrite")
     assert_one_line_error(
         run_cli("diagnose", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")),
         "not found",

@@ -553,7 +553,8 @@ def test_verl_without_model_and_slime_trust_fallback(known: F.Known, tmp_path: P
                 "rollout_log_probs": [-0.5, -0.25], "log_probs": [-0.5, -0.5],
                 "metadata": {"n": np.int64(3)}}]}, p)  # fmt: skip
     res = run_import(ImportOptions("slime", [str(p)], tmp_path / "run", trust_pickle=True))
-    assert res["num_tokens"] == 2 and any("weights_only=False" in w for w in res["warnings"])
+    assert res["num_tokens"] == 2
+    assert any("restricted loader" in w and "numpy" in w for w in res["warnings"])
 
 
 # ----------------------------------------------------------------------------- docs hooks

@@ -188,13 +188,13 @@ def test_incomplete_run_without_tokens(tmp_path: Path) -> None:
     assert_one_line_error(cli("report", str(run)), "tokens.parquet", "incomplete")
 
 
-def test_incomplete_run_with_tokens_warns_and_reports(tmp_path: Path) -> None:
+def test_incomplete_run_with_tokens_is_refused(tmp_path: Path) -> None:
+    """Nothing half-written passes for complete: the report of an incomplete run is refused
+    (the library can still read one, with a warning: `analyze(..., complete=False)`)."""
     run = write_run(tmp_path / "r", token_table(), status="incomplete")
-    proc = cli("report", str(run))
-    assert proc.returncode == 0, proc.stderr
-    warn = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(warn) == 1 and "warning" in warn[0] and "incomplete" in warn[0]
-    assert "verdict" in proc.stdout
+    assert_one_line_error(cli("report", str(run)), "not complete", "run.json", "incomplete")
+    src = A.report_tokens(run, complete=False)
+    assert len(src.warnings) == 1 and "incomplete" in src.warnings[0]
 
 
 def test_empty_run(tmp_path: Path) -> None:

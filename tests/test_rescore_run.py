@@ -210,7 +210,7 @@ def test_changed_weights_are_refused(tiny_model_dir: Path, tmp_path: Path) -> No
 
 def test_bad_input_is_one_line(tiny_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("rescore", str(tiny_run), "--out", str(tiny_run)),
-                          "already exists")  # fmt: skip
+                          "is the input run")  # fmt: skip
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
     meta = json.loads((tiny_run / "run.json").read_text())

@@ -30,16 +30,19 @@ PANEL_VARIANTS = "Variants"
 
 def diagnose(
     model: Annotated[
-        str,
+        str | None,
         typer.Argument(
-            help="Local Hugging Face model folder or hub id; `default` = SmolLM2-135M-Instruct."
+            help="Local Hugging Face model folder or hub id; `default` = SmolLM2-135M-Instruct "
+            "(the default). With --run: where RUN's model is now, if its folder moved (its "
+            "weights must hash to RUN's).",
+            show_default=False,
         ),
-    ] = "default",
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
-            help="The diagnose directory (must not exist): variants/<name>/ runs, "
-            "diagnose.json, figures/.",
+            help="The diagnose directory: variants/<name>/ runs, diagnose.json, figures/ "
+            "(an existing one is refused unless --overwrite; never --run's folder).",
             rich_help_panel=PANEL_OUTPUT,
             show_default=False,
         ),
@@ -114,6 +117,15 @@ def diagnose(
             help="Draw the diagnose figure into OUT/figures.", rich_help_panel=PANEL_OUTPUT
         ),
     ] = True,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a diagnose directory in --out; the old one is kept until the new "
+            "one is complete.",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Find which knob causes the mismatch: generate once (demo-sized: 32 prompts x 2 samples
@@ -140,7 +152,7 @@ def diagnose(
     if out is None:
         raise MismatchError("--out DIR is required: the diagnose directory to create")
     cfg = MeasureConfig(
-        model=model,
+        model=model or "default",
         prompts=prompts,
         prompt_column=prompt_column,
         num_prompts=num_prompts,
@@ -160,7 +172,9 @@ def diagnose(
     cfg.validate()
     err = Console(stderr=True)
     with progress(err) as prog:
-        result = run_diagnose(cfg, out, names, run=run, progress=prog)
+        result = run_diagnose(
+            cfg, out, names, run=run, model=model, overwrite=overwrite, progress=prog
+        )
     if plots:
         notes: list[str] = []
         files = draw_diagnose(out, result, notes=notes)

@@ -106,8 +106,11 @@ def import_(
         bool,
         typer.Option(
             "--trust-pickle",
-            help="Allow reading pickles (skyrl, verl; slime .pt files that weights_only "
-            "loading refuses). Loading a pickle can run code from the file: trust its origin.",
+            help="Allow reading pickles (skyrl, verl) and slime .pt files that hold numpy "
+            "values beyond tensors. Nothing from a file is ever run, with or without it: a "
+            "restricted loader reads an allow-list of exact names (the frameworks' batch "
+            "classes, tensors, plain numpy arrays) and refuses every other name in one line. "
+            "--trust-pickle widens what is read, never what is run.",
             rich_help_panel=PANEL_INPUT,
         ),
     ] = False,
@@ -131,7 +134,11 @@ def import_(
     overwrite: Annotated[
         bool,
         typer.Option(
-            "--overwrite", help="Replace an existing run in --out.", rich_help_panel=PANEL_OUTPUT
+            "--overwrite",
+            help="Replace a run in --out; the old one is kept until the new one is complete "
+            "(the new run is written beside it and renamed into place). --out is never the "
+            "dump's file or folder, nor inside or around it.",
+            rich_help_panel=PANEL_OUTPUT,
         ),
     ] = False,
     json_out: JsonOpt = False,

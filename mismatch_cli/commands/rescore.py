@@ -31,7 +31,8 @@ def rescore(
     out: Annotated[
         Path,
         typer.Option(
-            help="The new run directory (must not exist).",
+            help="The new run directory: not RUN, not inside it; an existing run there is "
+            "refused unless --overwrite.",
             rich_help_panel=PANEL_OUTPUT,
             show_default=False,
         ),
@@ -62,6 +63,15 @@ def rescore(
         ),
     ] = None,
     rescore_memory: RescoreMemoryOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Load the model from here instead of the folder RUN's run.json records (when "
+            "that folder moved or is gone); its weights must hash to RUN's.",
+            rich_help_panel=PANEL_TRAINING,
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[
         str | None,
         typer.Option(
@@ -95,6 +105,15 @@ def rescore(
             help="Draw the figures into OUT/figures at the end.", rich_help_panel=PANEL_OUTPUT
         ),
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a run in --out; the old one is kept until the new one is complete "
+            "(the new run is written beside it and renamed into place).",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Re-score the stored rollouts of RUN with other settings on one side, without
@@ -120,8 +139,9 @@ def rescore(
         device=device,
         infer_side=infer_side.value,
         infer_dtype=infer_dtype,
+        model=model,
     )
     err = Console(stderr=True)
     with progress(err) as prog:
-        path = rescore_run(run, out, opts, progress=prog)
+        path = rescore_run(run, out, opts, overwrite=overwrite, progress=prog)
     finish_run(path, json_out=json_out, plots=plots, console=err)

@@ -7,8 +7,16 @@ plus sequence parts, and `finish` writes the final tables through `runs.py`.
 
 Only loss-masked tokens with a non-null log-prob become token rows; `pos` is their index in
 the completion, so masked tokens leave gaps. Masked completion tokens are counted
-(`num_dropped_tokens`); model tokens whose log-prob the dump stored as null are counted
-separately (`num_null_tokens`).
+(`num_dropped_tokens`); model tokens whose log-prob the dump stored as null (or NaN) are
+counted separately (`num_null_tokens`).
+
+Values a dump may hold are checked as they stream in (`ValueChecks`), never passed on as a
+silent number: a negative token id, one beyond int32, or a log-prob of +inf stop the import
+in one line naming the file and record; log-probs above 0 (not a log-probability: tiny ones
+are a low-precision log-softmax's rounding) and an inference log-prob of -inf (the sampled
+token impossible under the sampler) are counted, named in a warning and recorded in
+run.json (`source.value_checks`), and a side whose log-probs are mostly above 0 is refused
+(negative log-likelihoods or probabilities, not log-probs).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ..errors import MismatchError
+from ..errors import MismatchError, first_line
 from ..runs import RunDir, atomic_write_table, token_frame
 from .checks import SlopeSums
 from .toolkit import Chunk, ReadContext, require_trust
@@ -155,6 +163,100 @@ def span_turns(lens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (cs - before[seq] - 1).clip(min=0).astype(np.int32) if n else np.zeros(0, np.int32)
 
 
+INT32_MAX = int(np.iinfo(np.int32).max)  # token ids are stored as int32
+
+
+def _locator(path: Any, rows: np.ndarray | None, seq: Any) -> Any:
+    """k (an index into per-token values whose completion is seq()[k]) -> "FILE record R",
+    R the dump's record (`source_row`) of that completion; `seq` is computed only when a
+    record is named."""
+    if rows is None:
+        return lambda k: f"{path}"
+    return lambda k: f"{path} record {int(rows[seq()[k]])}"
+
+
+class ValueChecks:
+    """What the imported values hold that a log-prob or a token id cannot, counted per side
+    (`infer`, `train`) over the token rows, with the first place each was seen."""
+
+    def __init__(self) -> None:
+        self.positive = {"infer": 0, "train": 0}  # log-probs above 0
+        self.max_logp = {"infer": -np.inf, "train": -np.inf}
+        self.neginf_infer = 0  # inference log-prob -inf: a sampled token of probability 0
+        self.first: dict[str, str] = {}  # what -> "FILE record R"
+        self.tokens = 0
+
+    def ids(self, ids: np.ndarray, what: str, where: Any) -> None:
+        """Token ids must be vocabulary indices: >= 0 and within int32 (one line if not)."""
+        if not ids.size:
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi > INT32_MAX:
+            bad = int(np.flatnonzero((ids < 0) | (ids > INT32_MAX))[0])
+            v = int(ids[bad])
+            why = "negative" if v < 0 else f"beyond int32 ({INT32_MAX:,}), where it would wrap"
+            raise MismatchError(
+                f"{where(bad)}: {what} holds token id {v}, {why}: token ids index the vocabulary"
+            )
+
+    def logp(self, side: str, v: np.ndarray, where: Any) -> None:
+        """`v`: the token rows' log-probs of `side` (NaN already dropped)."""
+        if not v.size:
+            return
+        with np.errstate(invalid="ignore"):
+            pos = v > 0
+        if np.isposinf(v).any():
+            bad = int(np.flatnonzero(np.isposinf(v))[0])
+            raise MismatchError(
+                f"{where(bad)}: logp_{side} is +inf; a log-prob is at most 0 (log 1): the dump "
+                "is damaged"
+            )
+        n = int(pos.sum())
+        if n:
+            self.positive[side] += n
+            self.max_logp[side] = max(self.max_logp[side], float(v[pos].max()))
+            if f"positive_{side}" not in self.first:
+                self.first[f"positive_{side}"] = where(int(np.flatnonzero(pos)[0]))
+        if side == "infer":
+            ninf = np.isneginf(v)
+            if ninf.any():
+                self.neginf_infer += int(ninf.sum())
+                if "neginf_infer" not in self.first:
+                    self.first["neginf_infer"] = where(int(np.flatnonzero(ninf)[0]))
+
+    def finish(self, warn: Any) -> dict[str, Any]:
+        """Refuse a side mostly above 0; warn about the rest; the run.json block."""
+        for side, n in self.positive.items():
+            if n and n > self.tokens / 2:
+                raise MismatchError(
+                    f"{n:,} of {self.tokens:,} imported logp_{side} values are above 0 (first: "
+                    f"{self.first[f'positive_{side}']}, max {self.max_logp[side]:+.4g}): these "
+                    "are not log-probs (negative log-likelihoods? probabilities?); a log-prob is "
+                    "at most 0"
+                )
+            if n:
+                warn(
+                    f"{n:,} model token(s) have logp_{side} above 0 (max "
+                    f"{self.max_logp[side]:+.3g}, first: {self.first[f'positive_{side}']}): not "
+                    "a log-probability (a tiny excess is a low-precision log-softmax's "
+                    "rounding); kept as they are: their p = exp(logp) > 1 falls outside every "
+                    "bucket"
+                )
+        if self.neginf_infer:
+            warn(
+                f"{self.neginf_infer:,} model token(s) have logp_infer = -inf (first: "
+                f"{self.first['neginf_infer']}): the dump's sampler gave probability 0 to the "
+                "token it sampled; their delta is infinite (counted in num_infinite)"
+            )
+        return {
+            "num_positive_logp": dict(self.positive),
+            "max_positive_logp": {
+                k: (v if self.positive[k] else None) for k, v in self.max_logp.items()
+            },
+            "num_neginf_logp_infer": self.neginf_infer,
+        }
+
+
 class Ingest:
     """Turns chunks into parts of about PART_TOKENS completion tokens: token parts (scored)
     or rollout parts (rescored), plus sequence parts; counts what it keeps and drops."""
@@ -171,11 +273,13 @@ class Ingest:
         self.steps: set[int] = set()
         self.max_token_id = -1
         self.slope = SlopeSums()  # logp_infer against logp_train (scored mode), checks.py
+        self.values = ValueChecks()
 
-    def add(self, chunk: Chunk, file_index: int) -> None:
+    def add(self, chunk: Chunk, file_index: int, path: Any = None) -> None:
         S = chunk.num_sequences
         if S == 0:
             return
+        self._check(chunk, path)
         seq_ids = np.arange(self.next_seq, self.next_seq + S, dtype=np.int64)
         self.next_seq += S
         pid, sidx = self.prompts.assign(chunk.prompt_lens, chunk.prompt_ids)
@@ -239,12 +343,37 @@ class Ingest:
                     **{k: np.split(v, split) for k, v in per_token.items()},
                 }
             )
+        at = _locator(path, chunk.seq_extra.get("source_row"), lambda: tok_seq[keep])
+        self.values.logp("infer", li[keep], at)
+        if self.mode == SCORED and lt is not None:
+            self.values.logp("train", lt[keep], at)
+        self.values.tokens += int(keep.sum())
         self.num_tokens += int(keep.sum())
         self._frames.append(frame)
         self._seqs.append(self._seq_table(chunk, seq_ids, pid, sidx, mask, file_index))
         self._buffered += int(chunk.lens.sum())
         if self._buffered >= self.part_tokens:
             self.flush()
+
+    def _check(self, chunk: Chunk, path: Any) -> None:
+        """The chunk's arrays agree in length, and its token ids are vocabulary indices."""
+        c = chunk
+        R, P = int(np.sum(c.lens)), int(np.sum(c.prompt_lens))
+        sizes = {"token_ids": c.token_ids.size, "logp_infer": np.size(c.logp_infer),
+                 "loss_mask": np.size(c.loss_mask),
+                 **({} if c.logp_train is None else {"logp_train": np.size(c.logp_train)}),
+                 **{k: np.size(v) for k, v in c.token_extra.items()}}  # fmt: skip
+        bad = {k: n for k, n in sizes.items() if n != R}
+        if bad or c.prompt_ids.size != P or (c.lens < 0).any() or (c.prompt_lens < 0).any():
+            k, n = next(iter(bad.items())) if bad else ("prompt_ids", c.prompt_ids.size)
+            raise MismatchError(
+                f"{path}: {k} has {n} values for {R if bad else P} tokens (length mismatch)"
+            )
+        rows = c.seq_extra.get("source_row")
+        for ids, lens, what in ((c.token_ids, c.lens, "the completion"),
+                                (c.prompt_ids, c.prompt_lens, "the prompt")):  # fmt: skip
+            at = _locator(path, rows, lambda lens=lens: np.repeat(np.arange(lens.size), lens))
+            self.values.ids(np.asarray(ids), what, at)
 
     def _seq_table(self, chunk: Chunk, seq_ids, pid, sidx, mask, file_index: int) -> pa.Table:
         S = chunk.num_sequences
@@ -315,11 +444,15 @@ class ImportOptions:
 
 def run_import(opts: ImportOptions, progress: Any = None) -> dict[str, Any]:
     """Import a framework's dump into the run directory `opts.out` and return the `--json`
-    result (run, format, mode, counts, steps, warnings). Nothing is left behind on failure."""
+    result (run, format, mode, counts, steps, warnings). The run is written beside `out`
+    and renamed into place when complete (`runs.replacing`): nothing is left behind on
+    failure, and a run `--overwrite` replaces survives until the new one is complete. An
+    `--out` that is the dump's file or folder, holds it or lies inside it is refused."""
     import shutil
 
     from ..config import MeasureConfig
-    from ..pipeline import Progress, prepare_out
+    from ..pipeline import Progress
+    from ..runs import check_out, replacing
     from . import get_format
 
     mod = get_format(opts.fmt)
@@ -338,6 +471,8 @@ def run_import(opts: ImportOptions, progress: Any = None) -> dict[str, Any]:
             "--rescore needs --model MODEL: the model whose training side rescores the dump"
         )
     files = discover(opts.sources, mod.PATTERNS, mod.NAME)
+    inputs = [*_source_inputs(opts.sources), *(("the dump's file", f) for f in files)]
+    check_out(opts.out, overwrite=opts.overwrite, inputs=inputs)  # before any model loads
     explicit = {
         Path(p).expanduser().resolve() for p in opts.sources if Path(p).expanduser().is_file()
     }
@@ -363,17 +498,46 @@ def run_import(opts: ImportOptions, progress: Any = None) -> dict[str, Any]:
             "with the training side"
         )
     model = _Model(opts.model, rescored=mode == RESCORED)
-    existed = opts.out.exists()
-    run = prepare_out(opts.out, resume=False, overwrite=opts.overwrite)
-    try:
+    with replacing(opts.out, overwrite=opts.overwrite, inputs=inputs) as work:
+        run = RunDir(work)
         result = _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings)
-    except BaseException:
-        shutil.rmtree(opts.out, ignore_errors=True)
-        if existed:
-            opts.out.mkdir(parents=True, exist_ok=True)
-        raise
-    shutil.rmtree(run.parts, ignore_errors=True)
+        shutil.rmtree(run.parts, ignore_errors=True)
+    result["run"] = str(opts.out)
     return result
+
+
+def _source_inputs(sources: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """The SOURCE arguments that are files or folders, as `runs.check_out` inputs."""
+    out: list[tuple[str, Path]] = []
+    for src in sources:
+        p = Path(src).expanduser()
+        if p.is_dir():
+            out.append(("the dump's folder", p))
+        elif p.is_file():
+            out.append(("the dump's file", p))
+    return out
+
+
+# what a reader raises on a malformed file (a list where an array is due, a key missing,
+# a shape that does not unpack): one line naming the file, never a traceback
+_MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+
+
+def _chunks(mod: Any, path: Path, ctx: ReadContext) -> Any:
+    """`mod.read(path, ctx)`, with a reader's crash on a malformed file as one line."""
+    it = iter(mod.read(path, ctx))
+    while True:
+        try:
+            chunk = next(it)
+        except StopIteration:
+            return
+        except MismatchError:
+            raise
+        except _MALFORMED as e:
+            raise MismatchError(
+                f"{path}: not a readable {mod.NAME} dump ({type(e).__name__}: {first_line(e)})"
+            ) from e
+        yield chunk
 
 
 class _Model:
@@ -427,7 +591,7 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
         info: dict[str, Any] = {"path": str(path.resolve()), "bytes": path.stat().st_size}
         info["sha256"] = sha256_file(path)
         file_info.append(info)
-        for chunk in mod.read(path, ctx):
+        for chunk in _chunks(mod, path, ctx):
             if steps is not None:
                 if "step" not in chunk.seq_extra:
                     raise MismatchError(f"--steps given, but {path} holds no step")
@@ -461,7 +625,7 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
                     )
             if ingest is None:
                 ingest = Ingest(run, mode, opts.part_tokens)
-            ingest.add(chunk, i)
+            ingest.add(chunk, i, path)
         if len(files) > 1:  # from the second file on: a bad single file fails in one line
             if i == 0:
                 prog.start("read", len(files))
@@ -473,7 +637,10 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
             raise MismatchError(
                 f"no completion has a step in --steps {opts.steps} (steps found: {_ranges(sorted(seen_steps))})"
             )
-        raise MismatchError(f"empty dump: {len(files)} {mod.NAME} file(s) hold no completions")
+        which = (
+            f"{files[0]} holds" if len(files) == 1 else f"{len(files)} files ({files[0]}, ...) hold"
+        )
+        raise MismatchError(f"empty dump: {which} no {mod.NAME} completions")
     if ingest.num_tokens == 0:
         raise MismatchError(
             "no model-generated token to import: every completion token is loss-masked or has "
@@ -481,9 +648,10 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
         )
     if ingest.num_null:
         warn(
-            f"{ingest.num_null:,} model token(s) have a null log-prob in the dump (a framework "
-            "writes null for a non-finite value): left out"
+            f"{ingest.num_null:,} model token(s) have a null log-prob in the dump (or NaN; a "
+            "framework writes null for a non-finite value): left out"
         )
+    value_checks = ingest.values.finish(warn)
     for w in getattr(mod, "warnings", lambda s: [])(ingest.steps):
         warn(w)
     check: dict[str, Any] = {}
@@ -533,6 +701,7 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
             "sampling": samp,
             "num_dropped_tokens": ingest.num_dropped,
             "num_null_tokens": ingest.num_null,
+            "value_checks": value_checks,
             "checks": check,
             "warnings": list(warnings),
         },
@@ -551,6 +720,7 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
         "num_tokens": summary["num_tokens"],
         "num_dropped_tokens": ingest.num_dropped,
         "num_null_tokens": ingest.num_null,
+        "value_checks": value_checks,
         "steps": steps_sorted,
         "num_files": len(files),
         "summary": summary,

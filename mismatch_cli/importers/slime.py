@@ -13,7 +13,10 @@ tokens[:-response_length]. loss_mask 0 marks tool / environment tokens. Sign: sl
 |log_probs - rollout_log_probs|; delta = rollout_log_probs - log_probs.
 
 Loading: torch.load(weights_only=True) (tensors and plain containers only). A dump holding
-other objects (numpy values in metadata, images) needs --trust-pickle for a full load.
+numpy values too (in metadata) is read, with --trust-pickle, by the restricted torch-free
+reader `pickles.load_torch_zip` (tensors, containers, plain numpy arrays and scalars);
+anything else (images, arbitrary classes, functions) is refused by name either way. No
+load ever runs code from the file: there is no full `torch.load`.
 `eval_*.pt` files are evaluation rollouts: skipped in folders. A rollout dump whose
 train dump is beside it (../train_data/ with the same name) is skipped: the train dump
 holds the same samples with both sides.
@@ -29,11 +32,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import MismatchError, first_line
+from .pickles import load_torch_zip, read_bytes
 from .toolkit import Chunk, ReadContext, missing
 
 NAME = "slime"
 PATTERNS = ("*.pt",)
-PICKLE = False  # weights_only loading; --trust-pickle only for the full-load fallback
+PICKLE = False  # weights_only loading; --trust-pickle also reads numpy values (restricted)
 SIDES = "either"
 SIGN = "slime: rollout_log_probs (inference), log_probs (trainer); delta = rollout_log_probs - log_probs"
 
@@ -61,7 +65,8 @@ def select(files: Sequence[Path], warn, explicit: set[Path]) -> list[Path]:
 
 
 def _load(path: Path, ctx: ReadContext) -> dict[str, Any]:
-    """torch.load with weights_only=True; with --trust-pickle, a full load when that fails."""
+    """torch.load with weights_only=True; with --trust-pickle, when that refuses the file,
+    the restricted reader that also reads numpy values. Never a full (code-running) load."""
     import pickle
 
     import torch
@@ -69,19 +74,31 @@ def _load(path: Path, ctx: ReadContext) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        what = _refused_name(e)
         if not ctx.trust_pickle:
             raise MismatchError(
-                f"{path}: torch.load(weights_only=True) refused it ({first_line(e)[:160]}); "
-                "it holds objects beyond tensors and containers: pass --trust-pickle to load "
-                "it fully (a full load can run code from the file)"
+                f"{path}: torch.load(weights_only=True) refused {what} (the file holds objects "
+                "beyond tensors and containers; nothing from it ran); pass --trust-pickle to "
+                "also read numpy values (still nothing from the file is run)"
             ) from e
-        ctx.warn(f"{path}: loaded with weights_only=False (--trust-pickle)")
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        payload = load_torch_zip(read_bytes(path), str(path))
+        ctx.warn(
+            f"{path}: holds {what}, beyond tensors: read with the restricted loader "
+            "(--trust-pickle; nothing from the file was run)"
+        )
+    except MismatchError:
+        raise
+    except Exception as e:  # a damaged or foreign file: one line
         raise MismatchError(f"{path}: not a torch.save file ({first_line(e)[:160]})") from e
     if not isinstance(payload, dict) or not isinstance(payload.get("samples"), list):
         raise MismatchError(f"{path}: not a slime dump (no `samples` list)")
     return payload
+
+
+def _refused_name(e: BaseException) -> str:
+    """The global or class torch's weights_only unpickler refused, from its message."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"got <class '([\w.]+)'>", str(e))
+    return m.group(1) if m else "an object"
 
 
 def _np(x: Any, dtype: Any) -> np.ndarray:

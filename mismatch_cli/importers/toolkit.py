@@ -172,12 +172,34 @@ def jsonl_tables(
                     parse_options=popts,
                 )
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise MismatchError(
-                    f"{path}: not readable as JSON lines near record {first} ({msg})"
+                raise _bad_line(path, first, lines) or MismatchError(
+                    f"{path}: not readable as JSON lines near record {first} "
+                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                 ) from e
             yield first, table
             first += len(lines)
+
+
+def _bad_line(path: Path, first: int, lines: Sequence[bytes]) -> MismatchError | None:
+    """The error naming the first line of a block that is not a JSON object (a line cut
+    off where the file ends: a truncated file), or None if every line is one."""
+    import json
+
+    for k, ln in enumerate(lines):
+        try:
+            obj = json.loads(ln)
+        except ValueError as e:
+            cut = k == len(lines) - 1 and not ln.endswith(b"\n")
+            why = "the file ends in the middle of it: truncated?" if cut else str(e)
+            return MismatchError(
+                f"{path}: not readable as JSON lines: record {first + k} is not valid JSON ({why})"
+            )
+        if not isinstance(obj, dict):
+            return MismatchError(
+                f"{path}: not readable as JSON lines: record {first + k} is a JSON "
+                f"{type(obj).__name__}, not an object"
+            )
+    return None
 
 
 @dataclass
@@ -191,11 +213,13 @@ class ReadContext:
 
 
 def require_trust(path: Path, fmt: str, ctx: ReadContext) -> None:
-    """Pickles run code when loaded: refuse them unless --trust-pickle was given."""
+    """Pickles are opened only with --trust-pickle (a plain unpickler would run code from
+    the file; ours reads an allow-list and runs nothing, but reads only when asked)."""
     if not ctx.trust_pickle:
         raise MismatchError(
-            f"{path} is a pickle ({fmt} dumps are), and loading a pickle can run code from "
-            "the file: pass --trust-pickle if you trust where it came from"
+            f"{path} is a pickle ({fmt} dumps are): pass --trust-pickle to read it (a "
+            "restricted loader reads only the batch's tensors and arrays; nothing from the "
+            "file is run)"
         )
 
 
@@ -210,7 +234,7 @@ class Format(Protocol):
 
     NAME: str  # the FORMAT argument of `mismatch import`
     PATTERNS: Sequence[str]  # file-name globs searched for when a SOURCE is a folder
-    PICKLE: bool  # its files are pickles: refused without --trust-pickle
+    PICKLE: bool  # its files are pickles: read (restricted) only with --trust-pickle
     SIDES: str  # "both" (inference and trainer log-probs), "infer" (rescore) or "either"
     SIGN: str  # the framework's sign convention, one sentence (recorded in run.json)
 
