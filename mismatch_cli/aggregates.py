@@ -60,6 +60,7 @@ NO_EPS_HAT_ESTIMATOR = (
     "(1 - p) shape, not an independent bound)"
 )
 COARSE_QUANTILES = (0.9, 0.99)
+_LOG_BAND = math.log(M.RATIO_BAND[1])  # |delta| above it: r outside [1/2, 2]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -409,6 +410,7 @@ class Aggregates:
         self.sum_k2 = self.sum_k3 = self.sum_r = self.sum_r2 = self.sum_chi2 = 0.0
         self.min_r, self.max_r = math.inf, -math.inf
         self.above_cap = np.zeros(len(M.CAPS), np.int64)
+        self.n_outside = 0  # finite tokens with r = exp(-delta) outside metrics.RATIO_BAND
         self.sum_dp, self.max_dp = 0.0, -math.inf
         self.p_train, self.p_infer = Moments(), Moments()
         self.comoment = 0.0  # sum (p_train - mean)(p_infer - mean), merged like M2
@@ -474,6 +476,7 @@ class Aggregates:
         self.sum_chi2 += float(np.expm1(2 * c).sum())
         for i, cap in enumerate(M.CAPS):
             self.above_cap[i] += int(np.count_nonzero(r > cap))
+        self.n_outside += int(np.count_nonzero(ad > _LOG_BAND))  # r outside RATIO_BAND
         dp = np.abs(b.p_train - b.p_infer)  # [m]
         self.sum_dp += float(dp.sum())
         self.max_dp = max(self.max_dp, float(dp.max()))
@@ -725,6 +728,7 @@ class Aggregates:
             "std_delta": float(overall.std()),
             "mean_abs_delta": mean(float(self.sum_ad.sum())),
             "max_abs_delta": self.max_ad if n else math.nan,
+            "p99_abs_delta": float(self.abs_delta_quantile(0.99)[0]) if n else math.nan,
             "std_abs_delta": float(self.abs_delta.std()),
             "mean_abs_dp": mean(self.sum_dp),
             "max_abs_dp": self.max_dp if n else math.nan,
@@ -742,6 +746,7 @@ class Aggregates:
             "ess_token": self.sum_r**2 / (n * self.sum_r2) if n else math.nan,
             "ess_seq": M.ess(w_seq),
             "ess_seq_geo": M.ess(w_geo),
+            "frac_ratio_outside_0.5_2": mean(float(self.n_outside)),
         }
         for i, c in enumerate(M.CAPS):
             out[f"frac_token_above_cap_{c:g}"] = mean(float(self.above_cap[i]))

@@ -247,6 +247,7 @@ METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
     ("k3", "k3  mean(e^d - 1 - d)", ">= 0"),
     ("mean_abs_delta", "mean |delta|", "slime: > 0.1 fails CI"),
     ("max_abs_delta", "max |delta|", ""),
+    ("p99_abs_delta", "p99 |delta|", "exact up to 2^24 tokens, the sketch beyond"),
     ("std_abs_delta", "std |delta|", ""),
     ("mean_abs_dp", "mean |delta p|", "verl: < 0.005 normal, > 0.01 suspicious"),
     ("max_abs_dp", "max |delta p|", ""),
@@ -268,6 +269,7 @@ METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
     ("ess_token", "ESS token", "fraction 1 / mean((w / mean w)^2)"),
     ("ess_seq", "ESS seq (product)", ""),
     ("ess_seq_geo", "ESS seq (geo mean)", ""),
+    ("frac_ratio_outside_0.5_2", "share with r outside [0.5, 2]", "|delta| > log 2"),
 )
 
 

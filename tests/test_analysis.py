@@ -421,3 +421,19 @@ def test_verl_named_metrics_clamp_the_log_ratio_like_verl(tmp_path: Path) -> Non
     assert m["ess_token"] == pytest.approx(1 / np.mean((w / w.mean()) ** 2), rel=1e-9)
     assert m["k3"] == pytest.approx(np.mean(np.expm1(d) - d), rel=1e-9)  # unclamped
     assert m["k3"] > np.mean(np.expm1(dc) - dc) * 1e3  # e^30 is really in it
+
+
+def test_p99_and_ratio_band_metrics_equal_numpy() -> None:
+    """`p99_abs_delta` and `frac_ratio_outside_0.5_2` (the monitor's names) against numpy."""
+    import math
+
+    from mismatch_cli.synthetic import synthetic_tables
+
+    tokens, _ = synthetic_tables(num_sequences=24, eps=0.8, seed=7)
+    m = A.analyze(tokens)["metrics"]
+    d = tokens["delta"].to_numpy()
+    d = d[np.isfinite(d) & tokens["kept_train"].to_numpy()]
+    assert m["p99_abs_delta"] == pytest.approx(float(np.quantile(np.abs(d), 0.99)), rel=1e-12)
+    want = float(np.mean(np.abs(d) > math.log(2)))
+    assert m["frac_ratio_outside_0.5_2"] == pytest.approx(want, rel=1e-12)
+    assert 0 < want < 1  # the case tests something
