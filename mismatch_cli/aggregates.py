@@ -430,6 +430,29 @@ class Aggregates:
         self.eps, self.eps_estimator = float(eps), estimator
         self.envelope = EnvelopeCounts(eps, self.nb)
 
+    _PER_SEQUENCE = (
+        "seq_n", "seq_n_fin", "seq_sum_d", "seq_sum_ad", "seq_sum_x", "seq_tail_n", "seq_tail_d"
+    )  # fmt: skip
+
+    def extend_sequences(self, ids: np.ndarray) -> None:
+        """Add sequences (ids [k], sorted, all above the current ones) to the per-sequence
+        arrays: for a stream whose batches bring new, whole sequences (a trainer's steps,
+        `monitor.StepMonitor`), where no first pass can list them all."""
+        ids = np.asarray(ids)
+        if ids.size and self.seq_ids.size and ids[0] <= self.seq_ids[-1]:
+            raise ValueError("new sequence ids must come after the current ones")
+        self.seq_ids = np.concatenate([self.seq_ids, ids])
+        for name in self._PER_SEQUENCE:
+            a = getattr(self, name)
+            setattr(self, name, np.concatenate([a, np.zeros(ids.size, a.dtype)]))
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what was computed from the sums so far (they changed)."""
+        for name in ("_sequences", "_eps_hat"):
+            self.__dict__.pop(name, None)
+        self._eps_needed.clear()
+
     def add(self, b: Batch) -> None:
         """Add one batch of token rows (main pass)."""
         nb1 = self.nb + 1
@@ -447,6 +470,7 @@ class Aggregates:
             self._add_finite(b)
         if self.envelope is not None:
             self.envelope.add(b)
+        self._forget()
 
     def _add_finite(self, b: Batch) -> None:
         d, ad, x = b.delta, b.ad, b.x  # [m]

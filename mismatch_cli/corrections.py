@@ -259,6 +259,13 @@ class Summary:
         self.step_clipped = np.zeros(K, dtype=np.int64)
         self.step_left_abs = np.zeros(K)
 
+    def grow(self, k: int) -> None:
+        """Make room for k more sequences (indices S..S+k-1): a stream whose batches bring
+        new, whole sequences (`SequenceStream`)."""
+        self.kept_seq = np.concatenate([self.kept_seq, np.zeros(k)])
+        self.w_seq = np.concatenate([self.w_seq, np.zeros(k)])
+        self.S += int(k)
+
     def add(self, a: Applied, t: RunTokens, bs: BatchSeqs) -> None:
         """Add a batch's rows `t` (sequences bs) under the rule's result `a`."""
         tot = t.totals
@@ -385,6 +392,92 @@ def summarize_method(a: Applied, t: RunTokens) -> dict[str, Any]:
     keep = ~a.masked  # finite tokens only
     q.add(t.abs_delta[keep], np.zeros(int(np.count_nonzero(keep)), dtype=np.int32))
     return acc.result(q.quantile(_keep_all, 0.99), q.quantile(_keep_all, 1.0))
+
+
+class SequenceStream:
+    """The corrections over a stream of batches that each hold WHOLE sequences (a
+    trainer's steps: `monitor.StepMonitor`), with the same rules, decisions and summaries
+    as `corrections` on a run: per batch, the sequence-level rules decide from that
+    batch's per-sequence sums, every method applies to the batch's tokens, and each method's
+    `Summary` accumulates over the stream (its sequences grow batch by batch). `add` returns
+    the batch's own summaries; `rows()` the stream's, as `corrections` gives them for a run
+    holding the same tokens. DVP rows need the pruned-mass grid and are not streamed here.
+
+    delta = logp_infer - logp_train; non-finite deltas count as infinite (masked by every
+    method, their sequences dropped by every sequence-level one), as everywhere."""
+
+    def __init__(
+        self,
+        methods: Iterable[str] | None = None,
+        overrides: Mapping[str, Mapping[str, float]] | None = None,
+        edges: Sequence[float] | str | None = None,
+        exact_limit: int = EXACT_LIMIT,
+    ) -> None:
+        from .aggregates import parse_edges
+
+        names = [n for n in check_methods(methods) if METHODS[n].dvp_rule is None]
+        overrides = overrides or {}
+        self.params = {n: resolve_params(n, overrides.get(n)) for n in names}
+        self.names = names
+        self.edges = parse_edges(edges)
+        self.total = {n: Summary(0, self.edges, None, False) for n in ["", *names]}
+        self.bits = {n: 1 << j for j, n in enumerate(self.total)}  # "" : all tokens
+        self.quantiles = KeyedQuantiles(exact_limit)
+        self.num_tokens = 0
+
+    def add(
+        self, delta: np.ndarray, seq: np.ndarray, p_train: np.ndarray
+    ) -> dict[str, dict[str, Any]]:
+        """Add a batch: delta [n], seq [n] the sequence of each row (0..k-1, rows of one
+        sequence together, every sequence whole), p_train [n]. Returns {method: its
+        `Summary.result` on this batch} ("" is no correction, every token)."""
+        seq = np.asarray(seq, dtype=np.int64)
+        k = int(seq.max()) + 1 if seq.size else 0
+        b = {"delta": np.asarray(delta, dtype=np.float64), "p_train": p_train}
+        t = _prepare(b, seq, k, self.edges, None)
+        local = BatchSeqs(seq)
+        acc = SeqAccumulator(k)
+        acc.add(t.delta, local)
+        view = acc.view()
+        decisions = {
+            n: SEQ_DECISIONS[m.rule](view, **self.params[n])
+            for n in self.names
+            if (m := METHODS[n]).rule in SEQ_DECISIONS
+        }
+        start = self.total[""].S
+        glob = BatchSeqs(seq + start)
+        keys = np.zeros(t.num_tokens, dtype=np.int32)
+        step_q = KeyedQuantiles(self.quantiles.exact_limit)
+        step: dict[str, Summary] = {}
+        for n, total in self.total.items():
+            a = _apply(n, t, self.params.get(n, {}), decisions, {})
+            total.grow(k)
+            total.add(a, t, glob)
+            step[n] = Summary(k, self.edges, None, False)
+            step[n].add(a, t, local)
+            keys |= np.where(a.masked, 0, self.bits[n]).astype(np.int32)
+        self.quantiles.add(t.abs_delta[t.finite], keys[t.finite])
+        step_q.add(t.abs_delta[t.finite], keys[t.finite])
+        self.num_tokens += t.num_tokens
+        return {n: self._result(s, step_q, n) for n, s in step.items()}
+
+    def _result(self, s: Summary, q: KeyedQuantiles, name: str) -> dict[str, Any]:
+        bit = self.bits[name]
+
+        def kept(keys: np.ndarray) -> np.ndarray:
+            return (keys & bit) != 0
+
+        return s.result(q.quantile(kept, 0.99), q.quantile(kept, 1.0))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The stream's method rows (METHOD_KEYS each, bias_bound None): what
+        `corrections` gives for a run of the same tokens."""
+        return json_ready(
+            [
+                _row(n, self.params[n], self._result(self.total[n], self.quantiles, n))
+                for n in self.names
+            ]
+        )
 
 
 # Keys of every method object, in order (docs/formats.md).
@@ -912,6 +1005,7 @@ __all__ = [
     "CONVENTIONS_CORRECTIONS",
     "METHOD_KEYS",
     "RunTokens",
+    "SequenceStream",
     "Summary",
     "corrections",
     "corrections_verdict",

@@ -70,6 +70,7 @@ UPSTREAM = {
     "mismatch_cli.rollout", "mismatch_cli.rescore", "mismatch_cli.models", "mismatch_cli.pipeline",
     "mismatch_cli.dvp", "mismatch_cli.sampling", "mismatch_cli.prompts", "mismatch_cli.config",
     "mismatch_cli.synthetic", "mismatch_cli.diagnose", "mismatch_cli.validate",
+    "mismatch_cli.monitor",  # inside a trainer: reads its torch tensors (never an engine)
 }  # fmt: skip
 TERMINAL = {"mismatch_cli.render", "mismatch_cli.progress"}  # the only modules that draw with rich
 
