@@ -178,9 +178,10 @@ def run_measure(
         cfg = MeasureConfig.from_dict(RunDir(out).read_meta()["config"])
     cfg.validate()
     model_path, model_name = resolve_model(cfg.model, cfg.model_file)
-    # Everything a user can get wrong is checked before the output directory is touched.
-    tokenizer = load_tokenizer(model_path)
+    # Everything a user can get wrong is checked before the output directory is touched;
+    # the prompt file before the tokenizer, whose import (transformers) takes seconds.
     prompts = load_prompts(cfg.prompts, cfg.prompt_column)
+    tokenizer = load_tokenizer(model_path)
     if cfg.num_prompts is not None:
         prompts = prompts[: cfg.num_prompts]
     prompt_ids = encode_prompts(prompts, tokenizer, cfg.chat_template)
