@@ -80,14 +80,23 @@ def vllm_topp_run(runs_dir: Path) -> Path:
     return out
 
 
+# transformers generating and rescoring, both float32: 4 prompts x 2 samples x 8 tokens in
+# 2 chunks of 2 prompts (each chunk pads prompts of different lengths into one batch). The
+# null check's run, and the uninterrupted run the resume test compares a resumed one with.
+# Few tokens: transformers decodes one token per forward, the slowest thing a test does here.
+HF_NULL = [
+    "--infer-engine", "hf", "--infer-dtype", "float32", "--train-dtype", "float32",
+    "--num-prompts", "4", "--samples-per-prompt", "2", "--max-tokens", "8",
+    "--chunk-prompts", "2", "--no-plots",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def hf_null_run(runs_dir: Path) -> Path:
-    """The null check: transformers generation and rescoring in the same dtype."""
+    """The null check: transformers generation and rescoring in the same dtype (`HF_NULL`).
+    Also the resume test's reference: an uninterrupted run of the same command."""
     out = runs_dir / "hf_null"
-    run_cli(
-        "measure", *SMALL, "--infer-engine", "hf", "--infer-dtype", "float32",
-        "--train-dtype", "float32", "--out", str(out), check=True,
-    )  # fmt: skip
+    run_cli("measure", *HF_NULL, "--out", str(out), check=True)
     return out
 
 
