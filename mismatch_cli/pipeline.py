@@ -39,8 +39,9 @@ def default_out(model_name: str) -> Path:
     return Path("runs") / f"{stamp}-{model_name}"
 
 
-def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> RunDir:
-    """Check the output directory against --resume / --overwrite before any model loads."""
+def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an output directory that --resume / --overwrite do not allow. Reads only (no
+    folder is created or removed), so `measure` checks it before anything slow loads."""
     run = RunDir(out)
     if out.exists() and not out.is_dir():
         raise MismatchError(f"--out {out} exists and is a file")
@@ -50,7 +51,7 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> RunDir:
             if status == STATUS_COMPLETE:
                 raise MismatchError(f"run {out} is already complete; nothing to resume")
         elif overwrite:
-            shutil.rmtree(out)
+            pass  # prepare_out removes it
         elif status == STATUS_COMPLETE:
             raise MismatchError(f"{out} holds a complete run; pass --overwrite to replace it")
         else:
@@ -64,6 +65,16 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> RunDir:
         raise MismatchError(
             f"--out {out} is a non-empty directory that is not a run; choose another path"
         )
+
+
+def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> RunDir:
+    """Check the output directory against --resume / --overwrite (`check_out`) before any
+    model loads, then make it ready: the run --overwrite replaces removed, the folder
+    created and proved writable."""
+    check_out(out, resume=resume, overwrite=overwrite)
+    run = RunDir(out)
+    if overwrite and not resume and run.exists():
+        shutil.rmtree(out)
     check_writable_dir(out)
     return run
 
@@ -177,10 +188,13 @@ def run_measure(
         # A resumed run keeps its saved settings (prepare_out checks that it is resumable).
         cfg = MeasureConfig.from_dict(RunDir(out).read_meta()["config"])
     cfg.validate()
+    if out is not None:  # what --out holds (read only), before anything slow loads
+        check_out(out, resume=resume, overwrite=overwrite)
     model_path, model_name = resolve_model(cfg.model, cfg.model_file)
-    # Everything a user can get wrong is checked before the output directory is touched.
-    tokenizer = load_tokenizer(model_path)
+    # Everything a user can get wrong is checked before the output directory is touched;
+    # the prompt file before the tokenizer, whose import (transformers) takes seconds.
     prompts = load_prompts(cfg.prompts, cfg.prompt_column)
+    tokenizer = load_tokenizer(model_path)
     if cfg.num_prompts is not None:
         prompts = prompts[: cfg.num_prompts]
     prompt_ids = encode_prompts(prompts, tokenizer, cfg.chat_template)

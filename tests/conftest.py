@@ -80,15 +80,72 @@ def vllm_topp_run(runs_dir: Path) -> Path:
     return out
 
 
+# transformers generating and rescoring, both float32: 4 prompts x 2 samples x 8 tokens in
+# 2 chunks of 2 prompts (each chunk pads prompts of different lengths into one batch). The
+# null check's run, and the uninterrupted run the resume test compares a resumed one with.
+# Few tokens: transformers decodes one token per forward, the slowest thing a test does here.
+HF_NULL = [
+    "--infer-engine", "hf", "--infer-dtype", "float32", "--train-dtype", "float32",
+    "--num-prompts", "4", "--samples-per-prompt", "2", "--max-tokens", "8",
+    "--chunk-prompts", "2", "--no-plots",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def hf_null_run(runs_dir: Path) -> Path:
-    """The null check: transformers generation and rescoring in the same dtype."""
+    """The null check: transformers generation and rescoring in the same dtype (`HF_NULL`).
+    Also the resume test's reference: an uninterrupted run of the same command."""
     out = runs_dir / "hf_null"
-    run_cli(
-        "measure", *SMALL, "--infer-engine", "hf", "--infer-dtype", "float32",
-        "--train-dtype", "float32", "--out", str(out), check=True,
-    )  # fmt: skip
+    run_cli("measure", *HF_NULL, "--out", str(out), check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def vllm_many_prompts_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One real vLLM run in this process (`pipeline.run_measure`, as `measure` calls it),
+    watched: 80 prompts x 2 samples of ~60 prompt tokens (~9,600 prefill tokens, more than
+    vLLM's CPU step budget of 4096) x 2 tokens, enforce_eager. Spies record the processes
+    `VllmEngine` starts (EngineCore, its workers) and which of them still run when the
+    training side loads. Returns {"out", "started", "seen_at_load"}; shared by the test that
+    the engine processes are gone before the training load (test_devices) and the test that
+    many prompts at once do not kill the CPU engine (test_integration_measure)."""
+    import psutil
+
+    from mismatch_cli import models, rollout
+    from mismatch_cli.config import MeasureConfig
+    from mismatch_cli.pipeline import run_measure
+
+    me = psutil.Process()
+    started: set[int] = set()
+    seen_at_load: list[list[int]] = []
+    real_init, real_load = rollout.VllmEngine.__init__, models.load_model
+
+    def spy_init(self: object, *a: object, **k: object) -> None:
+        before = {p.pid for p in me.children(recursive=True)}
+        real_init(self, *a, **k)
+        for p in me.children(recursive=True):
+            # Python's multiprocessing resource tracker (~13 MB, no model) lives as long as
+            # this process, by design; the engine processes are named VLLM::EngineCore, ...
+            if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline()):
+                started.add(p.pid)
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def spy_load(*a: object, **k: object) -> tuple[object, object]:
+        seen_at_load.append([pid for pid in started if running(pid)])
+        return real_load(*a, **k)
+
+    out = tmp_path_factory.mktemp("many") / "run"
+    cfg = MeasureConfig(num_prompts=80, samples_per_prompt=2, max_tokens=2, enforce_eager=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rollout.VllmEngine, "__init__", spy_init)
+        mp.setattr(models, "load_model", spy_load)
+        run_measure(cfg, out)
+    return {"out": out, "started": started, "seen_at_load": seen_at_load}
 
 
 @pytest.fixture(scope="session")

@@ -211,43 +211,12 @@ def test_measure_frees_the_inference_engine_before_loading_the_training_side(
 
 @pytest.mark.integration
 def test_vllm_engine_process_is_gone_before_the_training_side_loads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    vllm_many_prompts_run: dict,
 ) -> None:
     """With the real vLLM engine: the processes vLLM starts (EngineCore, its workers) have
-    exited when `measure` loads the transformers model."""
-    import psutil
-
-    from mismatch_cli import models, rollout
-    from mismatch_cli.pipeline import run_measure
-
-    me = psutil.Process()
-    started: set[int] = set()
-    seen_at_load: list[list[int]] = []
-    real_init, real_load = rollout.VllmEngine.__init__, models.load_model
-
-    def spy_init(self: object, *a: object, **k: object) -> None:
-        before = {p.pid for p in me.children(recursive=True)}
-        real_init(self, *a, **k)
-        for p in me.children(recursive=True):
-            # Python's multiprocessing resource tracker (~13 MB, no model) lives as long as
-            # this process, by design; the engine processes are named VLLM::EngineCore, ...
-            if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline()):
-                started.add(p.pid)
-
-    def running(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    def spy_load(*a: object, **k: object) -> tuple[object, object]:
-        seen_at_load.append([pid for pid in started if running(pid)])
-        return real_load(*a, **k)
-
-    monkeypatch.setattr(rollout.VllmEngine, "__init__", spy_init)
-    monkeypatch.setattr(models, "load_model", spy_load)
-    cfg = MeasureConfig(num_prompts=2, samples_per_prompt=1, max_tokens=8, enforce_eager=True)
-    run_measure(cfg, tmp_path / "run")
+    exited when `measure` loads the transformers model (the run and its spies:
+    conftest.vllm_many_prompts_run)."""
+    started, seen_at_load = vllm_many_prompts_run["started"], vllm_many_prompts_run["seen_at_load"]
     assert started, "no engine process was seen: the check would prove nothing"
     assert seen_at_load == [[]], f"vLLM processes still running at training load: {seen_at_load}"
 

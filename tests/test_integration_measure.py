@@ -122,16 +122,10 @@ def test_progress_in_a_log_is_plain_lines(vllm_run: Path) -> None:
     assert "\x1b[" not in err or "━" not in err  # no progress-bar drawing in a log
 
 
-def test_many_prompts_at_once_do_not_kill_the_cpu_engine(tmp_path: Path) -> None:
+def test_many_prompts_at_once_do_not_kill_the_cpu_engine(vllm_many_prompts_run: dict) -> None:
     """A chunk whose prompts exceed vLLM's CPU step budget (4096 tokens) used to chunk a
     prefill, and the engine died rewinding a seeded CPU generator. 80 prompts x 2 samples
-    of ~60 prompt tokens each is ~9,600 prefill tokens."""
-    from .conftest import run_cli
-
-    out = tmp_path / "many"
-    run_cli(
-        "measure", "--num-prompts", "80", "--samples-per-prompt", "2", "--max-tokens", "2",
-        "--enforce-eager", "--no-plots", "--out", str(out), check=True,
-    )  # fmt: skip
+    of ~60 prompt tokens each is ~9,600 prefill tokens (the run: conftest.vllm_many_prompts_run)."""
+    out = vllm_many_prompts_run["out"]
     meta = json.loads((out / "run.json").read_text())
     assert meta["status"] == "complete" and meta["summary"]["num_sequences"] == 160

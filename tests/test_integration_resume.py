@@ -1,5 +1,6 @@
 """An interrupted `measure` keeps what it computed, says `incomplete`, and `--resume` finishes
-it with exactly the data an uninterrupted run produces (real transformers engine)."""
+it with exactly the data an uninterrupted run produces (real transformers engine). The
+uninterrupted run is the session's `hf_null_run`: the same command (`conftest.HF_NULL`)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from .conftest import ROOT, run_cli
+from .conftest import HF_NULL, ROOT, run_cli
 
 pytestmark = pytest.mark.integration
 
-ARGS = [
-    "--infer-engine", "hf", "--infer-dtype", "float32", "--num-prompts", "4",
-    "--samples-per-prompt", "2", "--max-tokens", "16", "--chunk-prompts", "1", "--no-plots",
-]  # fmt: skip
+ARGS = HF_NULL  # 2 chunks: interrupted once the first is written
 
 
-def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_interrupt_then_resume_equals_an_uninterrupted_run(
+    hf_null_run: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [sys.executable, "-m", "mismatch_cli", "measure", *ARGS, "--out", str(out)],
@@ -57,8 +57,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> No
     assert again.returncode != 0 and "incomplete run" in again.stderr
 
     run_cli("measure", "--resume", "--out", str(out), "--no-plots", check=True)
-    ref = tmp_path / "reference"
-    run_cli("measure", *ARGS, "--out", str(ref), check=True)
+    ref = hf_null_run  # `measure *ARGS`, uninterrupted
 
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     a = pd.read_parquet(

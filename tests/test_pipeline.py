@@ -65,3 +65,52 @@ def test_masked_tokens_are_context_only_and_extras_are_carried(
     expect = np.concatenate([s["logp_train"] for s in full])[mask]
     np.testing.assert_array_equal(tok["logp_train"].to_numpy(), expect.astype(np.float64))
     np.testing.assert_allclose(tok["delta"], tok["logp_infer"] - tok["logp_train"])
+
+
+def test_out_checks_read_only_then_prepare_out_acts(tmp_path: Path) -> None:
+    """`check_out` (what measure checks before anything loads) refuses what `prepare_out`
+    refuses and never creates or removes a folder; `prepare_out` then replaces a run only
+    with --overwrite, and never a folder that is not a run."""
+    import pytest
+
+    from mismatch_cli.errors import MismatchError
+    from mismatch_cli.pipeline import check_out, prepare_out
+
+    def make(name: str, status: str) -> Path:
+        run = RunDir(tmp_path / name)
+        run.path.mkdir()
+        run.write_meta({"status": status})
+        (run.path / "tokens.parquet").write_bytes(b"old")
+        return run.path
+
+    complete, incomplete = make("complete", "complete"), make("incomplete", "incomplete")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("not a run")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    refusals = [
+        (a_file, {}, "exists and is a file"),
+        (complete, {}, "pass --overwrite"),
+        (complete, {"resume": True}, "already complete"),
+        (incomplete, {}, "pass --resume"),
+        (tmp_path / "new", {"resume": True}, "nothing to resume"),
+        (other, {}, "not a run"),
+        (other, {"overwrite": True}, "not a run"),
+    ]
+    for out, flags, needle in refusals:
+        kw = {"resume": False, "overwrite": False, **flags}
+        for check in (check_out, prepare_out):
+            with pytest.raises(MismatchError, match=needle):
+                check(out, **kw)
+    assert (other / "keep.txt").read_text() == "not a run"
+    check_out(tmp_path / "new", resume=False, overwrite=False)
+    check_out(complete, resume=False, overwrite=True)
+    check_out(incomplete, resume=True, overwrite=False)
+    assert not (tmp_path / "new").exists() and (complete / "tokens.parquet").exists()
+    assert prepare_out(incomplete, resume=True, overwrite=False).exists()  # kept, to resume
+    assert (incomplete / "tokens.parquet").exists()
+    prepare_out(complete, resume=False, overwrite=True)
+    assert complete.is_dir() and list(complete.iterdir()) == []  # replaced: an empty folder
+    prepare_out(tmp_path / "new", resume=False, overwrite=False)
+    assert (tmp_path / "new").is_dir()
