@@ -39,12 +39,14 @@ def default_out(model_name: str) -> Path:
     return Path("runs") / f"{stamp}-{model_name}"
 
 
-def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+def check_measure_out(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse an output directory that --resume / --overwrite do not allow. Reads only (no
-    folder is created or removed), so `measure` checks it before anything slow loads."""
+    folder is created or removed), so `measure` checks it before anything slow loads: a
+    file or a non-empty folder that is not a run is never used (`runs.check_out`), a run is
+    resumed only if incomplete and replaced only with --overwrite."""
+    from .runs import check_out
+
     run = RunDir(out)
-    if out.exists() and not out.is_dir():
-        raise MismatchError(f"--out {out} exists and is a file")
     if run.exists():
         status = run.read_meta().get("status")
         if resume:
@@ -58,20 +60,16 @@ def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
             raise MismatchError(
                 f"{out} holds an incomplete run; pass --resume to continue it or --overwrite"
             )
-    elif resume:
+    elif resume and not (out.exists() and not out.is_dir()):
         raise MismatchError(f"nothing to resume: {out} is not a run directory")
-    elif out.exists() and any(out.iterdir()):
-        # never delete a folder that is not a run, --overwrite or not
-        raise MismatchError(
-            f"--out {out} is a non-empty directory that is not a run; choose another path"
-        )
+    check_out(out, overwrite=True)  # a file, or a folder that is not a run: never used
 
 
 def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> RunDir:
-    """Check the output directory against --resume / --overwrite (`check_out`) before any
-    model loads, then make it ready: the run --overwrite replaces removed, the folder
-    created and proved writable."""
-    check_out(out, resume=resume, overwrite=overwrite)
+    """Check the output directory against --resume / --overwrite (`check_measure_out`)
+    before any model loads, then make it ready: the run --overwrite replaces removed, the
+    folder created and proved writable."""
+    check_measure_out(out, resume=resume, overwrite=overwrite)
     run = RunDir(out)
     if overwrite and not resume and run.exists():
         shutil.rmtree(out)
@@ -189,7 +187,7 @@ def run_measure(
         cfg = MeasureConfig.from_dict(RunDir(out).read_meta()["config"])
     cfg.validate()
     if out is not None:  # what --out holds (read only), before anything slow loads
-        check_out(out, resume=resume, overwrite=overwrite)
+        check_measure_out(out, resume=resume, overwrite=overwrite)
     model_path, model_name = resolve_model(cfg.model, cfg.model_file)
     # Everything a user can get wrong is checked before the output directory is touched;
     # the prompt file before the tokenizer, whose import (transformers) takes seconds.
@@ -493,11 +491,6 @@ def vllm_prefill_refusal(sampling: dict[str, Any]) -> str | None:
         "vLLM's prompt_logprobs are a raw log-softmax of the logits (no temperature, top-k, "
         f"top-p or min-p), not the log-probs of this run's sampling distribution ({', '.join(bad)})"
     )
-
-
-def _check_out_free(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise MismatchError(f"--out {out} already exists; choose a new directory")
 
 
 def _settings(meta: RunMeta, src: Path | None = None) -> dict[str, Any]:
@@ -932,7 +925,9 @@ def decode_repeat(src: Path, out: Path, *, progress: Progress | None = None) -> 
     if cfg.infer_engine != "vllm" or meta.infer.get("mode"):
         raise MismatchError(f"{src} was not decoded by vLLM: nothing to decode again")
     model_path = run_model_path(meta, src)
-    _check_out_free(out)
+    from .runs import check_out
+
+    check_out(out)  # a new directory: nothing there is replaced
     seqs = read_sequences(src).sort_values("seq_id", kind="stable").reset_index(drop=True)
     first = seqs.drop_duplicates("prompt_id")
     prompts = list(zip(first["prompt_id"].astype(int), first["prompt_token_ids"], strict=True))

@@ -68,13 +68,13 @@ def test_masked_tokens_are_context_only_and_extras_are_carried(
 
 
 def test_out_checks_read_only_then_prepare_out_acts(tmp_path: Path) -> None:
-    """`check_out` (what measure checks before anything loads) refuses what `prepare_out`
+    """`check_measure_out` (what measure checks before anything loads) refuses what `prepare_out`
     refuses and never creates or removes a folder; `prepare_out` then replaces a run only
     with --overwrite, and never a folder that is not a run."""
     import pytest
 
     from mismatch_cli.errors import MismatchError
-    from mismatch_cli.pipeline import check_out, prepare_out
+    from mismatch_cli.pipeline import check_measure_out, prepare_out
 
     def make(name: str, status: str) -> Path:
         run = RunDir(tmp_path / name)
@@ -100,13 +100,13 @@ def test_out_checks_read_only_then_prepare_out_acts(tmp_path: Path) -> None:
     ]
     for out, flags, needle in refusals:
         kw = {"resume": False, "overwrite": False, **flags}
-        for check in (check_out, prepare_out):
+        for check in (check_measure_out, prepare_out):
             with pytest.raises(MismatchError, match=needle):
                 check(out, **kw)
     assert (other / "keep.txt").read_text() == "not a run"
-    check_out(tmp_path / "new", resume=False, overwrite=False)
-    check_out(complete, resume=False, overwrite=True)
-    check_out(incomplete, resume=True, overwrite=False)
+    check_measure_out(tmp_path / "new", resume=False, overwrite=False)
+    check_measure_out(complete, resume=False, overwrite=True)
+    check_measure_out(incomplete, resume=True, overwrite=False)
     assert not (tmp_path / "new").exists() and (complete / "tokens.parquet").exists()
     assert prepare_out(incomplete, resume=True, overwrite=False).exists()  # kept, to resume
     assert (incomplete / "tokens.parquet").exists()
