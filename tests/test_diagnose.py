@@ -105,3 +105,21 @@ def test_bad_input_is_one_line(diag_dir: Path, tmp_path: Path) -> None:
         "is not a baseline",
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_batch_shape_verdict_handles_a_zero_gap(tmp_path: Path) -> None:
+    """Whether bf16 kernels are batch invariant is the machine's property: a variant that
+    agreed bit for bit is reported as such, one that did not with its k3."""
+    out = tmp_path / "d"
+    write_synthetic_run(out / "variants" / "baseline", num_sequences=8, eps=0.1, seed=3)
+    base = out / "variants" / "baseline"
+    tok = read_tokens(base)
+    cols = {c: tok[c].to_numpy() for c in tok.columns if c not in ("delta", "p_train", "p_infer")}
+    cols["logp_infer"] = cols["logp_train"]
+    write_run(out / "variants" / "batch-shape", token_frame(cols), read_sequences(base),
+              synthetic_meta())  # fmt: skip
+    v = summarize(out, ["baseline", "batch-shape"], {}, {})["verdict"]
+    assert "agreed bit for bit" in v and "not batch invariant" not in v
+    write_synthetic_run(out / "variants" / "batch-shape", num_sequences=8, eps=0.05, seed=4)
+    v = summarize(out, ["baseline", "batch-shape"], {}, {})["verdict"]
+    assert "not batch invariant here" in v and "agreed bit for bit" not in v
