@@ -230,3 +230,48 @@ def test_bad_tensors_warn_once_and_the_steps_go_on(tmp_path: Path) -> None:
     steps = [h for h in trainer.state.log_history if "loss" in h]
     assert len(steps) == 2 and trainer.state.global_step == 2
     assert not any(k.startswith(PREFIX) for h in trainer.state.log_history for k in h)
+
+
+@pytest.mark.integration
+def test_trl_vllm_colocate_on_the_cpu_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TRL's own vLLM path (`use_vllm=True`, colocate) on vLLM's CPU build: the inference side
+    is vLLM's processed log-probs, the training side TRL's `old_per_token_logps`, and the
+    monitor's mean |delta| is TRL's `sampling/sampling_logp_difference/mean`. vLLM's CPU
+    attention needs a supported head size (64 here; 8 is refused)."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import GRPOConfig
+
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    path = tmp_path / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=8, max_steps=2, logging_steps=1, report_to="none", use_cpu=True,
+        save_strategy="no", disable_tqdm=True, use_vllm=True, vllm_mode="colocate",
+        vllm_max_model_length=64, vllm_enable_sleep_mode=False,
+    )  # fmt: skip
+    ds = Dataset.from_dict({"prompt": [f"t{3 + i} t{10 + i} t{20 + i}" for i in range(16)]})
+    trainer = MismatchGRPOTrainer(
+        model=str(path), reward_funcs=_reward, args=args, train_dataset=ds,
+        processing_class=_tokenizer(),
+    )  # fmt: skip
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if f"{PREFIX}k3" in h]
+    assert len(logged) == 2
+    for h in logged:
+        assert h[f"{PREFIX}num_tokens"] > 0 and h[f"{PREFIX}mean_abs_delta"] > 0
+        ours, trls = h[f"{PREFIX}mean_abs_delta"], h["sampling/sampling_logp_difference/mean"]
+        assert ours == pytest.approx(trls, rel=1e-5)
