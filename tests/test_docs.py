@@ -137,7 +137,7 @@ def test_code_references_in_the_docs_exist() -> None:
                 continue
             seen += 1
             obj = importlib.import_module(f"mismatch_cli.{mod}")
-            if not hasattr(obj, name):
+            if not hasattr(obj, name) and f"{mod}.{name}" not in mods:  # or a submodule
                 bad.append(f"{page.name}: {mod}.{name}")
     assert bad == []
     assert seen > 30

@@ -91,11 +91,15 @@ def _cli_layer(name: str) -> bool:
 
 
 def _downstream() -> list[str]:
-    """Every module that reads run directories: not upstream, not an importer, not the CLI."""
+    """Every module that reads run directories: not upstream, not an importer, not a trainer
+    plug-in (`integrations/`: it runs inside a trainer, upstream of the run directory), not
+    the CLI."""
     return [
         m
         for m in _modules()
-        if m not in UPSTREAM and not m.startswith("mismatch_cli.importers") and not _cli_layer(m)
+        if m not in UPSTREAM
+        and not m.startswith(("mismatch_cli.importers", "mismatch_cli.integrations"))
+        and not _cli_layer(m)
     ]
 
 
