@@ -60,7 +60,8 @@ PROBE = """<script>
         }),
         sections: Array.prototype.map.call(document.querySelectorAll("section[id]"), function (s) { return s.id; }),
         height: Math.ceil(document.documentElement.scrollHeight),
-        width: Math.ceil(document.documentElement.scrollWidth)
+        width: Math.ceil(document.documentElement.scrollWidth),
+        viewport: window.innerWidth
       };
       var pre = document.createElement("pre");
       pre.id = "mismatch-probe";
@@ -93,8 +94,11 @@ def _run(chromium: str, args: list[str], timeout: int) -> subprocess.CompletedPr
         )
 
 
-def probe(page: Path, work: Path, chromium: str, timeout: int = 120) -> dict[str, Any]:
-    """Open a copy of `page` with the probe injected; return the probe's findings plus
+def probe(
+    page: Path, work: Path, chromium: str, timeout: int = 120, width: int = 1280
+) -> dict[str, Any]:
+    """Open a copy of `page` with the probe injected in a window `width` CSS pixels wide;
+    return the probe's findings (`width`, `height`: the document's scroll size) plus
     `console` (error lines Chromium logged to stderr)."""
     text = page.read_text(encoding="utf-8")
     copy = work / f"probe-{page.name}"
@@ -102,8 +106,8 @@ def probe(page: Path, work: Path, chromium: str, timeout: int = 120) -> dict[str
     copy.write_text(text.replace("<head>", "<head>\n" + PROBE, 1), encoding="utf-8")
     proc = _run(
         chromium,
-        ["--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", "--dump-dom",
-         copy.resolve().as_uri()],
+        ["--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000",
+         f"--window-size={width},900", "--dump-dom", copy.resolve().as_uri()],
         timeout,
     )  # fmt: skip
     m = re.search(r'<pre id="mismatch-probe">(.*?)</pre>', proc.stdout, re.S)
@@ -114,6 +118,11 @@ def probe(page: Path, work: Path, chromium: str, timeout: int = 120) -> dict[str
     out = json.loads(html.unescape(m.group(1)))
     out["console"] = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and ":ERROR:" in ln]
     return out
+
+
+def probe_at(page: Path, work: Path, chromium: str, width: int) -> dict[str, Any]:
+    """`probe` in a window `width` CSS pixels wide (a narrow screen: 400)."""
+    return probe(page, work, chromium, width=width)
 
 
 def screenshot(
@@ -134,7 +143,7 @@ def screenshot(
 
 def full_page(page: Path, png: Path, chromium: str, width: int = 1280) -> dict[str, Any]:
     """Probe the page, then screenshot all of it (height from the probe, at most 30,000 px)."""
-    found = probe(page, png.parent, chromium)
+    found = probe(page, png.parent, chromium, width=width)
     screenshot(page, png, chromium, width, min(max(found["height"], 200), 30_000))
     return found
 
