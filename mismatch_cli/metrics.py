@@ -56,7 +56,7 @@ METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
 
 # One line each: what the metric is, in this tool's sign (delta = logp_infer - logp_train,
 # r = exp(-delta)); the report page shows it as the metric's hover title
-# (docs/theory.md §7 has the formulas and the frameworks' own names).
+# (docs/theory.md §7 "The metrics RL frameworks log" has the formulas and the frameworks' names).
 METRIC_DEFINITIONS: dict[str, str] = {
     "k1": "mean(delta): the sample estimate of KL(q||p) from tokens drawn from q (verl's kl)",
     "k2": "mean(delta^2 / 2), delta clamped to +-20 (verl's token_k2)",
