@@ -33,7 +33,16 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/mismatch demo --out $(DEMO_OUT)
 
+# The browser test (tests/test_html_report.py) opens the report page in headless Chromium:
+# installed here when absent and we are root with apt-get; otherwise that test is SKIPPED
+# with its reason in pytest's summary (-ra).
 test: setup
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo ">> installing chromium for the browser test (apt-get, quiet)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+	      echo ">> chromium could not be installed: the browser test will be skipped"; \
+	  else echo ">> no chromium and not root with apt-get: the browser test will be skipped"; fi
 	@$(BIN)/python -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 

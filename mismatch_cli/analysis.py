@@ -365,7 +365,7 @@ def distribution_level(
 # ----------------------------------------------------------------------------- analyze
 
 
-def _run_info(path: Path, meta: RunMeta) -> dict[str, Any]:
+def run_info(path: Path, meta: RunMeta) -> dict[str, Any]:
     keys = ("infer_engine", "infer_dtype", "train_dtype", "temperature", "top_p", "top_k", "min_p")
     return {
         "path": str(path),
@@ -412,7 +412,7 @@ def analyze(
         group_metrics(source.iloc[:0], group_by)  # the one-line error
     src = report_tokens(source, batch_rows)
     if src.meta is not None:
-        run = _run_info(Path(source), src.meta)  # type: ignore[arg-type]
+        run = run_info(Path(source), src.meta)  # type: ignore[arg-type]
     groups = [GroupAccumulator(group_by, tail)] if group_by is not None else []
     agg = scan(src, edges=e, by=by, tail=tail, eps=eps, exact_limit=exact_limit, extras=groups)
     result = report(agg, run, src.warnings)
@@ -506,6 +506,7 @@ __all__ = [
     "length_bins",
     "report",
     "rl_metrics",
+    "run_info",
     "sequence_stats",
     "tail_bias",
 ]

@@ -22,6 +22,73 @@ LOG_RATIO_CLAMP = 20.0  # verl's SAFETY_BOUND
 SEQ_LOG_CLAMP = LOG_RATIO_CLAMP
 
 
+# (key, label, note) in display order; caps are appended.
+METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("k1", "k1  mean(delta)", "KL(q||p) estimate; can be < 0"),
+    ("k2", "k2  mean(d^2 / 2)", "d = -delta"),
+    ("k3", "k3  mean(e^d - 1 - d)", ">= 0"),
+    ("mean_abs_delta", "mean |delta|", "slime: > 0.1 fails CI"),
+    ("max_abs_delta", "max |delta|", ""),
+    ("p99_abs_delta", "p99 |delta|", "exact up to 2^24 tokens, the sketch beyond"),
+    ("std_abs_delta", "std |delta|", ""),
+    ("mean_abs_dp", "mean |delta p|", "verl: < 0.005 normal, > 0.01 suspicious"),
+    ("max_abs_dp", "max |delta p|", ""),
+    ("pearson_p", "Pearson(p_train,p_infer)", ""),
+    ("log_ppl_gap_mean", "log-PPL gap, mean", "per sequence mean_t delta"),
+    ("log_ppl_gap_abs_mean", "log-PPL gap, mean |.|", ""),
+    ("ppl_ratio", "PPL ratio  mean exp(gap)", "PPL_train / PPL_infer"),
+    ("chi2_token", "chi^2 token mean(r^2-1)", ""),
+    ("chi2_seq", "chi^2 sequence", "log-ratio clamped to +-20"),
+    ("is_token_mean", "IS ratio token: mean", "r = exp(-delta)"),
+    ("is_token_min", "IS ratio token: min", ""),
+    ("is_token_max", "IS ratio token: max", ""),
+    ("is_seq_mean", "IS ratio seq (product): mean", "exp(-sum delta)"),
+    ("is_seq_min", "IS ratio seq (product): min", ""),
+    ("is_seq_max", "IS ratio seq (product): max", ""),
+    ("is_seq_geo_mean", "IS ratio seq (geo mean): mean", "exp(-mean delta)"),
+    ("is_seq_geo_min", "IS ratio seq (geo mean): min", ""),
+    ("is_seq_geo_max", "IS ratio seq (geo mean): max", ""),
+    ("ess_token", "ESS token", "fraction 1 / mean((w / mean w)^2)"),
+    ("ess_seq", "ESS seq (product)", ""),
+    ("ess_seq_geo", "ESS seq (geo mean)", ""),
+    ("frac_ratio_outside_0.5_2", "share with r outside [0.5, 2]", "|delta| > log 2"),
+)
+
+# One line each: what the metric is, in this tool's sign (delta = logp_infer - logp_train,
+# r = exp(-delta)); the report page shows it as the metric's hover title
+# (docs/theory.md §7 "The metrics RL frameworks log" has the formulas and the frameworks' names).
+METRIC_DEFINITIONS: dict[str, str] = {
+    "k1": "mean(delta): the sample estimate of KL(q||p) from tokens drawn from q (verl's kl)",
+    "k2": "mean(delta^2 / 2), delta clamped to +-20 (verl's token_k2)",
+    "k3": "mean(exp(-delta) - 1 + delta), always >= 0, unclamped (verl's k3_kl)",
+    "mean_abs_delta": "mean |logp_infer - logp_train| over finite tokens (slime's CI check)",
+    "max_abs_delta": "largest |delta| over finite tokens",
+    "p99_abs_delta": "99th percentile of |delta| (exact up to 2^24 tokens, a sketch beyond)",
+    "std_abs_delta": "standard deviation of |delta|",
+    "mean_abs_dp": "mean |p_train - p_infer| of the sampled token (verl's rollout_probs_diff)",
+    "max_abs_dp": "largest |p_train - p_infer|",
+    "pearson_p": "Pearson correlation of p_train and p_infer over tokens",
+    "log_ppl_gap_mean": "mean over sequences of mean_t delta (log PPL_train - log PPL_infer)",
+    "log_ppl_gap_abs_mean": "mean over sequences of |mean_t delta|",
+    "ppl_ratio": "mean over sequences of exp(mean_t delta) = PPL_train / PPL_infer",
+    "chi2_token": "mean(r^2) - 1 with r = exp(clamp(-delta, +-20))",
+    "chi2_seq": "mean(exp(2 clamp(-sum_t delta, +-20)) - 1) over sequences",
+    "is_token_mean": "mean token importance ratio r = exp(-delta) (clamped log-ratio)",
+    "is_token_min": "smallest token importance ratio",
+    "is_token_max": "largest token importance ratio",
+    "is_seq_mean": "mean sequence ratio exp(-sum_t delta) (clamped to +-20)",
+    "is_seq_min": "smallest sequence ratio exp(-sum_t delta)",
+    "is_seq_max": "largest sequence ratio exp(-sum_t delta)",
+    "is_seq_geo_mean": "mean geometric-mean sequence ratio exp(-mean_t delta)",
+    "is_seq_geo_min": "smallest exp(-mean_t delta)",
+    "is_seq_geo_max": "largest exp(-mean_t delta)",
+    "ess_token": "effective sample size fraction 1 / mean((w / mean w)^2) of the token ratios",
+    "ess_seq": "effective sample size fraction of the sequence (product) ratios",
+    "ess_seq_geo": "effective sample size fraction of the geometric-mean sequence ratios",
+    "frac_ratio_outside_0.5_2": "share of tokens with r = exp(-delta) outside [0.5, 2] (|delta| > log 2)",
+}
+
+
 def clamped_log_ratio(delta: np.ndarray) -> np.ndarray:
     """d = -delta clamped to [-20, 20], as verl clamps its log-ratio. [n] -> [n]"""
     return np.clip(-np.asarray(delta, dtype=np.float64), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -108,6 +175,8 @@ def ess(weights: np.ndarray) -> float:
 __all__ = [
     "CAPS",
     "LOG_RATIO_CLAMP",
+    "METRIC_DEFINITIONS",
+    "METRIC_ROWS",
     "RATIO_BAND",
     "chi2_seq",
     "chi2_token",

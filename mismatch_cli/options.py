@@ -46,6 +46,15 @@ EpsOpt = Annotated[
         rich_help_panel=PANEL_ANALYSIS,
     ),
 ]
+HtmlPageOpt = Annotated[
+    bool,
+    typer.Option(
+        "--html/--no-html",
+        help="Write the report page, report.html (one self-contained HTML file), into the "
+        "output directory at the end.",
+        rich_help_panel=PANEL_OUTPUT,
+    ),
+]
 RescoreMemoryOpt = Annotated[
     str | None,
     typer.Option(

@@ -18,6 +18,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .formatting import DASH, bucket_label, edge, fmt, params_text, pct, ratio_x, times
+from .metrics import METRIC_ROWS
 from .runs import RunMeta
 
 
@@ -238,39 +239,6 @@ def accumulation_table(result: dict[str, Any]) -> Table:
             fmt(r["std_sum_delta"]),
         )
     return t
-
-
-# (key, label, note) in display order; caps are appended.
-METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("k1", "k1  mean(delta)", "KL(q||p) estimate; can be < 0"),
-    ("k2", "k2  mean(d^2 / 2)", "d = -delta"),
-    ("k3", "k3  mean(e^d - 1 - d)", ">= 0"),
-    ("mean_abs_delta", "mean |delta|", "slime: > 0.1 fails CI"),
-    ("max_abs_delta", "max |delta|", ""),
-    ("p99_abs_delta", "p99 |delta|", "exact up to 2^24 tokens, the sketch beyond"),
-    ("std_abs_delta", "std |delta|", ""),
-    ("mean_abs_dp", "mean |delta p|", "verl: < 0.005 normal, > 0.01 suspicious"),
-    ("max_abs_dp", "max |delta p|", ""),
-    ("pearson_p", "Pearson(p_train,p_infer)", ""),
-    ("log_ppl_gap_mean", "log-PPL gap, mean", "per sequence mean_t delta"),
-    ("log_ppl_gap_abs_mean", "log-PPL gap, mean |.|", ""),
-    ("ppl_ratio", "PPL ratio  mean exp(gap)", "PPL_train / PPL_infer"),
-    ("chi2_token", "chi^2 token mean(r^2-1)", ""),
-    ("chi2_seq", "chi^2 sequence", "log-ratio clamped to +-20"),
-    ("is_token_mean", "IS ratio token: mean", "r = exp(-delta)"),
-    ("is_token_min", "IS ratio token: min", ""),
-    ("is_token_max", "IS ratio token: max", ""),
-    ("is_seq_mean", "IS ratio seq (product): mean", "exp(-sum delta)"),
-    ("is_seq_min", "IS ratio seq (product): min", ""),
-    ("is_seq_max", "IS ratio seq (product): max", ""),
-    ("is_seq_geo_mean", "IS ratio seq (geo mean): mean", "exp(-mean delta)"),
-    ("is_seq_geo_min", "IS ratio seq (geo mean): min", ""),
-    ("is_seq_geo_max", "IS ratio seq (geo mean): max", ""),
-    ("ess_token", "ESS token", "fraction 1 / mean((w / mean w)^2)"),
-    ("ess_seq", "ESS seq (product)", ""),
-    ("ess_seq_geo", "ESS seq (geo mean)", ""),
-    ("frac_ratio_outside_0.5_2", "share with r outside [0.5, 2]", "|delta| > log 2"),
-)
 
 
 def metrics_table(result: dict[str, Any]) -> Table:

@@ -257,6 +257,13 @@ class RunMeta(dict):
         return str(self.get("command") or "measure")
 
     @property
+    def command_line(self) -> str | None:
+        """The shell command that made the run (None for runs that predate the key, or made
+        through the library)."""
+        v = self.get("command_line")
+        return str(v) if v else None
+
+    @property
     def format_version(self) -> int:
         return int(self.get("format_version") or 0)
 
@@ -430,6 +437,18 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def command_line() -> str | None:
+    """The command line that is making this run (`mismatch ...`, shell-quoted), for run.json;
+    None when the process is not the `mismatch` CLI (a library caller, a test)."""
+    import shlex
+    import sys
+
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if prog not in ("mismatch", "__main__.py"):
+        return None
+    return shlex.join(["mismatch", *sys.argv[1:]])
+
+
 def new_meta(command: str, **fields: Any) -> dict[str, Any]:
     """A new run.json (status incomplete): format, command, conventions, pruning grid,
     versions, then `fields` (config, sampling, model, engines, ...)."""
@@ -438,6 +457,7 @@ def new_meta(command: str, **fields: Any) -> dict[str, Any]:
         "status": STATUS_INCOMPLETE,
         "created": now(),
         "command": command,
+        "command_line": command_line(),
         **fields,
         "rho_grid": fields.get("rho_grid", list(RHO_GRID)),
         "conventions": CONVENTIONS,

@@ -10,6 +10,7 @@ FORMAT_VERSION = 1
 
 RUN_JSON = "run.json"
 DIAGNOSE_JSON = "diagnose.json"  # a `mismatch diagnose` directory: its variants and result
+REPORT_HTML = "report.html"  # the report page (`report --html`; measure, demo, import, diagnose)
 TOKENS_FILE = "tokens.parquet"
 SEQUENCES_FILE = "sequences.parquet"
 PARTS_DIR = "parts"  # per-chunk Parquet files of an incomplete run (resume state)

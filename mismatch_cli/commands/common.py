@@ -42,9 +42,12 @@ def measure_with_progress(
         raise typer.Exit(130) from None
 
 
-def finish_run(run_path: Path, *, json_out: bool, plots: bool, console: Any) -> dict[str, Any]:
+def finish_run(
+    run_path: Path, *, json_out: bool, plots: bool, console: Any, html: bool = False
+) -> dict[str, Any]:
     """After a run: print the report (tables or JSON), draw figures (saying which were
-    skipped and why), say where things are. Returns the report."""
+    skipped and why), write the report page (`html`), say where things are. Returns the
+    report."""
     from ..analysis import analyze
     from ..runs import open_run
 
@@ -63,8 +66,20 @@ def finish_run(run_path: Path, *, json_out: bool, plots: bool, console: Any) -> 
         print_report(result, out)
     if plots:
         draw_figures(run_path, console)
+    if html:
+        write_report_page(run_path, console)
     console.print(f"[bold green]run complete:[/] {run_path}", highlight=False)
     return result
+
+
+def write_report_page(path: Path, console: Any) -> Path:
+    """Write PATH/report.html (a run or a diagnose directory) and say where it is."""
+    from ..html_report import write_page
+    from ..schema import REPORT_HTML
+
+    page, size = write_page([path], path / REPORT_HTML)
+    console.print(f"page: {page} ({size / 1e6:.2f} MB)", highlight=False)
+    return page
 
 
 def draw_figures(run_path: Path, console: Any) -> list[Path]:

@@ -7,12 +7,15 @@ from typing import Annotated
 
 import typer
 
+from ..options import HtmlPageOpt
+
 
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory of the demo.")] = Path("runs/demo"),
     num_prompts: Annotated[int, typer.Option(help="Prompts of the built-in set to use.")] = 32,
     samples_per_prompt: Annotated[int, typer.Option(help="Completions per prompt.")] = 2,
     max_tokens: Annotated[int, typer.Option(help="Maximum completion length.")] = 128,
+    html: HtmlPageOpt = True,
 ) -> None:
     """Measure the default model (SmolLM2-135M-Instruct, vLLM bfloat16 vs transformers float32,
     temperature 1) on the built-in prompts, then report, plot, sweep the threshold and
@@ -58,7 +61,9 @@ def demo(
     write_report_csv(report, tables)
     for name, frame in (("sweep", sw.sweep_frame(sweep)), ("corrections", C.methods_frame(corr))):
         write_csv(frame, tables / f"{name}.csv")
-    print_summary(
-        findings(report, sweep, corr),
-        {"run": out, "figures": out / "figures", "tables": tables},
-    )
+    where = {"run": out, "figures": out / "figures", "tables": tables}
+    if html:
+        from .common import write_report_page
+
+        where["page"] = write_report_page(out, err)
+    print_summary(findings(report, sweep, corr), where)

@@ -16,6 +16,7 @@ from ..options import (
     PANEL_OUTPUT,
     PANEL_SAMPLING,
     ChatTemplateOpt,
+    HtmlPageOpt,
     JsonOpt,
     MaxModelLenOpt,
     MaxTokensOpt,
@@ -127,6 +128,7 @@ def diagnose(
         ),
     ] = False,
     json_out: JsonOpt = False,
+    html: HtmlPageOpt = True,
 ) -> None:
     """Find which knob causes the mismatch: generate once (demo-sized: 32 prompts x 2 samples
     x 128 tokens), then run a matrix of variants on the SAME tokens, each a run directory in
@@ -182,6 +184,10 @@ def diagnose(
             err.print(f"[bold yellow]note:[/] figure {n}", highlight=False, soft_wrap=True)
         if files:
             err.print(f"figure: {files[0]}", highlight=False)
+    if html:
+        from .common import write_report_page
+
+        write_report_page(out, err)
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
     else:

@@ -15,6 +15,7 @@ from ..options import (
     PANEL_OUTPUT,
     PANEL_SAMPLING,
     PANEL_TRAINING,
+    HtmlPageOpt,
     JsonOpt,
     RescoreMemoryOpt,
 )
@@ -142,6 +143,7 @@ def import_(
         ),
     ] = False,
     json_out: JsonOpt = False,
+    html: HtmlPageOpt = True,
 ) -> None:
     """Import the rollouts an RL framework saved (prime-rl, slime, SkyRL, verl, or the
     generic `tokens` format) into a run directory that `report`, `plot` and
@@ -185,6 +187,10 @@ def import_(
         result = run_import(opts, prog)
     for w in result["warnings"]:
         err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if html:
+        from .common import write_report_page
+
+        write_report_page(Path(result["run"]), err)
     if json_out:
         from ..results import json_ready
 

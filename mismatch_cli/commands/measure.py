@@ -14,6 +14,7 @@ from ..options import (
     PANEL_SAMPLING,
     PANEL_TRAINING,
     ChatTemplateOpt,
+    HtmlPageOpt,
     JsonOpt,
     MaxModelLenOpt,
     MaxTokensOpt,
@@ -204,6 +205,7 @@ def measure(
         ),
     ] = None,
     rescore_memory: RescoreMemoryOpt = None,
+    html: HtmlPageOpt = True,
 ) -> None:
     """Generate rollouts with vLLM, rescore them with transformers, and store per-token
     log-probs of both sides in a run directory (tokens.parquet, sequences.parquet, run.json).
@@ -255,4 +257,4 @@ def measure(
     from .common import finish_run, measure_with_progress
 
     run_path = measure_with_progress(cfg, out, resume=resume, overwrite=overwrite, console=err)
-    finish_run(run_path, json_out=json_out, plots=plots, console=err)
+    finish_run(run_path, json_out=json_out, plots=plots, console=err, html=html)

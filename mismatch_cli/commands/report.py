@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import PANEL_ANALYSIS, PANEL_OUTPUT, EdgesOpt, EpsOpt, JsonOpt, RunArg
+from ..options import PANEL_ANALYSIS, PANEL_OUTPUT, EdgesOpt, EpsOpt, JsonOpt
 
 
 class Side(str, enum.Enum):
@@ -20,8 +20,18 @@ class Side(str, enum.Enum):
     infer = "infer"
 
 
+RunsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="A run directory (written by `mismatch measure` or `mismatch import`); with "
+        "--html, several runs (compared on one page) or a diagnose directory.",
+        show_default=False,
+    ),
+]
+
+
 def report(
-    run: RunArg,
+    runs: RunsArg,
     edges: EdgesOpt = None,
     by: Annotated[
         Side,
@@ -51,6 +61,17 @@ def report(
         ),
     ] = None,
     json_out: JsonOpt = False,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            help="Write the report as one self-contained HTML page to this file (tables, "
+            "figures, verdict, the sweep and the corrections; no network needed to read it) "
+            "instead of printing the tables; several runs are compared on one page.",
+            rich_help_panel=PANEL_OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
     csv: Annotated[
         Path | None,
         typer.Option(
@@ -76,6 +97,25 @@ def report(
     from ..errors import MismatchError
 
     edge_values = parse_edges(edges)  # bad --edges fail before any file is read
+    if html is not None:
+        from ..html_report import check_page_path, write_page
+
+        if json_out or csv is not None or group_by is not None:
+            raise MismatchError("--html writes the page only: drop --json, --csv and --group-by")
+        if by is not Side.train or tail != 0.1:
+            raise MismatchError(
+                "the page buckets by p_train with the tail at 0.1: drop --by, --tail"
+            )
+        check_page_path(html)  # a bad --html fails before any run is read
+        path, size = write_page(runs, html, edges=edge_values, eps=eps)
+        Console(stderr=True).print(f"wrote {path} ({size / 1e6:.2f} MB)", highlight=False)
+        return
+    if len(runs) != 1:
+        raise MismatchError(
+            f"report reads one run, got {len(runs)}: compare runs on one page with "
+            "`--html FILE`, or in the terminal with `mismatch compare`"
+        )
+    run = runs[0]
     if group_by is not None and group_by not in GROUP_KEYS:
         raise MismatchError(f"--group-by must be one of {', '.join(GROUP_KEYS)}, got {group_by!r}")
     # one streamed read of the run gives the report and, with --group-by, its groups

@@ -289,6 +289,7 @@ class RunData:
     meta: RunMeta = field(default_factory=lambda: RunMeta(status="complete"))
     path: Path | None = None
     color: str = PALETTE[0]
+    warnings: list[str] = field(default_factory=list)  # the reader's (e.g. an incomplete run)
 
     @property
     def num_tokens(self) -> int:
@@ -377,6 +378,7 @@ def run_data(
         frame=frame,
         meta=meta if meta is not None else RunMeta(status="complete"),
         path=path,
+        warnings=list(src.warnings),
     )
 
 
