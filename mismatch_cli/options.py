@@ -50,8 +50,9 @@ HtmlPageOpt = Annotated[
     bool,
     typer.Option(
         "--html/--no-html",
+        envvar="MISMATCH_HTML",
         help="Write the report page, report.html (one self-contained HTML file), into the "
-        "output directory at the end.",
+        "output directory at the end. MISMATCH_HTML=0 in the environment turns it off.",
         rich_help_panel=PANEL_OUTPUT,
     ),
 ]

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Every measure/import/diagnose in the suite would also build report.html (10-15 s each on a
+# 2-core CPU); the page has its own tests (test_html_report.py, which also checks that the
+# commands write it by default with this variable unset).
+os.environ["MISMATCH_HTML"] = "0"
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -221,3 +221,29 @@ def test_in_headless_chromium_offline(pages: dict[str, Path], tmp_path: Path) ->
     # horizontal scroll (wide tables scroll inside their own box)
     narrow = B.probe_at(pages["demo"], tmp_path, chromium, width=420)
     assert narrow["viewport"] <= 520 and narrow["width"] <= narrow["viewport"], narrow
+
+
+def test_import_writes_the_page_by_default(tmp_path: Path) -> None:
+    """Without MISMATCH_HTML (the suite sets it to 0) import writes RUN/report.html;
+    --no-html and MISMATCH_HTML=0 do not."""
+    import os
+    import subprocess
+    import sys
+
+    from . import import_fixtures as F
+
+    src = F.write_prime_rl(F.known_run(), tmp_path / "out")
+    env = {k: v for k, v in os.environ.items() if k != "MISMATCH_HTML"}
+
+    def imp(out: Path, *extra: str, **env_extra: str) -> None:
+        subprocess.run([sys.executable, "-m", "mismatch_cli", "import", "prime-rl", str(src),
+                        "--out", str(out), *extra], cwd=ROOT, env={**env, **env_extra},
+                       check=True, capture_output=True, text=True)  # fmt: skip
+
+    imp(tmp_path / "a")
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "prime-rl" in page
+    imp(tmp_path / "b", "--no-html")
+    imp(tmp_path / "c", MISMATCH_HTML="0")
+    assert not (tmp_path / "b" / "report.html").exists()
+    assert not (tmp_path / "c" / "report.html").exists()
