@@ -72,6 +72,7 @@ UPSTREAM = {
     "mismatch_cli.synthetic", "mismatch_cli.diagnose", "mismatch_cli.validate",
     "mismatch_cli.monitor",  # inside a trainer: reads its torch tensors (never an engine)
 }  # fmt: skip
+# integrations/: the monitor inside a trainer's loop (its torch tensors), upstream like it
 TERMINAL = {"mismatch_cli.render", "mismatch_cli.progress"}  # the only modules that draw with rich
 
 
@@ -95,7 +96,9 @@ def _downstream() -> list[str]:
     return [
         m
         for m in _modules()
-        if m not in UPSTREAM and not m.startswith("mismatch_cli.importers") and not _cli_layer(m)
+        if m not in UPSTREAM
+        and not m.startswith(("mismatch_cli.importers", "mismatch_cli.integrations"))
+        and not _cli_layer(m)
     ]
 
 
