@@ -111,8 +111,20 @@ def pruned_mass(
 ) -> torch.Tensor:
     """Training-side probability outside the safe set, m = 1 - P(S). [..., V] -> [...]."""
     probs = torch.softmax(_scaled(logits, temperature), dim=-1)
-    mask = safe_vocab_mask(logits, rho, rule, temperature)
-    return probs.masked_fill(mask, 0.0).sum(dim=-1)
+    if rule == "top-p":
+        mask = safe_vocab_mask(logits, rho, rule, temperature)
+        return probs.masked_fill(mask, 0.0).sum(dim=-1)
+    return pruned_mass_from_probs(probs, rho, rule)
+
+
+def pruned_mass_from_probs(
+    probs: torch.Tensor, rho: float, rule: Rule = "min-p", *, inplace: bool = False
+) -> torch.Tensor:
+    """`pruned_mass` from the float32 softmax probabilities already computed (min-p or
+    absolute rule; one softmax serves the mask and the mass). `inplace`: zero the kept
+    tokens' entries of `probs` itself (no second [..., V] array). [..., V] -> [...]."""
+    keep = safe_vocab_mask_from_probs(probs, rho, rule)
+    return (probs.masked_fill_(keep, 0.0) if inplace else probs.masked_fill(keep, 0.0)).sum(-1)
 
 
 def pruned_mass_grid(

@@ -45,6 +45,8 @@ STEP_METRICS: tuple[str, ...] = (
 )  # fmt: skip
 # What each correction logs per step: the shares it would mask or clip.
 CORRECTION_KEYS: tuple[str, ...] = ("tokens_masked", "sequences_masked", "tokens_clipped")
+# Logit values per chunk of the DVP pass (2^22 float32: 16 MiB, a few hundred KiB per row).
+DVP_CHUNK = 1 << 22
 
 
 def _array(x: Any, dtype: Any) -> np.ndarray:
@@ -313,10 +315,12 @@ class StepMonitor:
         """DVP at rho (min-p rule, `dvp.pruned_mass`) on the training side's logits at the
         step's tokens ([..., V], the log-probs' positions): the mean pruned mass per token,
         and the share of sampled tokens outside the safe set (vLLM's min-p comparison on
-        the sampled token's p_train = exp(logp_train))."""
+        the sampled token's p_train = exp(logp_train)). One float32 softmax per position
+        serves the mask, the mass and max p, `DVP_CHUNK` values at a time (rows are
+        independent: the numbers equal one pass over all rows)."""
         import torch
 
-        from .dvp import pruned_mass
+        from .dvp import pruned_mass_from_probs
 
         z = logits.detach() if hasattr(logits, "detach") else torch.as_tensor(logits)
         flat = z.reshape(-1, z.shape[-1])
@@ -324,12 +328,15 @@ class StepMonitor:
             raise ValueError(
                 f"logits hold {flat.shape[0]} positions but the log-probs {int(tok.index.max()) + 1}"
             )
-        rows = flat[torch.as_tensor(tok.index, device=flat.device)].float()  # [n, V]
-        mass = pruned_mass(rows, self.rho).double().cpu().numpy()  # [n]
-        p_max = torch.softmax(rows, dim=-1).amax(dim=-1).double().cpu().numpy()  # [n]
-        outside = np.exp(tok.logp_train).astype(np.float32) < np.float32(self.rho) * p_max.astype(
-            np.float32
-        )
+        index = torch.as_tensor(tok.index, device=flat.device)
+        step = max(1, DVP_CHUNK // flat.shape[1])
+        mass, p_max = np.empty(tok.n), np.empty(tok.n, np.float32)  # [n]
+        for a in range(0, tok.n, step):
+            probs = torch.softmax(flat[index[a : a + step]].float(), dim=-1)  # [rows, V]
+            p_max[a : a + step] = probs.amax(dim=-1).cpu().numpy()
+            m = pruned_mass_from_probs(probs, self.rho, inplace=True)  # probs zeroed where kept
+            mass[a : a + step] = m.double().cpu().numpy()
+        outside = np.exp(tok.logp_train).astype(np.float32) < np.float32(self.rho) * p_max
         return {
             f"{PREFIX}dvp/pruned_mass_mean": float(mass.mean()),
             f"{PREFIX}dvp/tokens_outside": float(outside.mean()),

@@ -243,3 +243,22 @@ def test_the_monitor_imports_no_engine() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+def test_dvp_chunks_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DVP pass runs `DVP_CHUNK` logit values at a time: one row per chunk gives the
+    numbers of one chunk holding every row, bit for bit, and those of `dvp.pruned_mass`."""
+    from mismatch_cli import monitor
+    from mismatch_cli.dvp import pruned_mass
+
+    torch.manual_seed(1)
+    z = torch.randn(3, 5, 50) * 3
+    lt = torch.log_softmax(z, -1)[..., 7]
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    whole = StepMonitor(alert=None, rho=0.01).update(lt + 0.01, lt, mask, logits=z)
+    monkeypatch.setattr(monitor, "DVP_CHUNK", 50)
+    rows = StepMonitor(alert=None, rho=0.01).update(lt + 0.01, lt, mask, logits=z)
+    for k in ("mismatch/dvp/pruned_mass_mean", "mismatch/dvp/tokens_outside"):
+        assert rows[k] == whole[k], k
+    want = pruned_mass(z[mask.bool()], 0.01).double().numpy().mean()
+    assert whole["mismatch/dvp/pruned_mass_mean"] == float(want)
