@@ -2,8 +2,8 @@
 
 One generation (the `baseline` run: vLLM bf16 decode against transformers fp32, eager), then
 a preset matrix of variants on the same tokens, each a run directory built from the baseline
-by `pipeline.rescore_run` (one side re-scored with one setting changed) or
-`pipeline.decode_repeat` (vLLM decoding the same prompts again with the same seeds). Every
+by `rescore_run.rescore_run` (one side re-scored with one setting changed) or
+`rescore_run.decode_repeat` (vLLM decoding the same prompts again with the same seeds). Every
 difference between two rows is therefore caused by the one knob the row names, never by
 other tokens. The ranking and the verdict (largest single source, the engine floor at
 equal dtype, the share of bf16) come from the variants' headline numbers (`compare`).
@@ -27,14 +27,8 @@ from typing import Any
 
 from .config import MeasureConfig
 from .errors import MismatchError, first_line
-from .pipeline import (
-    DECODE_REPEAT,
-    Progress,
-    RescoreOptions,
-    decode_repeat,
-    rescore_run,
-    run_measure,
-)
+from .pipeline import Progress, run_measure
+from .rescore_run import DECODE_REPEAT, RescoreOptions, decode_repeat, rescore_run
 from .results import json_ready
 from .runs import RunDir, RunMeta
 from .schema import DIAGNOSE_JSON
@@ -183,7 +177,7 @@ def run_diagnose(
     temperature != 1 for the vLLM prefill rows, no identical sequence for decode-repeat) is
     skipped with its one-line reason, reported through `progress.log` and in `skipped`."""
     from .compare import run_summary
-    from .pipeline import _weights_check, run_model_path
+    from .rescore_run import _weights_check, run_model_path
     from .runs import check_out, open_run, replacing
 
     prog = progress or Progress()

@@ -15,7 +15,8 @@ from mismatch_cli.config import MeasureConfig
 from mismatch_cli.diagnose import DIAGNOSE_JSON, run_diagnose
 from mismatch_cli.errors import MismatchError
 from mismatch_cli.importers.ingest import ImportOptions, run_import
-from mismatch_cli.pipeline import Progress, RescoreOptions, rescore_run
+from mismatch_cli.pipeline import Progress
+from mismatch_cli.rescore_run import RescoreOptions, rescore_run
 from mismatch_cli.runs import replacing
 from mismatch_cli.synthetic import write_synthetic_run
 

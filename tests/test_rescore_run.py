@@ -15,14 +15,8 @@ import torch
 
 from mismatch_cli.errors import MismatchError
 from mismatch_cli.models import weights_hash
-from mismatch_cli.pipeline import (
-    ROLLOUT,
-    RescoreOptions,
-    TrainSide,
-    rescore_parts,
-    rescore_run,
-    rollout_parts_of,
-)
+from mismatch_cli.pipeline import ROLLOUT, TrainSide, rescore_parts
+from mismatch_cli.rescore_run import RescoreOptions, rescore_run, rollout_parts_of
 from mismatch_cli.runs import RunDir, new_meta, read_tokens
 from mismatch_cli.sampling import Sampling
 from mismatch_cli.schema import STATUS_COMPLETE
@@ -176,7 +170,7 @@ def test_training_side_rescore_does_not_import_vllm(tiny_run: Path, tmp_path: Pa
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from mismatch_cli.pipeline import rescore_run, RescoreOptions\n"
+        "from mismatch_cli.rescore_run import rescore_run, RescoreOptions\n"
         f"rescore_run(Path({str(tiny_run)!r}), Path({str(tmp_path / 'x')!r}),"
         " RescoreOptions(train_dtype='bfloat16'))\n"
         "print('vllm' in sys.modules)\n"

@@ -127,8 +127,8 @@ def rescore(
     """
     from rich.console import Console
 
-    from ..pipeline import RescoreOptions, rescore_run
     from ..progress import progress
+    from ..rescore_run import RescoreOptions, rescore_run
     from .common import finish_run
 
     opts = RescoreOptions(
