@@ -390,35 +390,54 @@ def _pad_right(rows: list[np.ndarray], pad: float, dtype: Any) -> np.ndarray:
     return out
 
 
-def skyrl_arrays(known: Known, step: int, pad_size: int = 1, with_train: bool = True) -> dict:
-    """SkyRL's training batch of one step: sequences left-padded as one block, response
-    tensors right-aligned, then `pad_size` copies of row 0 appended (loss_mask zeroed)."""
+def skyrl_arrays(
+    known: Known, step: int, pad_size: int = 1, with_train: bool = True, layout: str = "new"
+) -> dict:
+    """SkyRL's training batch of one step, as each release lays it out (checked against the
+    dumps in tests/data/skyrl/, written by the releases' own code):
+    "new" (skyrl >= 0.2.0): each row left-padded as one block, response tensors
+    right-aligned, `pad_size` copies of row 0 appended;
+    "old" (skyrl_train <= 0.3.1, skyrl 0.1.0): a left-padded prompt block then the
+    right-padded response, response tensors left-aligned, copies of rows [0, pad_size)
+    appended. Padding rows get loss_mask 0; the pad id is 0."""
     comps = [c for c in known.completions if c.step == step]
     R = max(c.tokens.size for c in comps)
-    seqs = _pad_left([np.concatenate([c.prompt, c.tokens]) for c in comps], 0)
-    att = _pad_left([np.ones(c.prompt.size + c.tokens.size, np.int64) for c in comps], 0)
+    if layout == "new":
+        seqs = _pad_left([np.concatenate([c.prompt, c.tokens]) for c in comps], 0)
+        att = _pad_left([np.ones(c.prompt.size + c.tokens.size, np.int64) for c in comps], 0)
+    else:
+        P = max(c.prompt.size for c in comps)
+        seqs = np.zeros((len(comps), P + R), np.int64)
+        att = np.zeros((len(comps), P + R), np.int64)
+        for i, c in enumerate(comps):
+            seqs[i, P - c.prompt.size : P + c.tokens.size] = np.concatenate([c.prompt, c.tokens])
+            att[i, P - c.prompt.size : P + c.tokens.size] = 1
 
-    def right(vals: list[np.ndarray], dtype: Any) -> np.ndarray:
+    def place(vals: list[np.ndarray], dtype: Any) -> np.ndarray:
         out = np.zeros((len(vals), R), dtype=dtype)
         for i, v in enumerate(vals):
-            out[i, R - v.size :] = v
+            if layout == "new":
+                out[i, R - v.size :] = v
+            else:
+                out[i, : v.size] = v
         return out
 
     arrays = {
         "sequences": seqs,
         "attention_mask": att,
-        "response_mask": right([np.ones(c.tokens.size, np.int64) for c in comps], np.int64),
-        "loss_mask": right([c.mask.astype(np.float32) for c in comps], np.float32),
-        "rollout_logprobs": right([np.nan_to_num(c.logp_infer) for c in comps], np.float32),
-        "action_log_probs": right([np.nan_to_num(c.logp_train) for c in comps], np.float32)
+        "response_mask": place([np.ones(c.tokens.size, np.int64) for c in comps], np.int64),
+        "loss_mask": place([c.mask.astype(np.float32) for c in comps], np.float32),
+        "rollout_logprobs": place([np.nan_to_num(c.logp_infer) for c in comps], np.float32),
+        "action_log_probs": place([np.nan_to_num(c.logp_train) for c in comps], np.float32)
         if with_train
         else None,
-        "advantages": right([np.full(c.tokens.size, c.advantage) for c in comps], np.float32),
+        "advantages": place([np.full(c.tokens.size, c.advantage) for c in comps], np.float32),
         "base_action_log_probs": None,
     }
+    copies = [0] * pad_size if layout == "new" else list(range(pad_size))
     for k, v in arrays.items():
         if v is not None and pad_size:
-            pad_rows = np.repeat(v[:1], pad_size, axis=0)
+            pad_rows = v[copies].copy()
             if k == "loss_mask":
                 pad_rows[:] = 0
             arrays[k] = np.concatenate([v, pad_rows])
@@ -441,17 +460,25 @@ def write_skyrl(
     mutate: Any = None,
 ) -> list[Path]:
     """`root/dumped_data/global_step_{N}_training_input.pkl` per step, pickled as SkyRL's
-    TrainingInputBatch: layout "new" (`_rebuild_tensor_batch(cls, state)`, numpy bytes),
-    "old" (default dict pickle: tensor items, then a state of torch.save bytes per key).
+    TrainingInputBatch: layout "new" (skyrl 0.2.0-0.3.x: `_rebuild_tensor_batch(cls,
+    state)`, numpy bytes, right-aligned), "enum" (skyrl 0.4.0: the same with each format a
+    `TensorFormat` StrEnum member), "old" (skyrl_train <= 0.3.1: default dict pickle,
+    tensor items, then a state of torch.save bytes per key, None included; left-aligned).
     `inject(state)`, if given, may change the pickled state (crafted-file tests);
     `mutate(arrays)` the arrays before they are encoded (bad-value tests)."""
+    from enum import StrEnum
+
     import torch
 
     mod = (
-        "skyrl.backends.skyrl_train.training_batch"
-        if layout == "new"
-        else "skyrl_train.training_batch"
+        "skyrl_train.training_batch"
+        if layout == "old"
+        else "skyrl.backends.skyrl_train.training_batch"
     )
+
+    class TensorFormat(StrEnum):
+        NUMPY = "numpy"
+        TORCH = "torch"
 
     def _rebuild_tensor_batch(cls, state):  # pragma: no cover - never called here
         raise AssertionError
@@ -463,13 +490,20 @@ def write_skyrl(
     d = root / "dumped_data"
     d.mkdir(parents=True, exist_ok=True)
     for step in sorted({c.step for c in known.completions}):
-        arrays = skyrl_arrays(known, step, pad_size, with_train)
+        arrays = skyrl_arrays(
+            known, step, pad_size, with_train, "old" if layout == "old" else "new"
+        )
         if mutate is not None:
             mutate(arrays)
         meta = {"response_length": arrays["response_mask"].shape[1], "pad_size": pad_size,
                 "policy_mini_batch_boundaries": [0]}  # fmt: skip
-        if layout == "new":
-            state = {"batch_dict": {k: _skyrl_entry(v) for k, v in arrays.items()},
+        if layout != "old":
+            entries = {k: _skyrl_entry(v) for k, v in arrays.items()}
+            if layout == "enum":
+                for e in entries.values():
+                    if e is not None:
+                        e["format"] = TensorFormat(e["format"])
+            state = {"batch_dict": entries,
                      "batch_size": len(arrays["sequences"]), "device": torch.device("cpu"),
                      "metadata": meta}  # fmt: skip
             if inject is not None:
@@ -482,12 +516,12 @@ def write_skyrl(
             batch = TrainingInputBatch()
         else:
 
-            def to_bytes(v: np.ndarray) -> bytes:
+            def to_bytes(v: np.ndarray | None) -> bytes:  # skyrl_train: torch.save(None) too
                 buf = io.BytesIO()
-                torch.save(torch.from_numpy(v), buf)
+                torch.save(None if v is None else torch.from_numpy(v), buf)
                 return buf.getvalue()
 
-            state = {"batch_dict": {k: None if v is None else to_bytes(v) for k, v in arrays.items()},
+            state = {"batch_dict": {k: to_bytes(v) for k, v in arrays.items()},
                      "batch_size": len(arrays["sequences"]), "device": torch.device("cpu"),
                      "metadata": meta}  # fmt: skip
             if inject is not None:
@@ -497,7 +531,8 @@ def write_skyrl(
                 {k: None if v is None else torch.from_numpy(v) for k, v in arrays.items()}
             )
         with fake_modules(**{mod: {"_rebuild_tensor_batch": _rebuild_tensor_batch,
-                                   "TrainingInputBatch": TrainingInputBatch}}):  # fmt: skip
+                                   "TrainingInputBatch": TrainingInputBatch,
+                                   "TensorFormat": TensorFormat}}):  # fmt: skip
             p = d / f"global_step_{step}_training_input.pkl"
             p.write_bytes(pickle.dumps(batch))
         paths.append(p)

@@ -56,6 +56,12 @@ CASES: dict[str, tuple[str, Any, Any, dict[str, Any]]] = {
         _by_step,
         {"trust_pickle": True},
     ),
+    "skyrl-enum": (
+        "skyrl",
+        lambda k, r: F.write_skyrl(k, r, layout="enum", pad_size=3) and r,
+        _by_step,
+        {"trust_pickle": True},
+    ),
     "tokens-jsonl": (
         "tokens",
         lambda k, r: F.write_tokens_jsonl(k, r / "t.jsonl"),
@@ -224,8 +230,10 @@ def test_verl_file_written_by_tensordict_decodes() -> None:
 
 @pytest.mark.parametrize("name", ["skyrl_training_input_new.pkl", "skyrl_training_input_old.pkl"])
 def test_skyrl_files_written_by_skyrl_decode(name: str) -> None:
-    """Written by SkyRL's TrainingInputBatch (a956457 and the Jan-Mar 2026 layout): two rows,
-    left-padded sequences, right-aligned responses of lengths 2 and 3."""
+    """Pickled by SkyRL's TrainingInputBatch classes (a956457, and the skyrl_train dict
+    pickle of numpy entries of Feb 2026): two rows of hand-made right-aligned tensors
+    (responses of lengths 2 and 3; that skyrl_train code itself wrote left-aligned
+    tensors: the real layouts are in tests/data/skyrl/). The encodings are what is tested."""
     skyrl = get_format("skyrl")
     chunk = next(skyrl.read(DATA / name, ReadContext(trust_pickle=True)))
     assert chunk.lens.tolist() == [2, 3] and chunk.prompt_lens.tolist() == [2, 3]

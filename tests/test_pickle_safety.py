@@ -109,10 +109,14 @@ def torch_zip(data_pkl: bytes) -> bytes:
 # placement -> writer(known, root, payload object, raw pickle bytes) -> the SOURCE path
 
 
-def _skyrl(inject: Callable[[dict], None]) -> Callable[..., Path]:
+def _skyrl(inject: Callable[[dict], None], layout: str = "new") -> Callable[..., Path]:
     return lambda known, root, obj, raw: F.write_skyrl(
-        known, root, inject=lambda st: inject(st, obj)
+        known, root, layout=layout, inject=lambda st: inject(st, obj)
     )[0]
+
+
+def _set_enum_arg(st: dict, obj: Any) -> None:  # skyrl 0.4.0: in place of a TensorFormat
+    st["batch_dict"]["rollout_logprobs"]["format"] = obj
 
 
 def _set_entry(st: dict, obj: Any) -> None:
@@ -170,6 +174,10 @@ PLACEMENTS: dict[str, tuple[str, Callable[..., Path]]] = {
     "skyrl metadata": ("skyrl", _skyrl(_set_meta)),
     "skyrl torch.save bytes": ("skyrl", _skyrl(_set_torch_entry)),
     "skyrl torch format entry": ("skyrl", _skyrl(_set_torch_fmt)),
+    "skyrl 0.4.0 TensorFormat entry": ("skyrl", _skyrl(_set_enum_arg, "enum")),
+    "skyrl 0.4.0 metadata": ("skyrl", _skyrl(_set_meta, "enum")),
+    "skyrl_train 0.3.1 metadata": ("skyrl", _skyrl(_set_meta, "old")),
+    "skyrl_train 0.3.1 torch.save entry": ("skyrl", _skyrl(_set_torch_entry, "old")),
     "verl top level": ("verl", _top("exp/GBS4_N2_in8_out32/3/gen_batch.dp")),
     "verl non_tensor_batch object array": (
         "verl",

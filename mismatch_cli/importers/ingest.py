@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -523,6 +524,23 @@ def _source_inputs(sources: Sequence[str | Path]) -> list[tuple[str, Path]]:
 _MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
 
 
+_FILE_KEYS = ("path", "bytes", "sha256")
+
+
+def _agreed_facts(file_info: list[dict[str, Any]]) -> dict[str, Any]:
+    """The facts readers noted (`ReadContext.note`) for the run: a key's value when every
+    file noted the same one, else the sorted distinct values as a list."""
+    keys = [k for info in file_info for k in info if k not in _FILE_KEYS]
+    out: dict[str, Any] = {}
+    for k in dict.fromkeys(keys):
+        vals = [json.dumps(info.get(k), sort_keys=True) for info in file_info]
+        distinct = sorted(set(vals))
+        out[k] = (
+            json.loads(distinct[0]) if len(distinct) == 1 else [json.loads(v) for v in distinct]
+        )
+    return out
+
+
 def _chunks(mod: Any, path: Path, ctx: ReadContext) -> Any:
     """`mod.read(path, ctx)`, with a reader's crash on a malformed file as one line."""
     it = iter(mod.read(path, ctx))
@@ -581,8 +599,12 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
     from ..schema import STATUS_COMPLETE
     from . import checks
 
-    ctx = ReadContext(trust_pickle=opts.trust_pickle, steps=steps, warn=warn)
     file_info: list[dict[str, Any]] = []
+
+    def note(key: str, value: Any) -> None:  # a reader's fact about the file it reads
+        file_info[-1][key] = value
+
+    ctx = ReadContext(trust_pickle=opts.trust_pickle, steps=steps, warn=warn, note=note)
     meta = new_meta("import", source={"format": mod.NAME, "files": file_info})
     run.write_meta(meta)
     ingest: Ingest | None = None
@@ -695,6 +717,7 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
         source={
             "format": mod.NAME,
             "mode": mode,
+            **_agreed_facts(file_info),
             "files": file_info,
             "steps": steps_sorted,
             "sign_convention": mod.SIGN,

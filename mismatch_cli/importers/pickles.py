@@ -233,10 +233,13 @@ class Restricted(pickle.Unpickler):
     stand-ins and a few harmless builtins; any other name is refused by name, before
     anything of the file is called."""
 
-    def __init__(self, file: Any, allowed: dict[tuple[str, str], Any], where: str) -> None:
+    def __init__(
+        self, file: Any, allowed: dict[tuple[str, str], Any], where: str, known: str = ""
+    ) -> None:
         super().__init__(file)
         self.allowed = allowed
         self.where = where
+        self.known = known  # the releases whose dumps this reader knows, for the refusal
 
     def find_class(self, module: str, name: str) -> Any:
         import _compat_pickle  # Python 2 spellings (protocol < 3: __builtin__, copy_reg)
@@ -251,10 +254,11 @@ class Restricted(pickle.Unpickler):
             return NUMPY[key]
         if key in _SAFE_BUILTINS:
             return super().find_class(module, name)
+        known = f"; this reader knows {self.known} dumps" if self.known else ""
         raise RefusedPickle(
             f"{self.where}: refusing to load {module}.{name} from the pickle (only the "
-            "framework's batch classes, numpy arrays and tensors are read; nothing from the "
-            "file is run)"
+            f"framework's batch classes, numpy arrays and tensors are read{known}; nothing "
+            "from the file is run)"
         )
 
 
@@ -264,11 +268,14 @@ def _located(e: MismatchError, where: str) -> MismatchError:
     return e if msg.startswith(where) else type(e)(f"{where}: {msg}")
 
 
-def restricted_load(data: bytes, allowed: dict[tuple[str, str], Any], where: str) -> Any:
+def restricted_load(
+    data: bytes, allowed: dict[tuple[str, str], Any], where: str, known: str = ""
+) -> Any:
     """Unpickle `data` with `Restricted`; one line for anything that is not a readable,
-    allowed pickle (whatever the damage: a crafted file must never reach a traceback)."""
+    allowed pickle (whatever the damage: a crafted file must never reach a traceback).
+    `known` (e.g. "skyrl 0.1.0-0.4.0") is named when a class is refused."""
     try:
-        return Restricted(io.BytesIO(data), allowed, where).load()
+        return Restricted(io.BytesIO(data), allowed, where, known).load()
     except MismatchError as e:
         raise _located(e, where) from None
     except Exception as e:  # damaged or crafted bytes: one line, never a crash
@@ -328,7 +335,9 @@ def _consolidated_td(meta: dict[str, Any], flat: np.ndarray) -> dict[str, np.nda
     return out
 
 
-def load_torch_zip(data: bytes, where: str, extra: dict[tuple[str, str], Any] | None = None) -> Any:
+def load_torch_zip(
+    data: bytes, where: str, extra: dict[tuple[str, str], Any] | None = None, known: str = ""
+) -> Any:
     """The object a `torch.save` archive holds, with tensors as numpy arrays and a
     consolidated TensorDict as {key: array}. Torch is not imported."""
     try:
@@ -366,7 +375,7 @@ def load_torch_zip(data: bytes, where: str, extra: dict[tuple[str, str], Any] | 
             return storages[key]
 
     try:
-        return _Zip(io.BytesIO(z.read(pkl)), allowed, where).load()
+        return _Zip(io.BytesIO(z.read(pkl)), allowed, where, known).load()
     except MismatchError as e:
         raise _located(e, where) from None
     except Exception as e:  # damaged or crafted bytes: one line, never a crash

@@ -205,11 +205,14 @@ def _bad_line(path: Path, first: int, lines: Sequence[bytes]) -> MismatchError |
 @dataclass
 class ReadContext:
     """What a reader may need besides the path: the pickle permission, the step filter,
-    a place for warnings."""
+    a place for warnings, and `note(key, value)`: a fact the reader established about the
+    file it reads (e.g. the framework release, the layout), recorded in run.json's
+    `source` block (per file, and once for the run when every file agrees)."""
 
     trust_pickle: bool = False
     steps: set[int] | None = None
     warn: Callable[[str], None] = lambda message: None
+    note: Callable[[str, Any], None] = lambda key, value: None
 
 
 def require_trust(path: Path, fmt: str, ctx: ReadContext) -> None:
