@@ -5,7 +5,9 @@ Builds the run directly with numpy (the columns `report` reads, plus pos, token_
 log-probs for `compare`'s token-by-token movement, and run.json), then runs in fresh
 processes `python -m mismatch_cli report RUN` (tables) and `... --json`, `plot RUN` (the
 figures drawn from the token table: bound, bias, sequence, distribution) and `compare RUN
-RUN` (the run against itself: two report scans and the row-aligned `moved` pass), and prints
+RUN` (the run against itself: two report scans and the row-aligned `moved` pass) and
+`report RUN --html PAGE` (the report page: the report, sweep and corrections passes and every
+figure, inline), and prints
 each one's wall time, CPU time and its own peak resident memory (os.wait4). All three stream
 the table: memory does not grow with the run. Target for report: < 30 s and < 4 GB on 2
 cores. `report --json` is also timed against a bare pyarrow scan of the columns it needs
@@ -126,7 +128,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=10_000_000)
     ap.add_argument("--keep", type=Path, default=None, help="build the run here and keep it")
     ap.add_argument("--large", action="store_true", help="100 million tokens")
-    ap.add_argument("--skip", default="", help="comma-separated: plot, compare")
+    ap.add_argument("--skip", default="", help="comma-separated: report, plot, compare")
     ap.add_argument("--repeats", type=int, default=None, help="bare scan vs report (3; 1 --large)")
     args = ap.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -150,6 +152,7 @@ def main() -> None:
         ("report (tables)", ["report", str(run)]),
         ("plot", ["plot", str(run), "--out", str(out), *figures]),
         ("compare RUN RUN", ["compare", str(run), str(run), "--json"]),
+        ("report --html", ["report", str(run), "--html", str(run.parent / "page.html")]),
     ]
     try:
         scan_ratio(run, args.repeats or (1 if args.large else 3))
