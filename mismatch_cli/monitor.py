@@ -25,6 +25,7 @@ Imports neither vLLM nor transformers; torch only to read tensors (numpy arrays 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +192,8 @@ class StepMonitor:
     envelope share, only the eps the step needs at q99); corrections: the correction methods
     to replay (None: every one but DVP); rho: the DVP threshold of `update(logits=...)`;
     alert: the drift detector (None: none); sample: a `TokenSampler` keeping a share of the
-    raw tokens as a run directory."""
+    raw tokens as a run directory; history: the last `history_limit` steps' metric dicts
+    (bounded: slime and SkyRL call once per micro-batch, for the life of the run)."""
 
     edges: Sequence[float] = DEFAULT_EDGES
     tail: float = DEFAULT_TAIL
@@ -201,7 +203,8 @@ class StepMonitor:
     alert: DriftDetector | None = field(default_factory=DriftDetector)
     sample: Any = None
     exact_limit: int = EXACT_LIMIT
-    history: list[dict[str, float]] = field(default_factory=list)
+    history_limit: int = 1000
+    history: deque[dict[str, float]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         self.edges = parse_edges(self.edges)
@@ -211,6 +214,10 @@ class StepMonitor:
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps}")
         if not 0 < self.rho < 1:
             raise ValueError(f"rho must be in (0, 1), got {self.rho}")
+        if self.history_limit < 1:
+            raise ValueError(f"history_limit must be >= 1, got {self.history_limit}")
+        self.history = deque(self.history, maxlen=self.history_limit)
+        self.alert_steps: list[int] = []  # every step that raised the alert, not only recent
         self.run = self._aggregates(np.empty(0, np.int64))
         self.stream = SequenceStream(self.corrections, edges=self.edges)
         self.num_steps = 0
@@ -269,6 +276,8 @@ class StepMonitor:
         if self.alert is not None:
             raised = self.alert.update({k.removeprefix(PREFIX): v for k, v in out.items()})
             out[f"{PREFIX}alert"] = 1.0 if raised else 0.0
+            if raised:
+                self.alert_steps.append(step)
             for key, s in self.alert.cusum.items():
                 out[f"{PREFIX}alert/cusum_{key}"] = float(s)
         if self.sample is not None:
@@ -350,16 +359,13 @@ class StepMonitor:
         from .analysis import report
 
         rep = report(self.run) if self.run.num_tokens and self.run.num_finite else None
-        alerts = [
-            {"step": h[f"{PREFIX}step"]} for h in self.history if h.get(f"{PREFIX}alert") == 1.0
-        ]
         return {
             "num_steps": self.num_steps,
             "num_tokens": self.run.num_tokens,
             "num_logp_above_0": self.num_logp_above_0,
             "report": rep,
             "corrections": self.stream.rows() if self.stream.num_tokens else [],
-            "alert_steps": [a["step"] for a in alerts],
+            "alert_steps": list(self.alert_steps),
         }
 
     def close(self) -> Path | None:

@@ -262,3 +262,25 @@ def test_dvp_chunks_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
         assert rows[k] == whole[k], k
     want = pruned_mass(z[mask.bool()], 0.01).double().numpy().mean()
     assert whole["mismatch/dvp/pruned_mass_mean"] == float(want)
+
+
+def test_history_is_bounded_and_alerts_are_all_kept() -> None:
+    """The plug-ins call once per micro-batch for the life of a run: the per-step history
+    keeps the last `history_limit` steps, while every step that raised the alert is kept."""
+    rng = np.random.default_rng(1)
+    mon = StepMonitor(history_limit=5)
+    lt = np.log(rng.uniform(0.05, 0.95, size=(8, 64)))
+    for s in range(60):
+        scale = 0.01 if s < 30 else 0.01 * 1.5 ** (s - 29)  # a sustained rise from step 30
+        mon.update(lt + rng.normal(0, scale, lt.shape), lt)
+    assert len(mon.history) == 5 and [h["mismatch/step"] for h in mon.history] == [
+        55,
+        56,
+        57,
+        58,
+        59,
+    ]
+    assert mon.alert_steps and min(mon.alert_steps) >= 30
+    assert mon.summary()["alert_steps"] == mon.alert_steps
+    with pytest.raises(ValueError, match="history_limit"):
+        StepMonitor(history_limit=0)

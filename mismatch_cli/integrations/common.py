@@ -29,7 +29,7 @@ def probe_keys(monitor: StepMonitor) -> list[str]:
     """The keys `monitor.update` returns on a step with tokens (no logits), in order, from a
     throwaway copy fed two sequences (the monitor itself is untouched)."""
     probe = dataclasses.replace(
-        monitor, alert=copy.deepcopy(monitor.alert), sample=None, history=[]
+        monitor, alert=copy.deepcopy(monitor.alert), sample=None, history=()
     )
     lt = np.log(np.array([[0.5, 0.2, 0.9], [0.3, 0.6, 0.8]]))
     return list(probe.update(lt + 0.01, lt))
