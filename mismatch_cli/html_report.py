@@ -272,7 +272,7 @@ def section_header(page: PageData) -> dict[str, Any]:
             {
                 "label": r.label,
                 "rows": [
-                    ("run", str(r.path)),
+                    ("path", str(r.path)),
                     ("model", str(meta.model_name or DASH)),
                     ("weights sha256", str(meta.model.get("weights_sha256") or DASH)),
                     (
