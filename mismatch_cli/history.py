@@ -8,7 +8,8 @@ Logs read (`LOG_FORMATS`; detected from the file, or named):
     prime-rl     the file monitor's metrics.jsonl: flat `{"step": N, "time": t, ...}` lines,
                  several per step (merged)
     csv          a W&B or other export: a step column (step, Step, _step, global_step) and one
-                 column per metric (W&B's "RUN - key" headers and __MIN/__MAX columns handled)
+                 column per metric (W&B's "RUN - key" headers and __MIN/__MAX columns handled;
+                 TensorBoard's "Wall time,Step,Value" download named run-RUN-tag-TAG.csv)
     tensorboard  event files (a file or a directory of them), read with the tensorboard package
 
 `HISTORY_KEYS` is the registry: one row per key a framework logs, with its meaning against
@@ -153,10 +154,15 @@ STEP_COLUMNS = ("step", "Step", "_step", "global_step", "train/global_step", "tr
 
 
 def lookup(key: str) -> HistoryKey | None:
-    """The registry row of a logged key (a leading `train/` dropped), or None."""
+    """The registry row of a logged key (a leading `train/` dropped), or None. A key with
+    its slashes turned into underscores (TensorBoard's CSV file names) matches too."""
     k = key.removeprefix("train/")
     for row in HISTORY_KEYS:
         if row.key == k or ("*" in row.key and fnmatch.fnmatchcase(k, row.key)):
+            return row
+    flat = key.replace("/", "_").removeprefix("train_")
+    for row in HISTORY_KEYS:
+        if "*" not in row.key and row.key.replace("/", "_") == flat:
             return row
     return None
 
@@ -257,7 +263,9 @@ def _read_csv(path: Path) -> Steps:
             raise MismatchError(
                 f"cannot read {path}: no step column (looked for {', '.join(STEP_COLUMNS)})"
             )
-        names = {c: _csv_name(c) for c in cols if c != step_col}
+        names = {c: _csv_name(c) for c in cols if c != step_col and c != "Wall time"}
+        if set(names) == {"Value"}:  # TensorBoard's CSV download: the tag is in the file name
+            names = {"Value": path.stem.split("-tag-", 1)[-1]}
         steps: Steps = {}
         for row in reader:
             _add(

@@ -147,6 +147,17 @@ def test_wandb_csv_export(tmp_path: Path) -> None:
     assert not r["alert"]["enough_steps"]  # 5 steps: no baseline for the alarm
 
 
+def test_tensorboard_csv_download(tmp_path: Path) -> None:
+    """TensorBoard's 'download CSV': Wall time,Step,Value; the tag, slashes as underscores,
+    in the file name."""
+    p = tmp_path / "run-exp-tag-rollout_corr_k3_kl.csv"
+    p.write_text("Wall time,Step,Value\n" + "".join(f"1.0,{s},{_k3(s)}\n" for s in range(3)))
+    r = history(p)
+    (s,) = r["series"]
+    assert s["key"] == "rollout_corr_k3_kl" and s["registry_key"] == "rollout_corr/k3_kl"
+    assert s["values"] == pytest.approx([_k3(i) for i in range(3)])
+
+
 def test_tensorboard_event_files(tmp_path: Path) -> None:
     if importlib.util.find_spec("tensorboard") is None:
         pytest.skip("tensorboard is not installed (pip install 'mismatch-cli[tensorboard]')")
