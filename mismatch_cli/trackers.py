@@ -244,12 +244,19 @@ def check_spec(spec: str) -> tuple[type[Tracker], str]:
     return cls, target
 
 
-def parse_log_to(specs: Sequence[str] | None, run_name: str | None = None) -> list[Tracker]:
-    """Open one tracker per spec (every spec checked before any is opened); on an error
-    the ones already open are closed."""
+def check_log_to(specs: Sequence[str] | None) -> list[tuple[type[Tracker], str]]:
+    """Check `--log-to` specs and that each tracker's package imports, opening nothing: a
+    command calls it before its work, so a typo fails at once, not at the end."""
     checked = [check_spec(s) for s in specs or ()]
     for cls, _ in checked:
         cls._require()
+    return checked
+
+
+def parse_log_to(specs: Sequence[str] | None, run_name: str | None = None) -> list[Tracker]:
+    """Open one tracker per spec (every spec checked before any is opened); on an error
+    the ones already open are closed."""
+    checked = check_log_to(specs)
     opened: list[Tracker] = []
     try:
         for cls, target in checked:
@@ -293,6 +300,7 @@ def open_trackers(
 __all__ = [
     "TRACKERS",
     "Tracker",
+    "check_log_to",
     "check_spec",
     "close_all",
     "known_trackers",

@@ -301,7 +301,8 @@ def test_unknown_tracker_and_missing_package_on_history(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p = write_verl(tmp_path / "exp.jsonl")
-    msg = _error(["history", str(p), "--log-to", "comet:x"])
+    msg = _error(["history", str(p), "--log-to", "comet:x", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()  # checked before any work
     assert "unknown tracker 'comet'" in msg and "tensorboard:DIR" in msg
     import sys
 

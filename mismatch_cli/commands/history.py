@@ -62,6 +62,10 @@ def history(
     from ..results import json_ready
 
     err = Console(stderr=True)
+    if log_to:
+        from ..trackers import check_log_to
+
+        check_log_to(log_to)  # a bad spec fails before any work
     results = [read_history(p, fmt) for p in logs]
     unique_labels(results)
     written: list[Path] = []
