@@ -12,7 +12,8 @@ Logs read (`LOG_FORMATS`; detected from the file, or named):
                  TensorBoard's "Wall time,Step,Value" download named run-RUN-tag-TAG.csv)
     tensorboard  event files (a file or a directory of them), read with the tensorboard package
 
-`HISTORY_KEYS` is the registry: one row per key a framework logs, with its meaning against
+`HISTORY_KEYS` is the registry: one row per key a framework logs (and this project's own
+`mismatch/...` keys, as the plug-ins log them into a TRL log_history or a tracker), with its meaning against
 delta = logp_infer - logp_train (sign, clipped or raw, token or sequence level), the
 monitor metric it corresponds to, and whether the alarm watches it. A leading `train/`
 (the Hugging Face integrations' prefix) is dropped before lookup. A new key: one row here; a
@@ -134,6 +135,17 @@ HISTORY_KEYS: tuple[HistoryKey, ...] = (
                "none (>= 0)", "raw", "sequence (per-sequence mean)", None, None, "kl"),
     HistoryKey("prime-rl", "unmasked_mismatch_kl/mean", "k3 of the tokens DPPO kept (mean over sequences)",
                "none (>= 0)", "raw", "sequence (per-sequence mean)", None, None, "kl"),
+    # this project's own keys (the plug-ins, `--log-to`): a TRL log_history or a tracker export
+    HistoryKey("mismatch", "mismatch/k3", "k3 = mean(r - 1 - log r), r = exp(-delta) (the monitor's)",
+               "none (>= 0)", "raw", "token", "k3", "log", "kl"),
+    HistoryKey("mismatch", "mismatch/mean_delta", "mean delta (the monitor's)",
+               "same as delta", "raw", "token", "mean_delta", None, "kl"),
+    HistoryKey("mismatch", "mismatch/mean_abs_delta", "mean |delta| (the monitor's)",
+               "none (|delta|)", "raw", "token", "mean_abs_delta", None, "abs"),
+    HistoryKey("mismatch", "mismatch/tail_abs_delta_share", "the tail's (p_train < 0.1) share of sum |delta|",
+               "none", "raw", "token", "tail_abs_delta_share", "linear", "share"),
+    HistoryKey("mismatch", "mismatch/frac_ratio_outside_0.5_2", "share of tokens with r outside [0.5, 2]",
+               "r = exp(-delta)", "raw", "token", "frac_ratio_outside_0.5_2", None, "share"),
     HistoryKey("prime-rl", "is_masked/mean",
                "share of loss tokens DPPO masked (p_train - p_infer beyond dppo_mask_high / -low, by advantage sign)",
                "p_train - p_infer", "-", "token (per-sequence mean)", None, None, "share"),
@@ -483,7 +495,8 @@ def replay_metrics(result: dict[str, Any]) -> list[tuple[int, dict[str, float]]]
     `mismatch/<framework>/<key>`, plus `mismatch/alert` and `mismatch/alert/cusum_<key>`."""
     out: dict[int, dict[str, float]] = {}
     for s in result["series"]:
-        name = f"mismatch/{s['framework']}/{s['key'].removeprefix('train/')}"
+        key = s["key"].removeprefix("train/")
+        name = key if s["framework"] == "mismatch" else f"mismatch/{s['framework']}/{key}"
         for st, v in zip(s["steps"], s["values"], strict=True):
             out.setdefault(st, {})[name] = v
     al = result["alert"]
@@ -493,7 +506,7 @@ def replay_metrics(result: dict[str, Any]) -> list[tuple[int, dict[str, float]]]
         d = out.setdefault(st, {})
         d["mismatch/alert"] = 1.0 if st in raised else 0.0
         for k, v in cs.items():
-            d[f"mismatch/alert/cusum_{k.removeprefix('train/')}"] = v
+            d[f"mismatch/alert/cusum_{k.removeprefix('train/').removeprefix('mismatch/')}"] = v
     return sorted(out.items())
 
 

@@ -99,6 +99,20 @@ def test_trl_trainer_state(tmp_path: Path, prefix: str) -> None:
     assert "sampling_logp_difference/mean rose from" in al["first"]["reason"]
 
 
+def test_our_own_keys_in_a_trl_log_history(tmp_path: Path) -> None:
+    """The TRL plug-in logs `mismatch/...` into log_history: read as the monitor's, watched
+    as the monitor watches them (k3 on a log scale, the tail share)."""
+    hist = [
+        {"step": s, "mismatch/k3": _k3(s), "mismatch/tail_abs_delta_share": 0.3} for s in range(N)
+    ]
+    p = tmp_path / "trainer_state.json"
+    p.write_text(json.dumps({"log_history": hist}))
+    r = history(p)
+    assert r["alert"]["watched"] == ["mismatch/k3", "mismatch/tail_abs_delta_share"]
+    assert r["alert"]["first"]["step"] > RAMP
+    assert "mismatch/k3" in dict(replay_metrics(r))[1]  # replayed under its own name
+
+
 def test_a_trl_output_directory_reads_its_newest_checkpoint(tmp_path: Path) -> None:
     for step in (10, 40):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -184,7 +198,7 @@ def test_every_registry_row_is_complete() -> None:
     keys = [r.key for r in HISTORY_KEYS]
     assert len(keys) == len(set(keys))
     for r in HISTORY_KEYS:
-        assert r.framework in ("trl", "verl", "prime-rl")
+        assert r.framework in ("trl", "verl", "prime-rl", "mismatch")
         assert r.panel in ("abs", "kl", "ratio", "share", "prob")
         assert r.watch in (None, "log", "linear")
         assert lookup(r.key.replace("*", "env")) is not None
