@@ -66,6 +66,7 @@ from .commands import compare as _compare  # noqa: E402
 from .commands import corrections as _corrections  # noqa: E402
 from .commands import demo as _demo  # noqa: E402
 from .commands import diagnose as _diagnose  # noqa: E402
+from .commands import history as _history  # noqa: E402
 from .commands import import_ as _import  # noqa: E402
 from .commands import measure as _measure  # noqa: E402
 from .commands import plot as _plot  # noqa: E402
@@ -83,6 +84,7 @@ app.command("corrections")(_corrections.corrections)
 app.command("rescore")(_rescore.rescore)
 app.command("compare")(_compare.compare)
 app.command("diagnose", no_args_is_help=False)(_diagnose.diagnose)
+app.command("history")(_history.history)
 
 
 def _is_usage_error(e: BaseException) -> bool:

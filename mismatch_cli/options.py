@@ -98,3 +98,16 @@ TrainDeviceOpt = Annotated[
         rich_help_panel=PANEL_TRAINING,
     ),
 ]
+LogToOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--log-to",
+        metavar="TRACKER[:TARGET]",
+        help="Also write the metrics into an experiment tracker, by training step; repeat for "
+        "several: tensorboard:DIR, mlflow[:URI] (default a local file store, ./mlruns), "
+        "wandb:PROJECT (offline mode: no network), trackio:PROJECT. Each needs its extra: "
+        "pip install 'mismatch-cli[tensorboard]' (or [trackers] for all).",
+        show_default=False,
+        rich_help_panel=PANEL_OUTPUT,
+    ),
+]

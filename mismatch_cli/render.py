@@ -1,6 +1,6 @@
 """The rich tables a person reads in the terminal: one `print_<command>` per result dict
 (`print_report`, `print_sweep`, `print_validation`, `print_run_summary`, `print_import`,
-`print_groups`, `print_corrections`, `print_compare`, `print_diagnose`).
+`print_groups`, `print_corrections`, `print_compare`, `print_diagnose`, `print_history`).
 
 Nothing here computes a statistic: every number comes from a result dict and becomes text
 through `formatting` (the one formatter, shared with the library's verdicts). Progress bars
@@ -883,3 +883,85 @@ def print_summary(lines: list[str], where: dict[str, Any], console: Console | No
         Panel(f"{body}\n\n{places}", title="summary", title_align="left", expand=True),
         highlight=False,
     )
+
+
+# ----------------------------------------------------------------------------- history
+
+HISTORY_ROWS = 24  # steps printed in full; more: the first and last half of these
+
+
+def print_history(results: list[dict[str, Any]], console: Console | None = None) -> None:
+    """`mismatch history`: per log, what each series is, its values by step, the alarm, and
+    what a scalar log cannot tell."""
+    console = console or _wide_console()
+    for r in results:
+        series = r["series"]
+        t = _table(
+            f"mismatch history: {r['path']} ({r['format']}, {r['num_steps']:,} steps)",
+            caption=f"checked against {r['source']}" if r.get("source") else None,
+        )
+        for col, just in (("key", "left"), ("framework", "left"), ("what it is (delta = logp_infer - logp_train)", "left"),
+                          ("sign vs delta", "left"), ("clipped?", "left"), ("level", "left"),
+                          ("ours", "left"), ("first", "right"), ("last", "right"), ("max", "right")):  # fmt: skip
+            t.add_column(col, justify=just, overflow="fold", no_wrap=col == "key")
+        for s in series:
+            t.add_row(s["key"], s["framework"], s["meaning"], s["sign"], s["clip"], s["level"],
+                      s["ours"] or DASH, fmt(s["first"]), fmt(s["last"]), fmt(s["max"]))  # fmt: skip
+        console.print(t)
+        steps = sorted({st for s in series for st in s["steps"]})
+        shown = steps
+        if len(steps) > HISTORY_ROWS:
+            half = HISTORY_ROWS // 2
+            shown = [*steps[:half], None, *steps[-half:]]
+        by = _table(
+            "by step",
+            caption=f"{len(steps):,} steps; all of them with --json"
+            if len(steps) > HISTORY_ROWS
+            else None,
+        )
+        by.add_column("step", justify="right")
+        for s in series:
+            by.add_column(s["key"].removeprefix("train/"), justify="right", overflow="fold")
+        values = [dict(zip(s["steps"], s["values"], strict=True)) for s in series]
+        raised = set(r["alert"]["raised_steps"])
+        for st in shown:
+            if st is None:
+                by.add_row("…", *("…" for _ in series))
+                continue
+            mark = " !" if st in raised else ""
+            by.add_row(f"{st}{mark}", *(fmt(v.get(st)) for v in values))
+        console.print(by)
+        _print_alert(r["alert"], console)
+        for line in r["cannot_tell"]:
+            console.print(f"[bold yellow]note:[/] {line}", highlight=False, soft_wrap=True)
+
+
+def _print_alert(al: dict[str, Any], console: Console) -> None:
+    if not al["watched"]:
+        console.print(
+            "alert: none of these series is one the drift alarm watches (k3-like or mean |delta|-like)",
+            highlight=False,
+        )
+    elif not al["enough_steps"]:
+        console.print(
+            f"alert: not checked: the drift alarm needs more than {al['warmup']} steps of "
+            f"{', '.join(al['watched'])} (its baseline)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif al["first"] is None:
+        console.print(
+            f"[bold green]alert: none[/] (drift alarm on {', '.join(al['watched'])}: "
+            f"baseline the first {al['warmup']} steps, CUSUM threshold {al['threshold']:g})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        f = al["first"]
+        n = len(al["raised_steps"])
+        console.print(
+            f"[bold red]alert from step {f['step']}:[/] {f['reason']} "
+            f"(raised at {n:,} step{'s' if n != 1 else ''}, marked ! above)",
+            highlight=False,
+            soft_wrap=True,
+        )
