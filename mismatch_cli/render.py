@@ -896,18 +896,23 @@ def print_history(results: list[dict[str, Any]], console: Console | None = None)
     console = console or _wide_console()
     for r in results:
         series = r["series"]
+        frameworks = ", ".join(dict.fromkeys(s["framework"] for s in series))
         t = _table(
-            f"mismatch history: {r['path']} ({r['format']}, {r['num_steps']:,} steps)",
+            f"mismatch history: {r['path']} ({r['format']}, {r['num_steps']:,} steps; "
+            f"keys of {frameworks})",
             caption=f"checked against {r['source']}" if r.get("source") else None,
         )
-        for col, just in (("key", "left"), ("framework", "left"), ("what it is (delta = logp_infer - logp_train)", "left"),
-                          ("sign vs delta", "left"), ("clipped?", "left"), ("level", "left"),
-                          ("ours", "left"), ("first", "right"), ("last", "right"), ("max", "right")):  # fmt: skip
+        for col, just in (("key", "left"), ("ours", "left"), ("sign vs delta", "left"),
+                          ("clipped?", "left"), ("level", "left"), ("first", "right"),
+                          ("last", "right"), ("max", "right")):  # fmt: skip
             t.add_column(col, justify=just, overflow="fold", no_wrap=col == "key")
         for s in series:
-            t.add_row(s["key"], s["framework"], s["meaning"], s["sign"], s["clip"], s["level"],
-                      s["ours"] or DASH, fmt(s["first"]), fmt(s["last"]), fmt(s["max"]))  # fmt: skip
+            t.add_row(s["key"], s["ours"] or DASH, s["sign"], s["clip"], s["level"],
+                      fmt(s["first"]), fmt(s["last"]), fmt(s["max"]))  # fmt: skip
         console.print(t)
+        console.print("what each is (delta = logp_infer - logp_train):", highlight=False)
+        for s in series:
+            console.print(f"  {s['key']}: {s['meaning']}", highlight=False, soft_wrap=True)
         steps = sorted({st for s in series for st in s["steps"]})
         shown = steps
         if len(steps) > HISTORY_ROWS:
