@@ -74,3 +74,39 @@ def test_verl_dump_imports_token_by_token(
     assert tok["logp_train"].notna().all()
     src = json.loads((tmp_path / "run" / "run.json").read_text())["source"]
     assert "release" not in src
+
+
+OPENRLHF = ("openrlhf-0.11.2",)
+
+
+@pytest.mark.parametrize("release", OPENRLHF)
+def test_openrlhf_hook_dump_imports_token_by_token(release: str, tmp_path: Path) -> None:
+    """The docs hook's `tokens` file from OpenRLHF's own Experience batches (multi-turn
+    tool feedback inside, micro-batches padded to their own lengths): prompts, responses,
+    loss masks and both log-probs equal the truth, and every loss-mask-1 token is one row.
+    The `tokens` format carries no release: run.json's source names none."""
+    folder = DATA / "openrlhf" / release
+    truth = _truth(folder)
+    (chunk,) = list(get_format("tokens").read(folder / truth["file"], ReadContext()))
+    want = truth["completions"]
+    assert chunk.num_sequences == len(want) == 12
+    o = po = 0
+    for j, c in enumerate(want):
+        n, p = int(chunk.lens[j]), int(chunk.prompt_lens[j])
+        assert chunk.prompt_ids[po : po + p].tolist() == c["prompt_token_ids"], j
+        assert chunk.token_ids[o : o + n].tolist() == c["response_token_ids"], j
+        assert chunk.logp_infer[o : o + n].tolist() == c["logp_infer"], j
+        assert chunk.logp_train[o : o + n].tolist() == c["logp_train"], j
+        assert chunk.loss_mask[o : o + n].astype(int).tolist() == c["loss_mask"], j
+        o, po = o + n, po + p
+    assert sum(c["loss_mask"].count(0) for c in want) > 0  # tool feedback is in the dump
+    res = run_import(ImportOptions("tokens", [str(folder / truth["file"])], tmp_path / "run"))
+    tok = pd.read_parquet(tmp_path / "run" / "tokens.parquet").sort_values(["seq_id", "pos"])
+    got = list(zip(tok["seq_id"], tok["pos"], tok["token_id"], tok["logp_infer"],
+                   tok["logp_train"], strict=True))  # fmt: skip
+    rows = _rows(truth, train=True)
+    assert res["num_tokens"] == len(rows) == len(got)
+    assert [tuple(map(float, g)) for g in got] == [tuple(map(float, r)) for r in rows]
+    assert set(tok["step"]) == {truth["step"]}
+    src = json.loads((tmp_path / "run" / "run.json").read_text())["source"]
+    assert "release" not in src

@@ -50,7 +50,9 @@ VOCAB = 97  # ids below the test suite's tiny model vocabulary, so the import ca
 
 def lp_infer(prev: int, tok: int) -> float:
     """The emulated engine: log p(tok | prev), an exact float32 value."""
-    return -(((prev * 31 + tok * 17) % 997) + 1) / 128.0 + (((prev * 7 + tok * 13) % 41) - 20) / 4096.0
+    return (
+        -(((prev * 31 + tok * 17) % 997) + 1) / 128.0 + (((prev * 7 + tok * 13) % 41) - 20) / 4096.0
+    )
 
 
 def make_samples() -> list[dict[str, Any]]:
@@ -97,7 +99,6 @@ def build(samples: list[dict[str, Any]]) -> Any:
     """The DataProto verl's `_postprocess` returns for these rows."""
     import torch
     from tensordict import TensorDict
-
     from verl.protocol import DataProto
 
     rows = [padded_row(s, torch) for s in samples]
@@ -122,7 +123,6 @@ def build(samples: list[dict[str, Any]]) -> Any:
 def dump(proto: Any, root: Path) -> Path:
     """verl's own skip.rollout dump of `proto` as step STEP under `root`."""
     from omegaconf import OmegaConf
-
     from verl.utils.skip.rollout_skip import RolloutSkip
 
     gcfg = OmegaConf.create({"trainer": {"experiment_name": "exp", "project_name": "proj"},
@@ -138,7 +138,6 @@ def dump(proto: Any, root: Path) -> Path:
 def main(out_root: Path) -> None:
     import tensordict
     import torch
-
     import verl
 
     samples = make_samples()
