@@ -77,6 +77,18 @@ def watch(
             rich_help_panel=PANEL_INPUT,
         ),
     ] = False,
+    log_to: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--log-to",
+            metavar="KIND:TARGET",
+            help="Send each step's metrics (the monitor's mismatch/... names, at the training "
+            "step) to a tracker: tensorboard:DIR, mlflow[:URI], wandb:PROJECT (offline), "
+            "trackio:PROJECT. Repeatable.",
+            rich_help_panel=PANEL_OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
     figure: Annotated[
         bool,
         typer.Option(
@@ -124,11 +136,15 @@ def watch(
         trust_pickle=trust_pickle,
         figure=figure,
     )
-    watcher = Watcher(opts, say, warn)
-    try:
-        n = watcher.run()
-    except KeyboardInterrupt:
-        say(f"stopped: {out} holds every step read to its end ({watcher.appended} appended now)")
-        return
+    from ..trackers import log_all, open_trackers
+
+    with open_trackers(log_to, run_name=out.name) as trackers:
+        log = (lambda step, m: log_all(trackers, m, step)) if trackers else None
+        watcher = Watcher(opts, say, warn, log)
+        try:
+            n = watcher.run()
+        except KeyboardInterrupt:
+            say(f"stopped: {out} holds every step read to its end ({watcher.appended} now)")
+            return
     if until_idle is not None or once:
         say(f"{n} append(s) to {out}; done" if n else f"nothing new for {out}")

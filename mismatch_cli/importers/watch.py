@@ -86,7 +86,7 @@ class Watcher:
             _Prior.open(opts.out, self.mod.NAME)
             rows = self._rows()
             for row in rows:  # the detector's baseline, as if it had watched from the start
-                self._feed(row)
+                self._feed(row, log=False)  # the trackers had these steps already
             if rows:
                 say(f"resuming {opts.out}: {len(rows)} step(s) already imported")
 
@@ -200,14 +200,14 @@ class Watcher:
             self._write_figure()
         return new
 
-    def _feed(self, row: dict[str, Any]) -> bool:
+    def _feed(self, row: dict[str, Any], log: bool = True) -> bool:
         """One step's metrics to the detector (and the trackers); True if it raises."""
         from ..monitor import PREFIX
 
         metrics = {k: (math.nan if v is None else v) for k, v in row.items() if k != "step"}
         raised = self.detector.update(metrics)
         self.fed.add(row["step"])
-        if self.log is not None:
+        if self.log is not None and log:
             flat = {PREFIX + k: float(v) for k, v in metrics.items()}
             flat[f"{PREFIX}alert"] = 1.0 if raised else 0.0
             for key, s in self.detector.cusum.items():
