@@ -107,7 +107,7 @@ def test_sigint_mid_import_keeps_a_complete_run_that_append_finishes(tmp_path: P
         assert proc.poll() is None and time.monotonic() < deadline, "step_2 never opened"
         time.sleep(0.002)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted while reading" in err and "Traceback" not in err
     kept = json.loads((run / "run.json").read_text())
