@@ -177,7 +177,9 @@ def test_watch_once_on_an_empty_folder_is_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert_one_line_error(proc, "no complete prime-rl step")
     assert proc.stdout.strip() == ""
-    bad = run_cli("watch", str(tmp_path / "nope"), "--format", "slime", "--out", str(tmp_path / "r"))
+    bad = run_cli(
+        "watch", str(tmp_path / "nope"), "--format", "slime", "--out", str(tmp_path / "r")
+    )
     assert_one_line_error(bad, "not a folder")
 
 
