@@ -687,13 +687,15 @@ class _Prior:
             ingest.values.tokens += t.num_rows
             ingest.num_tokens += t.num_rows
 
+        rows = 0  # in buf: row groups are merged into parts of up to part_tokens rows
         for g in range(pf.num_row_groups):
             t = pf.read_row_group(g)
-            if buf and t.num_rows and buf[-1].num_rows:
+            if buf and t.num_rows and buf[-1].num_rows and rows + t.num_rows > ingest.part_tokens:
                 if buf[-1]["seq_id"][-1].as_py() != t["seq_id"][0].as_py():
                     write(buf, last=False)
-                    buf = []
+                    buf, rows = [], 0
             buf.append(t)
+            rows += t.num_rows
         if buf or start < seqs.num_rows:
             write(buf or [pf.schema_arrow.empty_table()], last=True)
 
