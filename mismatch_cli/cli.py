@@ -73,6 +73,7 @@ from .commands import plot as _plot  # noqa: E402
 from .commands import report as _report  # noqa: E402
 from .commands import rescore as _rescore  # noqa: E402
 from .commands import sweep as _sweep  # noqa: E402
+from .commands import watch as _watch  # noqa: E402
 
 app.command("measure", no_args_is_help=False)(_measure.measure)
 app.command("report")(_report.report)
@@ -80,6 +81,7 @@ app.command("plot")(_plot.plot)
 app.command("demo")(_demo.demo)
 app.command("sweep-threshold")(_sweep.sweep_threshold)
 app.command("import")(_import.import_)
+app.command("watch")(_watch.watch)
 app.command("corrections")(_corrections.corrections)
 app.command("rescore")(_rescore.rescore)
 app.command("compare")(_compare.compare)

@@ -132,7 +132,7 @@ class MlflowTracker(Tracker):
     """One MLflow run (experiment "mismatch") in a tracking store; metrics by step."""
 
     KIND, MODULE, NEEDS_TARGET = "mlflow", "mlflow.tracking", False
-    HINT = "[URI]"
+    HINT = "[:URI]"
     EXPERIMENT = "mismatch"
 
     def _open(self) -> None:
@@ -227,7 +227,7 @@ TRACKERS: dict[str, type[Tracker]] = {
 def known_trackers() -> str:
     """'tensorboard:DIR, mlflow[:URI], wandb:PROJECT, trackio:PROJECT'."""
     return ", ".join(
-        f"{k}{':' if not t.HINT.startswith('[') else ''}{t.HINT}" for k, t in TRACKERS.items()
+        f"{k}{'' if t.HINT.startswith('[') else ':'}{t.HINT}" for k, t in TRACKERS.items()
     )
 
 

@@ -142,6 +142,17 @@ def import_(
             rich_help_panel=PANEL_OUTPUT,
         ),
     ] = False,
+    append: Annotated[
+        bool,
+        typer.Option(
+            "--append",
+            help="Add to the import in --out: read only the files it has not read (run.json "
+            "records each file's size, mtime and sha256; a file changed since is refused). "
+            "The run is rewritten beside --out and swapped in: it stays whole if interrupted. "
+            "Without a run in --out, a plain import.",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     html: HtmlPageOpt = True,
 ) -> None:
@@ -165,6 +176,8 @@ def import_(
 
     if out is None:
         raise MismatchError("--out RUN is required: the run directory to write")
+    if append and overwrite:
+        raise MismatchError("--append adds to the run in --out, --overwrite replaces it: pick one")
     opts = ImportOptions(
         fmt=format,
         sources=source or [],
@@ -178,6 +191,7 @@ def import_(
         min_p=min_p,
         trust_pickle=trust_pickle,
         overwrite=overwrite,
+        append=append,
         device=device,
         batch_tokens=rescore_batch_tokens,
         rescore_memory=rescore_memory,
@@ -185,6 +199,16 @@ def import_(
     err = Console(stderr=True)
     with progress(err) as prog:
         result = run_import(opts, prog)
+    if result.get("num_new_files") == 0 and "summary" not in result:
+        if json_out:
+            sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        else:
+            err.print(
+                f"{out} already holds every {format} file found ({result['num_files']}): "
+                "nothing to append",
+                highlight=False,
+            )
+        return
     for w in result["warnings"]:
         err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     if html:
@@ -195,5 +219,9 @@ def import_(
         from ..results import json_ready
 
         sys.stdout.write(json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n")
+        if result.get("interrupted"):
+            raise typer.Exit(130)
         return
     print_import(result, Console())
+    if result.get("interrupted"):
+        raise typer.Exit(130)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import MismatchError, first_line
 from ..runs import RunDir, atomic_write_table, token_frame
@@ -121,6 +122,14 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What run.json's `source.files` records of a dump file: path, size, mtime, sha256
+    (how `--append` tells a new file from one read already, or one changed since)."""
+    st = path.stat()
+    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": sha256_file(path)}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -401,6 +410,39 @@ class Ingest:
             cols["source_row"] = pa.array(np.asarray(chunk.seq_extra["source_row"], np.int64))
         return pa.table(cols)
 
+    def checkpoint(self) -> dict[str, Any]:
+        """The counters after a complete file (`restore` goes back to them)."""
+        import copy
+
+        keep = ("next_seq", "num_sequences", "num_tokens", "num_dropped", "num_null", "steps",
+                "max_token_id", "slope", "values")  # fmt: skip
+        return {k: copy.deepcopy(getattr(self, k)) for k in keep}
+
+    def restore(self, cp: dict[str, Any]) -> None:
+        """Back to checkpoint `cp`: the counters, and every completion with seq_id >=
+        its next_seq dropped from the buffer and the parts (a file cut off by Ctrl-C)."""
+        import pyarrow.parquet as pq
+
+        for k, v in cp.items():
+            setattr(self, k, v)
+        cut = cp["next_seq"]
+        self._frames = [f[f["seq_id"] < cut] for f in self._frames]
+        self._seqs = [t.filter(pc.less(t["seq_id"], cut)) for t in self._seqs]
+        kind = TOKENS_KIND if self.mode == SCORED else ROLLOUT_KIND
+        for i in range(self.n_parts - 1, -1, -1):
+            seqs = pq.read_table(self.run.part_path(SEQS_KIND, i))
+            if len(seqs) and int(pc.min(seqs["seq_id"]).as_py()) < cut:
+                if int(pc.max(seqs["seq_id"]).as_py()) >= cut:
+                    df = self.run.read_part(kind, i)
+                    self.run.write_part(kind, i, df[df["seq_id"] < cut])
+                    keep = seqs.filter(pc.less(seqs["seq_id"], cut))
+                    atomic_write_table(self.run.part_path(SEQS_KIND, i), keep)
+                break
+            self.run.part_path(kind, i).unlink(missing_ok=True)
+            self.run.part_path(SEQS_KIND, i).unlink(missing_ok=True)
+            self.n_parts = i
+        self._buffered = sum(len(f) for f in self._frames)
+
     def flush(self) -> None:
         """Write the buffered chunks as part n_parts (token or rollout part + sequence part)."""
         if not self._frames:
@@ -433,6 +475,7 @@ class ImportOptions:
     min_p: float = 0.0
     trust_pickle: bool = False
     overwrite: bool = False
+    append: bool = False  # --append: read only the files RUN has not read
     device: str | None = None
     batch_tokens: int = 4096
     rescore_memory: str | None = None  # --rescore-memory, e.g. "2GiB"
@@ -473,7 +516,10 @@ def run_import(opts: ImportOptions, progress: Any = None) -> dict[str, Any]:
         )
     files = discover(opts.sources, mod.PATTERNS, mod.NAME)
     inputs = [*_source_inputs(opts.sources), *(("the dump's file", f) for f in files)]
-    check_out(opts.out, overwrite=opts.overwrite, inputs=inputs)  # before any model loads
+    appending = opts.append and RunDir(Path(opts.out)).exists()
+    check_out(
+        opts.out, overwrite=opts.overwrite or appending, inputs=inputs
+    )  # before any model loads
     explicit = {
         Path(p).expanduser().resolve() for p in opts.sources if Path(p).expanduser().is_file()
     }
@@ -498,13 +544,161 @@ def run_import(opts: ImportOptions, progress: Any = None) -> dict[str, Any]:
             f"{mod.NAME} dumps hold only the inference side: pass --model MODEL to rescore them "
             "with the training side"
         )
+    prior = _Prior.open(Path(opts.out), mod.NAME) if appending else None
+    if prior is not None:
+        files = prior.new_files(files)
+        if not files:
+            return {"run": str(opts.out), "format": mod.NAME, "num_new_files": 0,
+                    "num_files": len(prior.files), "warnings": list(warnings)}  # fmt: skip
+        if mode == RESCORED:
+            raise MismatchError(
+                "--append adds to scored imports only (a dump with both sides, no --rescore): "
+                "import the new files into another run, or all of them with --overwrite"
+            )
     model = _Model(opts.model, rescored=mode == RESCORED)
-    with replacing(opts.out, overwrite=opts.overwrite, inputs=inputs) as work:
+    overwrite = opts.overwrite or prior is not None
+    with replacing(opts.out, overwrite=overwrite, inputs=inputs) as work:
         run = RunDir(work)
-        result = _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings)
+        if prior is not None:
+            prior.carry_extras(work)
+        result = _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings, prior)
         shutil.rmtree(run.parts, ignore_errors=True)
     result["run"] = str(opts.out)
+    result["num_new_files"] = result["num_files"] - (len(prior.files) if prior else 0)
     return result
+
+
+class _Prior:
+    """The run an `--append` adds to: its run.json and the files it read."""
+
+    def __init__(self, path: Path, meta: Any) -> None:
+        self.path, self.meta = path, meta
+        self.files: list[dict[str, Any]] = list(meta.source.get("files") or [])
+
+    @classmethod
+    def open(cls, path: Path, fmt: str) -> _Prior:
+        """The run at `path`, refused in one line unless it is a complete scored import of
+        format `fmt`."""
+        from ..runs import open_run
+
+        _, meta = open_run(path, allow_incomplete=False)
+        src = meta.source
+        if meta.command != "import" or not src.get("files"):
+            raise MismatchError(
+                f"--append adds to a run `mismatch import` wrote; {path} was written by "
+                f"`mismatch {meta.command}`"
+            )
+        if src.get("format") != fmt:
+            raise MismatchError(
+                f"--append: {path} is a {src.get('format')} import, not {fmt}: append files "
+                "of the same format"
+            )
+        if src.get("mode") != SCORED:
+            raise MismatchError(
+                f"--append adds to scored imports only; {path} was rescored: import again "
+                "with --overwrite"
+            )
+        return cls(path, meta)
+
+    def new_files(self, files: Sequence[Path]) -> list[Path]:
+        """The files not read yet; one line if a file read before has changed since (its
+        size, or its sha256 when its mtime moved)."""
+        seen = {f["path"]: f for f in self.files}
+        out = []
+        for f in files:
+            rec = seen.get(str(f.resolve()))
+            if rec is None:
+                out.append(f)
+                continue
+            st = f.stat()
+            same = st.st_size == rec.get("bytes")
+            if same and st.st_mtime_ns != rec.get("mtime_ns"):
+                same = sha256_file(f) == rec.get("sha256")
+            if not same:
+                raise MismatchError(
+                    f"{f} changed since {self.path} read it (size {rec.get('bytes')} -> "
+                    f"{st.st_size} bytes, sha256 recorded in run.json): refusing to mix two "
+                    "versions of a file; import into a new run or pass --overwrite"
+                )
+        return out
+
+    def carry_extras(self, work: Path) -> None:
+        """Copy what else lives in the run directory (figures, tables, pages) into the new
+        one, so an append replaces only the tables and run.json."""
+        import shutil
+
+        from ..schema import PARTS_DIR, RUN_JSON, SEQUENCES_FILE, TOKENS_FILE
+
+        for p in self.path.iterdir():
+            if p.name in (RUN_JSON, TOKENS_FILE, SEQUENCES_FILE, PARTS_DIR):
+                continue
+            if p.is_dir():
+                shutil.copytree(p, work / p.name)
+            else:
+                shutil.copy2(p, work / p.name)
+
+    def seed(self, ingest: Ingest) -> None:
+        """Start `ingest` where the run left off: its token and sequence tables copied as
+        parts (cut where seq_id changes), the prompt index, seq_id and the counters."""
+        import pyarrow.parquet as pq
+
+        from ..schema import SEQUENCES_FILE, TOKENS_FILE
+
+        src = self.meta.source
+        seqs = pq.read_table(self.path / SEQUENCES_FILE)
+        seq_ids = seqs["seq_id"].to_numpy()
+        # the prompt index, as a one-shot import of the same files builds it
+        prompts = seqs["prompt_token_ids"].combine_chunks()
+        off = prompts.offsets.to_numpy()
+        flat = prompts.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        pid = seqs["prompt_id"].to_numpy()
+        for j in np.argsort(seq_ids, kind="stable"):
+            key = hashlib.blake2b(flat[off[j] : off[j + 1]].tobytes(), digest_size=16).digest()
+            entry = ingest.prompts.ids.setdefault(key, [int(pid[j]), 0])
+            entry[1] += 1
+        ingest.next_seq = int(seq_ids.max()) + 1 if seq_ids.size else 0
+        ingest.num_sequences = int(seqs.num_rows)
+        ingest.num_dropped = int(src.get("num_dropped_tokens") or 0)
+        ingest.num_null = int(src.get("num_null_tokens") or 0)
+        ingest.steps.update(int(v) for v in src.get("steps") or [])
+        resp = seqs["response_token_ids"].combine_chunks().flatten()
+        top = [pc.max(resp).as_py(), pc.max(prompts.flatten()).as_py(), -1]
+        ingest.max_token_id = max(int(v) for v in top if v is not None)
+        where = lambda k: f"{self.path / TOKENS_FILE}"  # noqa: E731
+        pf = pq.ParquetFile(self.path / TOKENS_FILE)
+        buf: list[pa.Table] = []
+        start = 0  # first sequence row not yet in a part
+
+        def write(tables: list[pa.Table], last: bool) -> None:
+            nonlocal start
+            t = pa.concat_tables(tables)
+            atomic_write_table(ingest.run.part_path(TOKENS_KIND, ingest.n_parts), t)
+            top_id = int(pc.max(t["seq_id"]).as_py()) if t.num_rows else -1
+            stop = seqs.num_rows if last else int(np.searchsorted(seq_ids, top_id, "right"))
+            atomic_write_table(
+                ingest.run.part_path(SEQS_KIND, ingest.n_parts), seqs.slice(start, stop - start)
+            )
+            start = stop
+            ingest.n_parts += 1
+            x = t["logp_train"].to_numpy(zero_copy_only=False)
+            y = t["logp_infer"].to_numpy(zero_copy_only=False)
+            ingest.slope.add(x, y)
+            ingest.values.logp("infer", y, where)
+            ingest.values.logp("train", x, where)
+            ingest.values.tokens += t.num_rows
+            ingest.num_tokens += t.num_rows
+
+        rows = 0  # in buf: row groups are merged into parts of up to part_tokens rows
+        for g in range(pf.num_row_groups):
+            t = pf.read_row_group(g)
+            if buf and t.num_rows and buf[-1].num_rows and rows + t.num_rows > ingest.part_tokens:
+                if buf[-1]["seq_id"][-1].as_py() != t["seq_id"][0].as_py():
+                    write(buf, last=False)
+                    buf, rows = [], 0
+            buf.append(t)
+            rows += t.num_rows
+        if buf or start < seqs.num_rows:
+            write(buf or [pf.schema_arrow.empty_table()], last=True)
 
 
 def _source_inputs(sources: Sequence[str | Path]) -> list[tuple[str, Path]]:
@@ -524,7 +718,7 @@ def _source_inputs(sources: Sequence[str | Path]) -> list[tuple[str, Path]]:
 _MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
 
 
-_FILE_KEYS = ("path", "bytes", "sha256")
+_FILE_KEYS = ("path", "bytes", "mtime_ns", "sha256")
 
 
 def _agreed_facts(file_info: list[dict[str, Any]]) -> dict[str, Any]:
@@ -594,64 +788,92 @@ def _ranges(values: Sequence[int]) -> str:
     return ",".join(out)
 
 
-def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dict[str, Any]:
+def _run(
+    opts, mod, files, steps, mode, model, run, prog, warn, warnings, prior=None
+) -> dict[str, Any]:
     from ..runs import new_meta, stream_sequences
     from ..schema import STATUS_COMPLETE
     from . import checks
 
-    file_info: list[dict[str, Any]] = []
+    file_info: list[dict[str, Any]] = [] if prior is None else list(prior.files)
+    reading: list[dict[str, Any]] = [{}]  # the record of the file being read
 
     def note(key: str, value: Any) -> None:  # a reader's fact about the file it reads
-        file_info[-1][key] = value
+        reading[0][key] = value
 
     ctx = ReadContext(trust_pickle=opts.trust_pickle, steps=steps, warn=warn, note=note)
     meta = new_meta("import", source={"format": mod.NAME, "files": file_info})
     run.write_meta(meta)
     ingest: Ingest | None = None
+    if prior is not None:
+        mode = SCORED
+        ingest = Ingest(run, mode, opts.part_tokens)
+        prior.seed(ingest)
+    first_index = len(file_info)
     seen_steps: set[int] = set()
-    for i, path in enumerate(files):
-        info: dict[str, Any] = {"path": str(path.resolve()), "bytes": path.stat().st_size}
-        info["sha256"] = sha256_file(path)
-        file_info.append(info)
-        for chunk in _chunks(mod, path, ctx):
-            if steps is not None:
-                if "step" not in chunk.seq_extra:
-                    raise MismatchError(f"--steps given, but {path} holds no step")
-                st = chunk.seq_extra["step"]
-                seen_steps.update(int(v) for v in np.unique(st))
-                chunk = chunk.select(np.isin(st, list(steps)))
-            if chunk.num_sequences == 0:
-                continue
-            if mode is None:  # formats with one or both sides: the first data decides
-                if chunk.logp_train is not None:
-                    mode = SCORED
-                elif model.spec:
-                    mode = RESCORED
-                    model.resolve()
-                else:
+    cp = ingest.checkpoint() if ingest is not None else None
+    done = 0  # files read to their end
+    interrupted = False
+    try:
+        for i, path in enumerate(files):
+            info = reading[0] = file_record(path)
+            for chunk in _chunks(mod, path, ctx):
+                if steps is not None:
+                    if "step" not in chunk.seq_extra:
+                        raise MismatchError(f"--steps given, but {path} holds no step")
+                    st = chunk.seq_extra["step"]
+                    seen_steps.update(int(v) for v in np.unique(st))
+                    chunk = chunk.select(np.isin(st, list(steps)))
+                if chunk.num_sequences == 0:
+                    continue
+                if mode is None:  # formats with one or both sides: the first data decides
+                    if chunk.logp_train is not None:
+                        mode = SCORED
+                    elif model.spec:
+                        mode = RESCORED
+                        model.resolve()
+                    else:
+                        raise MismatchError(
+                            f"{path} holds only inference log-probs (no trainer side): pass "
+                            "--model MODEL to rescore it with the training side"
+                        )
+                if mode == SCORED and chunk.logp_train is None:
                     raise MismatchError(
-                        f"{path} holds only inference log-probs (no trainer side): pass --model "
-                        "MODEL to rescore it with the training side"
+                        f"{path} holds no trainer log-probs, unlike the files before it: import "
+                        "it separately or pass --rescore --model MODEL"
                     )
-            if mode == SCORED and chunk.logp_train is None:
-                raise MismatchError(
-                    f"{path} holds no trainer log-probs, unlike the files before it: import it "
-                    "separately or pass --rescore --model MODEL"
-                )
-            if mode == RESCORED and model.vocab is not None:
-                top = int(max(chunk.token_ids.max(initial=-1), chunk.prompt_ids.max(initial=-1)))
-                if top >= model.vocab:
-                    raise MismatchError(
-                        f"{path} holds token id {top}, outside the vocabulary of {model.name} "
-                        f"({model.vocab} ids): is --model the model that generated these rollouts?"
+                if mode == RESCORED and model.vocab is not None:
+                    top = int(
+                        max(chunk.token_ids.max(initial=-1), chunk.prompt_ids.max(initial=-1))
                     )
-            if ingest is None:
-                ingest = Ingest(run, mode, opts.part_tokens)
-            ingest.add(chunk, i, path)
-        if len(files) > 1:  # from the second file on: a bad single file fails in one line
-            if i == 0:
-                prog.start("read", len(files))
-            prog.advance("read", 1)
+                    if top >= model.vocab:
+                        raise MismatchError(
+                            f"{path} holds token id {top}, outside the vocabulary of "
+                            f"{model.name} ({model.vocab} ids): is --model the model that "
+                            "generated these rollouts?"
+                        )
+                if ingest is None:
+                    ingest = Ingest(run, mode, opts.part_tokens)
+                ingest.add(chunk, first_index + i, path)
+            file_info.append(info)
+            done = i + 1
+            if ingest is not None:
+                cp = ingest.checkpoint()
+            if len(files) > 1:  # from the second file on: a bad single file fails in one line
+                if i == 0:
+                    prog.start("read", len(files))
+                prog.advance("read", 1)
+    except KeyboardInterrupt:
+        # Ctrl-C while reading: keep the files read to their end (a run of them), or give up
+        if cp is None or cp["num_sequences"] == 0:
+            raise
+        assert ingest is not None
+        ingest.restore(cp)
+        interrupted = True
+        warn(
+            f"interrupted while reading {files[done]}: {opts.out} holds the {first_index + done} "
+            f"file(s) read to their end; run the same import with --append to read the rest"
+        )
     if ingest is not None:
         ingest.flush()
     if ingest is None or ingest.num_sequences == 0:
@@ -734,6 +956,11 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
     from ..runs import now
 
     meta["completed"] = now()
+    if prior is not None:
+        meta["created"] = prior.meta.get("created", meta["created"])
+        meta["source"]["appended"] = int(prior.meta.source.get("appended", 0)) + 1
+    if interrupted:
+        meta["source"]["interrupted"] = True
     run.write_meta(meta)
     return {
         "run": str(run.path),
@@ -745,7 +972,8 @@ def _run(opts, mod, files, steps, mode, model, run, prog, warn, warnings) -> dic
         "num_null_tokens": ingest.num_null,
         "value_checks": value_checks,
         "steps": steps_sorted,
-        "num_files": len(files),
+        "num_files": len(file_info),
+        "interrupted": interrupted,
         "summary": summary,
         "checks": check,
         "warnings": list(warnings),
