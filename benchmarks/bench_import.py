@@ -122,7 +122,7 @@ def main() -> None:
     py = sys.executable
     run = base / "run"
     r = run_child([py, "-m", "mismatch_cli", "import", "prime-rl", str(base / "export"),
-                   "--out", str(run), "--json"], "import", ROOT)  # fmt: skip
+                   "--out", str(run), "--json", "--no-html"], "import", ROOT)  # fmt: skip
     res = json.loads(r.stdout)
     print(f"import           {r.wall:6.1f} s   peak RSS {r.peak_gb:.2f} GB   "
           f"{res['num_tokens'] / r.wall / 1e6:.2f} M tokens/s   ({res['num_tokens']:,} tokens, "

@@ -19,12 +19,14 @@ BENCHES = [
     "bench_import.py --tokens 2000000 --steps 4",
     "bench_corrections.py",
     "bench_monitor.py",
+    "bench_watch.py --tokens 200000 --repeats 1",
 ]
 # --large: each benchmark's large size (those without a --large flag get explicit sizes)
 LARGE = {
     "bench_import.py": ["--tokens", "20000000", "--steps", "10"],
     "bench_corrections.py": ["--large"],  # 100M tokens: sweep ~65 s and corrections ~205 s, < 2 GB
     "bench_monitor.py": ["--large"],  # 8 x 512 tokens
+    "bench_watch.py": ["--tokens", "1000000", "--repeats", "3"],  # the 1M-token step
 }
 
 
