@@ -103,8 +103,8 @@ LogToOpt = Annotated[
     typer.Option(
         "--log-to",
         metavar="TRACKER[:TARGET]",
-        help="Also write the metrics into an experiment tracker, by training step; repeat for "
-        "several: tensorboard:DIR, mlflow[:URI] (default a local file store, ./mlruns), "
+        help="Also write the metrics (the monitor's mismatch/... names) into an experiment "
+        "tracker, by training step; repeat for several: tensorboard:DIR, mlflow[:URI] (default a local file store, ./mlruns), "
         "wandb:PROJECT (offline mode: no network), trackio:PROJECT. Each needs its extra: "
         "pip install 'mismatch-cli[tensorboard]' (or [trackers] for all).",
         show_default=False,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..importers import FORMATS
-from ..options import PANEL_INPUT, PANEL_OUTPUT
+from ..options import PANEL_INPUT, PANEL_OUTPUT, LogToOpt
 
 
 def watch(
@@ -77,18 +77,7 @@ def watch(
             rich_help_panel=PANEL_INPUT,
         ),
     ] = False,
-    log_to: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--log-to",
-            metavar="KIND:TARGET",
-            help="Send each step's metrics (the monitor's mismatch/... names, at the training "
-            "step) to a tracker: tensorboard:DIR, mlflow[:URI], wandb:PROJECT (offline), "
-            "trackio:PROJECT. Repeatable.",
-            rich_help_panel=PANEL_OUTPUT,
-            show_default=False,
-        ),
-    ] = None,
+    log_to: LogToOpt = None,
     figure: Annotated[
         bool,
         typer.Option(
