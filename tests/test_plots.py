@@ -251,3 +251,19 @@ def test_skipped_figures_are_named_with_the_reason(tmp_path: Path) -> None:
     assert "note: figure sweep: skipped" in out and "pruning grid" in out
     assert "note: figure sequence: skipped (too few sequences" in out
     assert {f.stem for f in files} == {"bound", "bias", "distribution", "corrections"}
+
+
+def test_drift_axes_draw_a_flat_series_flat() -> None:
+    """A series that moves by 0.4% is not stretched over the whole panel; an all-zero share
+    keeps 0 at the bottom."""
+    import matplotlib.pyplot as plt
+
+    from mismatch_cli.plots.drift import _at_least
+
+    fig, ax = plt.subplots()
+    _at_least(ax, np.array([0.00881, 0.00881, 0.008781]))
+    lo, hi = ax.get_ylim()
+    assert lo < 0.008781 and hi > 0.00881 and hi - lo >= 0.2 * 0.00881
+    _at_least(ax, np.zeros(3))
+    assert ax.get_ylim() == (-0.0005, 0.01)
+    plt.close(fig)

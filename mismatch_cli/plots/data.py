@@ -303,7 +303,7 @@ class RunData:
         """Model, engines and dtypes, sampling settings, token count: one line."""
         meta = self.meta
         cfg = meta.config
-        bits = [str(meta.model_name or "model ?")]
+        bits = [str(meta.model_name or "model not recorded")]
         if "mode" in meta.infer or "mode" in meta.train:
             from ..compare import describe_sides  # a rescored or repeated side: say how
 

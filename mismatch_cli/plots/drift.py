@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -68,13 +69,15 @@ def plot_drift(runs: Sequence[RunData]) -> Figure:
     for ax, (_, label, share) in zip(axes, PANELS, strict=True):
         ax.set_ylabel(label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ys = np.concatenate([np.asarray(ln.get_ydata(), float) for ln in ax.get_lines()])
+        ys = ys[np.isfinite(ys)]
         if share:
             ax.yaxis.set_major_formatter(FuncFormatter(_percent))
-        else:  # log scale once the values span more than a decade
-            ys = np.concatenate([np.asarray(ln.get_ydata(), float) for ln in ax.get_lines()])
-            ys = ys[np.isfinite(ys) & (ys > 0)]
-            if ys.size and ys.max() > 10 * ys.min():
-                ax.set_yscale("log")
+        pos = ys[ys > 0]
+        if not share and pos.size and pos.max() > 10 * pos.min():
+            ax.set_yscale("log")  # once the values span more than a decade
+        elif ys.size:
+            _at_least(ax, ys)
     for ax in axes[2:]:
         ax.set_xlabel("training step")
     axes[0].set_title("Mismatch per token", loc="left")
@@ -82,6 +85,22 @@ def plot_drift(runs: Sequence[RunData]) -> Figure:
     if len(runs) > 1:
         axes[0].legend(loc="best")
     return fig
+
+
+def _at_least(ax: Any, ys: np.ndarray, rel: float = 0.2) -> None:
+    """A linear axis spans at least `rel` of its largest |value|: a series that moves by
+    0.1% is drawn flat, not as a cliff from the top of the panel to the bottom."""
+    lo, hi = float(ys.min()), float(ys.max())
+    if lo == hi == 0:  # all zero: 0 at the bottom, no negative shares
+        ax.set_ylim(-0.0005, 0.01)
+        return
+    need = rel * max(abs(lo), abs(hi))
+    if need > 0 and hi - lo < need:
+        mid = (lo + hi) / 2
+        bottom = mid - need / 2
+        if lo >= 0 > bottom:  # quantities that cannot be negative keep 0 as the floor
+            bottom = 0.0
+        ax.set_ylim(bottom, bottom + max(need, hi - bottom + need / 2))
 
 
 def _percent(v: float, _pos: int) -> str:
