@@ -361,9 +361,11 @@ def rescore_parts(
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
     save: Callable[[], None] = lambda: None,
+    net: Any = None,
 ) -> dict[str, Any] | None:
     """Score the rollout parts 0..n_parts-1 of `run` on the training side and write a token
-    part for each one that lacks it (resumable: done parts are skipped). Returns how the
+    part for each one that lacks it (resumable: done parts are skipped); `net`, if given,
+    is `train`'s network loaded already (not loaded again). Returns how the
     per-position pass ran (`rescore.PositionPass.record`, for run.json), None if nothing was
     left to score.
 
@@ -388,10 +390,12 @@ def rescore_parts(
     total = sum(_response_tokens(run.part_path(ROLLOUT, i)) for i in todo)
     prog.start("rescore", total)
     with timed(timings, "train_load"):
-        model, _ = load_model(
-            train.model_path, train.dtype, train.device, train.attn_implementation,
-            train.device_map, parse_max_memory(train.max_memory),
-        )  # fmt: skip
+        model = net
+        if model is None:
+            model, _ = load_model(
+                train.model_path, train.dtype, train.device, train.attn_implementation,
+                train.device_map, parse_max_memory(train.max_memory),
+            )  # fmt: skip
     plan = plan_pass(model, sampling, train.memory, total, lambda m: prog.log(f"warning: {m}"))
     for i in todo:  # one part in memory at a time
         df = run.read_part(ROLLOUT, i)

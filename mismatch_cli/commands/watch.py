@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..importers import FORMATS
-from ..options import PANEL_INPUT, PANEL_OUTPUT, LogToOpt
+from ..options import PANEL_INPUT, PANEL_OUTPUT, PANEL_SAMPLING, PANEL_TRAINING, LogToOpt
 
 
 def watch(
@@ -77,6 +77,59 @@ def watch(
             rich_help_panel=PANEL_INPUT,
         ),
     ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model that rescores the steps, as `import --model`: dumps with only the "
+            "inference side (verl) are rescored with it, each step as it completes; the "
+            "model loads once for the whole watch. Resuming a rescored RUN needs its model.",
+            rich_help_panel=PANEL_TRAINING,
+            show_default=False,
+        ),
+    ] = None,
+    rescore: Annotated[
+        bool,
+        typer.Option(
+            "--rescore",
+            help="Recompute the training side with transformers even if the dump has trainer "
+            "log-probs, as `import --rescore`.",
+            rich_help_panel=PANEL_TRAINING,
+        ),
+    ] = False,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Training-side device when rescoring (default: cuda if available, else cpu).",
+            rich_help_panel=PANEL_TRAINING,
+            show_default=False,
+        ),
+    ] = None,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            help="Temperature the run sampled with (replayed when rescoring).",
+            rich_help_panel=PANEL_SAMPLING,
+        ),
+    ] = 1.0,
+    top_p: Annotated[
+        float,
+        typer.Option(
+            help="Top-p of the run (replayed when rescoring).", rich_help_panel=PANEL_SAMPLING
+        ),
+    ] = 1.0,
+    top_k: Annotated[
+        int,
+        typer.Option(
+            help="Top-k of the run, -1 = off (replayed when rescoring).",
+            rich_help_panel=PANEL_SAMPLING,
+        ),
+    ] = -1,
+    min_p: Annotated[
+        float,
+        typer.Option(
+            help="Min-p of the run (replayed when rescoring).", rich_help_panel=PANEL_SAMPLING
+        ),
+    ] = 0.0,
     log_to: LogToOpt = None,
     figure: Annotated[
         bool,
@@ -91,7 +144,8 @@ def watch(
     (prime-rl: its STABLE marker; other formats: files unchanged for --settle seconds),
     never re-imported. After each step: one line (step, tokens, k3, mean |delta|, tail
     share, alert), RUN/tables/steps.csv (the table of `report --group-by step`) and
-    RUN/figures/drift.png. The alert is the monitor's drift detector (docs/integrations.md);
+    RUN/figures/drift.png. Inference-only dumps (verl), or any with --rescore, are rescored
+    with --model step by step, the model loaded once. The alert is the monitor's drift detector (docs/integrations.md);
     a step that raises it prints which metric rose, from what to what. The run on disk is
     always complete: `report`, `plot` and the rest can read it while watch runs.
     """
@@ -124,6 +178,13 @@ def watch(
         once=once,
         trust_pickle=trust_pickle,
         figure=figure,
+        model=model,
+        rescore=rescore,
+        device=device,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
     )
     from ..trackers import log_all, open_trackers
 

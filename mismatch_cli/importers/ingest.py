@@ -480,6 +480,7 @@ class ImportOptions:
     batch_tokens: int = 4096
     rescore_memory: str | None = None  # --rescore-memory, e.g. "2GiB"
     part_tokens: int = PART_TOKENS
+    loaded: RescoreModel | None = None  # a model kept loaded across imports (`watch`)
 
     def sampling(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -550,12 +551,12 @@ def run_import(opts: ImportOptions, progress: Any = None) -> dict[str, Any]:
         if not files:
             return {"run": str(opts.out), "format": mod.NAME, "num_new_files": 0,
                     "num_files": len(prior.files), "warnings": list(warnings)}  # fmt: skip
-        if mode == RESCORED:
-            raise MismatchError(
-                "--append adds to scored imports only (a dump with both sides, no --rescore): "
-                "import the new files into another run, or all of them with --overwrite"
-            )
-    model = _Model(opts.model, rescored=mode == RESCORED)
+        mode = prior.check_mode(mode, opts)
+    model = opts.loaded or RescoreModel(opts.model, rescored=False)
+    if mode == RESCORED:
+        model.resolve()
+        if prior is not None:
+            prior.check_model(model)
     overwrite = opts.overwrite or prior is not None
     with replacing(opts.out, overwrite=overwrite, inputs=inputs) as work:
         run = RunDir(work)
@@ -593,12 +594,58 @@ class _Prior:
                 f"--append: {path} is a {src.get('format')} import, not {fmt}: append files "
                 "of the same format"
             )
-        if src.get("mode") != SCORED:
+        if src.get("mode") not in (SCORED, RESCORED):
             raise MismatchError(
-                f"--append adds to scored imports only; {path} was rescored: import again "
+                f"--append: {path} records no import mode (scored or rescored): import again "
                 "with --overwrite"
             )
         return cls(path, meta)
+
+    @property
+    def mode(self) -> str:
+        return str(self.meta.source["mode"])
+
+    def check_mode(self, mode: str | None, opts: ImportOptions) -> str:
+        """The mode of the append: the run's; one line if the new files or flags ask for
+        the other one, or (rescored) for other sampling flags than the run replayed."""
+        if self.mode == SCORED and mode == RESCORED:
+            raise MismatchError(
+                f"--append: {self.path} is a scored import (both sides in the dump); these "
+                "files would be rescored: import them into another run, or all with --overwrite"
+            )
+        if self.mode == RESCORED:
+            if mode == SCORED:
+                raise MismatchError(
+                    f"--append: {self.path} was rescored with {self.meta.model.get('name')}: "
+                    "pass --rescore --model MODEL to rescore the new files too"
+                )
+            if not opts.model and opts.loaded is None:
+                raise MismatchError(
+                    f"--append: {self.path} was rescored: pass --model "
+                    f"{self.meta.model.get('path') or self.meta.model.get('name')} to rescore "
+                    "the new files with the same model"
+                )
+            had = self.meta.source.get("sampling") or {}
+            if had and had != opts.sampling():
+                raise MismatchError(
+                    f"--append: {self.path} was rescored with sampling {_flags(had)}, not "
+                    f"{_flags(opts.sampling())}: pass the run's sampling flags"
+                )
+        return self.mode
+
+    def check_model(self, model: RescoreModel) -> None:
+        """One line unless `model` is the one the run was rescored with: the same weights
+        sha256 where both have one, else the same path."""
+        rec = self.meta.model
+        was, now = rec.get("weights_sha256"), model.weights
+        same = was == now if was and now else rec.get("path") == model.path
+        if not same:
+            raise MismatchError(
+                f"--append: {self.path} was rescored with {rec.get('path') or rec.get('name')}"
+                f"{f' (weights sha256 {was[:12]})' if was else ''}, not {model.path}"
+                f"{f' ({now[:12]})' if now else ''}: pass the run's model, or import into "
+                "another run"
+            )
 
     def new_files(self, files: Sequence[Path]) -> list[Path]:
         """The files not read yet; one line if a file read before has changed since (its
@@ -682,9 +729,10 @@ class _Prior:
             ingest.n_parts += 1
             x = t["logp_train"].to_numpy(zero_copy_only=False)
             y = t["logp_infer"].to_numpy(zero_copy_only=False)
-            ingest.slope.add(x, y)
             ingest.values.logp("infer", y, where)
-            ingest.values.logp("train", x, where)
+            if ingest.mode == SCORED:  # a rescored import checks only the dump's side
+                ingest.slope.add(x, y)
+                ingest.values.logp("train", x, where)
             ingest.values.tokens += t.num_rows
             ingest.num_tokens += t.num_rows
 
@@ -699,6 +747,11 @@ class _Prior:
             rows += t.num_rows
         if buf or start < seqs.num_rows:
             write(buf or [pf.schema_arrow.empty_table()], last=True)
+
+
+def _flags(sampling: dict[str, Any]) -> str:
+    """{'temperature': 0.9, ...} -> '--temperature 0.9 --top-p 1 ...' (for messages)."""
+    return " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in sampling.items())
 
 
 def _source_inputs(sources: Sequence[str | Path]) -> list[tuple[str, Path]]:
@@ -752,25 +805,48 @@ def _chunks(mod: Any, path: Path, ctx: ReadContext) -> Any:
         yield chunk
 
 
-class _Model:
-    """The --model of an import: only a name in scored mode; resolved (path, vocabulary)
-    when the dump is rescored."""
+class RescoreModel:
+    """The --model of an import: only a name in scored mode; resolved (path, vocabulary,
+    weights sha256) when the dump is rescored. `net(device)` loads the float32 eager
+    network once and keeps it: `watch` passes one RescoreModel to every step's append."""
 
-    def __init__(self, spec: str | None, rescored: bool) -> None:
+    def __init__(self, spec: str | None, rescored: bool = False) -> None:
         self.spec = spec
         self.path: str | None = None
         self.name: str | None = Path(spec).name if spec else None
         self.vocab: int | None = None
+        self.weights: str | None = None
+        self.loads = 0  # networks loaded (one per device asked for)
+        self._net: Any = None
+        self._device: str | None = None
         if rescored:
             self.resolve()
 
     def resolve(self) -> None:
-        from ..models import resolve_model
+        """Path, display name, vocabulary size and weights sha256 (once)."""
+        from ..models import resolve_model, weights_hash
         from .checks import vocab_size
 
         if self.path is None:
             self.path, self.name = resolve_model(self.spec)
             self.vocab = vocab_size(self.path)
+            self.weights = weights_hash(self.path)
+
+    def net(self, device: Any) -> Any:
+        """The network on `device` (float32, eager attention, as `measure`), loaded once."""
+        from ..models import load_model
+
+        self.resolve()
+        assert self.path is not None
+        if self._net is None or self._device != str(device):
+            self._net = None
+            self._net, _ = load_model(self.path, "float32", device, "eager")
+            self._device = str(device)
+            self.loads += 1
+        return self._net
+
+
+_Model = RescoreModel
 
 
 def _ranges(values: Sequence[int]) -> str:
@@ -806,9 +882,10 @@ def _run(
     run.write_meta(meta)
     ingest: Ingest | None = None
     if prior is not None:
-        mode = SCORED
+        mode = prior.mode
         ingest = Ingest(run, mode, opts.part_tokens)
         prior.seed(ingest)
+    seeded = ingest.n_parts if ingest is not None else 0  # parts copied from the run
     first_index = len(file_info)
     seen_steps: set[int] = set()
     cp = ingest.checkpoint() if ingest is not None else None
@@ -903,7 +980,12 @@ def _run(
     if mode == SCORED:
         check["slope"], w = checks.slope_check(ingest.slope.sums)
     else:
-        check["temperature_fit"], w, per_position = _rescore(opts, model, run, ingest.n_parts, prog)
+        fit = prior.meta.source.get("checks", {}).get("temperature_fit") if prior else None
+        check["temperature_fit"], w, per_position = _rescore(
+            opts, model, run, ingest.n_parts, prog, seeded, fit
+        )
+        if prior is not None and per_position is None:
+            per_position = (prior.meta.engines.get("train") or {}).get("per_position")
     if w:
         warn(w)
     summary = run.finalize(ingest.n_parts, None, tokens=TOKENS_KIND)
@@ -924,7 +1006,12 @@ def _run(
             **samp,
             "replay_order": "temperature -> min_p -> top_k -> top_p -> renormalise (vLLM's)",
         },
-        model={"name": model.name, "path": model.path, "vocab_size": model.vocab},
+        model={
+            "name": model.name,
+            "path": model.path,
+            "vocab_size": model.vocab,
+            **({"weights_sha256": model.weights} if rescored else {}),
+        },
         engines={
             "infer": {"engine": f"{mod.NAME} rollouts", "dtype": None},
             "train": {
@@ -980,26 +1067,30 @@ def _run(
     }
 
 
-def _rescore(opts, model, run, n_parts, prog) -> tuple[dict[str, Any] | None, str | None, Any]:
-    """Rescore the rollout parts on the training side (float32, eager attention, like
-    `measure`), after fitting the temperature that best explains logp_infer; eps_hat is set
-    to null (no dump stores the inference side's top-K)."""
+def _rescore(
+    opts, model, run, n_parts, prog, first: int = 0, fit: dict[str, Any] | None = None
+) -> tuple[dict[str, Any] | None, str | None, Any]:
+    """Rescore the rollout parts `first`.. on the training side (float32, eager attention,
+    like `measure`; parts before `first` are an append's, scored already), after fitting
+    the temperature that best explains logp_infer (an append keeps the run's `fit`); eps_hat
+    is set to null (no dump stores the inference side's top-K). The network is
+    `model.net`: loaded once per RescoreModel."""
     from ..config import parse_size
-    from ..models import load_model, pick_device
+    from ..models import pick_device
     from ..pipeline import TrainSide, rescore_parts
     from ..sampling import Sampling
     from . import checks
 
     device = pick_device(opts.device)
     sampling = Sampling(opts.temperature, opts.top_p, opts.top_k, opts.min_p)
-    prog.log("fitting the temperature that explains the inference log-probs")
-    net, _ = load_model(model.path, "float32", device, "eager")
-    fit = checks.fit_temperature(net, run.read_part(ROLLOUT_KIND, 0), sampling, device)
-    del net
+    net = model.net(device)
+    if first == 0 or fit is None:
+        prog.log("fitting the temperature that explains the inference log-probs")
+        fit = checks.fit_temperature(net, run.read_part(ROLLOUT_KIND, first), sampling, device)
     train = TrainSide(model.path, "float32", "eager", device, opts.batch_tokens,
                       memory=parse_size(opts.rescore_memory, "--rescore-memory"))  # fmt: skip
-    per_position = rescore_parts(run, n_parts, train, sampling, prog)
-    for i in range(n_parts):
+    per_position = rescore_parts(run, n_parts, train, sampling, prog, net=net)
+    for i in range(first, n_parts):
         df = run.read_part(TOKENS_KIND, i)
         df["eps_hat"] = np.nan
         run.write_part(TOKENS_KIND, i, df)
@@ -1012,6 +1103,7 @@ __all__ = [
     "SCORED",
     "ImportOptions",
     "Ingest",
+    "RescoreModel",
     "discover",
     "parse_steps",
     "run_import",

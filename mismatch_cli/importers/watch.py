@@ -8,6 +8,10 @@ When a step is complete:
     other formats each file's size and mtime unchanged for `settle` seconds
 A file is appended once (run.json's `source.files`); a file that changes after it was
 read is refused by the append (one line).
+
+A dump with only the inference side (verl), or any with `rescore`, is rescored step by step
+with `model`: one `RescoreModel` for the whole watch, so the network loads once and each
+step's append rescores only that step's rollouts.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MismatchError
-from .ingest import ImportOptions, discover, run_import
+from .ingest import ImportOptions, RescoreModel, discover, run_import
 
 STEPS_CSV = "tables/steps.csv"  # the per-step table of `report --group-by step`
 DRIFT_FIGURE = "figures/drift.png"
@@ -40,6 +44,13 @@ class WatchOptions:
     once: bool = False
     trust_pickle: bool = False
     figure: bool = True
+    model: str | None = None  # --model: rescores inference-only dumps (or all, `rescore`)
+    rescore: bool = False
+    device: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
 
 
 def step_line(row: dict[str, Any], raised: bool) -> str:
@@ -76,6 +87,12 @@ class Watcher:
         self.mod = get_format(opts.fmt)
         if not opts.folder.is_dir():
             raise MismatchError(f"{opts.folder} is not a folder: watch follows a dump folder")
+        if opts.rescore and not opts.model:
+            raise MismatchError(
+                "--rescore needs --model MODEL: the model whose training side rescores the dump"
+            )
+        # one model for every step: resolved and loaded by the first rescored append, kept
+        self.model = RescoreModel(opts.model) if opts.model else None
         self.detector = DriftDetector()
         self.fed: set[int] = set()  # steps the detector has seen
         self._stat: dict[Path, tuple[int, int, float]] = {}  # size, mtime_ns, since
@@ -176,6 +193,14 @@ class Watcher:
             out=self.opts.out,
             append=True,
             trust_pickle=self.opts.trust_pickle,
+            model=self.opts.model,
+            rescore=self.opts.rescore,
+            device=self.opts.device,
+            temperature=self.opts.temperature,
+            top_p=self.opts.top_p,
+            top_k=self.opts.top_k,
+            min_p=self.opts.min_p,
+            loaded=self.model,
         )
         result = run_import(opts)
         for w in result.get("warnings", []):
