@@ -941,8 +941,10 @@ def _run(
                     prog.start("read", len(files))
                 prog.advance("read", 1)
     except KeyboardInterrupt:
-        # Ctrl-C while reading: keep the files read to their end (a run of them), or give up
-        if cp is None or cp["num_sequences"] == 0:
+        # Ctrl-C while reading: keep the files read to their end (a run of them), or give up.
+        # With --overwrite the run being replaced stays as it was: a part of the new import
+        # never takes the place of a complete run.
+        if cp is None or cp["num_sequences"] == 0 or opts.overwrite:
             raise
         assert ingest is not None
         ingest.restore(cp)
