@@ -50,6 +50,9 @@ from .schema import (
     TOKENS_FILE,
 )
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # the process's umask, read once: files get the mode an open() would give
+
 
 @contextmanager
 def _atomic_path(path: Path) -> Iterator[str]:
@@ -59,6 +62,7 @@ def _atomic_path(path: Path) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would keep a shared run private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -84,3 +84,16 @@ def test_finalize_fills_a_column_one_part_lacks_with_nulls(tmp_path: Path) -> No
     pos = read_tokens(run.path)["pos"]
     assert pos.iloc[:5].tolist() == [0, 1, 0, 1, 2] and pd.isna(pos.iloc[5])
     assert read_sequences(run.path)["seq_id"].tolist() == [0, 1, 2]
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path: Path) -> None:
+    """Written through a temporary file, a run's files still get the umask's mode, not
+    mkstemp's 0600 (a run or report page shared on a cluster must be readable)."""
+    import os
+
+    from mismatch_cli.runs import _UMASK, atomic_write_bytes
+
+    p = tmp_path / "page.html"
+    atomic_write_bytes(p, b"x")
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~_UMASK)
+    assert os.umask(_UMASK) == _UMASK  # reading it left the process's umask as it was
