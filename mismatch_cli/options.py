@@ -88,6 +88,40 @@ TopPOpt = Annotated[
 TopKOpt = Annotated[
     int, typer.Option(help="Top-k sampling (-1 = off).", rich_help_panel=PANEL_SAMPLING)
 ]
+# The sampling settings of a run made elsewhere (`import`, `watch`): not applied to generation,
+# only replayed on the training side when rescoring, and recorded in run.json.
+ReplayTemperatureOpt = Annotated[
+    float,
+    typer.Option(
+        "--temperature",
+        help="Temperature the run sampled with (replayed when rescoring; recorded).",
+        rich_help_panel=PANEL_SAMPLING,
+    ),
+]
+ReplayTopPOpt = Annotated[
+    float,
+    typer.Option(
+        "--top-p",
+        help="Top-p of the run (replayed when rescoring).",
+        rich_help_panel=PANEL_SAMPLING,
+    ),
+]
+ReplayTopKOpt = Annotated[
+    int,
+    typer.Option(
+        "--top-k",
+        help="Top-k of the run, -1 = off (replayed when rescoring).",
+        rich_help_panel=PANEL_SAMPLING,
+    ),
+]
+ReplayMinPOpt = Annotated[
+    float,
+    typer.Option(
+        "--min-p",
+        help="Min-p of the run (replayed when rescoring).",
+        rich_help_panel=PANEL_SAMPLING,
+    ),
+]
 MaxModelLenOpt = Annotated[
     int | None, typer.Option(help="vLLM maximum context length.", rich_help_panel=PANEL_ENGINE)
 ]

@@ -13,10 +13,13 @@ from ..importers import FORMATS
 from ..options import (
     PANEL_INPUT,
     PANEL_OUTPUT,
-    PANEL_SAMPLING,
     PANEL_TRAINING,
     HtmlPageOpt,
     JsonOpt,
+    ReplayMinPOpt,
+    ReplayTemperatureOpt,
+    ReplayTopKOpt,
+    ReplayTopPOpt,
     RescoreMemoryOpt,
 )
 
@@ -77,32 +80,10 @@ def import_(
             show_default=False,
         ),
     ] = None,
-    temperature: Annotated[
-        float,
-        typer.Option(
-            help="Temperature the run sampled with (replayed when rescoring; recorded).",
-            rich_help_panel=PANEL_SAMPLING,
-        ),
-    ] = 1.0,
-    top_p: Annotated[
-        float,
-        typer.Option(
-            help="Top-p of the run (replayed when rescoring).", rich_help_panel=PANEL_SAMPLING
-        ),
-    ] = 1.0,
-    top_k: Annotated[
-        int,
-        typer.Option(
-            help="Top-k of the run, -1 = off (replayed when rescoring).",
-            rich_help_panel=PANEL_SAMPLING,
-        ),
-    ] = -1,
-    min_p: Annotated[
-        float,
-        typer.Option(
-            help="Min-p of the run (replayed when rescoring).", rich_help_panel=PANEL_SAMPLING
-        ),
-    ] = 0.0,
+    temperature: ReplayTemperatureOpt = 1.0,
+    top_p: ReplayTopPOpt = 1.0,
+    top_k: ReplayTopKOpt = -1,
+    min_p: ReplayMinPOpt = 0.0,
     trust_pickle: Annotated[
         bool,
         typer.Option(

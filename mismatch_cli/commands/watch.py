@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from ..importers import FORMATS
-from ..options import PANEL_INPUT, PANEL_OUTPUT, PANEL_SAMPLING, PANEL_TRAINING, LogToOpt
+from ..options import (
+    PANEL_INPUT,
+    PANEL_OUTPUT,
+    PANEL_TRAINING,
+    LogToOpt,
+    ReplayMinPOpt,
+    ReplayTemperatureOpt,
+    ReplayTopKOpt,
+    ReplayTopPOpt,
+)
 
 
 def watch(
@@ -104,32 +113,10 @@ def watch(
             show_default=False,
         ),
     ] = None,
-    temperature: Annotated[
-        float,
-        typer.Option(
-            help="Temperature the run sampled with (replayed when rescoring).",
-            rich_help_panel=PANEL_SAMPLING,
-        ),
-    ] = 1.0,
-    top_p: Annotated[
-        float,
-        typer.Option(
-            help="Top-p of the run (replayed when rescoring).", rich_help_panel=PANEL_SAMPLING
-        ),
-    ] = 1.0,
-    top_k: Annotated[
-        int,
-        typer.Option(
-            help="Top-k of the run, -1 = off (replayed when rescoring).",
-            rich_help_panel=PANEL_SAMPLING,
-        ),
-    ] = -1,
-    min_p: Annotated[
-        float,
-        typer.Option(
-            help="Min-p of the run (replayed when rescoring).", rich_help_panel=PANEL_SAMPLING
-        ),
-    ] = 0.0,
+    temperature: ReplayTemperatureOpt = 1.0,
+    top_p: ReplayTopPOpt = 1.0,
+    top_k: ReplayTopKOpt = -1,
+    min_p: ReplayMinPOpt = 0.0,
     log_to: LogToOpt = None,
     figure: Annotated[
         bool,
