@@ -16,6 +16,7 @@ BENCHES = [
     "bench_rescore.py",
     "bench_generate.py",
     "bench_report.py",
+    "bench_real_shape.py",  # a real run replicated to 10^7 rows (--large: 10^8)
     "bench_import.py --tokens 2000000 --steps 4",
     "bench_corrections.py",
     "bench_monitor.py",
