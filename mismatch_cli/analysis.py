@@ -44,6 +44,7 @@ from .aggregates import (
     scan_frame,
 )
 from .errors import MismatchError
+from .positions import POSITION_EDGES, position_bucket, position_labels
 from .quantiles import EXACT_LIMIT
 from .results import json_ready
 from .runs import RunMeta
@@ -235,9 +236,16 @@ class GroupAccumulator:
     def start(self, agg: Aggregates) -> None:
         self._S = max(agg.num_sequences, 1)
 
-    def add(self, b: Batch) -> None:
+    def _keys(self, b: Batch) -> tuple[np.ndarray, list[Any]] | None:
+        """The batch's rows as codes [n] into its distinct key values (-1 where null)."""
         codes, uniq = pd.factorize(b.rows[self.key])  # [n] batch-local, -1 where null
-        values = uniq.tolist() if hasattr(uniq, "tolist") else list(uniq)
+        return codes, (uniq.tolist() if hasattr(uniq, "tolist") else list(uniq))
+
+    def add(self, b: Batch) -> None:
+        keys = self._keys(b)
+        if keys is None:
+            return
+        codes, values = keys
         lut = np.array([self._index.setdefault(v, len(self._index)) for v in values], np.int64)
         if len(self._index) > len(self._values):  # new groups: wider sums
             self._values = list(self._index)
@@ -291,6 +299,41 @@ class GroupAccumulator:
             }
             for g in order
         ]
+
+
+class PositionAccumulator(GroupAccumulator):
+    """`scan` extra: the headline numbers per position bucket. Reads `pos`; a token table
+    without it (a bare DataFrame) gives no table (`result()` is None)."""
+
+    def __init__(self, tail: float = DEFAULT_TAIL, edges: Sequence[int] = POSITION_EDGES) -> None:
+        super().__init__("pos", tail)
+        self.edges = tuple(int(e) for e in edges)
+        self.seen = False
+        # every bucket exists from the start, in order, so the codes are the bucket indices
+        self._index = {i: i for i in range(len(self.edges))}
+        self._values = list(range(len(self.edges)))
+        self._sums = np.zeros((7, len(self.edges)))
+
+    def _keys(self, b: Batch) -> tuple[np.ndarray, list[Any]] | None:
+        if "pos" not in b.rows:
+            return None
+        self.seen = True
+        return position_bucket(b.rows["pos"], self.edges), self._values
+
+    def result(self) -> list[dict[str, Any]] | None:  # type: ignore[override]
+        """One row per bucket, in position order, empty ones included (num_tokens 0, the
+        statistics None after `json_ready`): label, pos_lo, pos_hi (inclusive; None for the
+        last), and `report --group-by`'s numbers."""
+        if not self.seen:
+            return None
+        rows = super().result()
+        labels = position_labels(self.edges)
+        out = []
+        for i, row in enumerate(rows):
+            row.pop("pos")
+            hi = self.edges[i + 1] - 1 if i + 1 < len(self.edges) else None
+            out.append({"position": labels[i], "pos_lo": self.edges[i], "pos_hi": hi, **row})
+        return out
 
 
 def group_metrics(
@@ -394,7 +437,8 @@ def analyze(
     eps_hat (the data's estimate, q0.99 of per-position eps_hat), eps_estimator,
     eps_hat_quantiles, eps_needed_q99, edges, buckets, envelope, fit, tail, accumulation,
     metrics, distribution_level (`distribution_level`; None for runs without those
-    columns), quantiles ("exact", or the sketch they come from), verdict; with `group_by`
+    columns), by_position (`positions`: per position bucket in the completion; None without
+    a `pos` column), quantiles ("exact", or the sketch they come from), verdict; with `group_by`
     (step, env) also group_by and groups (`group_metrics`). NaN becomes None. The table is
     streamed `batch_rows` rows at a time; quantiles are exact up to `exact_limit` values
     (module doc).
@@ -414,8 +458,11 @@ def analyze(
     if src.meta is not None:
         run = run_info(Path(source), src.meta)  # type: ignore[arg-type]
     groups = [GroupAccumulator(group_by, tail)] if group_by is not None else []
-    agg = scan(src, edges=e, by=by, tail=tail, eps=eps, exact_limit=exact_limit, extras=groups)
+    positions = PositionAccumulator(tail)
+    agg = scan(src, edges=e, by=by, tail=tail, eps=eps, exact_limit=exact_limit,
+               extras=[*groups, positions])  # fmt: skip
     result = report(agg, run, src.warnings)
+    result["by_position"] = json_ready(positions.result())
     if groups:
         result["group_by"] = group_by
         result["groups"] = json_ready(groups[0].result())
@@ -492,6 +539,7 @@ def report(
 __all__ = [
     "GROUP_KEYS",
     "GroupAccumulator",
+    "PositionAccumulator",
     "accumulation",
     "analyze",
     "analyze_groups",

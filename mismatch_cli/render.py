@@ -286,6 +286,8 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     for t in (accumulation_table(result),):
         console.print(t)
     console.print(metrics_table(result))
+    if (pos := position_table(result)) is not None:
+        console.print(pos)
     if (dist := distribution_table(result)) is not None:
         console.print(dist)
     console.print(Panel(result["verdict"], title="verdict", title_align="left", expand=True))
@@ -493,19 +495,18 @@ def _steps_text(steps: list[int]) -> str:
     return f"{len(steps)} steps, {steps[0]} to {steps[-1]}"
 
 
-def groups_table(result: dict[str, Any]) -> Table:
-    """`report --group-by`: the headline metrics of each step / env."""
-    key = result["group_by"]
+def _headline_rows(title: str, result: dict[str, Any], key: str, rows: list[dict]) -> Table:
+    """The headline metrics of groups of tokens, one row each (`--group-by`, position)."""
     side = _side(result)
     t = _table(
-        f"Per {key}",
+        title,
         caption=f"tail = tokens with {side} < {result['tail']['threshold']:g}; "
         "r = exp(-delta), the token importance ratio",
     )
     for h in (key, "tokens", "seqs", "mean |δ|", "mean δ", "k3", "tail |δ| share",
               "r ∉ [0.5, 2]"):  # fmt: skip
         t.add_column(h, justify="right", no_wrap=True)
-    for g in result["groups"]:
+    for g in rows:
         t.add_row(
             str(g[key]),
             f"{g['num_tokens']:,}",
@@ -515,6 +516,37 @@ def groups_table(result: dict[str, Any]) -> Table:
             fmt(g["k3"]),
             pct(g["tail_abs_delta_share"]),
             pct(g["frac_ratio_outside_0.5_2"]),
+        )
+    return t
+
+
+def groups_table(result: dict[str, Any]) -> Table:
+    """`report --group-by`: the headline metrics of each step / env."""
+    key = result["group_by"]
+    return _headline_rows(f"Per {key}", result, key, result["groups"])
+
+
+def position_table(result: dict[str, Any]) -> Table | None:
+    """`report`: the headline metrics by position in the completion (the buckets that hold
+    tokens; `--json` has them all). None for a table without positions."""
+    rows = [r for r in result.get("by_position") or [] if r["num_tokens"]]
+    if not rows:
+        return None
+    t = _table(
+        "Mismatch by position in the completion",
+        caption=f"pos = tokens into the completion; tail = tokens with {_side(result)} < "
+        f"{result['tail']['threshold']:g}",
+    )
+    for h in ("pos", "tokens", "mean |δ|", "mean δ", "k3", "tail |δ| share"):
+        t.add_column(h, justify="right", no_wrap=True)
+    for r in rows:
+        t.add_row(
+            r["position"],
+            f"{r['num_tokens']:,}",
+            fmt(r["mean_abs_delta"]),
+            fmt(r["mean_delta"], sign=True),
+            fmt(r["k3"]),
+            pct(r["tail_abs_delta_share"]),
         )
     return t
 

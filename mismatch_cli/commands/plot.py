@@ -58,9 +58,9 @@ def plot(
         list[str] | None,
         typer.Option(
             "--figure",
-            metavar="bound|bias|sequence|distribution|sweep|corrections|drift|diagnose",
-            help="Draw only these figures (repeatable). Default: all that apply to the runs; "
-            "`diagnose` (one bar per run) for a diagnose directory.",
+            metavar="bound|bias|sequence|distribution|sweep|corrections|drift|position|diagnose",
+            help="Draw only these figures (repeatable). Default: all that apply to the runs "
+            "(`position` only when named); `diagnose` (one bar per run) for a diagnose directory.",
             show_default=False,
             rich_help_panel=PANEL_FIGURES,
         ),
@@ -86,7 +86,8 @@ def plot(
     envelopes), bias (signed mean delta per p_train bucket), sequence (accumulation),
     distribution (delta and importance ratios with caps 2 / 3 / 5), sweep (pruning
     trade-off), corrections (what each mismatch correction removes and leaves), drift (the
-    mismatch over training steps, for imported runs with several steps); diagnose (k3 and
+    mismatch over training steps, for imported runs with several steps), position (mean
+    |delta| and k3 by position in the completion, when named); diagnose (k3 and
     mean |delta| per run, for a `mismatch diagnose` directory). delta = logp_infer -
     logp_train (nats); p = p_train, the training side.
     Reads the runs' Parquet files only (never loads a model).

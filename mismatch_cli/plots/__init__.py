@@ -23,7 +23,17 @@ from matplotlib.figure import Figure
 
 from .. import aggregates as G
 from ..errors import MismatchError
-from . import bias, bound, corrections, diagnose, distribution, drift, sequence, sweep
+from . import (
+    bias,
+    bound,
+    corrections,
+    diagnose,
+    distribution,
+    drift,
+    position,
+    sequence,
+    sweep,
+)
 from .bias import plot_bias
 from .bound import plot_bound
 from .corrections import plot_corrections
@@ -33,7 +43,7 @@ from .sequence import cumulative_by_position, plot_sequence
 from .style import DEFAULT_DPI, IMAGE_FORMATS, PALETTE, STYLE, check_formats, draw_title, plotted
 from .sweep import plot_sweep
 
-_MODULES = (bound, bias, sequence, distribution, sweep, corrections, drift, diagnose)
+_MODULES = (bound, bias, sequence, distribution, sweep, corrections, drift, position, diagnose)
 FIGURES: tuple[str, ...] = tuple(m.NAME for m in _MODULES)
 # drawn when no figure is named; a module with DEFAULT = False only when asked for
 DEFAULT_FIGURES: tuple[str, ...] = tuple(m.NAME for m in _MODULES if getattr(m, "DEFAULT", True))

@@ -17,6 +17,7 @@ import pandas as pd
 from .. import aggregates as G
 from .. import analysis as A
 from ..quantiles import EXACT_LIMIT
+from ..results import json_ready
 from ..runs import RunMeta
 from ..tokens import BATCH_ROWS, REQUIRED_COLUMNS
 from .style import PALETTE
@@ -284,6 +285,7 @@ class RunData:
     deltas: DeltaHist
     positions: PositionSums
     steps: list[dict[str, Any]] | None  # analysis.group_metrics by step; None: no step column
+    by_position: list[dict[str, Any]] | None  # report's by_position; None: no pos column
     columns: tuple[str, ...]  # the token table's columns
     frame: pd.DataFrame | None = None  # the token table, when given as a DataFrame
     meta: RunMeta = field(default_factory=lambda: RunMeta(status="complete"))
@@ -347,7 +349,8 @@ def run_data(
         label = label or "run"
     e = G.parse_edges(edges)
     bound, deltas, positions = BoundHist(), DeltaHist(), PositionSums()
-    extras: list[Any] = [bound, deltas, positions]
+    by_position = A.PositionAccumulator()
+    extras: list[Any] = [bound, deltas, positions, by_position]
     steps = A.GroupAccumulator("step") if "step" in src.columns else None
     if steps is not None:
         extras.append(steps)
@@ -374,6 +377,7 @@ def run_data(
         deltas=deltas,
         positions=positions,
         steps=steps.result() if steps is not None else None,
+        by_position=json_ready(by_position.result()),
         columns=tuple(src.columns),
         frame=frame,
         meta=meta if meta is not None else RunMeta(status="complete"),
