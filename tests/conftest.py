@@ -107,8 +107,9 @@ def hf_null_run(runs_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def vllm_many_prompts_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One real vLLM run in this process (`pipeline.run_measure`, as `measure` calls it),
-    watched: 80 prompts x 2 samples of ~60 prompt tokens (~9,600 prefill tokens, more than
-    vLLM's CPU step budget of 4096) x 2 tokens, enforce_eager. Spies record the processes
+    watched: 64 prompts (one chunk of measure's default 64) x 2 samples of ~56 prompt tokens
+    (7,192 prefill tokens, more than vLLM's CPU step budget of 4096) x 2 tokens,
+    enforce_eager. Spies record the processes
     `VllmEngine` starts (EngineCore, its workers) and which of them still run when the
     training side loads. Returns {"out", "started", "seen_at_load"}; shared by the test that
     the engine processes are gone before the training load (test_devices) and the test that
@@ -144,7 +145,7 @@ def vllm_many_prompts_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         return real_load(*a, **k)
 
     out = tmp_path_factory.mktemp("many") / "run"
-    cfg = MeasureConfig(num_prompts=80, samples_per_prompt=2, max_tokens=2, enforce_eager=True)
+    cfg = MeasureConfig(num_prompts=64, samples_per_prompt=2, max_tokens=2, enforce_eager=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rollout.VllmEngine, "__init__", spy_init)
         mp.setattr(models, "load_model", spy_load)
