@@ -19,9 +19,10 @@ from . import metrics as M
 from .aggregates import DEFAULT_EDGES, bucket_index, parse_edges, report_tokens, scan
 from .analysis import report
 from .errors import MismatchError
+from .pairing import PairCounts, pair_runs
 from .results import json_ready
-from .runs import RunMeta, read_tokens, run_labels
-from .tokens import BATCH_ROWS, SIDES, TokenBatches, open_run_tokens, prefetch
+from .runs import RunMeta, run_labels
+from .tokens import BATCH_ROWS, SIDES, open_run_tokens
 
 # The headline metrics, in display order: (key, label). The ratio to the first run is
 # given for each.
@@ -122,18 +123,17 @@ def _ratio(a: Any, b: Any) -> float:
 
 
 _MOVE_COLUMNS = ["seq_id", "pos", "token_id", "logp_infer", "logp_train", "p_train"]
-_KEYS = ["seq_id", "pos"]
 
 
-class _Moves:
+class _Moves(PairCounts):
     """`moved`'s sums, streamed: per side s, over matched rows finite in both runs, of
     m = logp_s(b) - logp_s(a) (count, sum |m|, max |m|, zeros, sum of k3 terms), and by
     bucket of a's p_train; plus the matched rows and those holding different tokens."""
 
     def __init__(self, edges: np.ndarray) -> None:
+        super().__init__()
         self.edges = edges
         nb = len(edges) - 1
-        self.num_common = self.num_only_a = self.num_only_b = self.num_diff = 0
         self.side = {
             s: {
                 "n": 0, "n_bad": 0, "sum": 0.0, "max": -math.inf, "zeros": 0, "k3": 0.0,
@@ -144,11 +144,9 @@ class _Moves:
 
     def add(self, a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
         """Matched rows: a's and b's columns, row i of one matching row i of the other."""
-        n = len(a["seq_id"])
-        self.num_common += n
+        n = self.count(a, b)
         if not n:
             return
-        self.num_diff += int(np.count_nonzero(a["token_id"] != b["token_id"]))
         nb = len(self.edges) - 1
         idx = bucket_index(np.asarray(a["p_train"], dtype=np.float64), self.edges)  # [n]
         for side, acc in self.side.items():
@@ -198,78 +196,6 @@ class _Moves:
         return out
 
 
-def _move_source(path: str | Path, batch_rows: int) -> TokenBatches:
-    """A run's tokens.parquet as TokenBatches, with the columns `moved` reads (an empty
-    table moves nothing; an incomplete run is compared as it is)."""
-    return open_run_tokens(
-        path, verb="compare", needed=_MOVE_COLUMNS, batch_rows=batch_rows, allow_empty=True
-    )
-
-
-def _aligned(src_a: TokenBatches, src_b: TokenBatches, acc: _Moves) -> bool:
-    """Runs sharing rollouts store the same (seq_id, pos) in the same row order: compare
-    them batch against batch. False (acc then holds partial sums) at the first batch whose
-    keys differ."""
-    if src_a.num_rows != src_b.num_rows:
-        return False
-    pairs = zip(
-        prefetch(src_a.read(_MOVE_COLUMNS)), prefetch(src_b.read(_MOVE_COLUMNS)), strict=True
-    )
-    for a, b in pairs:
-        if not all(np.array_equal(a[k], b[k]) for k in _KEYS):
-            return False
-        acc.add(a, b)
-    return True
-
-
-def _join(fa: pd.DataFrame, fb: pd.DataFrame, acc: _Moves) -> None:
-    """Match rows of two chunks holding the same sequences on (seq_id, pos) into acc."""
-    j = fa.merge(fb, on=_KEYS, suffixes=("_a", "_b"))
-    acc.num_only_a += len(fa) - len(j)
-    acc.num_only_b += len(fb) - len(j)
-    keys = {k: j[k].to_numpy() for k in _KEYS}
-    cols = [c for c in _MOVE_COLUMNS if c not in _KEYS]
-    acc.add(
-        {**keys, **{c: j[f"{c}_a"].to_numpy() for c in cols}},
-        {**keys, **{c: j[f"{c}_b"].to_numpy() for c in cols}},
-    )
-
-
-def _joined(src_a: TokenBatches, src_b: TokenBatches, acc: _Moves) -> bool:
-    """A merge join on (seq_id, pos) for runs whose rows are in another order, a batch of
-    sequences at a time: both tables are read in seq_id order, and the sequences below the
-    smaller of the two last seq_ids read are complete on both sides, so they are joined and
-    dropped (memory: about a batch per run). False at once if a table is not sorted by
-    seq_id (acc then holds partial sums)."""
-    its = {"a": prefetch(src_a.read(_MOVE_COLUMNS)), "b": prefetch(src_b.read(_MOVE_COLUMNS))}
-    frames = {k: pd.DataFrame(columns=_MOVE_COLUMNS) for k in its}
-    done = dict.fromkeys(its, False)
-
-    def last(k: str) -> float:
-        """The largest seq_id read from k (+inf once k is exhausted, -inf before any)."""
-        if done[k]:
-            return math.inf
-        return float(frames[k]["seq_id"].iat[-1]) if len(frames[k]) else -math.inf
-
-    while not all(done.values()):
-        k = min((k for k in its if not done[k]), key=last)  # read where it is behind
-        batch = next(its[k], None)
-        if batch is None:
-            done[k] = True
-        else:
-            sid = batch["seq_id"]
-            if sid.size and (np.any(sid[1:] < sid[:-1]) or sid[0] < last(k)):
-                return False
-            frames[k] = pd.concat([frames[k], pd.DataFrame(batch)], ignore_index=True)
-        upto = min(last(x) for x in its)  # sequences below it are complete on both sides
-        if -math.inf < upto < math.inf:
-            ma, mb = (frames[x]["seq_id"].to_numpy() < upto for x in ("a", "b"))
-            _join(frames["a"][ma], frames["b"][mb], acc)
-            frames["a"], frames["b"] = frames["a"][~ma], frames["b"][~mb]
-    _join(frames["a"], frames["b"], acc)
-    return True
-
-
 def moved(
     a: str | Path,
     b: str | Path,
@@ -289,13 +215,7 @@ def moved(
     (seq_id, pos) in the same order (rescored runs do), else a merge join by sequence.
     """
     e = parse_edges(edges)
-    src_a, src_b = _move_source(a, batch_rows), _move_source(b, batch_rows)
-    acc = _Moves(e)
-    if not _aligned(src_a, src_b, acc):
-        acc = _Moves(e)
-        if not _joined(src_a, src_b, acc):  # tables not sorted by seq_id: join them whole
-            acc = _Moves(e)
-            _join(read_tokens(a, _MOVE_COLUMNS), read_tokens(b, _MOVE_COLUMNS), acc)
+    acc = pair_runs(a, b, _MOVE_COLUMNS, lambda: _Moves(e), batch_rows=batch_rows)
     base: dict[str, Any] = {
         "a": str(a),
         "b": str(b),
@@ -303,14 +223,8 @@ def moved(
         "num_only_a": acc.num_only_a,
         "num_only_b": acc.num_only_b,
     }
-    if not acc.num_common:
-        return {**base, "shared": False, "reason": "no (seq_id, pos) in common"}
-    if acc.num_diff:
-        return {
-            **base,
-            "shared": False,
-            "reason": f"{acc.num_diff:,} of {acc.num_common:,} common positions hold different tokens",
-        }
+    if (why := acc.unshared()) is not None:
+        return {**base, "shared": False, "reason": why}
     return json_ready({**base, **acc.result()})
 
 
@@ -318,8 +232,13 @@ def compare(
     paths: Sequence[str | Path],
     labels: Sequence[str] | None = None,
     edges: Sequence[float] | str | None = DEFAULT_EDGES,
+    reference: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compare complete runs side by side (a strict-JSON dict).
+
+    With `reference` (a run over the same rollouts scored precisely, e.g. a diagnose
+    directory's `reference/`), `attribution` holds each run's two sides against it
+    (`attribution.attribution_row`, with its `verdict`), else None.
 
     Keys: runs (each `run_summary`), reference (the first run's label), headline (the
     HEADLINE (key, label) pairs, in display order), edges, ratios (for
@@ -334,6 +253,8 @@ def compare(
             "(the first is the reference; `mismatch report RUN` summarises one)"
         )
     e = parse_edges(edges)
+    if reference is not None:  # a missing or unreadable REF fails before any work
+        open_run_tokens(reference, verb="compare --reference", needed=["logp_train"])
     names = run_labels(paths, labels)
     runs = [run_summary(p, n, e) for p, n in zip(paths, names, strict=True)]
     ref = runs[0]
@@ -350,6 +271,14 @@ def compare(
         {"label": r["label"], **moved(paths[0], p, e)}
         for r, p in zip(runs[1:], paths[1:], strict=True)
     ]
+    attribution = None
+    if reference is not None:
+        from .attribution import attribution_row, attribution_verdict, side_errors
+
+        attribution = []
+        for r, p in zip(runs, paths, strict=True):
+            row = attribution_row(r["label"], side_errors(reference, p, e))
+            attribution.append({**row, "verdict": attribution_verdict(row, r["label"])})
     return json_ready(
         {
             "runs": runs,
@@ -359,6 +288,8 @@ def compare(
             "ratios": ratios,
             "bucket_means": bucket_means,
             "moved": moves,
+            "attribution_reference": None if reference is None else str(reference),
+            "attribution": attribution,
         }
     )
 

@@ -8,6 +8,8 @@ from typing import Any
 from .errors import MismatchError
 
 DTYPES = ("float32", "bfloat16", "float16")
+# The training side may also run in float64 (rescore, diagnose's precise reference).
+TRAIN_DTYPES = (*DTYPES, "float64")
 INFER_ENGINES = ("vllm", "hf")
 # Above this, vLLM builds one Python object per returned log-prob and per token: a
 # 49k-vocabulary model then costs ~0.3 s per generated token. Top-K is the practical path.

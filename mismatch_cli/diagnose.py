@@ -8,8 +8,14 @@ difference between two rows is therefore caused by the one knob the row names, n
 other tokens. The ranking and the verdict (largest single source, the engine floor at
 equal dtype, the share of bf16) come from the variants' headline numbers (`compare`).
 
+Which SIDE: every variant's two sides are also measured against a precise reference on the
+same tokens (`attribution`): DIR/reference/ is the baseline re-scored by transformers float32,
+eager attention, one sequence per pass (and DIR/reference-fp64/, `--reference-fp64 N`, its
+first N sequences in float64, to show the float32 reference's own error).
+
 Layout of a diagnose directory (docs/formats.md):
     DIR/variants/<name>/   a complete run per variant that ran
+    DIR/reference/         the precise reference (DIR/reference-fp64/: its float64 check)
     DIR/diagnose.json      the result (what `--json` prints)
     DIR/figures/           diagnose.png (`plots.diagnose`)
 """
@@ -21,7 +27,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,16 @@ from .schema import DIAGNOSE_JSON
 VARIANTS_DIR = "variants"
 BASELINE = "baseline"
 NULL = "null"
+REFERENCE = "reference"
+REFERENCE_FP64 = "reference-fp64"
+# The precise reference each side is measured against: the baseline's tokens re-scored by
+# transformers float32, eager attention, one sequence per pass (no batch padding at all).
+REFERENCE_OPTIONS = RescoreOptions(
+    train_dtype="float32", attn_implementation="eager", rescore_batch_tokens=1
+)
+REFERENCE_WHAT = "transformers float32, eager attention, one sequence per pass"
+# The attribution keys each variant row gains (nats; `attribution.side_errors`).
+ATTRIBUTION_KEYS = ("err_infer_rms", "err_train_rms", "err_corr", "gap_rms", "gap_predicted_rms")
 
 
 @dataclass(frozen=True)
@@ -166,9 +182,13 @@ def run_diagnose(
     model: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    reference: bool = True,
+    reference_fp64: int = 0,
 ) -> dict[str, Any]:
-    """Generate once (or take `run`), build the variants, and return the result dict (also
-    written to DIR/diagnose.json); the figure is drawn by the caller (`draw_diagnose`).
+    """Generate once (or take `run`), build the precise reference (unless `reference` is
+    False; `reference_fp64` > 0: also its float64 check on that many sequences) and the
+    variants, and return the result dict (also written to DIR/diagnose.json); the figure is
+    drawn by the caller (`draw_diagnose`).
     With `run`, `model` (if given) is where RUN's model is now (its folder moved).
 
     `run` is checked before anything is written: complete, a baseline, its model folder
@@ -183,6 +203,10 @@ def run_diagnose(
     prog = progress or Progress()
     names = parse_variants(variants)
     cfg.validate()
+    if reference_fp64 < 0:
+        raise MismatchError(f"--reference-fp64 must be >= 0, got {reference_fp64}")
+    if reference_fp64 and not reference:
+        raise MismatchError("--reference-fp64 checks the reference: it needs --reference")
     moved: str | None = None
     if run is not None:
         _, meta = open_run(run, allow_incomplete=False)
@@ -215,6 +239,7 @@ def run_diagnose(
             run_measure(cfg, base, progress=prog)
         seconds = {BASELINE: time.perf_counter() - t0}
         skipped: dict[str, str] = {}
+        refs = _build_references(base, work, out, reference, reference_fp64, seconds, skipped, prog)
         for name in names[1:]:
             v = _BY_NAME[name]
             path = vdir / name
@@ -228,26 +253,65 @@ def run_diagnose(
             except KeyboardInterrupt:
                 raise
             except Exception as e:
-                why = (
-                    first_line(e)
-                    if isinstance(e, MismatchError)
-                    else f"{type(e).__name__}: {first_line(e)}"
-                )
-                skipped[name] = why.replace(str(work), str(out))
+                skipped[name] = _why(e, work, out)
                 shutil.rmtree(path, ignore_errors=True)
                 prog.log(f"diagnose: skipped {name}: {skipped[name]}")
             seconds[name] = time.perf_counter() - t0
-        _relocate(work, out, names)
-        result = summarize(work, names, skipped, seconds, at=out)
+        _relocate(work, out, [vdir / n for n in names] + [work / r for r in refs])
+        result = summarize(work, names, skipped, seconds, at=out, references=refs)
         (work / DIAGNOSE_JSON).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
 
 
-def _relocate(work: Path, out: Path, names: Sequence[str]) -> None:
-    """The paths the variant runs in `work` record of each other (`rescored_from.run`,
+def _why(e: BaseException, work: Path, out: Path) -> str:
+    """One line for a variant (or reference) that could not be built, naming `out`'s paths."""
+    why = first_line(e) if isinstance(e, MismatchError) else f"{type(e).__name__}: {first_line(e)}"
+    return why.replace(str(work), str(out))
+
+
+def _build_references(
+    base: Path,
+    work: Path,
+    out: Path,
+    reference: bool,
+    fp64: int,
+    seconds: dict[str, float],
+    skipped: dict[str, str],
+    prog: Progress,
+) -> list[str]:
+    """Build DIR/reference (and DIR/reference-fp64 with `fp64` sequences) from the baseline;
+    return the names built. One that fails is recorded in `skipped` with its reason (the
+    attribution is then absent), never fatal."""
+    todo = [(REFERENCE, REFERENCE_OPTIONS)] if reference else []
+    if fp64:
+        opts = replace(REFERENCE_OPTIONS, train_dtype="float64", sequences=fp64)
+        todo.append((REFERENCE_FP64, opts))
+    built = []
+    for name, opts in todo:
+        prog.log(
+            f"diagnose: {name} ({REFERENCE_WHAT}{', float64' if name == REFERENCE_FP64 else ''})"
+        )
+        t0 = time.perf_counter()
+        try:
+            rescore_run(base, work / name, opts, progress=prog)
+            built.append(name)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            skipped[name] = _why(e, work, out)
+            shutil.rmtree(work / name, ignore_errors=True)
+            prog.log(f"diagnose: no {name}: {skipped[name]}")
+            if name == REFERENCE:
+                break  # the float64 check is of the reference: nothing to check
+        seconds[name] = time.perf_counter() - t0
+    return built
+
+
+def _relocate(work: Path, out: Path, paths: Sequence[Path]) -> None:
+    """The paths the runs in `work` record of each other (`rescored_from.run`,
     `decode_repeat.run`: the baseline) as they will be once `work` is renamed to `out`."""
-    for name in names:
-        run = RunDir(work / VARIANTS_DIR / name)
+    for path in paths:
+        run = RunDir(path)
         if not run.exists():
             continue
         meta = run.read_meta()
@@ -264,10 +328,14 @@ def summarize(
     skipped: dict[str, str],
     seconds: dict[str, float],
     at: Path | None = None,
+    references: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The diagnose result from the variant runs on disk in `out`: one row per variant
-    (matrix order), the ranking by k3, the sources and the verdict (a strict-JSON dict).
+    (matrix order), the ranking by k3, the sources, the attribution of each variant's gap
+    to its two sides against `references` (DIR/reference, DIR/reference-fp64, those built)
+    and the verdict (a strict-JSON dict).
     `at`: where the directory will be (the paths the result records; default `out`)."""
+    from .attribution import attribution_row, side_errors
     from .compare import moved, run_summary
 
     rows: list[dict[str, Any]] = []
@@ -285,6 +353,7 @@ def summarize(
             "skipped": skipped.get(name),
             "seconds": round(seconds.get(name, math.nan), 1),
             **{k: None for k in VARIANT_KEYS},
+            **{k: None for k in ATTRIBUTION_KEYS},
         }
         if name not in skipped:
             s = run_summary(path, name)
@@ -330,12 +399,43 @@ def summarize(
     for s in sources:
         s["share_of_baseline_k3"] = s["k3"] / b if b and s["k3"] is not None else None
     sources.sort(key=lambda s: -(s["k3"] if s["k3"] is not None else -1))
+    attribution = None
+    ref_block: dict[str, Any] = {"what": REFERENCE_WHAT, "run": None,
+                                 "skipped": skipped.get(REFERENCE), "fp64": None}  # fmt: skip
+    if REFERENCE in references:
+        ref = out / REFERENCE
+        ref_block["run"] = str((at or out) / REFERENCE)
+        ref_block["seconds"] = round(seconds.get(REFERENCE, math.nan), 1)
+        attribution = []
+        for r in rows:
+            if r["skipped"]:
+                continue
+            a = attribution_row(r["name"], side_errors(ref, out / VARIANTS_DIR / r["name"]))
+            attribution.append(a)
+            if a["shared"]:
+                r.update({k: a[k] for k in ATTRIBUTION_KEYS})
+        if REFERENCE_FP64 in references:
+            # the float32 reference against float64 on the same tokens: its own error
+            e = side_errors(out / REFERENCE_FP64, ref)
+            ref_block["fp64"] = {
+                "run": str((at or out) / REFERENCE_FP64),
+                "num_sequences": RunDir(out / REFERENCE_FP64)
+                .read_meta()["summary"]
+                .get("num_sequences"),
+                "num_tokens": e.get("num_tokens"),
+                "err_rms": (e.get("train") or {}).get("rms"),
+                "err_p99": (e.get("train") or {}).get("p99_abs"),
+            }
+        elif REFERENCE_FP64 in skipped:
+            ref_block["fp64"] = {"skipped": skipped[REFERENCE_FP64]}
     result = {
         "out": str(at or out),
         "variants": rows,
         "ranking": ranking,
         "sources": sources,
         "decode_vs_prefill": decode_vs_prefill,
+        "reference": ref_block,
+        "attribution": attribution,
     }
     result["verdict"] = diagnose_verdict(result)
     return json_ready(result)
@@ -344,6 +444,7 @@ def summarize(
 def diagnose_verdict(result: dict[str, Any]) -> str:
     """The plain-words paragraph: the baseline, the largest single source, the floor at equal
     dtype, the share of bf16, the FP16 recipe, the null check, what was skipped."""
+    from .attribution import attribution_verdict
     from .formatting import fmt, pct, ratio_x
 
     rows = {r["name"]: r for r in result["variants"]}
@@ -361,6 +462,12 @@ def diagnose_verdict(result: dict[str, Any]) -> str:
         f"The baseline ({base['inference']} vs {base['training']}) has k3 {fmt(bk3)} and mean "
         f"|delta| {fmt(base['mean_abs_delta'])} nats over {base['num_tokens']:,} tokens."
     )
+    attr = {a["name"]: a for a in result.get("attribution") or []}
+    if BASELINE in attr:
+        parts.append(attribution_verdict(attr[BASELINE], "the baseline"))
+        fp64 = (result.get("reference") or {}).get("fp64") or {}
+        if fp64.get("err_rms") is not None:
+            parts.append(reference_precision(fp64, attr[BASELINE]))
     top = result["sources"][0] if result["sources"] else None
     if top is not None:
         parts.append(
@@ -445,6 +552,29 @@ def diagnose_verdict(result: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def reference_precision(fp64: dict[str, Any], row: dict[str, Any]) -> str:
+    """The float32 reference's own error (its distance from float64) beside the baseline's
+    two side errors: a side whose error is within 3x of it is as exact as the reference can
+    tell, and is named so."""
+    from .formatting import fmt
+
+    e = fp64["err_rms"]
+    text = (
+        f"The reference itself is {fmt(e)} nats rms from float64 on {fp64['num_tokens']:,} tokens"
+    )
+    within = [
+        side
+        for side, key in (("inference", "err_infer_rms"), ("training", "err_train_rms"))
+        if row.get(key) is not None and row[key] <= 3 * e
+    ]
+    if not within:
+        return text + ": far below both sides' errors, so they are measured, not rounding."
+    return (
+        text + f": the {' and '.join(within)} side's error is within 3x of it, as exact as "
+        "this reference can tell."
+    )
+
+
 def draw_diagnose(out: Path, result: dict[str, Any], formats: Sequence[str] = ("png",),
                   notes: list[str] | None = None) -> list[Path]:  # fmt: skip
     """Draw the `diagnose` figure of a diagnose directory into DIR/figures."""
@@ -462,7 +592,11 @@ def draw_diagnose(out: Path, result: dict[str, Any], formats: Sequence[str] = ("
 
 
 __all__ = [
+    "ATTRIBUTION_KEYS",
     "BASELINE",
+    "REFERENCE",
+    "REFERENCE_FP64",
+    "REFERENCE_OPTIONS",
     "SOURCES",
     "VARIANTS",
     "VARIANT_NAMES",

@@ -564,10 +564,28 @@ def section_diagnose(page: PageData) -> dict[str, Any]:
         [s["what"], fmt(s["k3"], 2), pct(s["share_of_baseline_k3"]), fmt(s["mean_abs_delta"], 2)]
         for s in d.get("sources") or []
     ]
+    attribution = [
+        [a["name"], a.get("reason") or "", *[""] * 7]
+        if not a["shared"]
+        else [
+            a["name"],
+            fmt(a["num_tokens"]),
+            fmt(a["err_infer_rms"], 2),
+            fmt(a["err_train_rms"], 2),
+            DASH if a["err_corr"] is None else f"{a['err_corr']:+.2f}",
+            fmt(a["gap_rms"], 2),
+            fmt(a["gap_predicted_rms"], 2),
+            pct(a["share_infer"]),
+            a["dominant"] or DASH,
+        ]
+        for a in d.get("attribution") or []
+    ]
     return {
         "matrix": matrix,
         "ranking": ranking,
         "sources": sources,
+        "attribution": attribution,
+        "reference": (d.get("reference") or {}).get("what") or "",
         "verdict": d.get("verdict") or "",
         "figure": _fig(page, "diagnose"),
     }

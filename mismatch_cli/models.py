@@ -436,10 +436,16 @@ def pick_device(device: str | None) -> Any:
 
 
 def torch_dtype(name: str) -> Any:
-    """The torch dtype of a `--*-dtype` value (float32, bfloat16, float16)."""
+    """The torch dtype of a `--*-dtype` value (float32, bfloat16, float16; float64 for the
+    training side's precise reference)."""
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "float64": torch.float64,
+    }[name]
 
 
 def load_tokenizer(model_path: str) -> Any:

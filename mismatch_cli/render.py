@@ -856,12 +856,55 @@ def print_compare(result: dict[str, Any], console: Console | None = None) -> Non
         )
     for r in runs:
         console.print(Panel(r["verdict"], title=f"verdict: {r['label']}", title_align="left"))
+    if result.get("attribution"):
+        console.print(attribution_table(result["attribution"], result["attribution_reference"]))
+        for a in result["attribution"]:
+            if a["shared"]:
+                console.print(f"  {a['verdict']}", highlight=False)
+
+
+def attribution_table(rows: list[dict[str, Any]], reference: str) -> Table:
+    """Each run's two sides against a precise reference (`attribution.attribution_row`s):
+    rms errors, their correlation, the gap measured and predicted, the inference side's
+    share, the dominant side; runs not sharing the reference's tokens say why."""
+    t = _table(
+        f"Which side: each side's error against {reference} (nats rms, same tokens)",
+        "err = logp_side - logp_ref; gap = rms(delta); predicted = sqrt(err_infer^2 + "
+        "err_train^2) if the errors are independent; infer share = err_infer^2 / (err_infer^2 "
+        "+ err_train^2)",
+    )
+    for c in ("run", "tokens", "err infer", "err train", "corr", "gap", "predicted",
+              "infer share", "dominant"):  # fmt: skip
+        t.add_column(c, justify="left" if c in ("run", "dominant") else "right", no_wrap=True)
+    for r in rows:
+        if not r["shared"]:
+            t.add_row(r["name"], f"[yellow]{r['reason']}[/]", *[""] * 7)
+            continue
+        corr = r["err_corr"]
+        t.add_row(
+            r["name"],
+            f"{r['num_tokens']:,}",
+            fmt(r["err_infer_rms"], 2),
+            fmt(r["err_train_rms"], 2),
+            DASH if corr is None else f"{corr:+.2f}",
+            fmt(r["gap_rms"], 2),
+            fmt(r["gap_predicted_rms"], 2),
+            pct(r["share_infer"]),
+            r["dominant"] or DASH,
+        )
+    return t
 
 
 def print_diagnose(result: dict[str, Any], console: Console | None = None) -> None:
-    """The tables of a `diagnose` result: the variants ranked by k3 (skipped ones last, with
-    their reason), the sources of mismatch, the verdict."""
+    """The tables of a `diagnose` result: which side (the attribution, when the reference
+    was built), the variants ranked by k3 (skipped ones last, with their reason), the
+    sources of mismatch, the verdict."""
     console = console or _wide_console()
+    if result.get("attribution"):
+        ref = result["reference"]
+        console.print(attribution_table(result["attribution"], f"the reference ({ref['what']})"))
+    elif (result.get("reference") or {}).get("skipped"):
+        console.print(f"[yellow]no reference: {result['reference']['skipped']}[/]")
     rows = {r["name"]: r for r in result["variants"]}
     base_k3 = (rows.get("baseline") or {}).get("k3")
     t = _table(

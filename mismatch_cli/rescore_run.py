@@ -36,6 +36,8 @@ class RescoreOptions:
     Training side: dtype, attention, batch budget (1 = one sequence per pass), device.
     Inference side: `decode` keeps RUN's stored log-probs; `vllm-prefill` / `hf-prefill`
     re-score the stored tokens in one prefill pass (vLLM or transformers) in `infer_dtype`.
+    The training side alone may also run in float64 (`TRAIN_DTYPES`: a precise reference);
+    `sequences` keeps only RUN's first N sequences (a reference on a subset).
     """
 
     train_dtype: str | None = None
@@ -46,6 +48,7 @@ class RescoreOptions:
     infer_dtype: str | None = None
     rescore_memory: str | None = None  # the per-position pass's byte budget, e.g. "2GiB"
     model: str | None = None  # load this model instead of RUN's (its folder moved)
+    sequences: int | None = None  # score only RUN's first N sequences (seq_id order)
 
 
 def vllm_prefill_refusal(sampling: dict[str, Any]) -> str | None:
@@ -303,6 +306,9 @@ def rescore_run(
         changed["infer_dtype"] = [was["infer_dtype"], infer_dtype]
     device = pick_device(now_["device"])
     parts = rollout_parts_of(Path(src), meta)
+    if opts.sequences is not None:
+        parts = first_sequences(parts, opts.sequences)
+        changed["sequences"] = [None, opts.sequences]
     if on_ready:
         on_ready(out)
     with replacing(out, **target) as work:  # written beside `out`, renamed when complete
@@ -379,14 +385,27 @@ def rescore_run(
     return out
 
 
+def first_sequences(parts: list[pd.DataFrame], n: int) -> list[pd.DataFrame]:
+    """The rollout parts cut to their first `n` sequences (parts in seq_id order)."""
+    out, left = [], n
+    for df in parts:
+        if left <= 0:
+            break
+        out.append(df.iloc[:left].reset_index(drop=True))
+        left -= len(out[-1])
+    return out
+
+
 def _check_options(opts: RescoreOptions) -> None:
     """One-line errors for impossible `RescoreOptions`, before anything loads."""
-    from .config import DTYPES
+    from .config import DTYPES, TRAIN_DTYPES
 
-    for name in ("train_dtype", "infer_dtype"):
+    for name, allowed in (("train_dtype", TRAIN_DTYPES), ("infer_dtype", DTYPES)):
         v = getattr(opts, name)
-        if v is not None and v not in DTYPES:
-            raise MismatchError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPES)}")
+        if v is not None and v not in allowed:
+            raise MismatchError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+    if opts.sequences is not None and opts.sequences < 1:
+        raise MismatchError(f"--sequences must be >= 1, got {opts.sequences}")
     if opts.infer_side not in INFER_SIDES:
         raise MismatchError(f"--infer-side must be one of {', '.join(INFER_SIDES)}")
     if opts.infer_dtype is not None and opts.infer_side == "decode":

@@ -68,9 +68,9 @@ def envelope_weak(one_minus_p: np.ndarray, eps: float) -> np.ndarray:
 def eps_to_cover(abs_delta: np.ndarray, one_minus_p: np.ndarray) -> np.ndarray:
     """Per token, the smallest eps whose exact envelope covers |Delta|: the inverse of
     `envelope_exact` in eps, eps = log(1 + (exp(|Delta|) - 1) / (1 - p)) / 2. [N] -> [N]
-    (inf where 1 - p = 0 and |Delta| > 0)."""
+    (inf where 1 - p <= 0 and |Delta| > 0: a log-prob rounded above 0 is a p of 1)."""
     ad = np.asarray(abs_delta, dtype=np.float64)
-    x = np.asarray(one_minus_p, dtype=np.float64)
+    x = np.maximum(np.asarray(one_minus_p, dtype=np.float64), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(ad > 0, np.expm1(ad) / x, 0.0)
     return 0.5 * np.log1p(ratio)

@@ -48,7 +48,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from mismatch_cli.diagnose import summarize
 
     names = ["baseline", "prefill-fp32", "fp16-both", "null"]
-    result = summarize(diag, names, {"fp16-both": "vLLM could not start: float16 refused"}, {})
+    # the reference: the baseline's own tokens and training side (seed 5 again)
+    write_synthetic_run(diag / "reference", num_sequences=12, eps=0.1, seed=5)
+    result = summarize(diag, names, {"fp16-both": "vLLM could not start: float16 refused"}, {},
+                       references=["reference"])  # fmt: skip
     (diag / DIAGNOSE_JSON).write_text(json.dumps(result))
     return {"demo": demo, "steps": steps, "diag": diag, "base": base}
 
@@ -154,6 +157,7 @@ def test_diagnose_directory_page(pages: dict[str, Path]) -> None:
     assert 'data-figure="diagnose"' in text
     assert "Ranking by k3" in text and "The variant matrix" in text
     assert "fp16-both: skipped (vLLM could not start" in text
+    assert "Which side: each side" in text and "inference</td>" in text
 
 
 def test_cli_writes_the_page_and_refuses_bad_input(runs: dict[str, Path], tmp_path: Path) -> None:

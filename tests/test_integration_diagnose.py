@@ -41,7 +41,8 @@ def test_rescore_with_the_same_settings_reproduces_logp_train(
 def diagnosed(vllm_run: Path, runs_dir: Path) -> dict:
     out = runs_dir / "diagnose"
     proc = run_cli("diagnose", "--run", str(vllm_run), "--variants",
-                   "null,batch-shape,prefill-fp32", "--out", str(out), "--json", check=True)  # fmt: skip
+                   "null,batch-shape,prefill-fp32", "--reference-fp64", "2", "--out", str(out),
+                   "--json", check=True)  # fmt: skip
     return json.loads(proc.stdout)
 
 
@@ -92,3 +93,41 @@ def test_prefill_fp32_is_far_below_the_baseline(diagnosed: dict) -> None:
     assert pf["skipped"] is None, pf["skipped"]
     assert pf["k3"] < rows["baseline"]["k3"] / 4
     assert Path(diagnosed["out"], "figures", "diagnose.png").is_file()
+
+
+def test_each_side_against_the_precise_reference(diagnosed: dict) -> None:
+    """The attribution on the real engines, checked against a direct numpy computation from
+    the reference's and each variant's token tables."""
+    ref = diagnosed["reference"]
+    assert ref["run"] and ref["skipped"] is None
+    meta = json.loads((Path(ref["run"]) / "run.json").read_text())
+    assert meta["config"]["rescore_batch_tokens"] == 1
+    assert meta["config"]["train_dtype"] == "float32"
+    assert meta["config"]["attn_implementation"] == "eager"
+    lref = _tokens(Path(ref["run"]))["logp_train"].to_numpy(np.float64)
+    attr = {a["name"]: a for a in diagnosed["attribution"]}
+    for row in diagnosed["variants"]:
+        if row["skipped"]:
+            continue
+        tok = _tokens(Path(row["run"]))
+        a = attr[row["name"]]
+        assert a["shared"], a
+        li, lt = tok["logp_infer"].to_numpy(np.float64), tok["logp_train"].to_numpy(np.float64)
+        ok = np.isfinite(li) & np.isfinite(lt) & np.isfinite(lref)
+        ei, et = li[ok] - lref[ok], lt[ok] - lref[ok]
+        assert a["num_tokens"] == ok.sum()
+        np.testing.assert_allclose(a["err_infer_rms"], np.sqrt(np.mean(ei**2)), rtol=1e-9)
+        np.testing.assert_allclose(a["err_train_rms"], np.sqrt(np.mean(et**2)), rtol=1e-9)
+        np.testing.assert_allclose(a["gap_rms"], np.sqrt(np.mean((li - lt)[ok] ** 2)), rtol=1e-9)
+        assert row["gap_rms"] == a["gap_rms"]
+    # the null check scores both sides alike: the same error on each side, no gap
+    assert attr["null"]["gap_rms"] == 0
+    assert attr["null"]["err_infer_rms"] == attr["null"]["err_train_rms"]
+    # the baseline's fp32 trainer is the reference up to its batch shape: the inference
+    # side (bf16 vLLM) carries the gap
+    assert attr["baseline"]["dominant"] == "inference"
+    assert attr["baseline"]["err_train_rms"] < 0.1 * attr["baseline"]["err_infer_rms"]
+    fp64 = ref["fp64"]
+    assert fp64["num_sequences"] == 2 and fp64["num_tokens"] > 0
+    assert 0 <= fp64["err_rms"] < 1e-3  # float32 against float64: rounding
+    assert "Against the precise reference" in diagnosed["verdict"]

@@ -137,6 +137,28 @@ def test_a_changed_training_side_is_recorded(tiny_run: Path, tmp_path: Path) -> 
     assert moved.max() > 0 and moved.max() < 0.1  # bf16 moves it, a little
 
 
+def test_a_float64_reference_on_the_first_sequences(tiny_run: Path, tmp_path: Path) -> None:
+    """--train-dtype float64 --sequences N: the first N sequences, scored by a float64 forward
+    pass; close to the float32 scores (the reference's own error), not equal to them."""
+    out = rescore_run(tiny_run, tmp_path / "fp64", RescoreOptions(train_dtype="float64",
+                      sequences=5))  # fmt: skip
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["rescored_from"]["changed"]["train_dtype"] == ["float32", "float64"]
+    assert meta["rescored_from"]["changed"]["sequences"] == [None, 5]
+    a, b = read_tokens(tiny_run), read_tokens(out)
+    first = sorted(a["seq_id"].unique())[:5]
+    assert sorted(b["seq_id"].unique()) == first
+    a = a[a["seq_id"].isin(first)].reset_index(drop=True)
+    np.testing.assert_array_equal(a["token_id"], b["token_id"])
+    d = np.abs(a["logp_train"].to_numpy(np.float64) - b["logp_train"].to_numpy(np.float64))
+    assert d.max() < 1e-4  # float32 against float64: rounding only
+    with pytest.raises(MismatchError, match="--infer-dtype must be one of"):
+        rescore_run(tiny_run, tmp_path / "x", RescoreOptions(infer_side="hf-prefill",
+                    infer_dtype="float64"))  # fmt: skip
+    with pytest.raises(MismatchError, match="--sequences must be >= 1"):
+        rescore_run(tiny_run, tmp_path / "x", RescoreOptions(sequences=0))
+
+
 def test_hf_prefill_in_the_training_dtype_is_exactly_zero(tiny_run: Path, tmp_path: Path) -> None:
     out = rescore_run(tiny_run, tmp_path / "null",
                       RescoreOptions(infer_side="hf-prefill", infer_dtype="float32"))  # fmt: skip

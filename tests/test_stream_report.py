@@ -17,6 +17,7 @@ import pytest
 
 from mismatch_cli import compare as C
 from mismatch_cli import metrics as M
+from mismatch_cli import pairing as P
 from mismatch_cli.aggregates import DEFAULT_EDGES, bucket_index
 from mismatch_cli.analysis import analyze
 from mismatch_cli.plots.data import BoundHist, DeltaHist, run_data
@@ -199,14 +200,14 @@ def test_moved_is_the_same_on_every_path(
     moved_runs: dict[str, Any], name: str, path: list[str], batch_rows: int, monkeypatch
 ) -> None:
     taken = []
-    for fn, label in ((C._aligned, "aligned"), (C._joined, "merge join")):
+    for fn, label in ((P._aligned, "aligned"), (P._joined, "merge join")):
 
         def spy(*args: Any, _fn: Any = fn, _label: str = label) -> bool:
             ok = _fn(*args)
             taken.append(_label if ok else f"not {_label}")
             return ok
 
-        monkeypatch.setattr(C, fn.__name__, spy)
+        monkeypatch.setattr(P, fn.__name__, spy)
     (a, ta), (b, tb) = moved_runs["a"], moved_runs[name]
     got = C.moved(a, b, batch_rows=batch_rows)
     assert taken == path

@@ -34,6 +34,17 @@ def compare(
         ),
     ] = None,
     edges: EdgesOpt = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="REF",
+            help="A run over the same rollouts scored precisely (e.g. a diagnose directory's "
+            "reference/): each run's two sides are measured against REF's logp_train, token "
+            "by token: which side errs, their correlation, the gap against sqrt(err_infer^2 + "
+            "err_train^2).",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare runs side by side: mean |delta|, k3, p99 |delta|, tail share of |delta|, the
@@ -49,7 +60,7 @@ def compare(
     from ..compare import compare as compare_runs
     from ..render import print_compare
 
-    result = compare_runs(runs, label, parse_edges(edges))
+    result = compare_runs(runs, label, parse_edges(edges), reference=reference)
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
         return

@@ -112,6 +112,25 @@ def diagnose(
     ] = False,
     max_model_len: MaxModelLenOpt = None,
     device: TrainDeviceOpt = None,
+    reference: Annotated[
+        bool,
+        typer.Option(
+            help="Measure each variant's two sides against a precise reference on the same "
+            "tokens (transformers float32, eager, one sequence per pass, in OUT/reference): "
+            "which side to fix, whether the errors are independent, what fixing one leaves.",
+            rich_help_panel=PANEL_VARIANTS,
+        ),
+    ] = True,
+    reference_fp64: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Also score the first N sequences in float64 (OUT/reference-fp64) to show "
+            "the float32 reference's own error (float64 is slow on a CPU: ~3x a float32 "
+            "pass); 0: skip.",
+            rich_help_panel=PANEL_VARIANTS,
+        ),
+    ] = 4,
     plots: Annotated[
         bool,
         typer.Option(
@@ -138,7 +157,13 @@ def diagnose(
     attention kernel (attention), vLLM's run-to-run noise (decode-repeat), and a null check
     that must be exactly 0.
 
-    Prints the variants ranked by k3, the sources of mismatch and a verdict; writes
+    Each variant's two sides are also measured against a precise reference on the same
+    tokens (transformers float32, eager, one sequence per pass): err_infer = logp_infer -
+    ref, err_train = logp_train - ref, so delta = err_infer - err_train; the headline table
+    gives each side's rms error, their correlation, the gap measured and predicted from
+    independent errors (sqrt(err_infer^2 + err_train^2)) and each side's share.
+
+    Prints the attribution, the variants ranked by k3, the sources of mismatch and a verdict; writes
     OUT/diagnose.json (what --json prints) and the `diagnose` figure. A variant that cannot
     run here is skipped with one line saying why. `mismatch compare` and `mismatch plot OUT`
     read the result again.
@@ -175,7 +200,15 @@ def diagnose(
     err = Console(stderr=True)
     with progress(err) as prog:
         result = run_diagnose(
-            cfg, out, names, run=run, model=model, overwrite=overwrite, progress=prog
+            cfg,
+            out,
+            names,
+            run=run,
+            model=model,
+            overwrite=overwrite,
+            progress=prog,
+            reference=reference,
+            reference_fp64=reference_fp64 if reference else 0,
         )
     if plots:
         notes: list[str] = []

@@ -40,7 +40,9 @@ def rescore(
     train_dtype: Annotated[
         str | None,
         typer.Option(
-            help="Training-side dtype: float32, bfloat16, float16 (default: RUN's).",
+            help="Training-side dtype: float32, bfloat16, float16, or float64 (a precise "
+            "reference: the forward pass in float64, the log-softmax in float32) "
+            "(default: RUN's).",
             rich_help_panel=PANEL_TRAINING,
             show_default=False,
         ),
@@ -63,6 +65,15 @@ def rescore(
         ),
     ] = None,
     rescore_memory: RescoreMemoryOpt = None,
+    sequences: Annotated[
+        int | None,
+        typer.Option(
+            help="Score only RUN's first N sequences (seq_id order): NEW holds those, e.g. "
+            "a float64 reference on a subset.",
+            rich_help_panel=PANEL_TRAINING,
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -140,6 +151,7 @@ def rescore(
         infer_side=infer_side.value,
         infer_dtype=infer_dtype,
         model=model,
+        sequences=sequences,
     )
     err = Console(stderr=True)
     with progress(err) as prog:
