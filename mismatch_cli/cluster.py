@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,9 @@ RAY_EXTRA = "ray"
 MAX_ATTEMPTS = 3  # attempts per shard (the first and two retries)
 SHARDS_PER_WORKER = 4  # more shards than workers: a slow or dead worker holds back less
 POLL_S = 0.5  # how often the driver asks the workers how far they are
-# Test hook: "WORKER:BATCHES" makes worker WORKER exit (os._exit) after BATCHES forward
-# passes of its first attempt, as a killed or out-of-memory actor would.
+# Test hook: "SHARD:BATCHES" makes the worker scoring shard SHARD exit (os._exit) after
+# BATCHES forward passes into it, on the shard's first attempt only, as a killed or
+# out-of-memory actor would.
 FAULT_ENV = "MISMATCH_RAY_FAULT"
 
 
@@ -136,7 +138,10 @@ def connect(opts: RayOptions) -> Iterator[Cluster]:
                 raise MismatchError(f"--ray-address {address}: {first_line(e)}") from None
             started = True  # our connection: closed on exit (the cluster goes on)
     try:
-        yield Cluster(ray, address, dict(ray.cluster_resources()), started)
+        # Ray prints its workers' deaths ("(raylet) A worker died ...") on stdout, which is
+        # for results (--json): send them to stderr while the job runs
+        with redirect_stdout(sys.stderr):
+            yield Cluster(ray, address, dict(ray.cluster_resources()), started)
     finally:
         if started:
             ray.shutdown()
@@ -180,14 +185,14 @@ def worker_shape(opts: RayOptions, resources: dict[str, float]) -> tuple[int, fl
 
 
 def parse_fault(spec: str | None) -> tuple[int, int] | None:
-    """`FAULT_ENV`'s "WORKER:BATCHES" as (worker, batches); None when unset."""
+    """`FAULT_ENV`'s "SHARD:BATCHES" as (shard, batches); None when unset."""
     if not spec:
         return None
     try:
         w, b = spec.split(":")
         return int(w), int(b)
     except ValueError:
-        raise MismatchError(f"{FAULT_ENV}={spec!r}: expected WORKER:BATCHES") from None
+        raise MismatchError(f"{FAULT_ENV}={spec!r}: expected SHARD:BATCHES") from None
 
 
 class ShardScorer:
@@ -233,7 +238,6 @@ class ShardScorer:
         self._since: float | None = None  # start of the part being scored
         self._current = 0  # tokens into that part
         self._parts: list[int] = []  # parts finished by this worker
-        self._batches = 0
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs and how: node, pid, device, torch threads, the
@@ -252,31 +256,33 @@ class ShardScorer:
             "load_s": round(self.load_s, 3),
         }
 
-    def score_shard(self, parts: Sequence[int], attempt: int) -> list[int]:
-        """Score every part of `parts` that has no token part yet; returns those scored."""
+    def score_shard(self, shard: int, parts: Sequence[int], attempt: int) -> list[int]:
+        """Score every part of shard `shard` (`parts`) that has no token part yet; returns
+        those scored."""
         scored = []
+        die = self.fault[1] if self.fault and self.fault[0] == shard and attempt == 0 else None
+        passes = [0]
+
+        def advance(n: int) -> None:
+            with self._lock:
+                self._done += n
+                self._current += n
+            passes[0] += 1
+            if die is not None and passes[0] >= die:
+                os._exit(1)  # the test hook: die as a killed actor does, mid-shard
+
         for i in parts:
             if self.run.has_part(TOKENS, i):
                 continue
             with self._lock:
                 self._since, self._current = time.perf_counter(), 0
-            score_part(self.run, i, self.model, self.train, self.sampling, self.plan,
-                       lambda n: self._advance(n, attempt))  # fmt: skip
+            score_part(self.run, i, self.model, self.train, self.sampling, self.plan, advance)
             with self._lock:
                 self._busy += time.perf_counter() - (self._since or time.perf_counter())
                 self._since, self._current = None, 0
                 self._parts.append(i)
             scored.append(i)
         return scored
-
-    def _advance(self, n: int, attempt: int) -> None:
-        with self._lock:
-            self._done += n
-            self._current += n
-            self._batches += 1
-            batches = self._batches
-        if self.fault and self.fault[0] == self.index and attempt == 0 and batches >= self.fault[1]:
-            os._exit(1)  # the test hook: die as a killed actor does, mid-part
 
     def progress(self) -> dict[str, Any]:
         """Finished parts, tokens into the current one, tokens and seconds so far."""
@@ -383,6 +389,9 @@ def score_on_ray(
         save(ray=record)
         with timed(timings, "rescore"):
             _drive(ray, workers, shards, todo, tokens, record, start, opts, prog, save)
+        finals = ray.get([w.actor.progress.remote() for w in workers])
+        for w, last in zip(workers, finals, strict=True):
+            w.last = last  # each worker's final count (the last poll may predate its end)
     finally:
         for w in workers:
             ray.kill(w.actor)
@@ -425,7 +434,7 @@ def _drive(
         for w in workers:  # hand out
             if w.shard is None and queue:
                 s = queue.popleft()
-                w.shard, w.ref = s, w.actor.score_shard.remote(shards[s], attempts[s])
+                w.shard, w.ref = s, w.actor.score_shard.remote(s, shards[s], attempts[s])
                 rows[s].update(status="running", worker=w.index)
         busy = {w.ref: w for w in workers if w.shard is not None}
         finished, _ = ray.wait(list(busy), num_returns=1, timeout=POLL_S)
