@@ -168,6 +168,9 @@ def main() -> None:
         r1 = rows[1]["tokens"] / rows[1]["rescore_s"] / base
         r2 = rows[2]["tokens"] / rows[2]["rescore_s"] / base
         print(f"ratios: 1 worker {r1:.2f}x (target >= 0.9x), 2 workers {r2:.2f}x (target >= 1.6x)")
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        print(f"load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} cores "
+              "(other processes take the cores the workers need)")  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
