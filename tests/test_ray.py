@@ -197,3 +197,20 @@ def test_import_rescore_on_ray_gives_the_one_process_tokens(
     pd.testing.assert_frame_equal(on_ray, one)
     rec = _ray_meta(tmp_path / "ray")
     assert len(rec["shards"]) >= 2 and [w["worker"] for w in rec["workers"]] == [0, 1]
+
+
+def test_the_cli_starts_its_own_ray_and_keeps_stdout_for_json(
+    four_part_run: Path, one_process: pd.DataFrame, tmp_path: Path
+) -> None:
+    """`rescore --ray` with no address, as a user runs it: a local Ray started (and shut
+    down) by the command, one plain progress line per phase event in a log, the --json
+    result alone on stdout (Ray's own messages go to stderr), the same tokens."""
+    out = tmp_path / "cli"
+    proc = run_cli("rescore", str(four_part_run), "--out", str(out), "--ray", "--workers", "1",
+                   "--json", check=True)  # fmt: skip
+    result = json.loads(proc.stdout)  # nothing but the result on stdout
+    assert result["run"] == str(out)
+    assert "rescore: 0/138 tokens, started" in proc.stderr and "Traceback" not in proc.stderr
+    pd.testing.assert_frame_equal(read_tokens(out), one_process)
+    rec = _ray_meta(out)
+    assert rec["address"] == "local" and rec["cluster_resources"]["CPU"] >= 1
