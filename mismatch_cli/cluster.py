@@ -230,7 +230,7 @@ class ShardScorer:
         self.sampling = sampling
         self.plan = plan_pass(self.model, sampling, train.memory, total_rows)
         self.run = RunDir(Path(run_path))
-        self.index, self.gpus, self.fault = index, gpus, fault
+        self.index, self.fault = index, fault
         self.load_s = time.perf_counter() - t0
         self._lock = threading.Lock()
         self._done = 0  # tokens (logit rows) scored by this worker, every attempt
@@ -294,6 +294,9 @@ class ShardScorer:
 
 @dataclass
 class _Worker:
+    """The driver's view of one actor: its number, handle and `info`, the shard it holds
+    (None: idle) and that call's ref, the pending progress call and its last answer."""
+
     index: int
     actor: Any
     info: dict[str, Any]
@@ -301,7 +304,6 @@ class _Worker:
     ref: Any = None
     poll: Any = None
     last: dict[str, Any] | None = None
-    replaces: int | None = None
 
 
 def _cause(e: BaseException) -> str:
@@ -470,7 +472,6 @@ def _drive(
                 if dead:  # a replacement keeps the number of workers
                     workers.remove(w)
                     (new,) = start([next_index])
-                    new.replaces = w.index
                     next_index += 1
                     workers.append(new)
                     record["workers"].append({**new.info, "replaces": w.index})
