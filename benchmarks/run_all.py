@@ -14,6 +14,7 @@ HERE = Path(__file__).resolve().parent
 # bench_import at 2M tokens here (~1 minute); the 20M-token target: bench_import.py alone
 BENCHES = [
     "bench_rescore.py",
+    "bench_ray.py",  # rescore --ray with 1 and 2 workers against one process
     "bench_generate.py",
     "bench_report.py",
     "bench_real_shape.py",  # a real run replicated to 10^7 rows (--large: 10^8)

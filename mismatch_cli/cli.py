@@ -117,8 +117,12 @@ def main() -> None:
         sys.exit(1)
     except MismatchError as e:
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # escaped: a message naming an extra ('mismatch-cli[ray]') is not rich markup
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True
+        )
         sys.exit(e.exit_code)
     except Exception as e:  # a bug, not a user error: one line unless asked for the traceback
         if type(e).__name__ == "NoArgsIsHelpError":

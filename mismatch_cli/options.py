@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from .errors import MismatchError
 
 # Help panels: options are grouped under these headings in every command's --help.
 PANEL_INPUT = "Input"
@@ -16,6 +18,7 @@ PANEL_ANALYSIS = "Analysis"
 PANEL_OUTPUT = "Output"
 PANEL_RECOMMENDATION = "Recommendation"
 PANEL_VALIDATION = "Validation (reruns the model)"
+PANEL_RAY = "Ray cluster (the training side spread over workers)"
 
 RunArg = Annotated[
     Path,
@@ -67,6 +70,83 @@ RescoreMemoryOpt = Annotated[
         rich_help_panel=PANEL_TRAINING,
     ),
 ]
+
+# `--ray` and its companions, shared by `rescore` and `import --rescore` (cluster.RayOptions).
+# Typer's parser has no option with an optional value, so the address is its own option.
+RayOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Score on a Ray cluster: the run's parts, in shards balanced by token count, "
+        "over --workers actors that each load the model once (the same tokens as one "
+        "process). Needs the `ray` extra.",
+        rich_help_panel=PANEL_RAY,
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="The cluster for --ray: `auto` (the one `ray start` made on this node), "
+        "HOST:PORT or ray://HOST:PORT (default: a new local Ray on every core).",
+        show_default=False,
+        rich_help_panel=PANEL_RAY,
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Ray actors, each with one copy of the model (default: the cluster's GPUs / "
+        "--gpus-per-worker, or its CPUs).",
+        show_default=False,
+        rich_help_panel=PANEL_RAY,
+    ),
+]
+GpusPerWorkerOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--gpus-per-worker",
+        help="GPUs per actor: more than 1 spreads its model over them (device_map); 0: CPU "
+        "actors with one torch thread each (default: 1 where the cluster has GPUs, else 0).",
+        show_default=False,
+        rich_help_panel=PANEL_RAY,
+    ),
+]
+RayResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the unfinished --ray job of the same --out (kept beside it as "
+        ".NAME.partial): finished parts are never scored again.",
+        rich_help_panel=PANEL_RAY,
+    ),
+]
+
+
+def ray_options(
+    ray: bool,
+    address: str | None,
+    workers: int | None,
+    gpus_per_worker: float | None,
+    resume: bool,
+) -> Any:
+    """`cluster.RayOptions` from the `--ray` flags (None without --ray); one line for a
+    companion flag given without --ray."""
+    if not ray:
+        given = [n for n, v in (("--ray-address", address), ("--workers", workers),
+                                ("--gpus-per-worker", gpus_per_worker)) if v is not None]  # fmt: skip
+        if resume:
+            given.append("--resume")
+        if given:
+            raise MismatchError(f"{', '.join(given)} need(s) --ray")
+        return None
+    from .cluster import RayOptions
+
+    opts = RayOptions(address, workers, gpus_per_worker, resume=resume)
+    opts.check()
+    return opts
+
 
 # Input and sampling options that `measure` and `diagnose` declare alike (each command sets
 # its own default).

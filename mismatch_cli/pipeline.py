@@ -165,6 +165,7 @@ class Progress:
     def start(self, phase: str, total: int, done: int = 0) -> None: ...
     def advance(self, phase: str, n: int) -> None: ...
     def log(self, message: str) -> None: ...
+    def detail(self, phase: str, text: str) -> None: ...  # e.g. tokens/s per Ray worker
 
 
 def run_measure(
@@ -379,7 +380,7 @@ def rescore_parts(
     """
     from .config import parse_max_memory
     from .models import load_model
-    from .rescore import SeqInput, plan_pass, score_sequences
+    from .rescore import plan_pass
 
     prog = progress or Progress()
     timings = {} if timings is None else timings
@@ -398,32 +399,55 @@ def rescore_parts(
             )  # fmt: skip
     plan = plan_pass(model, sampling, train.memory, total, lambda m: prog.log(f"warning: {m}"))
     for i in todo:  # one part in memory at a time
-        df = run.read_part(ROLLOUT, i)
-        seqs = [
-            SeqInput(
-                r.prompt_token_ids,
-                r.response_token_ids,
-                _stack(r.topk_ids_infer, np.int32, len(r.response_token_ids)),
-                _stack(r.topk_logp_infer, np.float32, len(r.response_token_ids)),
-                np.asarray(r.logp_infer, dtype=np.float64),
-            )
-            for r in df.itertuples(index=False)
-        ]
-        with timed(timings, "rescore"):
-            scored = score_sequences(
-                model,
-                seqs,
-                sampling,
-                train.top_k,
-                train.device,
-                train.batch_tokens,
-                on_batch=lambda n: prog.advance("rescore", n),
-                plan=plan,
-            )
-            tokens = _token_frame(df, scored)
-        run.write_part(TOKENS, i, tokens)
+        score_part(
+            run, i, model, train, sampling, plan, lambda n: prog.advance("rescore", n), timings
+        )
         save()
     return plan.record()
+
+
+def score_part(
+    run: RunDir,
+    index: int,
+    model: Any,
+    train: TrainSide,
+    sampling: Any,
+    plan: Any,
+    on_batch: Callable[[int], None] | None = None,
+    timings: dict[str, float] | None = None,
+) -> int:
+    """Score rollout part `index` of `run` with the loaded `model` and write its token part
+    (atomically: a part on disk is a finished one). The one code path of the training side:
+    `rescore_parts` calls it part after part, each Ray actor of `cluster` on its shard's
+    parts, so the tokens are the same either way. Returns the part's response tokens."""
+    from .rescore import SeqInput, score_sequences
+
+    timings = {} if timings is None else timings
+    df = run.read_part(ROLLOUT, index)
+    seqs = [
+        SeqInput(
+            r.prompt_token_ids,
+            r.response_token_ids,
+            _stack(r.topk_ids_infer, np.int32, len(r.response_token_ids)),
+            _stack(r.topk_logp_infer, np.float32, len(r.response_token_ids)),
+            np.asarray(r.logp_infer, dtype=np.float64),
+        )
+        for r in df.itertuples(index=False)
+    ]
+    with timed(timings, "rescore"):
+        scored = score_sequences(
+            model,
+            seqs,
+            sampling,
+            train.top_k,
+            train.device,
+            train.batch_tokens,
+            on_batch=on_batch,
+            plan=plan,
+        )
+        tokens = _token_frame(df, scored)
+    run.write_part(TOKENS, index, tokens)
+    return sum(len(s.response_token_ids) for s in seqs)
 
 
 def _response_tokens(part: Path) -> int:

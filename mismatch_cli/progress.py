@@ -39,6 +39,7 @@ class LogProgress:
         env = os.environ.get("MISMATCH_PROGRESS_INTERVAL")
         self.interval = interval if interval is not None else float(env or LOG_INTERVAL_S)
         self.phases: dict[str, dict[str, float]] = {}
+        self.details: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -68,6 +69,12 @@ class LogProgress:
     def log(self, message: str) -> None:
         with self._lock:
             self.console.print(message, highlight=False, soft_wrap=True)
+
+    def detail(self, phase: str, text: str) -> None:
+        """Text shown after the phase's numbers on its next line (tokens/s per worker)."""
+        with self._lock:
+            if phase in self.phases:
+                self.details[phase] = text
 
     def beat(self) -> None:
         """One heartbeat: a line for each unfinished phase silent for `interval` seconds."""
@@ -110,6 +117,8 @@ class LogProgress:
             bits += [f"{rate:.3g} {unit}/s".strip(), f"ETA {duration((total - done) / rate)}"]
         else:
             bits.append(f"running for {duration(elapsed)}")
+        if phase in self.details:
+            bits.append(self.details[phase])
         self.console.print(", ".join(bits), highlight=False, soft_wrap=True)
 
 
@@ -122,7 +131,7 @@ class _BarsProgress:
 
     def start(self, phase: str, total: int, done: int = 0) -> None:
         self.tasks[phase] = self.bars.add_task(
-            phase, total=total, completed=done, unit=PROGRESS_UNITS.get(phase, "")
+            phase, total=total, completed=done, unit=PROGRESS_UNITS.get(phase, ""), detail=""
         )
 
     def advance(self, phase: str, n: int) -> None:
@@ -130,6 +139,10 @@ class _BarsProgress:
 
     def log(self, message: str) -> None:
         self.bars.console.print(message, highlight=False, soft_wrap=True)
+
+    def detail(self, phase: str, text: str) -> None:
+        if phase in self.tasks:
+            self.bars.update(self.tasks[phase], detail=text)
 
 
 @contextmanager
@@ -162,6 +175,7 @@ def progress(console: Console) -> Iterator[Any]:
         TaskProgressColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[detail]}"),
         console=console,
         transient=False,
     )

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,9 @@ from .errors import MismatchError
 from .pipeline import ROLLOUT, SEQUENCE_STATIC, TOKENS, Progress, TrainSide, rescore_parts, timed
 from .runs import RunDir, RunMeta, new_meta, now, token_frame
 from .schema import STATUS_COMPLETE, TOKEN_EXTRA_COLUMNS
+
+if TYPE_CHECKING:
+    from .cluster import RayOptions
 
 INFER_SIDES = ("decode", "vllm-prefill", "hf-prefill")
 PREFILL = "prefill"
@@ -264,6 +267,7 @@ def rescore_run(
     overwrite: bool = False,
     progress: Progress | None = None,
     on_ready: Callable[[Path], None] | None = None,
+    ray: RayOptions | None = None,
 ) -> Path:
     """Re-score the stored rollouts of the complete run `src` into the new run `out`, with
     one or both sides changed (`RescoreOptions`), without generating again. `out` must not
@@ -275,15 +279,32 @@ def rescore_run(
     reproduces `src`'s logp_train (same model, dtype, attention, batch budget, same parts).
     The inference side keeps `src`'s decode log-probs, or is re-scored by a prefill pass of
     vLLM or transformers; that engine is shut down before the training side loads. run.json
-    records `rescored_from` (the source run and what changed)."""
+    records `rescored_from` (the source run and what changed).
+
+    `ray` spreads the training side over a Ray cluster (`cluster.score_on_ray`: the same
+    parts scored by the same code, so the same tokens); the run is then written in
+    `runs.staging_path(out)`, kept when the job fails, and `ray.resume` continues it there
+    (finished token parts are never scored again). run.json's `ray` key records the
+    workers, their devices and the shard plan."""
+    from contextlib import ExitStack
+
     from .models import hardware, pick_device
-    from .runs import check_out, open_run, replacing
+    from .runs import check_out, open_run, replacing, staging_path
 
     opts = opts or RescoreOptions()
     prog = progress or Progress()
     _, meta = open_run(src, allow_incomplete=False)
     was = _settings(meta, src)
     _check_options(opts)
+    if ray is not None:
+        ray.check()
+        if opts.device is not None:
+            raise MismatchError(
+                "--device is not used with --ray: each worker takes its GPUs from Ray "
+                "(--gpus-per-worker; 0 for CPU workers)"
+            )
+        if opts.infer_side != "decode":
+            raise MismatchError("--ray spreads the training side only: use --infer-side decode")
     s = dict(meta.sampling)  # RUN's sampling settings
     sampling = run_sampling(meta, src)
     if opts.infer_side == "vllm-prefill" and (why := vllm_prefill_refusal(s)):
@@ -291,98 +312,170 @@ def rescore_run(
     model_path = run_model_path(meta, src, opts.model)
     target = {"overwrite": overwrite, "inputs": [("the input run", Path(src))]}
     check_out(out, **target)
+    keep = staging_path(out) if ray is not None else None
+    if keep is not None:
+        _check_staging(keep, src, out, resume=ray.resume, overwrite=overwrite)
     weights = _weights_check(model_path, meta, moved=opts.model is not None)
-
-    now_ = {
-        k: getattr(opts, k) if getattr(opts, k) is not None else was[k]
-        for k in ("train_dtype", "attn_implementation", "rescore_batch_tokens", "device")
-    }
-    infer_dtype = opts.infer_dtype or was["infer_dtype"]
-    changed = {k: [was[k], v] for k, v in now_.items() if v != was[k]}
-    if model_path != meta.model_path:
-        changed["model_path"] = [meta.model_path, model_path]
-    if opts.infer_side != "decode":
-        changed["infer_side"] = ["decode", opts.infer_side]
-        changed["infer_dtype"] = [was["infer_dtype"], infer_dtype]
-    device = pick_device(now_["device"])
     parts = rollout_parts_of(Path(src), meta)
-    if opts.sequences is not None:
-        parts = first_sequences(parts, opts.sequences)
-        changed["sequences"] = [None, opts.sequences]
-    if on_ready:
-        on_ready(out)
-    with replacing(out, **target) as work:  # written beside `out`, renamed when complete
-        run = RunDir(work)
-        cfg = dict(meta.config)
-        cfg.update(now_)
-        cfg["rescore_memory"] = opts.rescore_memory
-        engines = dict(meta.engines)
-        infer = dict(meta.infer)
-        if opts.infer_side != "decode":
-            engine = "vllm" if opts.infer_side == "vllm-prefill" else "hf"
-            infer = {"engine": engine, "mode": PREFILL, "dtype": infer_dtype}
-            if engine == "hf":
-                infer["attn_implementation"] = was["attn_implementation"]
-                cfg["infer_engine"] = "hf"
-            cfg["infer_dtype"] = infer_dtype
-        engines["infer"] = infer
-        engines["train"] = {
-            "engine": "transformers",
-            "dtype": now_["train_dtype"],
-            "attn_implementation": now_["attn_implementation"],
+    stack = ExitStack()  # the Ray connection, if any: closed when the job ends
+    cluster = None
+    if ray is not None:
+        from .cluster import connect, worker_shape
+
+        cluster = stack.enter_context(connect(ray))
+    with stack:
+        if cluster is not None:
+            _, gpus = worker_shape(ray, cluster.resources)
+            opts = RescoreOptions(**{**opts.__dict__, "device": "cuda" if gpus > 0 else "cpu"})
+        now_ = {
+            k: getattr(opts, k) if getattr(opts, k) is not None else was[k]
+            for k in ("train_dtype", "attn_implementation", "rescore_batch_tokens", "device")
         }
-        new = new_meta(
-            "rescore",
-            config=cfg,
-            sampling=meta.get("sampling"),
-            model={**meta.model, "path": model_path, "weights_sha256": weights["weights_sha256"]},
-            engines=engines,
-            num_prompts=meta.get("num_prompts"),
-            num_chunks=len(parts),
-            hardware=hardware(device),
-            rescored_from={
-                "run": str(src),
-                "created": meta.get("created"),
-                "infer_side": opts.infer_side,
-                "changed": changed,
-                "weights_check": weights["weights_check"],
-            },
-            timings_s={},
-        )
-        run.write_meta(new)
-        timings: dict[str, float] = {}
-
-        def save(**extra: Any) -> None:
-            new.update(extra)
-            new["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-            run.write_meta(new)
-
+        infer_dtype = opts.infer_dtype or was["infer_dtype"]
+        changed = {k: [was[k], v] for k, v in now_.items() if v != was[k]}
+        if model_path != meta.model_path:
+            changed["model_path"] = [meta.model_path, model_path]
         if opts.infer_side != "decode":
-            parts = _prefill_infer_side(
-                parts, opts.infer_side, model_path, cfg, was, infer_dtype, device, sampling,
-                timings, prog,
-            )  # fmt: skip
-        for i, df in enumerate(parts):
-            run.write_part(ROLLOUT, i, df)
-        train = TrainSide(
-            model_path,
-            now_["train_dtype"],
-            now_["attn_implementation"],
-            device,
-            int(now_["rescore_batch_tokens"]),
-            int(was["top_logprobs"]),
-            memory=parse_size(opts.rescore_memory, "--rescore-memory"),
+            changed["infer_side"] = ["decode", opts.infer_side]
+            changed["infer_dtype"] = [was["infer_dtype"], infer_dtype]
+        if opts.sequences is not None:
+            parts = first_sequences(parts, opts.sequences)
+            changed["sequences"] = [None, opts.sequences]
+        if keep is not None and ray.resume:
+            _check_resumed(keep, out, changed)
+        device = pick_device(now_["device"]) if ray is None else now_["device"]
+        if on_ready:
+            on_ready(out)
+        # written beside `out` (in `keep` with --ray), renamed when complete
+        with replacing(out, keep=keep, **target) as work:
+            run = RunDir(work)
+            cfg = dict(meta.config)
+            cfg.update(now_)
+            cfg["rescore_memory"] = opts.rescore_memory
+            engines = dict(meta.engines)
+            infer = dict(meta.infer)
+            if opts.infer_side != "decode":
+                engine = "vllm" if opts.infer_side == "vllm-prefill" else "hf"
+                infer = {"engine": engine, "mode": PREFILL, "dtype": infer_dtype}
+                if engine == "hf":
+                    infer["attn_implementation"] = was["attn_implementation"]
+                    cfg["infer_engine"] = "hf"
+                cfg["infer_dtype"] = infer_dtype
+            engines["infer"] = infer
+            engines["train"] = {
+                "engine": "transformers",
+                "dtype": now_["train_dtype"],
+                "attn_implementation": now_["attn_implementation"],
+            }
+            new = new_meta(
+                "rescore",
+                config=cfg,
+                sampling=meta.get("sampling"),
+                model={
+                    **meta.model,
+                    "path": model_path,
+                    "weights_sha256": weights["weights_sha256"],
+                },
+                engines=engines,
+                num_prompts=meta.get("num_prompts"),
+                num_chunks=len(parts),
+                hardware=hardware(device),
+                rescored_from={
+                    "run": str(src),
+                    "created": meta.get("created"),
+                    "infer_side": opts.infer_side,
+                    "changed": changed,
+                    "weights_check": weights["weights_check"],
+                },
+                timings_s={},
+            )
+            run.write_meta(new)
+            timings: dict[str, float] = {}
+
+            def save(**extra: Any) -> None:
+                new.update(extra)
+                new["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+                run.write_meta(new)
+
+            if opts.infer_side != "decode":
+                parts = _prefill_infer_side(
+                    parts, opts.infer_side, model_path, cfg, was, infer_dtype, device, sampling,
+                    timings, prog,
+                )  # fmt: skip
+            for i, df in enumerate(parts):
+                if not run.has_part(ROLLOUT, i):  # a resumed --ray run has them already
+                    run.write_part(ROLLOUT, i, df)
+            train = TrainSide(
+                model_path,
+                now_["train_dtype"],
+                now_["attn_implementation"],
+                device,
+                int(now_["rescore_batch_tokens"]),
+                int(was["top_logprobs"]),
+                memory=parse_size(opts.rescore_memory, "--rescore-memory"),
+            )
+            if cluster is None:
+                per_position = rescore_parts(run, len(parts), train, sampling, prog, timings, save)
+            else:
+                from .cluster import score_on_ray
+
+                per_position, _ = score_on_ray(
+                    run, len(parts), train, sampling, cluster, ray, prog, timings, save
+                )
+            new["engines"]["train"]["per_position"] = per_position
+            with timed(timings, "finalize"):
+                static = (
+                    [c for c in SEQUENCE_STATIC if c in parts[0].columns] if parts else ["seq_id"]
+                )
+                seqs = pd.concat([df[static] for df in parts], ignore_index=True) if parts else None
+                new["summary"] = run.finalize(len(parts), seqs, tokens=TOKENS)
+            save(status=STATUS_COMPLETE, completed=now())
+            shutil.rmtree(run.parts, ignore_errors=True)
+        return out
+
+
+def _check_staging(keep: Path, src: Path, out: Path, *, resume: bool, overwrite: bool) -> None:
+    """What a `--ray` rescore finds in its staging directory `keep` (`runs.staging_path`):
+    nothing (a new job; `--resume` has nothing to continue), or an unfinished job of the same
+    RUN, continued with `--resume`, discarded with `--overwrite`, else refused in one line."""
+    from .runs import RunDir
+
+    if not keep.exists():
+        if resume:
+            raise MismatchError(
+                f"nothing to resume: no unfinished `rescore --ray` of {out} ({keep} does not exist)"
+            )
+        return
+    if resume:
+        try:
+            was = RunDir(keep).read_meta().get("rescored_from") or {}
+        except MismatchError:
+            was = {}
+        if was.get("run") != str(src):
+            raise MismatchError(
+                f"cannot resume {out}: {keep} is not an unfinished rescore of {src}; remove it "
+                "or pass --overwrite"
+            )
+        return
+    if overwrite:
+        shutil.rmtree(keep)
+        return
+    raise MismatchError(
+        f"an unfinished `rescore --ray` of {out} is in {keep}: pass --resume to continue it, "
+        "or --overwrite to start again"
+    )
+
+
+def _check_resumed(keep: Path, out: Path, changed: dict[str, Any]) -> None:
+    """A resumed `--ray` job must continue the same work: the same settings changed."""
+    from .runs import RunDir
+
+    was = (RunDir(keep).read_meta().get("rescored_from") or {}).get("changed")
+    if was != changed:
+        raise MismatchError(
+            f"cannot resume {out}: it was started with other settings ({was} changed, now "
+            f"{changed}); pass --overwrite to start again"
         )
-        new["engines"]["train"]["per_position"] = rescore_parts(
-            run, len(parts), train, sampling, prog, timings, save
-        )
-        with timed(timings, "finalize"):
-            static = [c for c in SEQUENCE_STATIC if c in parts[0].columns] if parts else ["seq_id"]
-            seqs = pd.concat([df[static] for df in parts], ignore_index=True) if parts else None
-            new["summary"] = run.finalize(len(parts), seqs, tokens=TOKENS)
-        save(status=STATUS_COMPLETE, completed=now())
-        shutil.rmtree(run.parts, ignore_errors=True)
-    return out
 
 
 def first_sequences(parts: list[pd.DataFrame], n: int) -> list[pd.DataFrame]:

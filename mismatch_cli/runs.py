@@ -159,22 +159,37 @@ def check_out(
         )
 
 
+def staging_path(out: Path) -> Path:
+    """The fixed directory beside `out` where a resumable write of `out` (`rescore --ray`)
+    keeps its finished parts until the run is complete (`replacing(out, keep=...)`)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
 @contextmanager
-def replacing(out: Path, **check: Any) -> Iterator[Path]:
+def replacing(out: Path, keep: Path | None = None, **check: Any) -> Iterator[Path]:
     """Write a new run (or diagnose directory) for `--out`: after `check_out(out, **check)`,
     yield a fresh temporary directory beside `out` (same parent: the final rename stays on
     one filesystem) for the body to fill. When the body returns, the directory is renamed to
     `out`; an existing `out` (`--overwrite`) is moved aside first and deleted only after
     that rename. If the body raises (an error, Ctrl-C), the temporary directory is removed
-    and `out` is untouched: the old run survives, nothing half-written is left behind."""
+    and `out` is untouched: the old run survives, nothing half-written is left behind.
+
+    `keep` (a `staging_path`): that directory is used instead (created if missing, reused
+    if there) and kept when the body raises, so a resumed run continues from its parts."""
     out = Path(out)
     check_out(out, **check)
     check_writable_dir(out.parent)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".new"))
+    if keep is not None:
+        keep.mkdir(exist_ok=True)
+        tmp = keep
+    else:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".new"))
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     old: Path | None = None
     try:

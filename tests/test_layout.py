@@ -68,7 +68,7 @@ def test_the_library_never_imports_the_cli_layer() -> None:
 # command layer; every other module reads run directories and must import no heavy library.
 UPSTREAM = {
     "mismatch_cli.rollout", "mismatch_cli.rescore", "mismatch_cli.models", "mismatch_cli.pipeline",
-    "mismatch_cli.rescore_run",
+    "mismatch_cli.rescore_run", "mismatch_cli.cluster",
     "mismatch_cli.dvp", "mismatch_cli.sampling", "mismatch_cli.prompts", "mismatch_cli.config",
     "mismatch_cli.synthetic", "mismatch_cli.diagnose", "mismatch_cli.validate",
     "mismatch_cli.monitor",  # inside a trainer: reads its torch tensors (never an engine)

@@ -55,6 +55,28 @@ def test_log_progress_prints_plain_lines() -> None:
     assert len(lines) == 3
 
 
+def test_log_progress_lines_carry_the_phase_detail() -> None:
+    """`detail` (tokens/s per Ray worker) rides on the phase's next lines; a detail for a
+    phase not started is ignored."""
+    buf = io.StringIO()
+    now = [0.0]
+    prog = LogProgress(Console(file=buf, width=200), interval=30.0)
+    prog._time = lambda: now[0]  # type: ignore[method-assign]
+    prog.detail("generate", "ignored")
+    prog.start("rescore", 100)
+    prog.detail("rescore", "w0 12.5 tok/s, w1 11 tok/s")
+    now[0] = 31.0
+    prog.advance("rescore", 40)
+    now[0] = 40.0
+    prog.advance("rescore", 60)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "rescore: 0/100 tokens, started"
+    assert lines[1].startswith("rescore: 40/100 tokens") and lines[1].endswith(
+        ", w0 12.5 tok/s, w1 11 tok/s"
+    )
+    assert "done in" in lines[2] and lines[2].endswith("w1 11 tok/s") and len(lines) == 3
+
+
 def test_log_progress_heartbeat_speaks_while_nothing_advances() -> None:
     """A phase that does not advance (vLLM finishing no completion for minutes) still gets
     a line every interval from the heartbeat, saying how long it has run; a finished phase

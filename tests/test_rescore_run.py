@@ -55,13 +55,13 @@ def _rollouts(first_prompt: int, n_prompts: int, spp: int, masked: bool, seed: i
 
 
 def make_run(path: Path, model: Path, *, masked: bool = False, temperature: float = 1.0,
-             batch_tokens: int = 64) -> Path:  # fmt: skip
-    """A complete run of the tiny model, written as `measure` writes one: two chunks of
+             batch_tokens: int = 64, chunks: int = 2) -> Path:  # fmt: skip
+    """A complete run of the tiny model, written as `measure` writes one: `chunks` chunks of
     3 prompts x 2 samples, rescored by `rescore_parts` with a small batch budget (several
     batches per part, so the part split matters)."""
     run = RunDir(path)
     path.mkdir(parents=True)
-    parts = [_rollouts(0, 3, 2, masked, 1), _rollouts(3, 3, 2, masked, 2)]
+    parts = [_rollouts(3 * c, 3, 2, masked, c + 1) for c in range(chunks)]
     cfg = {"model": str(model), "temperature": temperature, "top_p": 1.0, "top_k": -1,
            "min_p": 0.0, "infer_engine": "vllm", "infer_dtype": "bfloat16",
            "train_dtype": "float32", "attn_implementation": "eager", "top_logprobs": K,
@@ -80,10 +80,10 @@ def make_run(path: Path, model: Path, *, masked: bool = False, temperature: floa
     for i, df in enumerate(parts):
         run.write_part(ROLLOUT, i, df)
     train = TrainSide(str(model), device=torch.device("cpu"), batch_tokens=batch_tokens, top_k=K)
-    rescore_parts(run, 2, train, Sampling(temperature=temperature))
+    rescore_parts(run, chunks, train, Sampling(temperature=temperature))
     static = ["seq_id", "prompt_id", "sample_idx", "prompt_token_ids", "response_token_ids",
               "finish_reason", "text"]  # fmt: skip
-    meta["summary"] = run.finalize(2, pd.concat([p[static] for p in parts], ignore_index=True))
+    meta["summary"] = run.finalize(chunks, pd.concat([p[static] for p in parts], ignore_index=True))
     meta["status"] = STATUS_COMPLETE
     run.write_meta(meta)
     return path

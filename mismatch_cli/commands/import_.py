@@ -14,13 +14,18 @@ from ..options import (
     PANEL_INPUT,
     PANEL_OUTPUT,
     PANEL_TRAINING,
+    GpusPerWorkerOpt,
     HtmlPageOpt,
     JsonOpt,
+    RayAddressOpt,
+    RayOpt,
     ReplayMinPOpt,
     ReplayTemperatureOpt,
     ReplayTopKOpt,
     ReplayTopPOpt,
     RescoreMemoryOpt,
+    WorkersOpt,
+    ray_options,
 )
 
 
@@ -136,6 +141,10 @@ def import_(
     ] = False,
     json_out: JsonOpt = False,
     html: HtmlPageOpt = True,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ) -> None:
     """Import the rollouts an RL framework saved (prime-rl, slime, SkyRL, verl, or the
     generic `tokens` format) into a run directory that `report`, `plot` and
@@ -176,6 +185,7 @@ def import_(
         device=device,
         batch_tokens=rescore_batch_tokens,
         rescore_memory=rescore_memory,
+        ray=ray_options(ray, ray_address, workers, gpus_per_worker, resume=False),
     )
     err = Console(stderr=True)
     with progress(err) as prog:

@@ -12,9 +12,15 @@ from ..options import (
     PANEL_ENGINE,
     PANEL_OUTPUT,
     PANEL_TRAINING,
+    GpusPerWorkerOpt,
     JsonOpt,
+    RayAddressOpt,
+    RayOpt,
+    RayResumeOpt,
     RescoreMemoryOpt,
     RunArg,
+    WorkersOpt,
+    ray_options,
 )
 
 
@@ -126,6 +132,11 @@ def rescore(
         ),
     ] = False,
     json_out: JsonOpt = False,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+    resume: RayResumeOpt = False,
 ) -> None:
     """Re-score the stored rollouts of RUN with other settings on one side, without
     generating again: NEW (`--out`) is a complete run over the same tokens, its run.json
@@ -135,6 +146,9 @@ def rescore(
     logp_train. Re-scoring the training side never imports vLLM, and RUN's weights hash is
     reused when no file of the model folder is newer than RUN. delta = logp_infer - logp_train
     (nats), as everywhere.
+
+    With --ray the training side is spread over Ray actors (docs/gpu.md, "Ray"): a dead
+    actor's shard is retried on another, and --resume continues a job that stopped.
     """
     from rich.console import Console
 
@@ -153,7 +167,8 @@ def rescore(
         model=model,
         sequences=sequences,
     )
+    cluster = ray_options(ray, ray_address, workers, gpus_per_worker, resume)
     err = Console(stderr=True)
     with progress(err) as prog:
-        path = rescore_run(run, out, opts, overwrite=overwrite, progress=prog)
+        path = rescore_run(run, out, opts, overwrite=overwrite, progress=prog, ray=cluster)
     finish_run(path, json_out=json_out, plots=plots, console=err)

@@ -481,6 +481,7 @@ class ImportOptions:
     rescore_memory: str | None = None  # --rescore-memory, e.g. "2GiB"
     part_tokens: int = PART_TOKENS
     loaded: RescoreModel | None = None  # a model kept loaded across imports (`watch`)
+    ray: Any = None  # cluster.RayOptions: the training side spread over Ray actors
 
     def sampling(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -544,6 +545,11 @@ def run_import(opts: ImportOptions, progress: Any = None) -> dict[str, Any]:
         raise MismatchError(
             f"{mod.NAME} dumps hold only the inference side: pass --model MODEL to rescore them "
             "with the training side"
+        )
+    if opts.ray is not None and mode != RESCORED:
+        raise MismatchError(
+            f"--ray spreads the rescoring, and this {mod.NAME} dump holds both sides: pass "
+            "--rescore --model MODEL to rescore it"
         )
     prior = _Prior.open(Path(opts.out), mod.NAME) if appending else None
     if prior is not None:
@@ -983,9 +989,11 @@ def _run(
         check["slope"], w = checks.slope_check(ingest.slope.sums)
     else:
         fit = prior.meta.source.get("checks", {}).get("temperature_fit") if prior else None
-        check["temperature_fit"], w, per_position = _rescore(
+        check["temperature_fit"], w, per_position, ray_record = _rescore(
             opts, model, run, ingest.n_parts, prog, seeded, fit
         )
+        if ray_record is not None:
+            meta["ray"] = ray_record
         if prior is not None and per_position is None:
             per_position = (prior.meta.engines.get("train") or {}).get("per_position")
     if w:
@@ -1071,12 +1079,14 @@ def _run(
 
 def _rescore(
     opts, model, run, n_parts, prog, first: int = 0, fit: dict[str, Any] | None = None
-) -> tuple[dict[str, Any] | None, str | None, Any]:
+) -> tuple[dict[str, Any] | None, str | None, Any, dict[str, Any] | None]:
     """Rescore the rollout parts `first`.. on the training side (float32, eager attention,
     like `measure`; parts before `first` are an append's, scored already), after fitting
     the temperature that best explains logp_infer (an append keeps the run's `fit`); eps_hat
     is set to null (no dump stores the inference side's top-K). The network is
-    `model.net`: loaded once per RescoreModel."""
+    `model.net`: loaded once per RescoreModel. With `opts.ray` the parts are scored by Ray
+    actors (`cluster.score_on_ray`; the fit still runs here), and the fourth value is
+    run.json's `ray` record (None without)."""
     from ..config import parse_size
     from ..models import pick_device
     from ..pipeline import TrainSide, rescore_parts
@@ -1091,12 +1101,21 @@ def _rescore(
         fit = checks.fit_temperature(net, run.read_part(ROLLOUT_KIND, first), sampling, device)
     train = TrainSide(model.path, "float32", "eager", device, opts.batch_tokens,
                       memory=parse_size(opts.rescore_memory, "--rescore-memory"))  # fmt: skip
-    per_position = rescore_parts(run, n_parts, train, sampling, prog, net=net)
+    record = None
+    if opts.ray is None:
+        per_position = rescore_parts(run, n_parts, train, sampling, prog, net=net)
+    else:
+        from ..cluster import connect, score_on_ray
+
+        with connect(opts.ray) as cluster:
+            per_position, record = score_on_ray(
+                run, n_parts, train, sampling, cluster, opts.ray, prog
+            )
     for i in range(first, n_parts):
         df = run.read_part(TOKENS_KIND, i)
         df["eps_hat"] = np.nan
         run.write_part(TOKENS_KIND, i, df)
-    return fit, checks.temperature_warning(fit), per_position
+    return fit, checks.temperature_warning(fit), per_position, record
 
 
 __all__ = [

@@ -1,0 +1,527 @@
+"""Rescoring spread over a Ray cluster (`rescore --ray`, `import --rescore --ray`).
+
+The run's rollout parts (the units `rescore_parts` scores one process at a time) are grouped
+into shards balanced by token count (`plan_shards`); N Ray actors (`ShardScorer`) each load
+the training-side model once and score their shards' parts with `pipeline.score_part`, the
+one-process code path, writing each token part into the run directory (atomically: a part on
+disk is finished). The driver (`score_on_ray`) hands shards out largest first, follows every
+worker's progress, and finalizes the run as one process does, so the tokens are those of the
+one-process rescore (bit-identical for float32 eager on a CPU: the same parts, the same
+batches, the same per-position plan).
+
+Fault tolerance: a part already on disk is never scored again; a shard whose actor died
+(killed, out of memory) or raised goes back in the queue and is retried on another actor
+(a replacement is started for a dead one) up to `RayOptions.max_attempts` attempts; past
+that the run stops with one line naming the shard and the cause, and `--resume` continues
+it from the finished parts.
+
+The run directory must be on a filesystem every node sees (one machine, NFS, a shared
+volume): actors read the rollout parts and write the token parts there.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import MismatchError, first_line
+from .pipeline import ROLLOUT, TOKENS, Progress, TrainSide, _response_tokens, score_part, timed
+from .runs import RunDir
+
+RAY_EXTRA = "ray"
+MAX_ATTEMPTS = 3  # attempts per shard (the first and two retries)
+SHARDS_PER_WORKER = 4  # more shards than workers: a slow or dead worker holds back less
+POLL_S = 0.5  # how often the driver asks the workers how far they are
+# Test hook: "SHARD:BATCHES" makes the worker scoring shard SHARD exit (os._exit) after
+# BATCHES forward passes into it, on the shard's first attempt only, as a killed or
+# out-of-memory actor would.
+FAULT_ENV = "MISMATCH_RAY_FAULT"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How `--ray` spreads the training side: the cluster (`address`: None starts a local
+    Ray on every core of this machine; `auto` joins the one `ray start` made here;
+    `HOST:PORT` or `ray://HOST:PORT` another), the number of actors (None: as many as the
+    cluster's GPUs / `gpus_per_worker`, or its CPUs), GPUs per actor (None: 1 where the
+    cluster has GPUs, else 0: a CPU actor with `threads_per_worker` torch threads), attempts
+    per shard, and `resume` (continue the unfinished run of the same `--out`)."""
+
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    threads_per_worker: int = 1
+    max_attempts: int = MAX_ATTEMPTS
+    resume: bool = False
+
+    def check(self) -> None:
+        """One-line errors for impossible values, before anything starts."""
+        if self.workers is not None and self.workers < 1:
+            raise MismatchError(f"--workers must be >= 1, got {self.workers}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise MismatchError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker:g}")
+        if self.threads_per_worker < 1:
+            raise MismatchError(f"threads per worker must be >= 1, got {self.threads_per_worker}")
+        if self.max_attempts < 1:
+            raise MismatchError(f"attempts per shard must be >= 1, got {self.max_attempts}")
+
+
+def import_ray() -> Any:
+    """The `ray` module, or one line saying which extra installs it."""
+    try:
+        import ray
+    except ImportError:
+        raise MismatchError(
+            f"--ray needs Ray, which is not installed: pip install 'mismatch-cli[{RAY_EXTRA}]'"
+        ) from None
+    return ray
+
+
+def _probe(address: str) -> None:
+    """A TCP connection to `address` (HOST:PORT, optionally ray://), so an address where
+    nothing listens is one line in seconds (ray.init itself retries for minutes)."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise MismatchError(f"--ray-address {address}: not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as e:
+        raise MismatchError(
+            f"--ray-address {address}: no Ray cluster answers there ({e.strerror or e}); start "
+            "one with `ray start --head` or give its address"
+        ) from None
+
+
+@dataclass
+class Cluster:
+    """The Ray this command uses: what it holds (`resources`) and whether we started it."""
+
+    ray: Any
+    address: str
+    resources: dict[str, float]
+    started: bool
+
+
+@contextmanager
+def connect(opts: RayOptions) -> Iterator[Cluster]:
+    """Join (or start) the Ray cluster of `opts`; a Ray this process already started
+    (`ray.init` in a test or a notebook) is used as it is. A Ray started here is shut down
+    on exit."""
+    ray = import_ray()
+    started = False
+    if ray.is_initialized():
+        address = "this process's Ray"
+    else:
+        quiet = {"logging_level": "ERROR", "log_to_driver": False}
+        if opts.address in (None, "", "local"):
+            address = "local"
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+            started = True
+        else:
+            address = opts.address
+            if address != "auto":
+                _probe(address)
+            try:
+                ray.init(address=address, **quiet)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise MismatchError(f"--ray-address {address}: {first_line(e)}") from None
+            started = True  # our connection: closed on exit (the cluster goes on)
+    try:
+        # Ray prints its workers' deaths ("(raylet) A worker died ...") on stdout, which is
+        # for results (--json): send them to stderr while the job runs
+        with redirect_stdout(sys.stderr):
+            yield Cluster(ray, address, dict(ray.cluster_resources()), started)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def plan_shards(tokens: Sequence[int], n_shards: int) -> list[list[int]]:
+    """Parts (their token counts `tokens`) grouped into at most `n_shards` shards of nearly
+    equal tokens: largest part first, each to the shard with the fewest tokens so far
+    (longest-processing-time first). Parts stay in index order inside a shard; shards come
+    largest first (the order they are handed out). Deterministic, so a resumed run plans
+    the same shards."""
+    n = max(1, min(n_shards, len(tokens)))
+    shards: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for i in sorted(range(len(tokens)), key=lambda i: (-tokens[i], i)):
+        s = min(range(n), key=lambda s: (load[s], s))
+        shards[s].append(i)
+        load[s] += tokens[i]
+    order = sorted(range(n), key=lambda s: (-load[s], s))
+    return [sorted(shards[s]) for s in order if shards[s]]
+
+
+def worker_shape(opts: RayOptions, resources: dict[str, float]) -> tuple[int, float]:
+    """(workers, GPUs per worker) for `opts` on a cluster holding `resources`; one line if
+    the cluster cannot hold them (Ray would wait for them forever)."""
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    g = opts.gpus_per_worker if opts.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+    if g > 0:
+        n = opts.workers if opts.workers is not None else int(gpus // g)
+        if n * g > gpus or n < 1:
+            raise MismatchError(
+                f"the Ray cluster has {gpus:g} GPU(s): {n or 1} worker(s) x {g:g} GPU(s) do not fit"
+            )
+    else:
+        n = opts.workers if opts.workers is not None else max(1, int(cpus))
+        if n > cpus:
+            raise MismatchError(
+                f"the Ray cluster has {cpus:g} CPU(s): --workers {n} needs {n} (one per worker)"
+            )
+    return n, g
+
+
+def parse_fault(spec: str | None) -> tuple[int, int] | None:
+    """`FAULT_ENV`'s "SHARD:BATCHES" as (shard, batches); None when unset."""
+    if not spec:
+        return None
+    try:
+        w, b = spec.split(":")
+        return int(w), int(b)
+    except ValueError:
+        raise MismatchError(f"{FAULT_ENV}={spec!r}: expected SHARD:BATCHES") from None
+
+
+class ShardScorer:
+    """One worker (a Ray actor, made by `ray.remote(...)(ShardScorer)`): the training-side
+    model loaded once, shards scored part by part through `pipeline.score_part`. Threaded
+    (two calls at once), so `progress` answers while `score_shard` runs."""
+
+    def __init__(
+        self,
+        run_path: str,
+        train: TrainSide,
+        sampling: Any,
+        total_rows: int,
+        gpus: float,
+        threads: int,
+        index: int,
+        fault: tuple[int, int] | None = None,
+    ) -> None:
+        import torch
+
+        from .config import parse_max_memory
+        from .models import load_model
+        from .rescore import plan_pass
+
+        t0 = time.perf_counter()
+        if gpus <= 0:
+            torch.set_num_threads(threads)
+        device = torch.device("cuda" if gpus > 0 else "cpu")
+        device_map = "auto" if gpus > 1 else train.device_map  # its GPUs, as Ray sets them
+        self.train = replace(train, device=device, device_map=device_map)
+        self.model, _ = load_model(
+            self.train.model_path, self.train.dtype, device, self.train.attn_implementation,
+            device_map, parse_max_memory(self.train.max_memory),
+        )  # fmt: skip
+        self.sampling = sampling
+        self.plan = plan_pass(self.model, sampling, train.memory, total_rows)
+        self.run = RunDir(Path(run_path))
+        self.index, self.fault = index, fault
+        self.load_s = time.perf_counter() - t0
+        self._lock = threading.Lock()
+        self._done = 0  # tokens (logit rows) scored by this worker, every attempt
+        self._busy = 0.0  # seconds spent scoring
+        self._since: float | None = None  # start of the part being scored
+        self._current = 0  # tokens into that part
+        self._parts: list[int] = []  # parts finished by this worker
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs and how: node, pid, device, torch threads, the
+        per-position plan, the model's load time."""
+        import ray
+        import torch
+
+        return {
+            "worker": self.index,
+            "node": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+            "device": str(self.train.device),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "torch_threads": torch.get_num_threads(),
+            "per_position": self.plan.record(),
+            "load_s": round(self.load_s, 3),
+        }
+
+    def score_shard(self, shard: int, parts: Sequence[int], attempt: int) -> list[int]:
+        """Score every part of shard `shard` (`parts`) that has no token part yet; returns
+        those scored."""
+        scored = []
+        die = self.fault[1] if self.fault and self.fault[0] == shard and attempt == 0 else None
+        passes = [0]
+
+        def advance(n: int) -> None:
+            with self._lock:
+                self._done += n
+                self._current += n
+            passes[0] += 1
+            if die is not None and passes[0] >= die:
+                os._exit(1)  # the test hook: die as a killed actor does, mid-shard
+
+        for i in parts:
+            if self.run.has_part(TOKENS, i):
+                continue
+            with self._lock:
+                self._since, self._current = time.perf_counter(), 0
+            score_part(self.run, i, self.model, self.train, self.sampling, self.plan, advance)
+            with self._lock:
+                self._busy += time.perf_counter() - (self._since or time.perf_counter())
+                self._since, self._current = None, 0
+                self._parts.append(i)
+            scored.append(i)
+        return scored
+
+    def progress(self) -> dict[str, Any]:
+        """Finished parts, tokens into the current one, tokens and seconds so far."""
+        with self._lock:
+            busy = self._busy + (time.perf_counter() - self._since if self._since else 0.0)
+            return {"parts": list(self._parts), "current": self._current,
+                    "tokens": self._done, "busy_s": busy}  # fmt: skip
+
+
+@dataclass
+class _Worker:
+    """The driver's view of one actor: its number, handle and `info`, the shard it holds
+    (None: idle) and that call's ref, the pending progress call and its last answer."""
+
+    index: int
+    actor: Any
+    info: dict[str, Any]
+    shard: int | None = None
+    ref: Any = None
+    poll: Any = None
+    last: dict[str, Any] | None = None
+
+
+def _cause(e: BaseException) -> str:
+    """One line for why a shard's attempt failed: the actor's death (with Ray's exit
+    detail) or the exception it raised."""
+    text = str(e)
+    first = first_line(e)
+    if "Worker exit detail:" in text:
+        detail = text.split("Worker exit detail:", 1)[1].strip().split(". ")[0].rstrip(".")
+        return f"{first.rstrip('.')} ({detail})"
+    cause = getattr(e, "cause", None)
+    if cause is not None and not isinstance(cause, type(e)):
+        return f"{type(cause).__name__}: {first_line(cause)}"
+    return first
+
+
+def score_on_ray(
+    run: RunDir,
+    n_parts: int,
+    train: TrainSide,
+    sampling: Any,
+    cluster: Cluster,
+    opts: RayOptions,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+    save: Callable[..., None] = lambda **_: None,
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Score the rollout parts 0..n_parts-1 of `run` that lack a token part on the actors
+    of `cluster`, as `pipeline.rescore_parts` does in one process. Returns (the first
+    worker's per-position plan, for run.json's engines.train, None if nothing was left;
+    the `ray` record: address, workers, their devices, the shard plan). `save(ray=...)` is
+    called whenever the record changes. A shard that failed `opts.max_attempts` times is
+    one MismatchError naming it and the cause (the finished parts stay)."""
+    ray = cluster.ray
+    prog = progress or Progress()
+    timings = {} if timings is None else timings
+    n_workers, gpus = worker_shape(opts, cluster.resources)
+    tokens = [_response_tokens(run.part_path(ROLLOUT, i)) for i in range(n_parts)]
+    shards = plan_shards(tokens, n_workers * SHARDS_PER_WORKER)
+    todo = [s for s, parts in enumerate(shards) if not all(run.has_part(TOKENS, i) for i in parts)]
+    left = [i for i in range(n_parts) if not run.has_part(TOKENS, i)]
+    total = sum(tokens[i] for i in left)
+    record: dict[str, Any] = {
+        "address": cluster.address,
+        "cluster_resources": {k: v for k, v in cluster.resources.items() if k in ("CPU", "GPU")},
+        "gpus_per_worker": gpus,
+        "threads_per_worker": opts.threads_per_worker if gpus <= 0 else None,
+        "max_attempts": opts.max_attempts,
+        "shards": [
+            {
+                "shard": s,
+                "parts": parts,
+                "tokens": sum(tokens[i] for i in parts),
+                "status": "todo" if s in todo else "done before",
+                "worker": None,
+                "attempts": 0,
+            }
+            for s, parts in enumerate(shards)
+        ],
+        "workers": [],
+    }
+    if not todo:
+        prog.start("rescore", 1, 1)
+        return None, record
+    prog.start("rescore", total)
+    fault = parse_fault(os.environ.get(FAULT_ENV))
+    remote = ray.remote(num_cpus=1, num_gpus=gpus, max_concurrency=2)(ShardScorer)
+    args = (str(run.path), train, sampling, total, gpus, opts.threads_per_worker)
+
+    def start(indices: Sequence[int]) -> list[_Worker]:
+        actors = [remote.remote(*args, k, fault) for k in indices]
+        try:
+            infos = ray.get([a.info.remote() for a in actors])
+        except ray.exceptions.RayError as e:
+            for a in actors:
+                ray.kill(a)
+            raise MismatchError(f"a Ray worker could not start: {_cause(e)}") from None
+        return [_Worker(k, a, i) for k, a, i in zip(indices, actors, infos, strict=True)]
+
+    workers: list[_Worker] = []
+    try:
+        with timed(timings, "train_load"):
+            workers = start(range(min(n_workers, len(todo))))
+        record["workers"] = [dict(w.info) for w in workers]
+        save(ray=record)
+        with timed(timings, "rescore"):
+            _drive(ray, workers, shards, todo, tokens, record, start, opts, prog, save)
+        finals = ray.get([w.actor.progress.remote() for w in workers])
+        for w, last in zip(workers, finals, strict=True):
+            w.last = last  # each worker's final count (the last poll may predate its end)
+    finally:
+        for w in workers:
+            ray.kill(w.actor)
+    shown = {w["worker"]: w for w in record["workers"]}
+    for w in workers:
+        if w.last is not None:
+            shown[w.index].update(tokens=w.last["tokens"], busy_s=round(w.last["busy_s"], 3))
+    for w in shown.values():
+        if w.get("busy_s"):
+            w["tokens_per_s"] = round(w["tokens"] / w["busy_s"], 1)
+    save(ray=record)
+    return workers[0].info["per_position"] if workers else None, record
+
+
+def _drive(
+    ray: Any,
+    workers: list[_Worker],
+    shards: list[list[int]],
+    todo: list[int],
+    tokens: list[int],
+    record: dict[str, Any],
+    start: Callable[[Sequence[int]], list[_Worker]],
+    opts: RayOptions,
+    prog: Progress,
+    save: Callable[..., None],
+) -> None:
+    """The driver's loop: hand out shards largest first, poll progress, retry failures."""
+    queue = deque(todo)
+    attempts = dict.fromkeys(todo, 0)
+    done_parts: set[int] = set()  # parts finished in this job
+    shown = 0
+    next_index = len(workers)
+    rows = {r["shard"]: r for r in record["shards"]}
+
+    def tokens_done() -> int:
+        cur = sum(w.last["current"] for w in workers if w.last and w.shard is not None)
+        return sum(tokens[i] for i in done_parts) + cur
+
+    while queue or any(w.shard is not None for w in workers):
+        for w in workers:  # hand out
+            if w.shard is None and queue:
+                s = queue.popleft()
+                w.shard, w.ref = s, w.actor.score_shard.remote(s, shards[s], attempts[s])
+                rows[s].update(status="running", worker=w.index)
+        busy = {w.ref: w for w in workers if w.shard is not None}
+        finished, _ = ray.wait(list(busy), num_returns=1, timeout=POLL_S)
+        for ref in finished:
+            w = busy[ref]
+            s, w.shard, w.ref = w.shard, None, None
+            attempts[s] += 1
+            rows[s]["attempts"] = attempts[s]
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                cause = _cause(e)
+                rows[s].update(status="failed", cause=cause)
+                dead = isinstance(e, ray.exceptions.RayActorError)
+                if w.last:
+                    done_parts.update(w.last["parts"])
+                if attempts[s] >= opts.max_attempts:
+                    save(ray=record)
+                    raise MismatchError(
+                        f"shard {s} (parts {', '.join(map(str, shards[s]))}) failed "
+                        f"{attempts[s]} time(s), last on worker {w.index}: {cause}; the finished "
+                        "parts are kept: run the same command with --resume to continue"
+                    ) from None
+                where = "on a new worker" if dead else "later"
+                prog.log(
+                    f"warning: shard {s} failed on worker {w.index} ({cause}); retrying it "
+                    f"{where} (attempt {attempts[s] + 1} of {opts.max_attempts})"
+                )
+                if dead:
+                    queue.appendleft(s)
+                else:  # the worker lives on: the shard goes last, to another worker if any
+                    queue.append(s)
+                if dead:  # a replacement keeps the number of workers
+                    workers.remove(w)
+                    (new,) = start([next_index])
+                    next_index += 1
+                    workers.append(new)
+                    record["workers"].append({**new.info, "replaces": w.index})
+            else:
+                done_parts.update(shards[s])
+                rows[s].update(status="done", worker=w.index)
+                rows[s].pop("cause", None)
+            save(ray=record)
+        _poll(ray, workers)
+        now = tokens_done()
+        if now > shown:
+            prog.advance("rescore", now - shown)
+            shown = now
+        rates = [
+            f"w{w.index} {w.last['tokens'] / w.last['busy_s']:.3g} tok/s"
+            for w in workers
+            if w.last and w.last["busy_s"] > 0
+        ]
+        if rates:
+            prog.detail("rescore", ", ".join(rates))
+    total = sum(tokens[i] for i in done_parts)
+    if total > shown:
+        prog.advance("rescore", total - shown)
+
+
+def _poll(ray: Any, workers: list[_Worker]) -> None:
+    """Collect the answers to the last progress calls and ask again (never blocking: a
+    worker busy loading or dead answers later or never)."""
+    for w in workers:
+        if w.poll is not None:
+            ready, _ = ray.wait([w.poll], timeout=0)
+            if not ready:
+                continue
+            try:
+                w.last = ray.get(w.poll)
+            except ray.exceptions.RayError:
+                pass  # a dead worker: its shard's call says so
+        w.poll = w.actor.progress.remote()
+
+
+__all__ = [
+    "FAULT_ENV",
+    "MAX_ATTEMPTS",
+    "RAY_EXTRA",
+    "Cluster",
+    "RayOptions",
+    "ShardScorer",
+    "connect",
+    "import_ray",
+    "plan_shards",
+    "score_on_ray",
+    "worker_shape",
+]
