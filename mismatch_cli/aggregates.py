@@ -305,10 +305,14 @@ class EnvelopeCounts:
         self.by_bucket = {k: np.zeros(num_buckets + 1, np.int64) for k in ENVELOPES[:2]}
 
     def add(self, b: Batch) -> None:
+        if b.m:
+            self.add_tokens(b.ad, b.x, b.bucket)
+
+    def add_tokens(self, ad: np.ndarray, x: np.ndarray, bucket: np.ndarray) -> None:
+        """Count finite tokens: |delta| [m], 1 - p [m], bucket [m]."""
         eps = self.eps
-        if not math.isfinite(eps) or not b.m:
+        if not math.isfinite(eps) or not ad.size:
             return
-        ad, x = b.ad, b.x  # [m]
         above = {
             "first_order": ad > theory.envelope_first_order(x, eps),
             "exact": ad > theory.envelope_exact(x, eps),
@@ -318,7 +322,63 @@ class EnvelopeCounts:
         for k, mask in above.items():
             self.above[k] += int(np.count_nonzero(mask))
         for k, acc in self.by_bucket.items():
-            acc += np.bincount(b.bucket[above[k]], minlength=acc.size)
+            acc += np.bincount(bucket[above[k]], minlength=acc.size)
+
+
+# The first batch's own eps estimate times this is the floor of `EnvelopeCandidates`; the
+# candidates kept at most (|delta|, 1 - p, bucket: 17 bytes each, ~140 MB).
+FLOOR_SHARE = 0.5
+CANDIDATE_LIMIT = 1 << 23
+
+
+class EnvelopeCandidates:
+    """The envelope counts in the main pass although eps is learnt from that same pass (the
+    q0.99 of eps_hat, or of the eps needed without eps_hat): the finite tokens that could
+    lie above an envelope at ANY eps >= `floor` are kept as (|delta|, 1 - p, bucket) and
+    counted by `EnvelopeCounts` once eps is known, with the very same comparisons, so the
+    counts are those of a pass at that eps, exactly.
+
+    A token is a candidate unless |delta| <= 2 floor' min(1 - p, 1), floor' = floor (1 -
+    1e-6): the first-order envelope is the lowest of the four for 1 - p in [0, 1] (exact
+    >= first order by concavity, weak >= exact, 2 eps >= exact), every envelope grows with
+    eps, and the margin absorbs their rounding. `floor` is FLOOR_SHARE of the first batch's
+    own estimate. `complete(eps)` is False when the counts need a pass of their own after
+    all: eps fell below the floor, or more than `limit` tokens were candidates."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.floor: float | None = None
+        self.limit = CANDIDATE_LIMIT if limit is None else int(limit)
+        self.overflow = False
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._n = 0
+
+    def add(self, b: Batch, guess: float) -> None:
+        """Keep the batch's candidates; `guess`: this batch's own eps estimate (first batch)."""
+        if self.overflow or not b.m:
+            return
+        if self.floor is None:
+            self.floor = FLOOR_SHARE * guess if math.isfinite(guess) and guess > 0 else 0.0
+        line = 2.0 * (self.floor * (1.0 - 1e-6)) * np.minimum(b.x, 1.0)  # [m]
+        keep = ~(b.ad <= line)  # NaN 1 - p is kept too
+        k = int(np.count_nonzero(keep))
+        if not k:
+            return
+        self._n += k
+        if self._n > self.limit:
+            self.overflow, self._parts = True, []
+            return
+        self._parts.append((b.ad[keep], b.x[keep], b.bucket[keep]))
+
+    def complete(self, eps: float) -> bool:
+        """Do the candidates hold every token above an envelope at eps?"""
+        if self.overflow:
+            return False
+        return self.floor is None or not math.isfinite(eps) or eps >= self.floor
+
+    def count(self, env: EnvelopeCounts) -> None:
+        """Add the candidates into `env` (eps set, `complete(env.eps)` True)."""
+        for ad, x, bucket in self._parts:
+            env.add_tokens(ad, x, bucket)
 
 
 class _Coarse:
@@ -392,6 +452,7 @@ class Aggregates:
         self.eps: float | None = None
         self.eps_estimator = ""
         self.envelope: EnvelopeCounts | None = None
+        self.candidates: EnvelopeCandidates | None = None  # eps learnt in the main pass
         self.seq_infinite: np.ndarray | None = None  # [S] bool, from the first pass if asked
         self.exact_limit = exact_limit
         self.num_tokens = 0
@@ -425,10 +486,36 @@ class Aggregates:
 
     # ------------------------------------------------------------------ accumulation
 
-    def set_eps(self, eps: float, estimator: str) -> None:
-        """The eps of the envelopes (before the main pass, or before `count_envelopes`)."""
+    def set_eps(self, eps: float, estimator: str) -> bool:
+        """The eps of the envelopes: before the main pass, or after it when the envelope
+        counts were deferred (`defer_envelopes`). False when they still need a pass of
+        their own (`count_envelopes`)."""
         self.eps, self.eps_estimator = float(eps), estimator
         self.envelope = EnvelopeCounts(eps, self.nb)
+        cand, self.candidates = self.candidates, None
+        if cand is None:
+            return True
+        if not cand.complete(self.eps):
+            return False
+        cand.count(self.envelope)
+        return True
+
+    def defer_envelopes(self, limit: int | None = None) -> None:
+        """Count the envelopes at an eps learnt from the main pass itself (`set_eps` after
+        it), from the candidates kept as the batches come (`EnvelopeCandidates`)."""
+        self.candidates = EnvelopeCandidates(limit)
+
+    def _guess_eps(self, b: Batch) -> float:
+        """A batch's own eps estimate: q0.99 of its eps_hat, else of the eps it needs."""
+        v = b.rows.get("eps_hat")
+        if v is not None:
+            v = np.asarray(v, dtype=np.float64)
+            v = v[np.isfinite(v)]
+            if v.size:
+                return float(np.quantile(v, theory.EPS_QUANTILE))
+        cover = theory.eps_to_cover(b.ad, b.x)
+        cover = cover[np.isfinite(cover)]
+        return float(np.quantile(cover, theory.EPS_QUANTILE)) if cover.size else math.nan
 
     _PER_SEQUENCE = (
         "seq_n", "seq_n_fin", "seq_sum_d", "seq_sum_ad", "seq_sum_x", "seq_tail_n", "seq_tail_d"
@@ -466,10 +553,15 @@ class Aggregates:
             self.rows_bucket += np.bincount(b.bucket_all, minlength=nb1)
             for c, acc in self.coarse.items():
                 acc.add(b.column(c), b.bucket_all)
+        if "eps_hat" in b.rows:
+            self.eps_hat_acc.add(b.rows["eps_hat"])  # every row; NaN (imports) ignored
         if b.m:
             self._add_finite(b)
         if self.envelope is not None:
             self.envelope.add(b)
+        elif self.candidates is not None:
+            c = self.candidates
+            c.add(b, self._guess_eps(b) if c.floor is None and b.m else math.nan)
         self._forget()
 
     def _add_finite(self, b: Batch) -> None:
@@ -855,41 +947,43 @@ def scan(
     eps_hat and no `eps`: the envelope counts at the eps learnt in (2)."""
     have = set(src.columns)
     kept = ["kept_train"] if "kept_train" in have else []
-    first = ["seq_id", "eps_hat", *(["delta", *kept] if flag_infinite else [])]
+    first = ["seq_id", *(["delta", *kept] if flag_infinite else [])]
     parts, infinite = [], []
-    eps_hat = QuantileAccumulator(1, exact_limit)
     for rows in _batches(src, first):
         sid = rows["seq_id"]
         parts.append(distinct(sid))
-        if "eps_hat" in rows:
-            eps_hat.add(rows["eps_hat"])  # NaN (imports) ignored
         if flag_infinite:
             bad = ~Batch(rows, None, by, edges).fin
             if bad.any():
                 infinite.append(distinct(sid[bad]))
     index = SeqIndex.scan(parts)
     coarse = [c for c in COARSE_COLUMNS if c in have]
+    eps_hat = QuantileAccumulator(1, exact_limit)
     agg = Aggregates(edges, by, tail, index.ids, eps_hat, coarse, exact_limit)
     if flag_infinite:
         agg.seq_infinite = np.zeros(index.num, dtype=bool)
         if infinite:
             agg.seq_infinite[index.codes(np.unique(np.concatenate(infinite)))] = True
-    eps_data, _ = agg.eps_hat()
     if eps is not None:
         agg.set_eps(eps, "--eps")
-    elif math.isfinite(eps_data):
-        agg.set_eps(eps_data, theory.eps_estimator_name())
+    else:
+        agg.defer_envelopes()
     for x in extras:
         x.start(agg)
-    main = [*NEEDED_COLUMNS, *kept, *coarse, *(c for x in extras for c in x.columns)]
+    hat = ["eps_hat"] if "eps_hat" in have else []
+    main = [*NEEDED_COLUMNS, *kept, *hat, *coarse, *(c for x in extras for c in x.columns)]
     for rows in _batches(src, main):
         b = Batch(rows, index.codes(rows["seq_id"]), by, edges)
         agg.add(b)
         for x in extras:
             x.add(b)
-    if agg.eps is None:  # no eps_hat: q0.99 of the eps needed, then the envelope counts
-        agg.set_eps(agg.eps_needed(0.99), NO_EPS_HAT_ESTIMATOR)
-        if math.isfinite(agg.eps or math.nan):
+    if agg.eps is None:  # eps from this pass: q0.99 of eps_hat, else of the eps needed
+        eps_data, _ = agg.eps_hat()
+        if math.isfinite(eps_data):
+            counted = agg.set_eps(eps_data, theory.eps_estimator_name())
+        else:
+            counted = agg.set_eps(agg.eps_needed(0.99), NO_EPS_HAT_ESTIMATOR)
+        if not counted:  # the candidates fell short: the counts in a pass of their own
             agg.count_envelopes(_batches(src, ["delta", f"p_{by}", *kept]))
     return agg
 

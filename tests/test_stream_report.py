@@ -111,6 +111,50 @@ def test_sketched_quantiles_stay_within_the_documented_error(run: Path) -> None:
     assert [p for p in differences(sk, whole, rel=0.01) if p not in text] == []
 
 
+@pytest.mark.parametrize("drop_eps_hat", [False, True])
+@pytest.mark.parametrize(
+    "floor_share, limit", [(0.5, 1 << 23), (0.0, 1 << 23), (1e6, 1 << 23), (0.5, 3)]
+)
+def test_envelopes_counted_in_the_main_pass_equal_a_pass_at_that_eps(
+    run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    drop_eps_hat: bool,
+    floor_share: float,
+    limit: int,
+) -> None:
+    """eps is learnt from the main pass (q0.99 of eps_hat, or of the eps needed without
+    it) and the envelope counts come from the candidates kept in that same pass: they
+    equal the counts of a scan told that eps beforehand, whether the candidates suffice
+    (floor below eps), or not (a floor above eps, more candidates than the limit) and a
+    pass of their own counts them; eps itself equals `theory.estimate_eps`."""
+    from mismatch_cli import aggregates as G
+    from mismatch_cli import theory
+
+    if drop_eps_hat:
+        tok = read_tokens(run).assign(eps_hat=np.nan)  # an import: no eps_hat
+        run = write_run(tmp_path / "no_eps_hat", tok, read_sequences(run), synthetic_meta())
+    monkeypatch.setattr(G, "FLOOR_SHARE", floor_share)
+    monkeypatch.setattr(G, "CANDIDATE_LIMIT", limit)
+    passes = []
+    real = G.Aggregates.count_envelopes
+    monkeypatch.setattr(
+        G.Aggregates, "count_envelopes", lambda self, b: (passes.append(1), real(self, b))
+    )
+    edges = G.parse_edges(None)
+    src = G.report_tokens(run, TINY)
+    one = G.scan(src, edges=edges)
+    assert one.eps is not None and math.isfinite(one.eps)
+    tok = read_tokens(run)
+    if not drop_eps_hat:
+        assert one.eps == theory.estimate_eps(tok["eps_hat"].to_numpy())
+    told = G.scan(G.report_tokens(run, TINY), edges=edges, eps=one.eps)
+    assert one.envelope_check() == told.envelope_check()
+    pd.testing.assert_frame_equal(one.buckets(), told.buckets())
+    assert sum(v["num_above"] for k, v in one.envelope_check().items() if k != "eps") > 0
+    assert len(passes) == (1 if floor_share > 1 or limit == 3 else 0)
+
+
 # --- compare.moved ----------------------------------------------------------------------------
 
 
