@@ -60,6 +60,9 @@ NO_EPS_HAT_ESTIMATOR = (
     "(1 - p) shape, not an independent bound)"
 )
 COARSE_QUANTILES = (0.9, 0.99)
+# |delta|'s quantiles: per bucket (p50, p90, p99, max) and over every token, asked together
+AD_BUCKET = (*QUANTILES, 1.0)
+AD_MERGED = (0.99,)
 _LOG_BAND = math.log(M.RATIO_BAND[1])  # |delta| above it: r outside [1/2, 2]
 
 
@@ -669,6 +672,10 @@ class Aggregates:
 
     def abs_delta_quantile(self, q: Sequence[float] | float) -> np.ndarray:
         """Quantiles of |delta| over every finite token. [Q]"""
+        q = np.atleast_1d(np.asarray(q, dtype=np.float64))
+        if set(q.tolist()) <= set(AD_MERGED):  # what the report reads: one computation
+            every = self.q_ad.quantiles(AD_BUCKET, AD_MERGED)[1]
+            return every[[AD_MERGED.index(v) for v in q.tolist()]]
         return self.q_ad.quantile_merged(q)
 
     def buckets(self) -> pd.DataFrame:
@@ -698,7 +705,7 @@ class Aggregates:
                 above1 = env.by_bucket["first_order"][:nb] / count
         else:  # no eps: no envelope, not "nothing above it"
             above = above1 = np.full(nb, np.nan)
-        qs = self.q_ad.quantile((*QUANTILES, 1.0))[:nb]  # [B, 4]: p50, p90, p99, max
+        qs = self.q_ad.quantiles(AD_BUCKET, AD_MERGED)[0][:nb]  # [B, 4]: p50, p90, p99, max
         total_ad = float(sum_ad.sum())
         n_fin = max(self.num_finite, 1)
         return pd.DataFrame(
@@ -878,7 +885,7 @@ class Aggregates:
         rows: dict[str, Any] = {"lo": e[:-1], "hi": e[1:], "count": self.rows_bucket[:nb]}
         for c, acc in self.coarse.items():
             n = int(acc.n.sum())
-            q = acc.q.quantile_merged((*COARSE_QUANTILES, 1.0))  # over every bucket
+            per, q = acc.q.quantiles(COARSE_QUANTILES, (*COARSE_QUANTILES, 1.0))  # [G, 2], [3]
             overall[c] = {
                 "count": n,
                 "num_infinite": int(acc.n_inf.sum()),
@@ -889,7 +896,7 @@ class Aggregates:
             }
             with np.errstate(invalid="ignore", divide="ignore"):
                 rows[f"{c}_mean"] = acc.sum[:nb] / acc.n[:nb]
-            qs = acc.q.quantile(COARSE_QUANTILES)[:nb]  # [B, 2]
+            qs = per[:nb]  # [B, 2]
             rows[f"{c}_p90"], rows[f"{c}_p99"] = qs[:, 0], qs[:, 1]
             rows[f"{c}_num_infinite"] = acc.n_inf[:nb]
         return {"columns": list(self.coarse), "overall": overall, "buckets": pd.DataFrame(rows)}

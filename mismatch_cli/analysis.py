@@ -253,23 +253,29 @@ class GroupAccumulator:
             self._sums = np.concatenate([self._sums, np.zeros((7, grow))], axis=1)
         G = self._sums.shape[1]
         has = codes >= 0  # [n]
-        g = np.where(has, lut[np.maximum(codes, 0)] if lut.size else 0, -1)  # [n] global group
+        every = bool(has.all())
+        if lut.size and not np.array_equal(lut, np.arange(lut.size)):
+            codes = lut[np.maximum(codes, 0)]
+        g = (codes if every else np.where(has, codes, -1)).astype(np.intp, copy=False)  # [n]
         gf = b.finite(g)  # [m]
-        ok = gf >= 0
-        gf, d, k3 = gf[ok], b.delta[ok], b.k3[ok]  # [m'] finite tokens with a key
-        ad = np.abs(d)
-        tail = b.p[ok] < self.tail
+        if every:  # no row lacks a key (positions always have one): no copies
+            d, k3, p = b.delta, b.k3, b.p
+        else:
+            ok = gf >= 0
+            gf, d, k3, p = gf[ok], b.delta[ok], b.k3[ok], b.p[ok]  # [m'] with a key
+        ad = b.ad if every else np.abs(d)
+        tail = p < self.tail
         out = ad > math.log(M.RATIO_BAND[1])  # r = exp(-delta) outside [1/2, 2]
         s = self._sums
-        s[0] += np.bincount(g[has], minlength=G)
+        s[0] += np.bincount(g if every else g[has], minlength=G)
         s[1] += np.bincount(gf, minlength=G)
         s[2] += np.bincount(gf, weights=ad, minlength=G)
         s[3] += np.bincount(gf, weights=d, minlength=G)
         s[4] += np.bincount(gf, weights=k3, minlength=G)
-        s[5] += np.bincount(gf[tail], weights=ad[tail], minlength=G)
-        s[6] += np.bincount(gf[out], minlength=G)
+        s[5] += np.bincount(gf, weights=np.where(tail, ad, 0.0), minlength=G)
+        s[6] += np.bincount(gf, weights=out, minlength=G)
         assert b.seq is not None
-        pairs = g[has] * self._S + b.seq[has]  # [n'] rows are grouped: keep the changes
+        pairs = g * self._S + b.seq if every else g[has] * self._S + b.seq[has]  # [n']
         if pairs.size:
             self._pairs.append(np.unique(pairs[np.r_[True, pairs[1:] != pairs[:-1]]]))
 
