@@ -40,7 +40,7 @@ import numpy as np
 DEFAULT_ALPHA = 0.005
 MIN_VALUE = 1e-30
 MAX_VALUE = 1e10
-EXACT_LIMIT = 1 << 24  # values kept for exact quantiles; beyond, the sketch
+EXACT_LIMIT = 1 << 20  # values kept for exact quantiles (cheap to partition); beyond, the sketch
 
 
 def sketch_label(exact: bool, alpha: float = DEFAULT_ALPHA) -> str:
