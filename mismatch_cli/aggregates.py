@@ -7,9 +7,12 @@ accumulator); the aggregates are counts, float64 sums, means and squared deviati
 batch by batch (`Moments`, Chan et al.), bincounts per probability bucket, per-sequence
 partial sums in S-sized arrays (a sequence split across batches is summed in parts), and
 quantiles from `quantiles.QuantileAccumulator` (exact while at most `exact_limit` values
-were added, the mergeable sketch beyond: relative error <= 0.5%). A first pass reads seq_id
-and eps_hat (the envelope counts need eps); a run without eps_hat gets a third, short pass
-for them. Every statistic is exact (equal to an in-memory computation up to the order of
+were added, the mergeable sketch beyond: relative error <= 0.5%). One pass: the sequences
+are added as batches bring them (`Aggregates.add_sequences`; a first pass over seq_id only
+for `flag_infinite` or an extra that `needs_sequences`); eps (q0.99 of eps_hat, or of the
+eps needed without it) is learnt in the same pass, and the envelope counts at it come from
+the candidates kept in it (`EnvelopeCandidates`), with a pass of their own only when those
+fall short. Every statistic is exact (equal to an in-memory computation up to the order of
 float additions) except quantiles beyond the exact limit. Extras (`Extra`: the figures'
 histograms, `analysis.GroupAccumulator`) see every batch of the second pass.
 Conventions: `analysis` (module doc). Importing this module does not import torch.
@@ -421,8 +424,11 @@ def quantile_with_inf(acc: QuantileAccumulator, q: float, num_inf: int) -> float
 
 
 class Extra(Protocol):
-    """What a `scan` can feed besides the report: `columns` it reads, `start(agg)` after the
-    first pass (sequence index, flags), `add(batch)` for each batch of the main pass."""
+    """What a `scan` can feed besides the report: `columns` it reads, `start(agg)` before
+    the main pass, `add(batch)` for each batch of it. An extra that sizes arrays by the
+    sequences in `start` sets `needs_sequences = True`: the scan then lists them in a
+    first pass (otherwise the sequence index grows as the batches come, and `batch.seq`
+    numbers a sequence by its place among those seen so far)."""
 
     columns: tuple[str, ...]
 
@@ -535,6 +541,35 @@ class Aggregates:
         for name in self._PER_SEQUENCE:
             a = getattr(self, name)
             setattr(self, name, np.concatenate([a, np.zeros(ids.size, a.dtype)]))
+        self._forget()
+
+    def add_sequences(self, ids: np.ndarray) -> None:
+        """Make room for the sequences `ids` (distinct, sorted) in the per-sequence arrays,
+        for `scan`'s one-pass mode: appended when they come after the current ones (the
+        writers' order: a batch's first sequence may continue the last one), else merged
+        in (the arrays re-spread: a table in another order costs a copy per batch)."""
+        ids = np.asarray(ids)
+        have = self.seq_ids
+        if not ids.size:
+            return
+        if not have.size or ids[0] > have[-1]:
+            self.extend_sequences(ids)
+            return
+        new = ids[ids > have[-1]]
+        old = ids[ids <= have[-1]]
+        at = np.minimum(np.searchsorted(have, old), have.size - 1)
+        if bool(np.all(have[at] == old)):  # only the new ones are new
+            if new.size:
+                self.extend_sequences(new)
+            return
+        merged = np.union1d(have, ids)
+        where = np.searchsorted(merged, have)  # [S_old] each old sequence's new index
+        for name in self._PER_SEQUENCE:
+            a = getattr(self, name)
+            b = np.zeros(merged.size, a.dtype)
+            b[where] = a
+            setattr(self, name, b)
+        self.seq_ids = merged
         self._forget()
 
     def _forget(self) -> None:
@@ -947,30 +982,24 @@ def scan(
     extras: Sequence[Extra] = (),
     flag_infinite: bool = False,
 ) -> Aggregates:
-    """Aggregate a token table in streamed passes (module doc): (1) seq_id and eps_hat:
-    the sequence index and the eps estimate (also delta / kept_train when
-    `flag_infinite`: which sequences hold an infinite delta, `Aggregates.seq_infinite`);
-    (2) everything else, each batch also handed to `extras`; (3) only for a run without
-    eps_hat and no `eps`: the envelope counts at the eps learnt in (2)."""
+    """Aggregate a token table in streamed passes (module doc): (1) only for
+    `flag_infinite` (which sequences hold an infinite delta, `Aggregates.seq_infinite`) or
+    an extra that `needs_sequences`: seq_id (and delta / kept_train), the sequence index;
+    (2) every column, eps_hat included, each batch also handed to `extras`, the sequences
+    added as they come unless (1) listed them; eps (unless given) is learnt from it, and
+    the envelope counts at eps come from its candidates; (3) only when those fall short
+    (eps below their floor, too many of them): the envelope counts in a pass of their own."""
     have = set(src.columns)
     kept = ["kept_train"] if "kept_train" in have else []
-    first = ["seq_id", *(["delta", *kept] if flag_infinite else [])]
-    parts, infinite = [], []
-    for rows in _batches(src, first):
-        sid = rows["seq_id"]
-        parts.append(distinct(sid))
-        if flag_infinite:
-            bad = ~Batch(rows, None, by, edges).fin
-            if bad.any():
-                infinite.append(distinct(sid[bad]))
-    index = SeqIndex.scan(parts)
     coarse = [c for c in COARSE_COLUMNS if c in have]
     eps_hat = QuantileAccumulator(1, exact_limit)
-    agg = Aggregates(edges, by, tail, index.ids, eps_hat, coarse, exact_limit)
-    if flag_infinite:
-        agg.seq_infinite = np.zeros(index.num, dtype=bool)
-        if infinite:
-            agg.seq_infinite[index.codes(np.unique(np.concatenate(infinite)))] = True
+    first_pass = flag_infinite or any(getattr(x, "needs_sequences", False) for x in extras)
+    if first_pass:
+        index, flags = _first_pass(src, by, edges, flag_infinite)
+        agg = Aggregates(edges, by, tail, index.ids, eps_hat, coarse, exact_limit)
+        agg.seq_infinite = flags
+    else:  # one pass: the sequences are added as the batches bring them
+        agg = Aggregates(edges, by, tail, np.empty(0, np.int64), eps_hat, coarse, exact_limit)
     if eps is not None:
         agg.set_eps(eps, "--eps")
     else:
@@ -980,7 +1009,10 @@ def scan(
     hat = ["eps_hat"] if "eps_hat" in have else []
     main = [*NEEDED_COLUMNS, *kept, *hat, *coarse, *(c for x in extras for c in x.columns)]
     for rows in _batches(src, main):
-        b = Batch(rows, index.codes(rows["seq_id"]), by, edges)
+        sid = rows["seq_id"]
+        if not first_pass:
+            agg.add_sequences(distinct(sid))
+        b = Batch(rows, SeqIndex(agg.seq_ids).codes(sid), by, edges)
         agg.add(b)
         for x in extras:
             x.add(b)
@@ -993,6 +1025,29 @@ def scan(
         if not counted:  # the candidates fell short: the counts in a pass of their own
             agg.count_envelopes(_batches(src, ["delta", f"p_{by}", *kept]))
     return agg
+
+
+def _first_pass(
+    src: TokenBatches, by: str, edges: np.ndarray, flag_infinite: bool
+) -> tuple[SeqIndex, np.ndarray | None]:
+    """seq_id (and, when `flag_infinite`, delta / kept_train): the sequence index [S] and
+    which sequences hold an infinite delta ([S] bool; None unless flagged)."""
+    kept = ["kept_train"] if "kept_train" in src.columns else []
+    parts, infinite = [], []
+    for rows in _batches(src, ["seq_id", *(["delta", *kept] if flag_infinite else [])]):
+        sid = rows["seq_id"]
+        parts.append(distinct(sid))
+        if flag_infinite:
+            bad = ~Batch(rows, None, by, edges).fin
+            if bad.any():
+                infinite.append(distinct(sid[bad]))
+    index = SeqIndex.scan(parts)
+    if not flag_infinite:
+        return index, None
+    flags = np.zeros(index.num, dtype=bool)
+    if infinite:
+        flags[index.codes(np.unique(np.concatenate(infinite)))] = True
+    return index, flags
 
 
 def scan_frame(
