@@ -7,9 +7,12 @@ accumulator); the aggregates are counts, float64 sums, means and squared deviati
 batch by batch (`Moments`, Chan et al.), bincounts per probability bucket, per-sequence
 partial sums in S-sized arrays (a sequence split across batches is summed in parts), and
 quantiles from `quantiles.QuantileAccumulator` (exact while at most `exact_limit` values
-were added, the mergeable sketch beyond: relative error <= 0.5%). A first pass reads seq_id
-and eps_hat (the envelope counts need eps); a run without eps_hat gets a third, short pass
-for them. Every statistic is exact (equal to an in-memory computation up to the order of
+were added, the mergeable sketch beyond: relative error <= 0.5%). One pass: the sequences
+are added as batches bring them (`Aggregates.add_sequences`; a first pass over seq_id only
+for `flag_infinite` or an extra that `needs_sequences`); eps (q0.99 of eps_hat, or of the
+eps needed without it) is learnt in the same pass, and the envelope counts at it come from
+the candidates kept in it (`EnvelopeCandidates`), with a pass of their own only when those
+fall short. Every statistic is exact (equal to an in-memory computation up to the order of
 float additions) except quantiles beyond the exact limit. Extras (`Extra`: the figures'
 histograms, `analysis.GroupAccumulator`) see every batch of the second pass.
 Conventions: `analysis` (module doc). Importing this module does not import torch.
@@ -60,6 +63,9 @@ NO_EPS_HAT_ESTIMATOR = (
     "(1 - p) shape, not an independent bound)"
 )
 COARSE_QUANTILES = (0.9, 0.99)
+# |delta|'s quantiles: per bucket (p50, p90, p99, max) and over every token, asked together
+AD_BUCKET = (*QUANTILES, 1.0)
+AD_MERGED = (0.99,)
 _LOG_BAND = math.log(M.RATIO_BAND[1])  # |delta| above it: r outside [1/2, 2]
 
 
@@ -305,10 +311,14 @@ class EnvelopeCounts:
         self.by_bucket = {k: np.zeros(num_buckets + 1, np.int64) for k in ENVELOPES[:2]}
 
     def add(self, b: Batch) -> None:
+        if b.m:
+            self.add_tokens(b.ad, b.x, b.bucket)
+
+    def add_tokens(self, ad: np.ndarray, x: np.ndarray, bucket: np.ndarray) -> None:
+        """Count finite tokens: |delta| [m], 1 - p [m], bucket [m]."""
         eps = self.eps
-        if not math.isfinite(eps) or not b.m:
+        if not math.isfinite(eps) or not ad.size:
             return
-        ad, x = b.ad, b.x  # [m]
         above = {
             "first_order": ad > theory.envelope_first_order(x, eps),
             "exact": ad > theory.envelope_exact(x, eps),
@@ -318,7 +328,63 @@ class EnvelopeCounts:
         for k, mask in above.items():
             self.above[k] += int(np.count_nonzero(mask))
         for k, acc in self.by_bucket.items():
-            acc += np.bincount(b.bucket[above[k]], minlength=acc.size)
+            acc += np.bincount(bucket[above[k]], minlength=acc.size)
+
+
+# The first batch's own eps estimate times this is the floor of `EnvelopeCandidates`; the
+# candidates kept at most (|delta|, 1 - p, bucket: 17 bytes each, ~140 MB).
+FLOOR_SHARE = 0.5
+CANDIDATE_LIMIT = 1 << 23
+
+
+class EnvelopeCandidates:
+    """The envelope counts in the main pass although eps is learnt from that same pass (the
+    q0.99 of eps_hat, or of the eps needed without eps_hat): the finite tokens that could
+    lie above an envelope at ANY eps >= `floor` are kept as (|delta|, 1 - p, bucket) and
+    counted by `EnvelopeCounts` once eps is known, with the very same comparisons, so the
+    counts are those of a pass at that eps, exactly.
+
+    A token is a candidate unless |delta| <= 2 floor' min(1 - p, 1), floor' = floor (1 -
+    1e-6): the first-order envelope is the lowest of the four for 1 - p in [0, 1] (exact
+    >= first order by concavity, weak >= exact, 2 eps >= exact), every envelope grows with
+    eps, and the margin absorbs their rounding. `floor` is FLOOR_SHARE of the first batch's
+    own estimate. `complete(eps)` is False when the counts need a pass of their own after
+    all: eps fell below the floor, or more than `limit` tokens were candidates."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.floor: float | None = None
+        self.limit = CANDIDATE_LIMIT if limit is None else int(limit)
+        self.overflow = False
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._n = 0
+
+    def add(self, b: Batch, guess: float) -> None:
+        """Keep the batch's candidates; `guess`: this batch's own eps estimate (first batch)."""
+        if self.overflow or not b.m:
+            return
+        if self.floor is None:
+            self.floor = FLOOR_SHARE * guess if math.isfinite(guess) and guess > 0 else 0.0
+        line = 2.0 * (self.floor * (1.0 - 1e-6)) * np.minimum(b.x, 1.0)  # [m]
+        keep = ~(b.ad <= line)  # NaN 1 - p is kept too
+        k = int(np.count_nonzero(keep))
+        if not k:
+            return
+        self._n += k
+        if self._n > self.limit:
+            self.overflow, self._parts = True, []
+            return
+        self._parts.append((b.ad[keep], b.x[keep], b.bucket[keep]))
+
+    def complete(self, eps: float) -> bool:
+        """Do the candidates hold every token above an envelope at eps?"""
+        if self.overflow:
+            return False
+        return self.floor is None or not math.isfinite(eps) or eps >= self.floor
+
+    def count(self, env: EnvelopeCounts) -> None:
+        """Add the candidates into `env` (eps set, `complete(env.eps)` True)."""
+        for ad, x, bucket in self._parts:
+            env.add_tokens(ad, x, bucket)
 
 
 class _Coarse:
@@ -358,8 +424,11 @@ def quantile_with_inf(acc: QuantileAccumulator, q: float, num_inf: int) -> float
 
 
 class Extra(Protocol):
-    """What a `scan` can feed besides the report: `columns` it reads, `start(agg)` after the
-    first pass (sequence index, flags), `add(batch)` for each batch of the main pass."""
+    """What a `scan` can feed besides the report: `columns` it reads, `start(agg)` before
+    the main pass, `add(batch)` for each batch of it. An extra that sizes arrays by the
+    sequences in `start` sets `needs_sequences = True`: the scan then lists them in a
+    first pass (otherwise the sequence index grows as the batches come, and `batch.seq`
+    numbers a sequence by its place among those seen so far)."""
 
     columns: tuple[str, ...]
 
@@ -392,6 +461,7 @@ class Aggregates:
         self.eps: float | None = None
         self.eps_estimator = ""
         self.envelope: EnvelopeCounts | None = None
+        self.candidates: EnvelopeCandidates | None = None  # eps learnt in the main pass
         self.seq_infinite: np.ndarray | None = None  # [S] bool, from the first pass if asked
         self.exact_limit = exact_limit
         self.num_tokens = 0
@@ -425,10 +495,36 @@ class Aggregates:
 
     # ------------------------------------------------------------------ accumulation
 
-    def set_eps(self, eps: float, estimator: str) -> None:
-        """The eps of the envelopes (before the main pass, or before `count_envelopes`)."""
+    def set_eps(self, eps: float, estimator: str) -> bool:
+        """The eps of the envelopes: before the main pass, or after it when the envelope
+        counts were deferred (`defer_envelopes`). False when they still need a pass of
+        their own (`count_envelopes`)."""
         self.eps, self.eps_estimator = float(eps), estimator
         self.envelope = EnvelopeCounts(eps, self.nb)
+        cand, self.candidates = self.candidates, None
+        if cand is None:
+            return True
+        if not cand.complete(self.eps):
+            return False
+        cand.count(self.envelope)
+        return True
+
+    def defer_envelopes(self, limit: int | None = None) -> None:
+        """Count the envelopes at an eps learnt from the main pass itself (`set_eps` after
+        it), from the candidates kept as the batches come (`EnvelopeCandidates`)."""
+        self.candidates = EnvelopeCandidates(limit)
+
+    def _guess_eps(self, b: Batch) -> float:
+        """A batch's own eps estimate: q0.99 of its eps_hat, else of the eps it needs."""
+        v = b.rows.get("eps_hat")
+        if v is not None:
+            v = np.asarray(v, dtype=np.float64)
+            v = v[np.isfinite(v)]
+            if v.size:
+                return float(np.quantile(v, theory.EPS_QUANTILE))
+        cover = theory.eps_to_cover(b.ad, b.x)
+        cover = cover[np.isfinite(cover)]
+        return float(np.quantile(cover, theory.EPS_QUANTILE)) if cover.size else math.nan
 
     _PER_SEQUENCE = (
         "seq_n", "seq_n_fin", "seq_sum_d", "seq_sum_ad", "seq_sum_x", "seq_tail_n", "seq_tail_d"
@@ -445,6 +541,35 @@ class Aggregates:
         for name in self._PER_SEQUENCE:
             a = getattr(self, name)
             setattr(self, name, np.concatenate([a, np.zeros(ids.size, a.dtype)]))
+        self._forget()
+
+    def add_sequences(self, ids: np.ndarray) -> None:
+        """Make room for the sequences `ids` (distinct, sorted) in the per-sequence arrays,
+        for `scan`'s one-pass mode: appended when they come after the current ones (the
+        writers' order: a batch's first sequence may continue the last one), else merged
+        in (the arrays re-spread: a table in another order costs a copy per batch)."""
+        ids = np.asarray(ids)
+        have = self.seq_ids
+        if not ids.size:
+            return
+        if not have.size or ids[0] > have[-1]:
+            self.extend_sequences(ids)
+            return
+        new = ids[ids > have[-1]]
+        old = ids[ids <= have[-1]]
+        at = np.minimum(np.searchsorted(have, old), have.size - 1)
+        if bool(np.all(have[at] == old)):  # only the new ones are new
+            if new.size:
+                self.extend_sequences(new)
+            return
+        merged = np.union1d(have, ids)
+        where = np.searchsorted(merged, have)  # [S_old] each old sequence's new index
+        for name in self._PER_SEQUENCE:
+            a = getattr(self, name)
+            b = np.zeros(merged.size, a.dtype)
+            b[where] = a
+            setattr(self, name, b)
+        self.seq_ids = merged
         self._forget()
 
     def _forget(self) -> None:
@@ -466,10 +591,15 @@ class Aggregates:
             self.rows_bucket += np.bincount(b.bucket_all, minlength=nb1)
             for c, acc in self.coarse.items():
                 acc.add(b.column(c), b.bucket_all)
+        if "eps_hat" in b.rows:
+            self.eps_hat_acc.add(b.rows["eps_hat"])  # every row; NaN (imports) ignored
         if b.m:
             self._add_finite(b)
         if self.envelope is not None:
             self.envelope.add(b)
+        elif self.candidates is not None:
+            c = self.candidates
+            c.add(b, self._guess_eps(b) if c.floor is None and b.m else math.nan)
         self._forget()
 
     def _add_finite(self, b: Batch) -> None:
@@ -577,6 +707,10 @@ class Aggregates:
 
     def abs_delta_quantile(self, q: Sequence[float] | float) -> np.ndarray:
         """Quantiles of |delta| over every finite token. [Q]"""
+        q = np.atleast_1d(np.asarray(q, dtype=np.float64))
+        if set(q.tolist()) <= set(AD_MERGED):  # what the report reads: one computation
+            every = self.q_ad.quantiles(AD_BUCKET, AD_MERGED)[1]
+            return every[[AD_MERGED.index(v) for v in q.tolist()]]
         return self.q_ad.quantile_merged(q)
 
     def buckets(self) -> pd.DataFrame:
@@ -606,7 +740,7 @@ class Aggregates:
                 above1 = env.by_bucket["first_order"][:nb] / count
         else:  # no eps: no envelope, not "nothing above it"
             above = above1 = np.full(nb, np.nan)
-        qs = self.q_ad.quantile((*QUANTILES, 1.0))[:nb]  # [B, 4]: p50, p90, p99, max
+        qs = self.q_ad.quantiles(AD_BUCKET, AD_MERGED)[0][:nb]  # [B, 4]: p50, p90, p99, max
         total_ad = float(sum_ad.sum())
         n_fin = max(self.num_finite, 1)
         return pd.DataFrame(
@@ -786,7 +920,7 @@ class Aggregates:
         rows: dict[str, Any] = {"lo": e[:-1], "hi": e[1:], "count": self.rows_bucket[:nb]}
         for c, acc in self.coarse.items():
             n = int(acc.n.sum())
-            q = acc.q.quantile_merged((*COARSE_QUANTILES, 1.0))  # over every bucket
+            per, q = acc.q.quantiles(COARSE_QUANTILES, (*COARSE_QUANTILES, 1.0))  # [G, 2], [3]
             overall[c] = {
                 "count": n,
                 "num_infinite": int(acc.n_inf.sum()),
@@ -797,7 +931,7 @@ class Aggregates:
             }
             with np.errstate(invalid="ignore", divide="ignore"):
                 rows[f"{c}_mean"] = acc.sum[:nb] / acc.n[:nb]
-            qs = acc.q.quantile(COARSE_QUANTILES)[:nb]  # [B, 2]
+            qs = per[:nb]  # [B, 2]
             rows[f"{c}_p90"], rows[f"{c}_p99"] = qs[:, 0], qs[:, 1]
             rows[f"{c}_num_infinite"] = acc.n_inf[:nb]
         return {"columns": list(self.coarse), "overall": overall, "buckets": pd.DataFrame(rows)}
@@ -848,50 +982,72 @@ def scan(
     extras: Sequence[Extra] = (),
     flag_infinite: bool = False,
 ) -> Aggregates:
-    """Aggregate a token table in streamed passes (module doc): (1) seq_id and eps_hat:
-    the sequence index and the eps estimate (also delta / kept_train when
-    `flag_infinite`: which sequences hold an infinite delta, `Aggregates.seq_infinite`);
-    (2) everything else, each batch also handed to `extras`; (3) only for a run without
-    eps_hat and no `eps`: the envelope counts at the eps learnt in (2)."""
+    """Aggregate a token table in streamed passes (module doc): (1) only for
+    `flag_infinite` (which sequences hold an infinite delta, `Aggregates.seq_infinite`) or
+    an extra that `needs_sequences`: seq_id (and delta / kept_train), the sequence index;
+    (2) every column, eps_hat included, each batch also handed to `extras`, the sequences
+    added as they come unless (1) listed them; eps (unless given) is learnt from it, and
+    the envelope counts at eps come from its candidates; (3) only when those fall short
+    (eps below their floor, too many of them): the envelope counts in a pass of their own."""
     have = set(src.columns)
     kept = ["kept_train"] if "kept_train" in have else []
-    first = ["seq_id", "eps_hat", *(["delta", *kept] if flag_infinite else [])]
-    parts, infinite = [], []
+    coarse = [c for c in COARSE_COLUMNS if c in have]
     eps_hat = QuantileAccumulator(1, exact_limit)
-    for rows in _batches(src, first):
+    first_pass = flag_infinite or any(getattr(x, "needs_sequences", False) for x in extras)
+    if first_pass:
+        index, flags = _first_pass(src, by, edges, flag_infinite)
+        agg = Aggregates(edges, by, tail, index.ids, eps_hat, coarse, exact_limit)
+        agg.seq_infinite = flags
+    else:  # one pass: the sequences are added as the batches bring them
+        agg = Aggregates(edges, by, tail, np.empty(0, np.int64), eps_hat, coarse, exact_limit)
+    if eps is not None:
+        agg.set_eps(eps, "--eps")
+    else:
+        agg.defer_envelopes()
+    for x in extras:
+        x.start(agg)
+    hat = ["eps_hat"] if "eps_hat" in have else []
+    main = [*NEEDED_COLUMNS, *kept, *hat, *coarse, *(c for x in extras for c in x.columns)]
+    for rows in _batches(src, main):
+        sid = rows["seq_id"]
+        if not first_pass:
+            agg.add_sequences(distinct(sid))
+        b = Batch(rows, SeqIndex(agg.seq_ids).codes(sid), by, edges)
+        agg.add(b)
+        for x in extras:
+            x.add(b)
+    if agg.eps is None:  # eps from this pass: q0.99 of eps_hat, else of the eps needed
+        eps_data, _ = agg.eps_hat()
+        if math.isfinite(eps_data):
+            counted = agg.set_eps(eps_data, theory.eps_estimator_name())
+        else:
+            counted = agg.set_eps(agg.eps_needed(0.99), NO_EPS_HAT_ESTIMATOR)
+        if not counted:  # the candidates fell short: the counts in a pass of their own
+            agg.count_envelopes(_batches(src, ["delta", f"p_{by}", *kept]))
+    return agg
+
+
+def _first_pass(
+    src: TokenBatches, by: str, edges: np.ndarray, flag_infinite: bool
+) -> tuple[SeqIndex, np.ndarray | None]:
+    """seq_id (and, when `flag_infinite`, delta / kept_train): the sequence index [S] and
+    which sequences hold an infinite delta ([S] bool; None unless flagged)."""
+    kept = ["kept_train"] if "kept_train" in src.columns else []
+    parts, infinite = [], []
+    for rows in _batches(src, ["seq_id", *(["delta", *kept] if flag_infinite else [])]):
         sid = rows["seq_id"]
         parts.append(distinct(sid))
-        if "eps_hat" in rows:
-            eps_hat.add(rows["eps_hat"])  # NaN (imports) ignored
         if flag_infinite:
             bad = ~Batch(rows, None, by, edges).fin
             if bad.any():
                 infinite.append(distinct(sid[bad]))
     index = SeqIndex.scan(parts)
-    coarse = [c for c in COARSE_COLUMNS if c in have]
-    agg = Aggregates(edges, by, tail, index.ids, eps_hat, coarse, exact_limit)
-    if flag_infinite:
-        agg.seq_infinite = np.zeros(index.num, dtype=bool)
-        if infinite:
-            agg.seq_infinite[index.codes(np.unique(np.concatenate(infinite)))] = True
-    eps_data, _ = agg.eps_hat()
-    if eps is not None:
-        agg.set_eps(eps, "--eps")
-    elif math.isfinite(eps_data):
-        agg.set_eps(eps_data, theory.eps_estimator_name())
-    for x in extras:
-        x.start(agg)
-    main = [*NEEDED_COLUMNS, *kept, *coarse, *(c for x in extras for c in x.columns)]
-    for rows in _batches(src, main):
-        b = Batch(rows, index.codes(rows["seq_id"]), by, edges)
-        agg.add(b)
-        for x in extras:
-            x.add(b)
-    if agg.eps is None:  # no eps_hat: q0.99 of the eps needed, then the envelope counts
-        agg.set_eps(agg.eps_needed(0.99), NO_EPS_HAT_ESTIMATOR)
-        if math.isfinite(agg.eps or math.nan):
-            agg.count_envelopes(_batches(src, ["delta", f"p_{by}", *kept]))
-    return agg
+    if not flag_infinite:
+        return index, None
+    flags = np.zeros(index.num, dtype=bool)
+    if infinite:
+        flags[index.codes(np.unique(np.concatenate(infinite)))] = True
+    return index, flags
 
 
 def scan_frame(

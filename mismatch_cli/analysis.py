@@ -230,11 +230,10 @@ class GroupAccumulator:
         self._index: dict[Any, int] = {}
         self._values: list[Any] = []
         self._sums = np.zeros((7, 0))  # [7, G]: n_tok n_fin sum_ad sum_d sum_k3 tail_ad n_out
-        self._pairs: list[np.ndarray] = []  # group * S + sequence, distinct per batch
-        self._S = 1
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] = []  # (group, seq_id), per batch
 
     def start(self, agg: Aggregates) -> None:
-        self._S = max(agg.num_sequences, 1)
+        pass
 
     def _keys(self, b: Batch) -> tuple[np.ndarray, list[Any]] | None:
         """The batch's rows as codes [n] into its distinct key values (-1 where null)."""
@@ -253,33 +252,42 @@ class GroupAccumulator:
             self._sums = np.concatenate([self._sums, np.zeros((7, grow))], axis=1)
         G = self._sums.shape[1]
         has = codes >= 0  # [n]
-        g = np.where(has, lut[np.maximum(codes, 0)] if lut.size else 0, -1)  # [n] global group
+        every = bool(has.all())
+        if lut.size and not np.array_equal(lut, np.arange(lut.size)):
+            codes = lut[np.maximum(codes, 0)]
+        g = (codes if every else np.where(has, codes, -1)).astype(np.intp, copy=False)  # [n]
         gf = b.finite(g)  # [m]
-        ok = gf >= 0
-        gf, d, k3 = gf[ok], b.delta[ok], b.k3[ok]  # [m'] finite tokens with a key
-        ad = np.abs(d)
-        tail = b.p[ok] < self.tail
+        if every:  # no row lacks a key (positions always have one): no copies
+            d, k3, p = b.delta, b.k3, b.p
+        else:
+            ok = gf >= 0
+            gf, d, k3, p = gf[ok], b.delta[ok], b.k3[ok], b.p[ok]  # [m'] with a key
+        ad = b.ad if every else np.abs(d)
+        tail = p < self.tail
         out = ad > math.log(M.RATIO_BAND[1])  # r = exp(-delta) outside [1/2, 2]
         s = self._sums
-        s[0] += np.bincount(g[has], minlength=G)
+        s[0] += np.bincount(g if every else g[has], minlength=G)
         s[1] += np.bincount(gf, minlength=G)
         s[2] += np.bincount(gf, weights=ad, minlength=G)
         s[3] += np.bincount(gf, weights=d, minlength=G)
         s[4] += np.bincount(gf, weights=k3, minlength=G)
-        s[5] += np.bincount(gf[tail], weights=ad[tail], minlength=G)
-        s[6] += np.bincount(gf[out], minlength=G)
-        assert b.seq is not None
-        pairs = g[has] * self._S + b.seq[has]  # [n'] rows are grouped: keep the changes
-        if pairs.size:
-            self._pairs.append(np.unique(pairs[np.r_[True, pairs[1:] != pairs[:-1]]]))
+        s[5] += np.bincount(gf, weights=np.where(tail, ad, 0.0), minlength=G)
+        s[6] += np.bincount(gf, weights=out, minlength=G)
+        sid = np.asarray(b.rows["seq_id"])  # a sequence by its id: the index may grow
+        pg, ps = (g, sid) if every else (g[has], sid[has])  # [n']
+        if pg.size:  # rows are grouped: keep the changes, then the distinct pairs
+            c = np.r_[True, (pg[1:] != pg[:-1]) | (ps[1:] != ps[:-1])]
+            self._pairs.append(_distinct_pairs(pg[c], ps[c]))
 
     def result(self) -> list[dict[str, Any]]:
         """`group_metrics`' rows, ascending by key value."""
         G = len(self._values)
         if not G:
             return []
-        pairs = np.unique(np.concatenate(self._pairs)) if self._pairs else np.empty(0, np.int64)
-        n_seq = np.bincount(pairs // self._S, minlength=G)
+        n_seq = np.zeros(G, np.int64)
+        if self._pairs:
+            pg, _ = _distinct_pairs(*(np.concatenate(a) for a in zip(*self._pairs, strict=True)))
+            n_seq = np.bincount(pg, minlength=G)
         n_tok, n_fin, sum_ad, sum_d, sum_k3, tail_ad, n_out = self._sums
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_ad, mean_d, k3 = sum_ad / n_fin, sum_d / n_fin, sum_k3 / n_fin
@@ -299,6 +307,14 @@ class GroupAccumulator:
             }
             for g in order
         ]
+
+
+def _distinct_pairs(g: np.ndarray, sid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (group, seq_id) pairs of g [k], sid [k]: ([u], [u])."""
+    order = np.lexsort((sid, g))
+    g, sid = g[order], sid[order]
+    keep = np.r_[True, (g[1:] != g[:-1]) | (sid[1:] != sid[:-1])]
+    return g[keep], sid[keep]
 
 
 class PositionAccumulator(GroupAccumulator):

@@ -44,7 +44,22 @@ def quiet_third_party() -> None:
         logging.getLogger("vllm").setLevel(level)
 
 
+# The commands that stream a token table through numpy: their BLAS calls are 1-D dot
+# products of one batch, which OpenBLAS's threads make slower (up to 5x on two busy cores)
+# and which would compete with the reader thread (tokens.prefetch).
+STREAMING_COMMANDS = ("report", "plot", "compare", "sweep-threshold", "corrections")
+
+
+def single_thread_blas(argv: list[str]) -> None:
+    """One OpenBLAS thread for a streaming command (unless the user set one): read by
+    numpy when it loads, so it runs before any command module is imported. Engines
+    (measure, rescore, diagnose) keep their threads."""
+    if len(argv) > 1 and argv[1] in STREAMING_COMMANDS and "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 quiet_third_party()
+single_thread_blas(sys.argv)
 
 app = typer.Typer(
     name="mismatch",

@@ -31,7 +31,11 @@ def position_labels(edges: Sequence[int] = POSITION_EDGES) -> list[str]:
 
 def position_bucket(pos: np.ndarray, edges: Sequence[int] = POSITION_EDGES) -> np.ndarray:
     """Bucket index [n] of 0-based positions [n] (0 for position 0-63, ...)."""
-    return np.searchsorted(np.asarray(edges[1:]), np.asarray(pos), side="right")
+    pos = np.asarray(pos)
+    out = np.zeros(pos.shape, dtype=np.intp)
+    for e in edges[1:]:  # a comparison per edge (a handful), never a loop over tokens
+        out += pos >= e
+    return out
 
 
 __all__ = ["POSITION_EDGES", "position_bucket", "position_labels"]

@@ -40,7 +40,7 @@ import numpy as np
 DEFAULT_ALPHA = 0.005
 MIN_VALUE = 1e-30
 MAX_VALUE = 1e10
-EXACT_LIMIT = 1 << 24  # values kept for exact quantiles; beyond, the sketch
+EXACT_LIMIT = 1 << 20  # values kept for exact quantiles (cheap to partition); beyond, the sketch
 
 
 def sketch_label(exact: bool, alpha: float = DEFAULT_ALPHA) -> str:
@@ -267,22 +267,45 @@ class QuantileAccumulator(_ExactThenSketch):
 
     def quantile(self, qs: Sequence[float] | float) -> np.ndarray:
         """numpy's linear quantiles per group, [G, Q] (NaN for an empty group)."""
-        if self.sketch is not None:
-            return self.sketch.quantile(qs)
+        return self.quantiles(qs)[0]
+
+    def quantiles(
+        self, qs: Sequence[float] | float, merged: Sequence[float] = ()
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """numpy's linear quantiles `qs` per group [G, Q] (NaN for an empty group) and
+        `merged` of every group's values together [Q'], from one copy of the kept values
+        (the exact mode's cost is that copy and the partitions: no sort of the values).
+        Read again with no value added in between, they are not computed again."""
         q = np.atleast_1d(np.asarray(qs, dtype=np.float64))
+        qm = np.atleast_1d(np.asarray(merged, dtype=np.float64))
+        key = (self.count, q.tobytes(), qm.tobytes())
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            cache.clear()  # one entry: values were added since, or other quantiles asked
+            cache[key] = self._quantiles(q, qm)
+        per, all_ = cache[key]
+        return per.copy(), all_.copy()
+
+    def _quantiles(self, q: np.ndarray, qm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.sketch is not None:
+            every = self.sketch.union(np.arange(self.groups)).quantile(qm)[0] if qm.size else qm
+            return self.sketch.quantile(q), every
         out = np.full((self.groups, q.size), np.nan)
+        every = np.full(qm.size, np.nan)
         if not self._n:
-            return out
-        v, g = self._kept()
+            return out, every
+        v, g = self._kept()  # fresh arrays: partitioned in place below
         if self.groups == 1:
-            out[0] = np.quantile(v, q)
-            return out
+            both = np.quantile(v, np.r_[q, qm], overwrite_input=True)
+            return both[: q.size].reshape(1, -1), both[q.size :]
+        if qm.size:
+            every = np.quantile(v.copy(), qm, overwrite_input=True)
         order = np.argsort(g, kind="stable")  # a radix sort for small integer types
         v, counts = v[order], np.bincount(g, minlength=self.groups)
         ends = np.cumsum(counts)
         for k in np.flatnonzero(counts):  # a loop over groups, never over values
-            out[k] = np.quantile(v[ends[k] - counts[k] : ends[k]], q)
-        return out
+            out[k] = np.quantile(v[ends[k] - counts[k] : ends[k]], q, overwrite_input=True)
+        return out, every
 
     def quantile_merged(
         self, qs: Sequence[float] | float, select: Sequence[int] | None = None
@@ -290,13 +313,14 @@ class QuantileAccumulator(_ExactThenSketch):
         """numpy's linear quantiles of the union of the groups in `select` (None: all),
         [Q] (NaN if they hold no value): exact while exact, else from the merged sketch."""
         q = np.atleast_1d(np.asarray(qs, dtype=np.float64))
-        pick = np.arange(self.groups) if select is None else np.asarray(select, np.int64)
+        if select is None:
+            return self.quantiles((), q)[1]
+        pick = np.asarray(select, np.int64)
         if self.sketch is not None:
             return self.sketch.union(pick).quantile(q)[0]
         v, g = self._kept()
-        if select is not None:
-            v = v[np.isin(g, pick)]
-        return np.quantile(v, q) if v.size else np.full(q.size, np.nan)
+        v = v[np.isin(g, pick)]
+        return np.quantile(v, q, overwrite_input=True) if v.size else np.full(q.size, np.nan)
 
 
 class TopValues:

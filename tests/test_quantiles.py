@@ -86,3 +86,28 @@ def test_accumulator_is_exact_until_its_limit_then_within_one_percent() -> None:
         expect = np.quantile(x[g == k], QS)
         np.testing.assert_array_equal(small.quantile(QS)[k], expect)
         assert _rel_err(big.quantile(QS)[k], expect) <= 0.01
+
+
+@pytest.mark.parametrize("groups", [1, 5])
+def test_quantiles_asked_together_equal_each_alone_and_follow_new_values(groups: int) -> None:
+    """`quantiles(per_group, merged)` (one copy of the kept values, partitioned in place,
+    cached) gives exactly numpy's quantiles of each group and of all values; a value added
+    afterwards is seen (the cache is dropped), and the caller's arrays are its own."""
+    from mismatch_cli.quantiles import QuantileAccumulator
+
+    rng = np.random.default_rng(5)
+    v, g = rng.exponential(1.0, 3000), rng.integers(0, groups, 3000)
+    acc = QuantileAccumulator(groups)
+    acc.add(v[:2000], g[:2000])
+    qs, qm = (0.5, 0.9, 1.0), (0.99, 0.1)
+    for n in (2000, 3000):
+        per, every = acc.quantiles(qs, qm)
+        for k in range(groups):
+            np.testing.assert_array_equal(per[k], np.quantile(v[:n][g[:n] == k], qs))
+        np.testing.assert_array_equal(every, np.quantile(v[:n], qm))
+        np.testing.assert_array_equal(acc.quantile_merged(qm), every)
+        per[:] = -1.0  # the cached result is not the caller's array
+        np.testing.assert_array_equal(acc.quantiles(qs, qm)[0], acc.quantile(qs))
+        assert (acc.quantile(qs) >= 0).all()
+        if n == 2000:
+            acc.add(v[2000:], g[2000:])

@@ -112,6 +112,50 @@ def test_sketched_quantiles_stay_within_the_documented_error(run: Path) -> None:
     assert [p for p in differences(sk, whole, rel=0.01) if p not in text] == []
 
 
+@pytest.mark.parametrize("drop_eps_hat", [False, True])
+@pytest.mark.parametrize(
+    "floor_share, limit", [(0.5, 1 << 23), (0.0, 1 << 23), (1e6, 1 << 23), (0.5, 3)]
+)
+def test_envelopes_counted_in_the_main_pass_equal_a_pass_at_that_eps(
+    run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    drop_eps_hat: bool,
+    floor_share: float,
+    limit: int,
+) -> None:
+    """eps is learnt from the main pass (q0.99 of eps_hat, or of the eps needed without
+    it) and the envelope counts come from the candidates kept in that same pass: they
+    equal the counts of a scan told that eps beforehand, whether the candidates suffice
+    (floor below eps), or not (a floor above eps, more candidates than the limit) and a
+    pass of their own counts them; eps itself equals `theory.estimate_eps`."""
+    from mismatch_cli import aggregates as G
+    from mismatch_cli import theory
+
+    if drop_eps_hat:
+        tok = read_tokens(run).assign(eps_hat=np.nan)  # an import: no eps_hat
+        run = write_run(tmp_path / "no_eps_hat", tok, read_sequences(run), synthetic_meta())
+    monkeypatch.setattr(G, "FLOOR_SHARE", floor_share)
+    monkeypatch.setattr(G, "CANDIDATE_LIMIT", limit)
+    passes = []
+    real = G.Aggregates.count_envelopes
+    monkeypatch.setattr(
+        G.Aggregates, "count_envelopes", lambda self, b: (passes.append(1), real(self, b))
+    )
+    edges = G.parse_edges(None)
+    src = G.report_tokens(run, TINY)
+    one = G.scan(src, edges=edges)
+    assert one.eps is not None and math.isfinite(one.eps)
+    tok = read_tokens(run)
+    if not drop_eps_hat:
+        assert one.eps == theory.estimate_eps(tok["eps_hat"].to_numpy())
+    told = G.scan(G.report_tokens(run, TINY), edges=edges, eps=one.eps)
+    assert one.envelope_check() == told.envelope_check()
+    pd.testing.assert_frame_equal(one.buckets(), told.buckets())
+    assert sum(v["num_above"] for k, v in one.envelope_check().items() if k != "eps") > 0
+    assert len(passes) == (1 if floor_share > 1 or limit == 3 else 0)
+
+
 # --- compare.moved ----------------------------------------------------------------------------
 
 
@@ -287,3 +331,19 @@ def test_figure_data_in_tiny_batches_equal_numpy(run: Path) -> None:
         tiny.buckets.to_numpy(float), whole.buckets.to_numpy(float), rtol=1e-9, equal_nan=True
     )
     assert math.isclose(tiny.metrics["k3"], whole.metrics["k3"], rel_tol=1e-12)
+
+
+def test_report_of_rows_in_any_order_equals_the_sorted_table(run: Path, tmp_path: Path) -> None:
+    """The one-pass scan adds sequences as batches bring them: rows in another order (a
+    batch's sequences below ones already seen) are merged into the index, so the report
+    equals that of the table in the writers' order, to summation order, in any batching."""
+    tok = read_tokens(run)
+    shuffled = tok.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    assert not shuffled["seq_id"].is_monotonic_increasing
+    other = write_run(tmp_path / "shuffled", shuffled, read_sequences(run), synthetic_meta())
+    assert not read_tokens(other)["seq_id"].is_monotonic_increasing  # stored as shuffled
+    want = analyze(run, batch_rows=WHOLE)
+    for rows in (TINY, 100):
+        got = analyze(other, batch_rows=rows)
+        assert got["num_sequences"] == want["num_sequences"] == tok["seq_id"].nunique()
+        assert differences(got, want, rel=1e-9) == [".run.path"]

@@ -210,6 +210,7 @@ class PositionSums:
     continue across batches in order (writers store it so), else `ordered` is False."""
 
     columns: tuple[str, ...] = ("pos",)
+    needs_sequences = True  # S-sized arrays from `start`: the scan lists them first
 
     def __init__(self) -> None:
         self.n = np.zeros(0, np.int64)  # [T] sequences reaching position t
