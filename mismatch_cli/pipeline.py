@@ -328,6 +328,7 @@ class TrainSide:
     device_map: str | None = None  # accelerate's, to spread the model over devices
     max_memory: str | None = None  # per device, e.g. "0=70GiB,cpu=200GiB"
     memory: int | None = None  # --rescore-memory in bytes
+    numerics: Any = None  # rescore.TrainNumerics: head dtype, log-softmax dtype, layout, modes
 
     @classmethod
     def of(cls, cfg: MeasureConfig, model_path: str, device: Any) -> TrainSide:
@@ -396,6 +397,10 @@ def rescore_parts(
                 train.model_path, train.dtype, train.device, train.attn_implementation,
                 train.device_map, parse_max_memory(train.max_memory),
             )  # fmt: skip
+            if train.numerics is not None and train.numerics.head_fp32:
+                from .models import cast_head_fp32
+
+                cast_head_fp32(model)
     plan = plan_pass(model, sampling, train.memory, total, lambda m: prog.log(f"warning: {m}"))
     for i in todo:  # one part in memory at a time
         df = run.read_part(ROLLOUT, i)
@@ -419,6 +424,7 @@ def rescore_parts(
                 train.batch_tokens,
                 on_batch=lambda n: prog.advance("rescore", n),
                 plan=plan,
+                numerics=train.numerics,
             )
             tokens = _token_frame(df, scored)
         run.write_part(TOKENS, i, tokens)

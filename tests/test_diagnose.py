@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mismatch_cli import plots as P
-from mismatch_cli.diagnose import VARIANT_NAMES, parse_variants, summarize
+from mismatch_cli.diagnose import DEFAULT_VARIANTS, VARIANT_NAMES, parse_variants, summarize
 from mismatch_cli.errors import MismatchError
 from mismatch_cli.metrics import k3
 from mismatch_cli.runs import read_sequences, read_tokens, token_frame, write_run
@@ -42,7 +42,8 @@ def diag_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_parse_variants() -> None:
-    assert parse_variants(None) == list(VARIANT_NAMES)
+    assert parse_variants(None) == list(DEFAULT_VARIANTS)
+    assert parse_variants("all") == list(VARIANT_NAMES)
     assert parse_variants("null, batch-shape") == ["baseline", "batch-shape", "null"]
     with pytest.raises(MismatchError, match="unknown variant 'fp8'"):
         parse_variants("null,fp8")
