@@ -63,7 +63,9 @@ class Variant:
     `side`: which side it changes (`SIDES`); `runs_on`: where it can run (`RUNS_ON`);
     `needs`: a check of this machine and this vLLM build beyond `runs_on` (a library
     importable, a CPU feature), returning why not or None; `default`: in the set `diagnose`
-    runs without --variants / --all (the default set fits 15 minutes on a 2-core CPU)."""
+    runs without --variants / --all (the default set fits 15 minutes on a 2-core CPU);
+    `against`: the variant whose k3 it is read against (the same setting without its one
+    change; `baseline` means the baseline's k3 on the variant's own tokens)."""
 
     name: str
     isolates: str
@@ -75,6 +77,7 @@ class Variant:
     runs_on: str = CPU
     needs: Callable[[], str | None] | None = None
     default: bool = True
+    against: str | None = None  # the row it is read against (its `k3_vs_against` ratio)
 
     def runnable(self) -> tuple[bool, str | None]:
         """(True, None) if this variant can run on this machine with this vLLM build, else
@@ -247,18 +250,18 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("lm-head-fp32", "an fp32 LM head + final norm on a bf16 trainer (TRL "
             "cast_lm_head_to_fp32)", _DEC, "transformers bf16, LM head + final norm fp32",
             "setting", RescoreOptions(train_dtype=_BF16, lm_head_fp32=True),
-            side="training", default=False),
+            side="training", against="train-bf16", default=False),
     Variant("logsoftmax-bf16", "log-softmax in the logits' bf16 instead of fp32", _DEC,
             "transformers bf16, log-softmax in bf16", "source",
             RescoreOptions(train_dtype=_BF16, logsoftmax_dtype=_BF16),
-            side="training", default=False),
+            side="training", against="train-bf16", default=False),
     Variant("train-tf32", "TF32 matmuls on an fp32 trainer", _DEC,
             "transformers fp32, TF32 matmuls", "setting", RescoreOptions(tf32=True),
-            side="training", runs_on=CUDA, default=False),
+            side="training", runs_on=CUDA, against="baseline", default=False),
     Variant("train-batch-invariant", "batch-invariant kernels on a bf16 trainer", _DEC,
             "transformers bf16, batch_invariant_ops kernels", "setting",
             RescoreOptions(train_dtype=_BF16, batch_invariant=True), side="training",
-            runs_on=CUDA, default=False,
+            runs_on=CUDA, against="train-bf16", default=False,
             needs=_module("batch_invariant_ops", "the batch_invariant_ops library "
                           "(thinking-machines-lab/batch_invariant_ops)")),
     Variant("packed", "packed rows (position ids restarting) vs one sequence per row",
@@ -273,53 +276,53 @@ VARIANTS: tuple[Variant, ...] = (
     # --- inference side: vLLM engine arguments and modes (opt-in)
     Variant("eager", "no CUDA graphs / torch.compile (enforce_eager)",
             "vLLM decode, bf16, enforce_eager", _TRAIN_FP32, "setting",
-            _decode(enforce_eager=True), side="inference", default=False),
+            _decode(enforce_eager=True), side="inference", against="baseline", default=False),
     Variant("max-num-seqs-1", "one sequence per engine step (max_num_seqs=1)",
             "vLLM decode, bf16, max_num_seqs=1", _TRAIN_FP32, "source",
-            _decode(max_num_seqs=1), side="inference", default=False,
+            _decode(max_num_seqs=1), side="inference", against="baseline", default=False,
             needs=_engine_arg("max_num_seqs")),
     Variant("chunked-prefill", f"a prefill chunked by a {CHUNK_TOKENS}-token budget",
             f"vLLM prefill, bf16, chunks of {CHUNK_TOKENS} tokens", _TRAIN_FP32, "source",
             _prefill(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK_TOKENS,
                      max_num_seqs=CHUNK_TOKENS),
-            side="inference", default=False, needs=_engine_arg("enable_chunked_prefill")),
+            side="inference", against="prefill-bf16", default=False, needs=_engine_arg("enable_chunked_prefill")),
     Variant("no-prefix-cache", "prefix caching off (the samples of a prompt share it)",
             "vLLM decode, bf16, enable_prefix_caching=False", _TRAIN_FP32, "source",
-            _decode(enable_prefix_caching=False), side="inference", default=False,
+            _decode(enable_prefix_caching=False), side="inference", against="baseline", default=False,
             needs=_engine_arg("enable_prefix_caching")),
     Variant("kv-fp8", "an fp8 KV cache", "vLLM decode, bf16, kv_cache_dtype fp8",
             _TRAIN_FP32, "setting", _decode(kv_cache_dtype="fp8"), side="inference",
-            default=False, needs=_fp8_kv_cache),
+            against="baseline", default=False, needs=_fp8_kv_cache),
     Variant("vllm-batch-invariant", "vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1)",
             "vLLM decode, bf16, VLLM_BATCH_INVARIANT=1", _TRAIN_FP32, "setting",
             _decode(env={"VLLM_BATCH_INVARIANT": "1"}), side="inference", runs_on=CUDA,
-            default=False, needs=_module("triton", "Triton (" + _BI_VLLM + ")")),
+            against="baseline", default=False, needs=_module("triton", "Triton (" + _BI_VLLM + ")")),
     Variant("batch-invariant-prefill", "prefill in vLLM's batch-invariant mode (beside "
             "vllm-batch-invariant: prefill == decode)",
             "vLLM prefill, bf16, VLLM_BATCH_INVARIANT=1", _TRAIN_FP32, "source",
             _prefill(env={"VLLM_BATCH_INVARIANT": "1"}), side="inference", runs_on=CUDA,
-            default=False, needs=_module("triton", "Triton (" + _BI_VLLM + ")")),
+            against="prefill-bf16", default=False, needs=_module("triton", "Triton (" + _BI_VLLM + ")")),
     *(
         Variant(name, f"the {backend} attention backend", f"vLLM decode, bf16, {backend}",
                 _TRAIN_FP32, "source", _decode(attention_backend=backend), side="inference",
-                runs_on=CUDA, default=False,
+                runs_on=CUDA, default=False, against=BASELINE,
                 needs=_all(_engine_arg("attention_backend"), *([check] if check else [])))
         for backend, (name, check) in ATTENTION_BACKENDS.items()
     ),
     Variant("decode-fp16", "an fp16 engine against the fp32 trainer",
             "vLLM decode, fp16", _TRAIN_FP32, "setting", _decode(infer_dtype="float16"),
-            side="inference", default=False),
+            side="inference", against="baseline", default=False),
     Variant("decode-fp32", "an fp32 engine against the fp32 trainer (decode path)",
             "vLLM decode, fp32", _TRAIN_FP32, "source", _decode(infer_dtype=_FP32),
-            side="inference", default=False),
+            side="inference", against="baseline", default=False),
     Variant("tp2", "tensor parallel 2 (sharded matmuls, all-reduce)",
             "vLLM decode, bf16, tensor_parallel_size=2", _TRAIN_FP32, "setting",
             _decode(tensor_parallel_size=2), side="inference", runs_on=TWO_GPUS,
-            default=False),
+            against="baseline", default=False),
     Variant("fp8-weights", "FP8-quantized weights of the same checkpoint",
             "vLLM decode, bf16 activations, fp8 weights (quantization=fp8)", _TRAIN_FP32,
             "setting", _decode(quantization="fp8"), side="inference", runs_on=CUDA,
-            default=False, needs=_engine_arg("quantization")),
+            against="baseline", default=False, needs=_engine_arg("quantization")),
 )  # fmt: skip
 VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)
 _BY_NAME = {v.name: v for v in VARIANTS}
@@ -562,6 +565,9 @@ def summarize(
             "seconds": round(seconds.get(name, math.nan), 1),
             **{k: None for k in VARIANT_KEYS},
         }
+        if v.against is not None:
+            row["against"] = v.against
+            row["k3_vs_against"] = None
         if name not in skipped:
             s = run_summary(path, name)
             summaries[name] = s
@@ -590,6 +596,11 @@ def summarize(
                 )
         rows.append(row)
     k3 = {r["name"]: r["k3"] for r in rows if r["k3"] is not None}
+    for r in rows:  # each opt-in row against the row without its one change
+        if r.get("against") and r["k3"] is not None:
+            same = r["against"] == BASELINE and "baseline_k3_same_tokens" in r
+            ref = r["baseline_k3_same_tokens"] if same else k3.get(r["against"])
+            r["k3_vs_against"] = r["k3"] / ref if ref else None
     ranking = sorted(k3, key=lambda n: -k3[n])
     sources = []
     decode_vs_prefill = None
@@ -749,6 +760,20 @@ def diagnose_verdict(result: dict[str, Any]) -> str:
             else f"The null check is NOT 0 (max |delta| {fmt(n['max_abs_delta'])}): the two "
             "sides are not compared like with like; distrust the other rows."
         )
+    for r in result["variants"]:  # the opt-in rows that ran, each against its reference
+        if r.get("against") and r["k3"] is not None:
+            x = r.get("k3_vs_against")
+            tail = (f" ({ratio_x(x)} {r['against']}'s"
+                    + (" on the same tokens)" if "baseline_k3_same_tokens" in r else ")")
+                    if x is not None else "")  # fmt: skip
+            parts.append(f"{r['name']} ({r['isolates']}): k3 {fmt(r['k3'])}{tail}.")
+        elif r["name"] in ("packed", "padding-left") and r["k3"] is not None:
+            parts.append(
+                f"{r['name']} ({r['isolates']}): "
+                + ("bit for bit the same log-probs."
+                   if r["max_abs_delta"] == 0 and r["num_infinite"] == 0
+                   else f"k3 {fmt(r['k3'])}, max |delta| {fmt(r['max_abs_delta'])}.")
+            )  # fmt: skip
     skipped = [r["name"] for r in result["variants"] if r["skipped"]]
     if skipped:
         parts.append(f"Skipped here: {', '.join(skipped)} (reasons in the table).")

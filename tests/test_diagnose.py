@@ -124,3 +124,24 @@ def test_batch_shape_verdict_handles_a_zero_gap(tmp_path: Path) -> None:
     write_synthetic_run(out / "variants" / "batch-shape", num_sequences=8, eps=0.05, seed=4)
     v = summarize(out, ["baseline", "batch-shape"], {}, {})["verdict"]
     assert "not batch invariant here" in v and "agreed bit for bit" not in v
+
+
+def test_opt_in_rows_read_against_their_reference(tmp_path: Path) -> None:
+    """An opt-in row carries `side`, `runs_on`, the row it is read against and its k3 ratio
+    to it; the result lists what this machine cannot run; the verdict names the row."""
+    out = tmp_path / "d"
+    for name, eps in (("baseline", 0.1), ("train-bf16", 0.2), ("lm-head-fp32", 0.15)):
+        write_synthetic_run(out / "variants" / name, num_sequences=8, eps=eps, seed=3)
+    r = summarize(out, ["baseline", "train-bf16", "lm-head-fp32", "tp2"],
+                  {"tp2": "cannot run here: needs 2 CUDA GPUs"}, {})  # fmt: skip
+    rows = {v["name"]: v for v in r["variants"]}
+    head, bf16 = rows["lm-head-fp32"], rows["train-bf16"]
+    assert head["side"] == "training" and head["runs_on"] == "cpu"
+    assert head["against"] == "train-bf16"
+    assert head["k3_vs_against"] == pytest.approx(head["k3"] / bf16["k3"], rel=1e-12)
+    assert "against" not in bf16  # a default row keeps its keys
+    assert rows["tp2"]["run"] is None and rows["tp2"]["runs_on"] == ">=2 GPUs"
+    assert "lm-head-fp32 (an fp32 LM head" in r["verdict"]
+    assert "Skipped here: tp2" in r["verdict"]
+    for m in r["not_runnable"]:
+        assert set(m) == {"name", "runs_on", "reason"}
