@@ -24,13 +24,25 @@ DECODE = ["max-num-seqs-1", "no-prefix-cache", "decode-fp16", "decode-fp32"]
 PREFILL = ["chunked-prefill"]
 
 
-@pytest.fixture(scope="module")
-def matrix(vllm_run: Path, runs_dir: Path) -> dict:
-    out = runs_dir / "diagnose-matrix"
-    names = ",".join(["eager", *TRAINING, *PREFILL, *DECODE])
-    proc = run_cli("diagnose", "--run", str(vllm_run), "--variants", names, "--out", str(out),
-                   "--json", "--no-html", "--no-plots", timeout=3000, check=True)  # fmt: skip
+def _diagnose(vllm_run: Path, runs_dir: Path, tag: str, names: list[str]) -> dict:
+    out = runs_dir / f"diagnose-matrix-{tag}"
+    proc = run_cli("diagnose", "--run", str(vllm_run), "--variants", ",".join(names),
+                   "--out", str(out), "--json", "--no-html", "--no-plots", timeout=3000,
+                   check=True)  # fmt: skip
     return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def training(vllm_run: Path, runs_dir: Path) -> dict:
+    """The training-side variants (transformers only) and `eager` (skipped: the session's
+    run is eager already)."""
+    return _diagnose(vllm_run, runs_dir, "training", ["eager", *TRAINING])
+
+
+@pytest.fixture(scope="module")
+def inference(vllm_run: Path, runs_dir: Path) -> dict:
+    """The inference-side variants: one vLLM engine each."""
+    return _diagnose(vllm_run, runs_dir, "inference", [*PREFILL, *DECODE])
 
 
 def _rows(matrix: dict) -> dict[str, dict]:
@@ -64,14 +76,14 @@ def _same_tokens(base: pd.DataFrame, tok: pd.DataFrame, every: bool) -> None:
     assert len(kept) == len(tok)  # whole sequences
 
 
-def test_eager_on_an_eager_baseline_is_skipped_with_its_reason(matrix: dict) -> None:
-    row = _rows(matrix)["eager"]
+def test_eager_on_an_eager_baseline_is_skipped_with_its_reason(training: dict) -> None:
+    row = _rows(training)["eager"]
     assert row["run"] is None and "already runs with enforce_eager True" in row["skipped"]
 
 
 @pytest.mark.parametrize("name", TRAINING)
-def test_training_side_variants(matrix: dict, name: str) -> None:
-    rows = _rows(matrix)
+def test_training_side_variants(training: dict, name: str) -> None:
+    rows = _rows(training)
     row = rows[name]
     _reported(row)
     base = _tokens(rows["baseline"]["run"])
@@ -101,8 +113,8 @@ def test_training_side_variants(matrix: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", DECODE + PREFILL)
-def test_inference_side_variants(matrix: dict, name: str) -> None:
-    rows = _rows(matrix)
+def test_inference_side_variants(inference: dict, name: str) -> None:
+    rows = _rows(inference)
     row = rows[name]
     _reported(row)
     base = _tokens(rows["baseline"]["run"])
@@ -137,11 +149,11 @@ def test_inference_side_variants(matrix: dict, name: str) -> None:
     assert np.abs(m["logp_train"] - m["logp_train_b"]).max() < 1e-3
 
 
-def test_not_runnable_listed(matrix: dict) -> None:
-    names = {m["name"] for m in matrix["not_runnable"]}
+def test_not_runnable_listed(training: dict) -> None:
+    names = {m["name"] for m in training["not_runnable"]}
     import torch
 
     if not torch.cuda.is_available():
         assert {"attn-flash-attn", "tp2", "fp8-weights", "vllm-batch-invariant"} <= names
-        for m in matrix["not_runnable"]:
+        for m in training["not_runnable"]:
             assert m["reason"] and m["runs_on"]
