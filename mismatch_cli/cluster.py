@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MismatchError, first_line
-from .pipeline import ROLLOUT, TOKENS, Progress, TrainSide, _response_tokens, score_part, timed
+from .pipeline import (
+    ROLLOUT,
+    TOKENS,
+    Progress,
+    TrainSide,
+    _response_tokens,
+    load_train_model,
+    score_part,
+    timed,
+)
 from .runs import RunDir
 
 RAY_EXTRA = "ray"
@@ -213,8 +222,6 @@ class ShardScorer:
     ) -> None:
         import torch
 
-        from .config import parse_max_memory
-        from .models import load_model
         from .rescore import plan_pass
 
         t0 = time.perf_counter()
@@ -223,10 +230,7 @@ class ShardScorer:
         device = torch.device("cuda" if gpus > 0 else "cpu")
         device_map = "auto" if gpus > 1 else train.device_map  # its GPUs, as Ray sets them
         self.train = replace(train, device=device, device_map=device_map)
-        self.model, _ = load_model(
-            self.train.model_path, self.train.dtype, device, self.train.attn_implementation,
-            device_map, parse_max_memory(self.train.max_memory),
-        )  # fmt: skip
+        self.model = load_train_model(self.train)
         self.sampling = sampling
         self.plan = plan_pass(self.model, sampling, train.memory, total_rows)
         self.run = RunDir(Path(run_path))

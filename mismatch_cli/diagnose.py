@@ -22,11 +22,12 @@ Layout of a diagnose directory (docs/formats.md):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,14 @@ from typing import Any
 from .config import MeasureConfig
 from .errors import MismatchError, first_line
 from .pipeline import Progress, run_measure
-from .rescore_run import DECODE_REPEAT, RescoreOptions, decode_repeat, rescore_run
+from .rescore_run import (
+    DECODE_REPEAT,
+    VLLM_DECODE,
+    EngineChange,
+    RescoreOptions,
+    decode_repeat,
+    rescore_run,
+)
 from .results import json_ready
 from .runs import RunDir, RunMeta
 from .schema import DIAGNOSE_JSON
@@ -54,12 +62,26 @@ REFERENCE_WHAT = "transformers float32, eager attention, one sequence per pass"
 ATTRIBUTION_KEYS = ("err_infer_rms", "err_train_rms", "err_corr", "gap_rms", "gap_predicted_rms")
 
 
+# Where a variant can run (`Variant.runs_on`): anywhere (a CPU is enough), a CUDA GPU, two.
+CPU, CUDA, TWO_GPUS = "cpu", "cuda", ">=2 GPUs"
+RUNS_ON = (CPU, CUDA, TWO_GPUS)
+# Which side a variant changes against the baseline (`Variant.side`).
+SIDES = ("inference", "training", "both", "check")
+
+
 @dataclass(frozen=True)
 class Variant:
     """One row of the matrix: what it isolates, its two sides (short descriptions), its role
     (`reference`, `setting` a user could adopt, `source` of mismatch it measures alone,
     `check`), and how it is built from the baseline (`rescore` options; None for the
-    baseline itself and for decode-repeat)."""
+    baseline itself and for decode-repeat).
+
+    `side`: which side it changes (`SIDES`); `runs_on`: where it can run (`RUNS_ON`);
+    `needs`: a check of this machine and this vLLM build beyond `runs_on` (a library
+    importable, a CPU feature), returning why not or None; `default`: in the set `diagnose`
+    runs without --variants / --all (the default set fits 15 minutes on a 2-core CPU);
+    `against`: the variant whose k3 it is read against (the same setting without its one
+    change; `baseline` means the baseline's k3 on the variant's own tokens)."""
 
     name: str
     isolates: str
@@ -67,40 +89,256 @@ class Variant:
     training: str
     role: str
     rescore: RescoreOptions | None = None
+    side: str = "both"
+    runs_on: str = CPU
+    needs: Callable[[], str | None] | None = None
+    default: bool = True
+    against: str | None = None  # the row it is read against (its `k3_vs_against` ratio)
 
+    def runnable(self) -> tuple[bool, str | None]:
+        """(True, None) if this variant can run on this machine with this vLLM build, else
+        (False, why: one line, with where it can run)."""
+        why = _where_reason(self.runs_on) or (self.needs() if self.needs else None)
+        return why is None, why
+
+
+def _where_reason(runs_on: str) -> str | None:
+    """Why this machine is not a `runs_on` machine (None if it is)."""
+    if runs_on == CPU:
+        return None
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    want = 2 if runs_on == TWO_GPUS else 1
+    if n >= want:
+        return None
+    have = "no CUDA GPU" if n == 0 else f"{n} CUDA GPU"
+    return f"needs {'2 CUDA GPUs' if want == 2 else 'a CUDA GPU'} ({have} here)"
+
+
+def _module(name: str, what: str) -> Callable[[], str | None]:
+    """A `Variant.needs` check: `name` importable."""
+
+    def check() -> str | None:
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        return None if found else f"needs {what} (`import {name}` fails here)"
+
+    return check
+
+
+def _engine_arg(name: str) -> Callable[[], str | None]:
+    """A `Variant.needs` check: this vLLM's `EngineArgs` has the field `name`."""
+
+    def check() -> str | None:
+        return (
+            None
+            if name in _engine_arg_names()
+            else (f"this vLLM ({_vllm_version()}) has no engine argument {name}")
+        )
+
+    return check
+
+
+def _all(*checks: Callable[[], str | None]) -> Callable[[], str | None]:
+    """A `Variant.needs` check: the first of `checks` that fails."""
+
+    def check() -> str | None:
+        return next((w for c in checks if (w := c()) is not None), None)
+
+    return check
+
+
+def _fp8_kv_cache() -> str | None:
+    """vLLM's CPU attention stores an fp8 KV cache only with AVX-512 or AMX
+    (v1/attention/backends/cpu_attn.py `_get_attn_isa`); on CUDA it always can."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    cpu = torch.cpu
+    if cpu._is_avx512_supported() or cpu._is_amx_tile_supported():
+        return None
+    return "vLLM's CPU build keeps an fp8 KV cache only on x86 with AVX-512 or AMX (neither here)"
+
+
+@functools.cache
+def _engine_arg_names() -> frozenset[str]:
+    """The fields of this vLLM's `EngineArgs`, read from its source (vllm/engine/
+    arg_utils.py: `    name: type = ...` lines of the dataclass) rather than imported:
+    importing vLLM takes most of a minute on a small CPU, and `--list` starts nothing."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    src = Path(next(iter(spec.submodule_search_locations)), "engine", "arg_utils.py")
+    text = src.read_text() if src.is_file() else ""
+    body = text.split("class EngineArgs", 1)[-1].split("\nclass ", 1)[0]
+    return frozenset(re.findall(r"^    ([a-z_][a-z0-9_]*): ", body, flags=re.M))
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import version
+
+    return f"vLLM {version('vllm')}"
+
+
+def _decode(**change: Any) -> RescoreOptions:
+    """Rescore options of an inference-side variant that decodes the baseline's prompts
+    again with vLLM, one engine setting changed (`config` fields by name, the rest engine
+    arguments; `env` a dict of environment variables)."""
+    env = change.pop("env", {})
+    cfg = {k: change.pop(k) for k in list(change) if k in _CONFIG_FIELDS}
+    return RescoreOptions(infer_side=VLLM_DECODE, engine=EngineChange(cfg, change, env))
+
+
+def _prefill(dtype: str = "bfloat16", **change: Any) -> RescoreOptions:
+    """Rescore options of an inference-side variant that scores the baseline's tokens with
+    one vLLM prefill pass, one engine setting changed (as `_decode`)."""
+    env = change.pop("env", {})
+    cfg = {k: change.pop(k) for k in list(change) if k in _CONFIG_FIELDS}
+    return RescoreOptions(
+        infer_side="vllm-prefill", infer_dtype=dtype, engine=EngineChange(cfg, change, env)
+    )
+
+
+# MeasureConfig fields an engine change may set (the rest are vLLM engine arguments).
+_CONFIG_FIELDS = ("infer_dtype", "enforce_eager", "kv_cache_dtype", "tensor_parallel_size")
+# A chunked prefill's token budget: a 128-token completion's prompt + response (~200 tokens
+# with the chat template) is split in about four chunks.
+CHUNK_TOKENS = 64
+# The attention backends of vLLM 0.32 (v1/attention/backends/registry.py
+# `AttentionBackendEnum`); its CPU build has only CPU_ATTN and ignores any other choice
+# ("Cannot use ... backend on CPU"), so each is a CUDA variant.
+ATTENTION_BACKENDS = {
+    "FLASH_ATTN": ("attn-flash-attn", _module("vllm.vllm_flash_attn", "vLLM's flash-attn build")),
+    "FLASHINFER": ("attn-flashinfer", _module("flashinfer", "the flashinfer library")),
+    "TRITON_ATTN": ("attn-triton", _module("triton", "Triton")),
+    "FLEX_ATTENTION": ("attn-flex", None),
+}
+_BI_VLLM = (
+    "vLLM's batch-invariant kernels are Triton GPU kernels "
+    "(model_executor/determinism/batch_invariant.py)"
+)
 
 _FP32, _BF16 = "float32", "bfloat16"
+_TRAIN_FP32 = "transformers fp32, eager"
+_DEC = "vLLM decode, bf16"
 VARIANTS: tuple[Variant, ...] = (
-    Variant(BASELINE, "what an RL run sees", "vLLM decode, bf16", "transformers fp32, eager",
-            "reference"),
-    Variant("train-bf16", "the usual FSDP bf16 trainer", "vLLM decode, bf16",
-            "transformers bf16, eager", "setting", RescoreOptions(train_dtype=_BF16)),
+    # --- the default set: the matrix `diagnose` has always run (names and meanings kept)
+    Variant(BASELINE, "what an RL run sees", _DEC, _TRAIN_FP32, "reference", side="both"),
+    Variant("train-bf16", "the usual FSDP bf16 trainer", _DEC,
+            "transformers bf16, eager", "setting", RescoreOptions(train_dtype=_BF16),
+            side="training"),
     Variant("prefill-bf16", "decode path vs prefill path", "vLLM prefill, bf16",
-            "transformers fp32, eager", "setting",
-            RescoreOptions(infer_side="vllm-prefill", infer_dtype=_BF16)),
+            _TRAIN_FP32, "setting",
+            RescoreOptions(infer_side="vllm-prefill", infer_dtype=_BF16), side="inference"),
     Variant("prefill-fp32", "the engine floor at equal dtype", "vLLM prefill, fp32",
-            "transformers fp32, eager", "source",
-            RescoreOptions(infer_side="vllm-prefill", infer_dtype=_FP32)),
+            _TRAIN_FP32, "source",
+            RescoreOptions(infer_side="vllm-prefill", infer_dtype=_FP32), side="inference"),
     Variant("fp16-both", "the FP16 recipe", "vLLM prefill, fp16", "transformers fp16, eager",
             "setting",
             RescoreOptions(infer_side="vllm-prefill", infer_dtype="float16",
-                           train_dtype="float16")),
+                           train_dtype="float16"), side="both"),
     Variant("hf-bf16-vs-fp32", "dtype alone, no engine", "transformers bf16, eager",
-            "transformers fp32, eager", "source",
-            RescoreOptions(infer_side="hf-prefill", infer_dtype=_BF16)),
+            _TRAIN_FP32, "source",
+            RescoreOptions(infer_side="hf-prefill", infer_dtype=_BF16), side="inference"),
     Variant("batch-shape", "trainer batch invariance", "transformers bf16, batched",
             "transformers bf16, one sequence per pass", "source",
             RescoreOptions(infer_side="hf-prefill", infer_dtype=_BF16, train_dtype=_BF16,
-                           rescore_batch_tokens=1)),
+                           rescore_batch_tokens=1), side="training"),
     Variant("attention", "attention kernel", "transformers fp32, eager",
             "transformers fp32, sdpa", "source",
             RescoreOptions(infer_side="hf-prefill", infer_dtype=_FP32,
-                           attn_implementation="sdpa")),
+                           attn_implementation="sdpa"), side="training"),
     Variant(DECODE_REPEAT, "the engine's own run-to-run noise",
             "vLLM decode, bf16, run again with the same seeds", "the first decode's logp_infer",
-            "source"),
+            "source", side="inference"),
     Variant(NULL, "must be exactly 0", "transformers fp32 prefill", "the same call", "check",
-            RescoreOptions(infer_side="hf-prefill", infer_dtype=_FP32)),
+            RescoreOptions(infer_side="hf-prefill", infer_dtype=_FP32), side="check"),
+    # --- training side (opt-in: --all or --variants)
+    Variant("lm-head-fp32", "an fp32 LM head + final norm on a bf16 trainer (TRL "
+            "cast_lm_head_to_fp32)", _DEC, "transformers bf16, LM head + final norm fp32",
+            "setting", RescoreOptions(train_dtype=_BF16, lm_head_fp32=True),
+            side="training", against="train-bf16", default=False),
+    Variant("logsoftmax-bf16", "log-softmax in the logits' bf16 instead of fp32", _DEC,
+            "transformers bf16, log-softmax in bf16", "source",
+            RescoreOptions(train_dtype=_BF16, logsoftmax_dtype=_BF16),
+            side="training", against="train-bf16", default=False),
+    Variant("train-tf32", "TF32 matmuls on an fp32 trainer", _DEC,
+            "transformers fp32, TF32 matmuls", "setting", RescoreOptions(tf32=True),
+            side="training", runs_on=CUDA, against="baseline", default=False),
+    Variant("train-batch-invariant", "batch-invariant kernels on a bf16 trainer", _DEC,
+            "transformers bf16, batch_invariant_ops kernels", "setting",
+            RescoreOptions(train_dtype=_BF16, batch_invariant=True), side="training",
+            runs_on=CUDA, against="train-bf16", default=False,
+            needs=_module("batch_invariant_ops", "the batch_invariant_ops library "
+                          "(thinking-machines-lab/batch_invariant_ops)")),
+    Variant("packed", "packed rows (position ids restarting) vs one sequence per row",
+            "transformers bf16, one sequence per row", "transformers bf16, packed rows",
+            "source", RescoreOptions(infer_side="hf-prefill", infer_dtype=_BF16,
+                                     train_dtype=_BF16, layout="packed"),
+            side="training", default=False),
+    Variant("padding-left", "left vs right padding", "transformers bf16, right padded",
+            "transformers bf16, left padded", "source",
+            RescoreOptions(infer_side="hf-prefill", infer_dtype=_BF16, train_dtype=_BF16,
+                           layout="left"), side="training", default=False),
+    # --- inference side: vLLM engine arguments and modes (opt-in)
+    Variant("eager", "no CUDA graphs / torch.compile (enforce_eager)",
+            "vLLM decode, bf16, enforce_eager", _TRAIN_FP32, "setting",
+            _decode(enforce_eager=True), side="inference", against="baseline", default=False),
+    Variant("max-num-seqs-1", "one sequence per engine step (max_num_seqs=1)",
+            "vLLM decode, bf16, max_num_seqs=1", _TRAIN_FP32, "source",
+            _decode(max_num_seqs=1), side="inference", against="baseline", default=False,
+            needs=_engine_arg("max_num_seqs")),
+    Variant("chunked-prefill", f"a prefill chunked by a {CHUNK_TOKENS}-token budget",
+            f"vLLM prefill, bf16, chunks of {CHUNK_TOKENS} tokens", _TRAIN_FP32, "source",
+            _prefill(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK_TOKENS,
+                     max_num_seqs=CHUNK_TOKENS),
+            side="inference", against="prefill-bf16", default=False, needs=_engine_arg("enable_chunked_prefill")),
+    Variant("no-prefix-cache", "prefix caching off (the samples of a prompt share it)",
+            "vLLM decode, bf16, enable_prefix_caching=False", _TRAIN_FP32, "source",
+            _decode(enable_prefix_caching=False), side="inference", against="baseline", default=False,
+            needs=_engine_arg("enable_prefix_caching")),
+    Variant("kv-fp8", "an fp8 KV cache", "vLLM decode, bf16, kv_cache_dtype fp8",
+            _TRAIN_FP32, "setting", _decode(kv_cache_dtype="fp8"), side="inference",
+            against="baseline", default=False, needs=_fp8_kv_cache),
+    Variant("vllm-batch-invariant", "vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1)",
+            "vLLM decode, bf16, VLLM_BATCH_INVARIANT=1", _TRAIN_FP32, "setting",
+            _decode(env={"VLLM_BATCH_INVARIANT": "1"}), side="inference", runs_on=CUDA,
+            against="baseline", default=False, needs=_module("triton", "Triton (" + _BI_VLLM + ")")),
+    Variant("batch-invariant-prefill", "prefill in vLLM's batch-invariant mode (beside "
+            "vllm-batch-invariant: prefill == decode)",
+            "vLLM prefill, bf16, VLLM_BATCH_INVARIANT=1", _TRAIN_FP32, "source",
+            _prefill(env={"VLLM_BATCH_INVARIANT": "1"}), side="inference", runs_on=CUDA,
+            against="prefill-bf16", default=False, needs=_module("triton", "Triton (" + _BI_VLLM + ")")),
+    *(
+        Variant(name, f"the {backend} attention backend", f"vLLM decode, bf16, {backend}",
+                _TRAIN_FP32, "source", _decode(attention_backend=backend), side="inference",
+                runs_on=CUDA, default=False, against=BASELINE,
+                needs=_all(_engine_arg("attention_backend"), *([check] if check else [])))
+        for backend, (name, check) in ATTENTION_BACKENDS.items()
+    ),
+    Variant("decode-fp16", "an fp16 engine against the fp32 trainer",
+            "vLLM decode, fp16", _TRAIN_FP32, "setting", _decode(infer_dtype="float16"),
+            side="inference", against="baseline", default=False),
+    Variant("decode-fp32", "an fp32 engine against the fp32 trainer (decode path)",
+            "vLLM decode, fp32", _TRAIN_FP32, "source", _decode(infer_dtype=_FP32),
+            side="inference", against="baseline", default=False),
+    Variant("tp2", "tensor parallel 2 (sharded matmuls, all-reduce)",
+            "vLLM decode, bf16, tensor_parallel_size=2", _TRAIN_FP32, "setting",
+            _decode(tensor_parallel_size=2), side="inference", runs_on=TWO_GPUS,
+            against="baseline", default=False),
+    Variant("fp8-weights", "FP8-quantized weights of the same checkpoint",
+            "vLLM decode, bf16 activations, fp8 weights (quantization=fp8)", _TRAIN_FP32,
+            "setting", _decode(quantization="fp8"), side="inference", runs_on=CUDA,
+            against="baseline", default=False, needs=_engine_arg("quantization")),
 )  # fmt: skip
 VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)
 _BY_NAME = {v.name: v for v in VARIANTS}
@@ -131,11 +369,17 @@ VARIANT_KEYS = (
 )
 
 
+DEFAULT_VARIANTS: tuple[str, ...] = tuple(v.name for v in VARIANTS if v.default)
+
+
 def parse_variants(spec: str | Sequence[str] | None) -> list[str]:
-    """Variant names from '--variants a,b' (None or 'all': every one), in matrix order; the
-    baseline is always included (every other variant is built from it)."""
+    """Variant names from '--variants a,b', in matrix order; the baseline is always included
+    (every other variant is built from it). None: the default set (`DEFAULT_VARIANTS`);
+    'all': every variant of the matrix (those that cannot run here are then skipped with
+    their reason). A variant named explicitly that cannot run here is a one-line error
+    saying why and where it can run."""
     if spec is None:
-        return list(VARIANT_NAMES)
+        return list(DEFAULT_VARIANTS)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [s.strip() for s in items if s.strip()]
     if not names:
@@ -148,11 +392,39 @@ def parse_variants(spec: str | Sequence[str] | None) -> list[str]:
         raise MismatchError("--variants all stands alone: it already names every variant")
     bad = [n for n in names if n not in _BY_NAME]
     if bad:
-        raise MismatchError(f"unknown variant {bad[0]!r}; choose from {', '.join(VARIANT_NAMES)}")
+        raise MismatchError(
+            f"unknown variant {bad[0]!r}; choose from {', '.join(VARIANT_NAMES)} "
+            "(`mismatch diagnose --list` shows the matrix)"
+        )
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise MismatchError(f"--variants names {', '.join(twice)} twice: name each once")
+    for n in names:
+        ok, why = _BY_NAME[n].runnable()
+        if not ok:
+            where = _BY_NAME[n].runs_on  # a CPU variant's reason says which CPU it needs
+            raise MismatchError(
+                f"variant {n!r} cannot run here: {why}"
+                + (f"; it runs on: {where}" if where != CPU else "")
+            )
     return [n for n in VARIANT_NAMES if n in names or n == BASELINE]
+
+
+def variant_matrix() -> list[dict[str, Any]]:
+    """The whole matrix as data (`diagnose --list --json`): per variant `name`, `side`,
+    `isolates`, `runs_on`, `runnable` (here, with this vLLM build), `reason` (only when not
+    runnable), and `default` (in the set run without --variants / --all)."""
+    out = []
+    for v in VARIANTS:
+        ok, why = v.runnable()
+        row: dict[str, Any] = {"name": v.name, "side": v.side, "isolates": v.isolates,
+                               "runs_on": v.runs_on, "runnable": ok}  # fmt: skip
+        if not ok:
+            row["reason"] = why
+        row["default"] = v.default
+        row["inference"], row["training"] = v.inference, v.training
+        out.append(row)
+    return out
 
 
 def check_baseline_run(meta: RunMeta, path: Path) -> None:
@@ -243,6 +515,11 @@ def run_diagnose(
         for name in names[1:]:
             v = _BY_NAME[name]
             path = vdir / name
+            ok, why = v.runnable()
+            if not ok:  # listed as skipped with its reason, never silently
+                skipped[name] = f"cannot run here: {why}"
+                prog.log(f"diagnose: skipped {name}: {skipped[name]}")
+                continue
             prog.log(f"diagnose: {name} ({v.isolates}): {v.inference} vs {v.training}")
             t0 = time.perf_counter()
             try:
@@ -349,12 +626,17 @@ def summarize(
             "inference": v.inference,
             "training": v.training,
             "role": v.role,
+            "side": v.side,
+            "runs_on": v.runs_on,
             "run": None if name in skipped else str((at or out) / VARIANTS_DIR / name),
             "skipped": skipped.get(name),
             "seconds": round(seconds.get(name, math.nan), 1),
             **{k: None for k in VARIANT_KEYS},
             **{k: None for k in ATTRIBUTION_KEYS},
         }
+        if v.against is not None:
+            row["against"] = v.against
+            row["k3_vs_against"] = None
         if name not in skipped:
             s = run_summary(path, name)
             summaries[name] = s
@@ -371,8 +653,23 @@ def summarize(
                     f"identical; compared over those ({row['num_tokens_moved']:,} of "
                     f"{row['num_tokens']:,} tokens moved)"
                 )
+            again = (RunDir(path).read_meta().get("rescored_from") or {}).get("decoded_again")
+            if again:  # decoded again with one engine setting changed: the identical ones
+                row["num_sequences"] = again.get("num_sequences")
+                row["num_identical_sequences"] = again.get("num_identical")
+                row["baseline_k3_same_tokens"] = _baseline_k3_on(out, path)
+                row["note"] = (
+                    f"{again.get('num_identical')} of {again.get('num_sequences')} sequences "
+                    "came out identical when decoded again; compared over those (the "
+                    f"baseline's k3 on the same tokens: {row['baseline_k3_same_tokens']:.3g})"
+                )
         rows.append(row)
     k3 = {r["name"]: r["k3"] for r in rows if r["k3"] is not None}
+    for r in rows:  # each opt-in row against the row without its one change
+        if r.get("against") and r["k3"] is not None:
+            same = r["against"] == BASELINE and "baseline_k3_same_tokens" in r
+            ref = r["baseline_k3_same_tokens"] if same else k3.get(r["against"])
+            r["k3_vs_against"] = r["k3"] / ref if ref else None
     ranking = sorted(k3, key=lambda n: -k3[n])
     sources = []
     decode_vs_prefill = None
@@ -436,9 +733,33 @@ def summarize(
         "decode_vs_prefill": decode_vs_prefill,
         "reference": ref_block,
         "attribution": attribution,
+        "not_runnable": [
+            {"name": m["name"], "runs_on": m["runs_on"], "reason": m["reason"]}
+            for m in variant_matrix()
+            if not m["runnable"]
+        ],
     }
+    bi = [out / VARIANTS_DIR / n for n in ("batch-invariant-prefill", "vllm-batch-invariant")]
+    if all(n in k3 for n in ("batch-invariant-prefill", "vllm-batch-invariant")):
+        mv = moved(*bi)  # vLLM's batch-invariant prefill against its decode, token by token
+        if mv["shared"]:
+            result["batch_invariant_decode_vs_prefill"] = {
+                "tokens": mv["num_common"], "max_abs_delta": mv["infer"]["max_abs"],
+                "bit_identical": mv["infer"]["max_abs"] == 0}  # fmt: skip
     result["verdict"] = diagnose_verdict(result)
     return json_ready(result)
+
+
+def _baseline_k3_on(out: Path, path: Path) -> float:
+    """The baseline's k3 over the token rows of the variant run `path` (the same seq_id and
+    pos): what a variant that kept only some sequences is compared with."""
+    from .metrics import k3
+    from .runs import read_tokens
+
+    b = read_tokens(out / VARIANTS_DIR / BASELINE, ["seq_id", "pos", "delta"])
+    v = read_tokens(path, ["seq_id", "pos"])
+    d = b.merge(v, on=["seq_id", "pos"])["delta"].to_numpy()
+    return float(k3(d)) if len(d) else math.nan
 
 
 def diagnose_verdict(result: dict[str, Any]) -> str:
@@ -546,6 +867,20 @@ def diagnose_verdict(result: dict[str, Any]) -> str:
             else f"The null check is NOT 0 (max |delta| {fmt(n['max_abs_delta'])}): the two "
             "sides are not compared like with like; distrust the other rows."
         )
+    for r in result["variants"]:  # the opt-in rows that ran, each against its reference
+        if r.get("against") and r["k3"] is not None:
+            x = r.get("k3_vs_against")
+            tail = (f" ({ratio_x(x)} {r['against']}'s"
+                    + (" on the same tokens)" if "baseline_k3_same_tokens" in r else ")")
+                    if x is not None else "")  # fmt: skip
+            parts.append(f"{r['name']} ({r['isolates']}): k3 {fmt(r['k3'])}{tail}.")
+        elif r["name"] in ("packed", "padding-left") and r["k3"] is not None:
+            parts.append(
+                f"{r['name']} ({r['isolates']}): "
+                + ("bit for bit the same log-probs."
+                   if r["max_abs_delta"] == 0 and r["num_infinite"] == 0
+                   else f"k3 {fmt(r['k3'])}, max |delta| {fmt(r['max_abs_delta'])}.")
+            )  # fmt: skip
     skipped = [r["name"] for r in result["variants"] if r["skipped"]]
     if skipped:
         parts.append(f"Skipped here: {', '.join(skipped)} (reasons in the table).")
@@ -594,10 +929,16 @@ def draw_diagnose(out: Path, result: dict[str, Any], formats: Sequence[str] = ("
 __all__ = [
     "ATTRIBUTION_KEYS",
     "BASELINE",
+    "CPU",
+    "CUDA",
+    "DEFAULT_VARIANTS",
     "REFERENCE",
     "REFERENCE_FP64",
     "REFERENCE_OPTIONS",
+    "RUNS_ON",
+    "SIDES",
     "SOURCES",
+    "TWO_GPUS",
     "VARIANTS",
     "VARIANT_NAMES",
     "Variant",
@@ -606,4 +947,5 @@ __all__ = [
     "parse_variants",
     "run_diagnose",
     "summarize",
+    "variant_matrix",
 ]

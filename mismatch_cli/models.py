@@ -514,6 +514,35 @@ def load_model(
     return model, tok
 
 
+def cast_head_fp32(model: Any) -> None:
+    """The LM head and the final norm in float32 on a lower-precision model, in place, as
+    TRL's `GRPOConfig(cast_lm_head_to_fp32=True)` does for the head (grpo_trainer.py): the
+    head's weight becomes float32 and its input is widened; with tied embeddings the input
+    embedding (the same weight) keeps returning the model's dtype. The final norm (the
+    decoder's `norm`, when it has one) runs in float32 too, on the widened hidden state,
+    so the logits are float32 from the last layer's output on. Other layers are untouched."""
+    import torch
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    if head is None:
+        raise MismatchError("this model has no LM head to cast to float32")
+    dtype = head.weight.dtype
+    head.float()
+
+    def head_fp32(hidden: torch.Tensor) -> torch.Tensor:
+        bias = None if head.bias is None else head.bias.float()
+        return nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+    head.forward = head_fp32
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.to(dtype))
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if isinstance(norm, nn.Module):
+        norm.float()
+        norm.register_forward_pre_hook(lambda m, args: tuple(a.float() for a in args))
+
+
 def input_device(model: Any, default: Any = None) -> Any:
     """The device a forward pass takes its inputs on: the input embedding's (the first
     device of a model spread with `device_map`), else `default`."""

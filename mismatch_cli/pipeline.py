@@ -329,6 +329,7 @@ class TrainSide:
     device_map: str | None = None  # accelerate's, to spread the model over devices
     max_memory: str | None = None  # per device, e.g. "0=70GiB,cpu=200GiB"
     memory: int | None = None  # --rescore-memory in bytes
+    numerics: Any = None  # rescore.TrainNumerics: head dtype, log-softmax dtype, layout, modes
 
     @classmethod
     def of(cls, cfg: MeasureConfig, model_path: str, device: Any) -> TrainSide:
@@ -352,6 +353,22 @@ def _phase_rescore(cfg, run, chunks, model_path, device, timings, prog, save) ->
     return rescore_parts(
         run, len(chunks), TrainSide.of(cfg, model_path, device), sampling, prog, timings, save
     )
+
+
+def load_train_model(train: TrainSide) -> Any:
+    """The training side's model as `train` describes it (dtype, attention, device or device
+    map), its LM head cast to float32 when its numerics ask (`lm-head-fp32`): what one process
+    and every Ray worker load."""
+    from .config import parse_max_memory
+    from .models import cast_head_fp32, load_model
+
+    model, _ = load_model(
+        train.model_path, train.dtype, train.device, train.attn_implementation,
+        train.device_map, parse_max_memory(train.max_memory),
+    )  # fmt: skip
+    if train.numerics is not None and train.numerics.head_fp32:
+        cast_head_fp32(model)
+    return model
 
 
 def rescore_parts(
@@ -378,8 +395,6 @@ def rescore_parts(
       - per-token list columns named in schema.TOKEN_EXTRA_COLUMNS (e.g. advantage) and
         per-completion scalars named there (step, env, ...), copied onto the token rows.
     """
-    from .config import parse_max_memory
-    from .models import load_model
     from .rescore import plan_pass
 
     prog = progress or Progress()
@@ -391,12 +406,7 @@ def rescore_parts(
     total = sum(_response_tokens(run.part_path(ROLLOUT, i)) for i in todo)
     prog.start("rescore", total)
     with timed(timings, "train_load"):
-        model = net
-        if model is None:
-            model, _ = load_model(
-                train.model_path, train.dtype, train.device, train.attn_implementation,
-                train.device_map, parse_max_memory(train.max_memory),
-            )  # fmt: skip
+        model = net if net is not None else load_train_model(train)
     plan = plan_pass(model, sampling, train.memory, total, lambda m: prog.log(f"warning: {m}"))
     for i in todo:  # one part in memory at a time
         score_part(
@@ -444,6 +454,7 @@ def score_part(
             train.batch_tokens,
             on_batch=on_batch,
             plan=plan,
+            numerics=train.numerics,
         )
         tokens = _token_frame(df, scored)
     run.write_part(TOKENS, index, tokens)

@@ -933,6 +933,14 @@ def print_diagnose(result: dict[str, Any], console: Console | None = None) -> No
         if r["skipped"]:
             t.add_row(r["name"], f"[yellow]skipped: {r['skipped']}[/]", *[""] * 7)
     console.print(t)
+    chosen = {r["name"] for r in result["variants"]}
+    elsewhere = [m for m in result.get("not_runnable") or [] if m["name"] not in chosen]
+    if elsewhere:
+        console.print(
+            "Not runnable on this machine (not selected; `diagnose --list` says why): "
+            + ", ".join(f"{m['name']} ({m['runs_on']})" for m in elsewhere),
+            highlight=False,
+        )
     if result["sources"]:
         s = _table("Sources of mismatch, each measured alone on the same tokens")
         for c in ("source", "k3", "share of baseline k3", "mean |δ|"):
@@ -946,6 +954,24 @@ def print_diagnose(result: dict[str, Any], console: Console | None = None) -> No
             )
         console.print(s)
     console.print(Panel(result["verdict"], title="verdict", title_align="left", expand=True))
+
+
+def print_variant_matrix(matrix: list[dict[str, Any]], console: Console | None = None) -> None:
+    """`diagnose --list`: every variant of the matrix, its side, what it isolates, where it
+    runs, and whether it can run here (why not, if not)."""
+    console = console or _wide_console()
+    n_ok = sum(1 for m in matrix if m["runnable"])
+    t = _table(
+        f"The diagnose matrix: {len(matrix)} variants, {n_ok} runnable here",
+        "default = in the set run without --variants / --all; --all runs every runnable one",
+    )
+    for c in ("variant", "side", "isolates", "runs on", "here", "default"):
+        t.add_column(c, no_wrap=c in ("variant", "side", "runs on", "default"))
+    for m in matrix:
+        here = "[green]runs[/]" if m["runnable"] else f"[yellow]no: {m['reason']}[/]"
+        t.add_row(m["name"], m["side"], m["isolates"], m["runs_on"], here,
+                  "yes" if m["default"] else "")  # fmt: skip
+    console.print(t)
 
 
 def print_summary(lines: list[str], where: dict[str, Any], console: Console | None = None) -> None:

@@ -216,6 +216,62 @@ def coarse_mismatch(
     }
 
 
+# How a trainer lays a batch out: right padding (transformers' default, ours), left padding,
+# or several sequences packed into one row with position ids restarting at each (no padding).
+LAYOUTS = ("right", "left", "packed")
+
+
+@dataclass(frozen=True)
+class TrainNumerics:
+    """The training side's numerical choices beyond dtype and attention (diagnose's
+    training-side variants; the defaults are what every run does): `head_fp32` the LM head
+    and final norm in float32 on a lower-precision model (TRL's `cast_lm_head_to_fp32`,
+    `models.cast_head_fp32`); `logsoftmax_dtype` the dtype of the log-softmax (float32, or
+    the logits' own bfloat16 / float16); `layout` of a batch (`LAYOUTS`); `tf32` TF32 matmuls
+    (CUDA); `batch_invariant` batch-invariant kernels (`batch_invariant_ops`, CUDA)."""
+
+    head_fp32: bool = False
+    logsoftmax_dtype: str = "float32"
+    layout: str = "right"
+    tf32: bool = False
+    batch_invariant: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """The settings that differ from the default (run.json `engines.train.numerics`)."""
+        d, base = asdict(self), asdict(TrainNumerics())
+        return {k: v for k, v in d.items() if v != base[k]}
+
+    def context(self) -> Any:
+        """A context manager for the forward passes: TF32 matmuls and / or batch-invariant
+        kernels switched on inside it, restored after."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        if self.tf32:
+            stack.enter_context(_tf32_matmuls())
+        if self.batch_invariant:
+            from batch_invariant_ops import set_batch_invariant_mode  # CUDA library
+
+            stack.enter_context(set_batch_invariant_mode(True))
+        return stack
+
+
+def _tf32_matmuls() -> Any:
+    """TF32 for float32 matmuls and convolutions inside the block (torch's default is off)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx() -> Any:
+        was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = was
+
+    return ctx()
+
+
 @dataclass
 class SeqInput:
     """What rescoring needs of one completion."""
@@ -225,6 +281,24 @@ class SeqInput:
     topk_ids_infer: np.ndarray  # [T, K] int32, -1 padded
     topk_logp_infer: np.ndarray  # [T, K] float32, -inf padded
     logp_infer: np.ndarray  # [T] float
+
+
+def make_packed_batches(lengths: Sequence[tuple[int, int]], batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices (in order) into packed rows of at most `batch_tokens` tokens
+    (the sum of their lengths, no padding); a single long sequence forms its own row."""
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
+    for i, (p, t) in enumerate(lengths):
+        n = p + max(t - 1, 0)  # the forward's input: prompt + response[:-1]
+        if cur and used + n > batch_tokens:
+            batches.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        batches.append(cur)
+    return batches
 
 
 def make_batches(lengths: Sequence[tuple[int, int]], batch_tokens: int) -> list[list[int]]:
@@ -249,10 +323,16 @@ def make_batches(lengths: Sequence[tuple[int, int]], batch_tokens: int) -> list[
 
 @torch.inference_mode()
 def forward_logits(
-    model: Any, seqs: Sequence[SeqInput], device: torch.device
+    model: Any, seqs: Sequence[SeqInput], device: torch.device, layout: str = "right"
 ) -> tuple[torch.Tensor, list[slice]]:
-    """One batched forward pass (right padding). Returns the logits that predict every
-    response token, concatenated over the batch [N_tokens, V], and each sequence's slice."""
+    """One batched forward pass (right padding; `layout` left: left padding with position
+    ids from the mask; packed: every sequence in one row, position ids restarting, no
+    mask, see `forward_packed`). Returns the logits that predict every response token,
+    concatenated over the batch [N_tokens, V], and each sequence's slice."""
+    if layout == "packed":
+        return forward_packed(model, seqs, device)
+    if layout == "left":
+        return _forward_left(model, seqs, device)
     B = len(seqs)
     full = [list(s.prompt_token_ids) + list(s.response_token_ids)[:-1] for s in seqs]
     L = max(len(f) for f in full)
@@ -285,6 +365,64 @@ def forward_logits(
     return torch.cat(rows, dim=0), slices
 
 
+def _forward_left(
+    model: Any, seqs: Sequence[SeqInput], device: torch.device
+) -> tuple[torch.Tensor, list[slice]]:
+    """`forward_logits` with left padding: each row's tokens end at column L; position ids
+    count from 0 at each row's first real token (cumsum of the mask), as in generation."""
+    B = len(seqs)
+    full = [list(s.prompt_token_ids) + list(s.response_token_ids)[:-1] for s in seqs]
+    L = max(len(f) for f in full)
+    input_ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for i, f in enumerate(full):
+        input_ids[i, L - len(f) :] = torch.tensor(f, dtype=torch.long)
+        mask[i, L - len(f) :] = 1
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # [B, L]
+    dev = input_device(model, device)
+    out = model(
+        input_ids=input_ids.to(dev),
+        attention_mask=mask.to(dev),
+        position_ids=position_ids.to(dev),
+        use_cache=False,
+    )
+    logits = out.logits  # [B, L, V]
+    rows, slices, n = [], [], 0
+    for i, s in enumerate(seqs):
+        off = L - len(full[i])  # column of the row's first token
+        st = off + len(s.prompt_token_ids) - 1  # logits at P-1 predict y_0
+        t = len(s.response_token_ids)
+        rows.append(logits[i, st : st + t])
+        slices.append(slice(n, n + t))
+        n += t
+    return torch.cat(rows, dim=0), slices
+
+
+def forward_packed(
+    model: Any, seqs: Sequence[SeqInput], device: torch.device
+) -> tuple[torch.Tensor, list[slice]]:
+    """Every sequence of the batch in ONE row, as trainers pack: input ids concatenated,
+    position ids restarting at 0 for each sequence, no attention mask (transformers then
+    builds a block-causal mask from the position ids: `masking_utils.
+    find_packed_sequence_indices`, so no sequence attends to another). Returns what
+    `forward_logits` returns."""
+    full = [list(s.prompt_token_ids) + list(s.response_token_ids)[:-1] for s in seqs]
+    ids = torch.tensor([t for f in full for t in f], dtype=torch.long)[None]  # [1, L]
+    pos = torch.cat([torch.arange(len(f)) for f in full])[None]  # [1, L] restarting
+    dev = input_device(model, device)
+    out = model(input_ids=ids.to(dev), position_ids=pos.to(dev), use_cache=False)
+    logits = out.logits[0]  # [L, V]
+    rows, slices, n, at = [], [], 0, 0
+    for f, s in zip(full, seqs, strict=True):
+        st = at + len(s.prompt_token_ids) - 1
+        t = len(s.response_token_ids)
+        rows.append(logits[st : st + t])
+        slices.append(slice(n, n + t))
+        n += t
+        at += len(f)
+    return torch.cat(rows, dim=0), slices
+
+
 @torch.inference_mode()
 def score_sequences(
     model: Any,
@@ -295,38 +433,63 @@ def score_sequences(
     batch_tokens: int = 4096,
     on_batch: Callable[[int], None] | None = None,
     plan: PositionPass | None = None,
+    numerics: TrainNumerics | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Score every response token of `seqs` on the training side, batched.
 
     Returns, per sequence, a dict of numpy arrays with one row per response token.
     `on_batch(n_tokens)` is called after each forward pass (progress bars). `plan`: rows per
     slice of the per-position pass and whether it is compiled (default: `plan_pass` with
-    the default budget, eager).
+    the default budget, eager). `numerics`: the batch layout, the log-softmax dtype and the
+    kernels' modes (`TrainNumerics`; the head's dtype is the loaded model's).
     """
     if plan is None:
         plan = plan_pass(model, sampling)
+    num = numerics or TrainNumerics()
     results: list[dict[str, np.ndarray] | None] = [None] * len(seqs)
     lengths = [(len(s.prompt_token_ids), len(s.response_token_ids)) for s in seqs]
-    for batch in make_batches(lengths, batch_tokens):
+    batcher = make_packed_batches if num.layout == "packed" else make_batches
+    with num.context():
+        _score_batches(model, seqs, sampling, top_k, device, batcher(lengths, batch_tokens),
+                       results, on_batch, plan, num)  # fmt: skip
+    return [r for r in results if r is not None]
+
+
+def _score_batches(
+    model: Any,
+    seqs: Sequence[SeqInput],
+    sampling: Sampling,
+    top_k: int,
+    device: torch.device,
+    batches: list[list[int]],
+    results: list[dict[str, np.ndarray] | None],
+    on_batch: Callable[[int], None] | None,
+    plan: PositionPass,
+    num: TrainNumerics,
+) -> None:
+    """`score_sequences`' loop: one forward and one per-position pass per batch, each
+    sequence's rows into `results`."""
+    for batch in batches:
         bseqs = [seqs[i] for i in batch]
         if not any(len(s.response_token_ids) for s in bseqs):  # nothing to score
             for i in batch:
                 results[i] = _empty_result(top_k, min(top_k, model.config.vocab_size))
             continue
-        logits, slices = forward_logits(model, bseqs, device)  # [N, V]
+        logits, slices = forward_logits(model, bseqs, device, num.layout)  # [N, V]
         dev = logits.device  # per-position work stays on the device; only results move
         tokens = _cat([s.response_token_ids for s in bseqs], torch.long).to(dev)
         ids_q = _cat([s.topk_ids_infer for s in bseqs], torch.long, 2).to(dev)
         lq_topk = _cat([s.topk_logp_infer for s in bseqs], torch.float32, 2).to(dev)
         lq = _cat([s.logp_infer for s in bseqs], torch.float32).to(dev)
-        merged = score_logits(logits, tokens, ids_q, lq_topk, lq, sampling, top_k, plan)
+        merged = score_logits(
+            logits, tokens, ids_q, lq_topk, lq, sampling, top_k, plan, num.logsoftmax_dtype
+        )
         arrays = {k: v.numpy() for k, v in merged.items()}
         for j, i in enumerate(batch):
             results[i] = {k: v[slices[j]] for k, v in arrays.items()}
         if on_batch is not None:
             on_batch(int(logits.shape[0]))
         del logits
-    return [r for r in results if r is not None]
 
 
 def score_logits(
@@ -338,17 +501,28 @@ def score_logits(
     sampling: Sampling,
     top_k: int,
     plan: PositionPass,
+    logsoftmax_dtype: str = "float32",
 ) -> dict[str, torch.Tensor]:
     """The per-position pass over a batch's logits, `plan.rows` rows at a time (its memory
     bound): the sampling replayed, then `position_stats`. logits [N, V] (any float dtype);
     tokens [N]; ids_q / lq_topk [N, K]; lq [N], on the logits' device. Returns the
-    `position_stats` columns [N, ...] on the CPU."""
+    `position_stats` columns [N, ...] on the CPU. `logsoftmax_dtype`: the dtype the
+    (log-)softmax is computed in (float32 by default; `bfloat16` is what a trainer computing
+    it in its logits' own dtype gets: the processed logits rounded to it, the log-probs
+    rounded too, then widened to float32 for the statistics)."""
     N = logits.shape[0]
     merged: dict[str, torch.Tensor] = {}
+    low = None if logsoftmax_dtype == "float32" else getattr(torch, logsoftmax_dtype)
     for r in range(0, N, plan.rows):
         sl = slice(r, r + plan.rows)
         z = processed_logits(logits[sl], sampling)  # [n, V] float32
-        logp, probs = torch.log_softmax(z, dim=-1), torch.softmax(z, dim=-1)
+        if low is None:
+            logp, probs = torch.log_softmax(z, dim=-1), torch.softmax(z, dim=-1)
+        else:  # [n, V] computed in `low`, widened exactly
+            zl = z.to(low)
+            logp = torch.log_softmax(zl, dim=-1).float()
+            probs = torch.softmax(zl, dim=-1).float()
+            del zl
         del z
         st = position_stats(
             logp, tokens[sl], ids_q[sl], lq_topk[sl], lq[sl], top_k, probs,
@@ -544,13 +718,17 @@ def _empty_result(top_k: int, k: int) -> dict[str, np.ndarray]:
 
 
 __all__ = [
+    "LAYOUTS",
     "PositionPass",
     "Sampling",
     "SeqInput",
+    "TrainNumerics",
     "coarse_mismatch",
     "eps_hat_of",
     "forward_logits",
+    "forward_packed",
     "make_batches",
+    "make_packed_batches",
     "plan_pass",
     "position_stats",
     "processed_logprobs",

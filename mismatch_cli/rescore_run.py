@@ -8,9 +8,11 @@ new run directory through `runs.check_out` staging, never touching RUN.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +28,8 @@ from .schema import STATUS_COMPLETE, TOKEN_EXTRA_COLUMNS
 if TYPE_CHECKING:
     from .cluster import RayOptions
 
-INFER_SIDES = ("decode", "vllm-prefill", "hf-prefill")
+INFER_SIDES = ("decode", "vllm-prefill", "hf-prefill", "vllm-decode")
+VLLM_DECODE = "vllm-decode"
 PREFILL = "prefill"
 # Sequences per part when a run records no chunking of its own (imported runs).
 _PART_SEQUENCES = 256
@@ -52,6 +55,80 @@ class RescoreOptions:
     rescore_memory: str | None = None  # the per-position pass's byte budget, e.g. "2GiB"
     model: str | None = None  # load this model instead of RUN's (its folder moved)
     sequences: int | None = None  # score only RUN's first N sequences (seq_id order)
+    # the training side's numerics (`rescore.TrainNumerics`; None: RUN's, the defaults)
+    lm_head_fp32: bool | None = None
+    logsoftmax_dtype: str | None = None
+    layout: str | None = None
+    tf32: bool | None = None
+    batch_invariant: bool | None = None
+    # the vLLM prefill engine's settings changed from RUN's (`EngineChange`)
+    engine: EngineChange | None = None
+
+    def numerics(self) -> Any:
+        """The training side's `rescore.TrainNumerics` these options ask for."""
+        from .rescore import TrainNumerics
+
+        d = TrainNumerics()
+        return TrainNumerics(
+            head_fp32=bool(self.lm_head_fp32),
+            logsoftmax_dtype=self.logsoftmax_dtype or d.logsoftmax_dtype,
+            layout=self.layout or d.layout,
+            tf32=bool(self.tf32),
+            batch_invariant=bool(self.batch_invariant),
+        )
+
+
+@dataclass(frozen=True)
+class EngineChange:
+    """What an inference-side variant changes in vLLM, relative to RUN's engine: `config`
+    (MeasureConfig fields: infer_dtype, enforce_eager, kv_cache_dtype,
+    tensor_parallel_size), extra `engine_args` (vLLM `EngineArgs` fields: max_num_seqs,
+    enable_chunked_prefill, max_num_batched_tokens, enable_prefix_caching,
+    attention_backend, quantization) and `env` (environment variables of the engine
+    processes, e.g. VLLM_BATCH_INVARIANT=1)."""
+
+    config: Mapping[str, Any] = field(default_factory=dict)
+    engine_args: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def apply(self, cfg: MeasureConfig) -> MeasureConfig:
+        """RUN's MeasureConfig with this change: fields replaced, engine arguments merged."""
+        return replace(cfg, **dict(self.config), engine_args={**cfg.engine_args,
+                                                               **self.engine_args})  # fmt: skip
+
+    def record(self) -> dict[str, Any]:
+        """What run.json keeps of it (`rescored_from.engine`, `decode_variant.engine`)."""
+        return {"config": dict(self.config), "engine_args": dict(self.engine_args),
+                "env": dict(self.env)}  # fmt: skip
+
+
+@contextmanager
+def engine_env(env: Mapping[str, str]) -> Iterator[None]:
+    """Set `env` while a vLLM engine starts (its processes inherit it), then restore the
+    previous values; vLLM's cache of environment variables is cleared before and after."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    _clear_vllm_env_cache(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _clear_vllm_env_cache(env)
+
+
+def _clear_vllm_env_cache(env: Mapping[str, str]) -> None:
+    """vLLM caches its environment variables once an engine ran in the process
+    (`vllm.envs.enable_envs_cache`): clear it so a changed variable is read again."""
+    if not env:
+        return
+    import vllm.envs as venvs
+
+    if getattr(venvs, "_is_envs_cache_enabled", lambda: False)():
+        venvs.disable_envs_cache()
 
 
 def vllm_prefill_refusal(sampling: dict[str, Any]) -> str | None:
@@ -309,6 +386,8 @@ def rescore_run(
     sampling = run_sampling(meta, src)
     if opts.infer_side == "vllm-prefill" and (why := vllm_prefill_refusal(s)):
         raise MismatchError(why)
+    if opts.infer_side == VLLM_DECODE:
+        _check_decode_change(meta, src, opts)
     model_path = run_model_path(meta, src, opts.model)
     target = {"overwrite": overwrite, "inputs": [("the input run", Path(src))]}
     check_out(out, **target)
@@ -338,6 +417,11 @@ def rescore_run(
         if opts.infer_side != "decode":
             changed["infer_side"] = ["decode", opts.infer_side]
             changed["infer_dtype"] = [was["infer_dtype"], infer_dtype]
+        numerics = opts.numerics()
+        for k, v in numerics.record().items():
+            changed[f"train_{k}"] = [getattr(type(numerics)(), k), v]
+        if opts.engine is not None:
+            changed["engine"] = [None, opts.engine.record()]
         if opts.sequences is not None:
             parts = first_sequences(parts, opts.sequences)
             changed["sequences"] = [None, opts.sequences]
@@ -354,7 +438,10 @@ def rescore_run(
             cfg["rescore_memory"] = opts.rescore_memory
             engines = dict(meta.engines)
             infer = dict(meta.infer)
-            if opts.infer_side != "decode":
+            if opts.infer_side == VLLM_DECODE:
+                infer = {**infer, "engine": "vllm", "dtype": infer_dtype}
+                cfg["infer_dtype"] = infer_dtype
+            elif opts.infer_side != "decode":
                 engine = "vllm" if opts.infer_side == "vllm-prefill" else "hf"
                 infer = {"engine": engine, "mode": PREFILL, "dtype": infer_dtype}
                 if engine == "hf":
@@ -367,6 +454,10 @@ def rescore_run(
                 "dtype": now_["train_dtype"],
                 "attn_implementation": now_["attn_implementation"],
             }
+            if numerics.record():
+                engines["train"]["numerics"] = numerics.record()
+            if opts.engine is not None:
+                engines["infer"] = {**engines["infer"], **opts.engine.record()}
             new = new_meta(
                 "rescore",
                 config=cfg,
@@ -397,10 +488,16 @@ def rescore_run(
                 new["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
                 run.write_meta(new)
 
-            if opts.infer_side != "decode":
+            if opts.infer_side == VLLM_DECODE:
+                parts, kept = _decode_infer_side(
+                    parts, model_path, cfg, infer_dtype, opts.engine, timings, prog
+                )
+                new["rescored_from"]["decoded_again"] = kept
+                new["num_chunks"] = len(parts)
+            elif opts.infer_side != "decode":
                 parts = _prefill_infer_side(
                     parts, opts.infer_side, model_path, cfg, was, infer_dtype, device, sampling,
-                    timings, prog,
+                    timings, prog, opts.engine,
                 )  # fmt: skip
             for i, df in enumerate(parts):
                 if not run.has_part(ROLLOUT, i):  # a resumed --ray run has them already
@@ -413,6 +510,7 @@ def rescore_run(
                 int(now_["rescore_batch_tokens"]),
                 int(was["top_logprobs"]),
                 memory=parse_size(opts.rescore_memory, "--rescore-memory"),
+                numerics=numerics,
             )
             if cluster is None:
                 per_position = rescore_parts(run, len(parts), train, sampling, prog, timings, save)
@@ -509,10 +607,102 @@ def _check_options(opts: RescoreOptions) -> None:
     if opts.rescore_batch_tokens is not None and opts.rescore_batch_tokens < 1:
         raise MismatchError(f"--rescore-batch-tokens must be >= 1, got {opts.rescore_batch_tokens}")
     parse_size(opts.rescore_memory, "--rescore-memory")
+    from .rescore import LAYOUTS
+
+    if opts.layout is not None and opts.layout not in LAYOUTS:
+        raise MismatchError(f"layout must be one of {', '.join(LAYOUTS)}, got {opts.layout!r}")
+    if opts.logsoftmax_dtype is not None and opts.logsoftmax_dtype not in DTYPES:
+        raise MismatchError(f"logsoftmax_dtype must be one of {', '.join(DTYPES)}")
+    if opts.engine is not None and opts.infer_side not in ("vllm-prefill", VLLM_DECODE):
+        raise MismatchError("an engine change needs a vLLM inference side (prefill or decode)")
     if opts.attn_implementation is not None:
         from .models import check_attn_implementation
 
         check_attn_implementation(opts.attn_implementation)
+
+
+def _check_decode_change(meta: RunMeta, src: Path, opts: RescoreOptions) -> None:
+    """`vllm-decode` decodes RUN's prompts again: RUN must have been decoded by vLLM, and
+    the change must change something (else the row would be decode-repeat's)."""
+    cfg = MeasureConfig.from_dict(meta.config)
+    if cfg.infer_engine != "vllm" or meta.infer.get("mode"):
+        raise MismatchError(f"{src} was not decoded by vLLM: nothing to decode again")
+    change = opts.engine or EngineChange()
+    now_ = change.apply(replace(cfg, infer_dtype=opts.infer_dtype or cfg.infer_dtype))
+    same = [
+        f"{k} {getattr(cfg, k)!r}" for k in change.config if getattr(now_, k) == getattr(cfg, k)
+    ] + [f"{k} {v!r}" for k, v in change.engine_args.items() if cfg.engine_args.get(k) == v]
+    same += [f"{k}={v}" for k, v in change.env.items() if os.environ.get(k) == v]
+    if same:
+        raise MismatchError(
+            f"the baseline already runs with {', '.join(same)}: decoding again with it would "
+            "change nothing (decode-repeat measures that)"
+        )
+
+
+def _decode_infer_side(
+    parts: list[pd.DataFrame],
+    model_path: str,
+    cfg: dict[str, Any],
+    infer_dtype: str,
+    change: EngineChange | None,
+    timings: dict[str, float],
+    prog: Progress,
+) -> tuple[list[pd.DataFrame], dict[str, int]]:
+    """Decode every part's prompts again with vLLM, RUN's sampling and seeds, the engine
+    changed by `change`, part by part as `measure` submitted them; keep the completions
+    whose tokens came out identical (a token sampled differently makes the rest of a
+    sequence incomparable), their inference side replaced by the new decode's log-probs
+    and top-K. Returns the kept parts (empty ones dropped) and {num_sequences,
+    num_identical}. Raises MismatchError when no completion came out identical."""
+    from .rollout import VllmEngine
+
+    change = change or EngineChange()
+    mc = change.apply(MeasureConfig.from_dict({**cfg, "infer_dtype": infer_dtype}))
+    total = sum(len(df) for df in parts)
+    prog.start("generate", total)
+    with timed(timings, "engine_start"), engine_env(change.env):
+        engine = VllmEngine(model_path, mc)
+    kept: list[pd.DataFrame] = []
+    try:
+        with timed(timings, "generate"):
+            for df in parts:
+                first = df.drop_duplicates("prompt_id")
+                prompts = [(int(p), np.asarray(ids).tolist())
+                           for p, ids in zip(first["prompt_id"], first["prompt_token_ids"],
+                                             strict=True)]  # fmt: skip
+                recs = engine.generate(prompts, lambda n: prog.advance("generate", n))
+                again = pd.DataFrame(recs)[
+                    ["prompt_id", "sample_idx", "response_token_ids", "logp_infer",
+                     "topk_ids_infer", "topk_logp_infer"]
+                ].rename(columns=lambda c: c if c in ("prompt_id", "sample_idx") else f"{c}_2")  # fmt: skip
+                j = df.merge(again, on=["prompt_id", "sample_idx"], how="left")
+                same = np.array([
+                    isinstance(b, (list, np.ndarray)) and len(a) > 0 and np.array_equal(a, b)
+                    for a, b in zip(j["response_token_ids"], j["response_token_ids_2"],
+                                    strict=True)
+                ], dtype=bool)  # fmt: skip
+                j = j[same].reset_index(drop=True)
+                for c in ("logp_infer", "topk_ids_infer", "topk_logp_infer"):
+                    j[c] = j.pop(f"{c}_2")
+                j = j.drop(columns=["response_token_ids_2"])
+                if len(j):
+                    kept.append(j[list(df.columns)])
+    finally:
+        engine.close()
+    n = sum(len(df) for df in kept)
+    if not n:
+        raise MismatchError(
+            f"no completion of {total:,} came out identical when decoded again with "
+            f"{_change_text(change)}: nothing to compare on the same tokens"
+        )
+    return kept, {"num_sequences": total, "num_identical": n}
+
+
+def _change_text(change: EngineChange) -> str:
+    """An engine change in words: `k=v` for each setting, comma separated."""
+    items = {**change.config, **change.engine_args, **change.env}
+    return ", ".join(f"{k}={v}" for k, v in items.items()) or "no change"
 
 
 def _prefill_infer_side(
@@ -526,10 +716,12 @@ def _prefill_infer_side(
     sampling: Any,
     timings: dict[str, float],
     prog: Progress,
+    change: EngineChange | None = None,
 ) -> list[pd.DataFrame]:
     """Replace the inference side of every part by a prefill pass over its stored tokens:
-    vLLM (`prompt_logprobs`) or transformers (`score_sequences`, whose training-side output
-    becomes the inference side), in `infer_dtype`. The engine is closed before returning."""
+    vLLM (`prompt_logprobs`, its engine changed by `change`) or transformers
+    (`score_sequences`, whose training-side output becomes the inference side), in
+    `infer_dtype`. The engine is closed before returning."""
     K = int(was["top_logprobs"])
     seqs = [
         (list(r.prompt_token_ids), list(r.response_token_ids))
@@ -541,7 +733,9 @@ def _prefill_infer_side(
         from .rollout import VllmEngine
 
         mc = MeasureConfig.from_dict({**cfg, "infer_dtype": infer_dtype, "top_logprobs": K})
-        with timed(timings, "engine_start"):
+        change = change or EngineChange()
+        mc = change.apply(mc)
+        with timed(timings, "engine_start"), engine_env(change.env):
             engine = VllmEngine(model_path, mc)
         try:
             with timed(timings, PREFILL):

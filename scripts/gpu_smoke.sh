@@ -3,6 +3,10 @@
 #   1. measure, vLLM bf16 vs transformers bf16 on --device cuda
 #   2. measure, vLLM bf16 vs transformers fp32 on --device cuda
 #   3. diagnose on --device cuda, when this checkout has the command (skipped otherwise)
+#   4. diagnose --all on --device cuda: every variant of the matrix this GPU (and this vLLM
+#      build) can run, the CUDA-only ones included (attention backends, fp8 KV cache, FP8
+#      weights, batch-invariant modes, TF32; tensor parallel 2 with two GPUs); the matrix
+#      (`diagnose --list --json`) is saved beside it, and the variants skipped are printed
 # and prints one table row per step: exit code, wall time, tokens, mean |delta|, k3, devices.
 #
 #   scripts/gpu_smoke.sh [OUT_DIR]        (default: a temporary folder, kept and printed)
@@ -49,6 +53,13 @@ if "$PY" -m mismatch_cli diagnose --help >/dev/null 2>&1; then
 else
     echo "diagnose skip 0" >>"$OUT/steps.txt"
 fi
+if "$PY" -m mismatch_cli diagnose --help 2>/dev/null | grep -q -- "--all"; then
+    "$PY" -m mismatch_cli diagnose --list --json >"$OUT/matrix.json" 2>"$OUT/matrix.log"
+    step diagnose-all "$PY" -m mismatch_cli diagnose default --device cuda --all --no-html \
+        --num-prompts 8 --samples-per-prompt 2 --max-tokens 64 --out "$OUT/diagnose-all"
+else
+    echo "diagnose-all skip 0" >>"$OUT/steps.txt"
+fi
 
 "$PY" - "$OUT" <<'EOF'
 import json, sys
@@ -78,8 +89,15 @@ for line in (out / "steps.txt").read_text().splitlines():
                    f"{eng.get('train', {}).get('dtype')} on {meta['hardware'].get('train_device')}")
     elif rc == "0" and name == "diagnose":
         devices = "ok (see diagnose.log)"
+    elif rc == "0" and name == "diagnose-all":
+        res = json.loads((run / "diagnose.json").read_text())
+        ran = [v["name"] for v in res["variants"] if v["run"]]
+        skipped = {v["name"]: v["skipped"] for v in res["variants"] if v["skipped"]}
+        devices = f"{len(ran)} variants ran, {len(skipped)} skipped"
+        for n, why in skipped.items():
+            print(f"  diagnose-all skipped {n}: {why}")
     elif rc == "skip":
-        devices = "skipped: no diagnose command in this checkout"
+        devices = "skipped: no such diagnose option in this checkout"
     else:
         devices = f"FAILED: see {out / (name + '.log')}"
         bad += 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mismatch_cli import plots as P
-from mismatch_cli.diagnose import VARIANT_NAMES, parse_variants, summarize
+from mismatch_cli.diagnose import DEFAULT_VARIANTS, VARIANT_NAMES, parse_variants, summarize
 from mismatch_cli.errors import MismatchError
 from mismatch_cli.metrics import k3
 from mismatch_cli.runs import read_sequences, read_tokens, token_frame, write_run
@@ -42,7 +42,8 @@ def diag_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_parse_variants() -> None:
-    assert parse_variants(None) == list(VARIANT_NAMES)
+    assert parse_variants(None) == list(DEFAULT_VARIANTS)
+    assert parse_variants("all") == list(VARIANT_NAMES)
     assert parse_variants("null, batch-shape") == ["baseline", "batch-shape", "null"]
     with pytest.raises(MismatchError, match="unknown variant 'fp8'"):
         parse_variants("null,fp8")
@@ -123,3 +124,24 @@ def test_batch_shape_verdict_handles_a_zero_gap(tmp_path: Path) -> None:
     write_synthetic_run(out / "variants" / "batch-shape", num_sequences=8, eps=0.05, seed=4)
     v = summarize(out, ["baseline", "batch-shape"], {}, {})["verdict"]
     assert "not batch invariant here" in v and "agreed bit for bit" not in v
+
+
+def test_opt_in_rows_read_against_their_reference(tmp_path: Path) -> None:
+    """An opt-in row carries `side`, `runs_on`, the row it is read against and its k3 ratio
+    to it; the result lists what this machine cannot run; the verdict names the row."""
+    out = tmp_path / "d"
+    for name, eps in (("baseline", 0.1), ("train-bf16", 0.2), ("lm-head-fp32", 0.15)):
+        write_synthetic_run(out / "variants" / name, num_sequences=8, eps=eps, seed=3)
+    r = summarize(out, ["baseline", "train-bf16", "lm-head-fp32", "tp2"],
+                  {"tp2": "cannot run here: needs 2 CUDA GPUs"}, {})  # fmt: skip
+    rows = {v["name"]: v for v in r["variants"]}
+    head, bf16 = rows["lm-head-fp32"], rows["train-bf16"]
+    assert head["side"] == "training" and head["runs_on"] == "cpu"
+    assert head["against"] == "train-bf16"
+    assert head["k3_vs_against"] == pytest.approx(head["k3"] / bf16["k3"], rel=1e-12)
+    assert "against" not in bf16  # a default row keeps its keys
+    assert rows["tp2"]["run"] is None and rows["tp2"]["runs_on"] == ">=2 GPUs"
+    assert "lm-head-fp32 (an fp32 LM head" in r["verdict"]
+    assert "Skipped here: tp2" in r["verdict"]
+    for m in r["not_runnable"]:
+        assert set(m) == {"name", "runs_on", "reason"}

@@ -51,13 +51,34 @@ def diagnose(
     variants: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated variants to run (the baseline always runs): baseline, "
-            "train-bf16, prefill-bf16, prefill-fp32, fp16-both, hf-bf16-vs-fp32, batch-shape, "
-            "attention, decode-repeat, null. Default: all.",
+            help="Comma-separated variants to run (the baseline always runs); `all` = --all. "
+            "Default: the default set (baseline, train-bf16, prefill-bf16, prefill-fp32, "
+            "fp16-both, hf-bf16-vs-fp32, batch-shape, attention, decode-repeat, null). "
+            "`--list` shows the whole matrix; naming one that cannot run here is an error.",
             rich_help_panel=PANEL_VARIANTS,
             show_default=False,
         ),
     ] = None,
+    all_variants: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Run every variant of the matrix that can run here (the others are listed "
+            "as skipped with their reason). Slower than the default set: each vLLM decode "
+            "variant decodes the prompts again.",
+            rich_help_panel=PANEL_VARIANTS,
+        ),
+    ] = False,
+    list_variants: Annotated[
+        bool,
+        typer.Option(
+            "--list",
+            help="Print the whole matrix (name, side, what it isolates, where it runs, "
+            "whether it can run here and why not) and exit; nothing runs. With --json: a "
+            "list of objects.",
+            rich_help_panel=PANEL_VARIANTS,
+        ),
+    ] = False,
     run: Annotated[
         Path | None,
         typer.Option(
@@ -155,7 +176,11 @@ def diagnose(
     (prefill-bf16), the engine at equal dtype (prefill-fp32), the FP16 recipe (fp16-both), the
     dtype without any engine (hf-bf16-vs-fp32), the trainer's batch shape (batch-shape), the
     attention kernel (attention), vLLM's run-to-run noise (decode-repeat), and a null check
-    that must be exactly 0.
+    that must be exactly 0. `--all` adds the rest of the matrix (an fp32 LM head, a bf16
+    log-softmax, packed rows, left padding, vLLM engine arguments and modes: eager,
+    max_num_seqs=1, chunked prefill, prefix caching off, an fp8 KV cache, batch-invariant
+    mode, attention backends, fp16 / fp32 engines, tensor parallel 2, FP8 weights), each
+    run where it can run; `--list` prints the matrix.
 
     Each variant's two sides are also measured against a precise reference on the same
     tokens (transformers float32, eager, one sequence per pass): err_infer = logp_infer -
@@ -175,7 +200,20 @@ def diagnose(
     from ..errors import MismatchError
     from ..progress import progress
 
-    names = parse_variants(variants)  # bad flags fail before any model loads
+    if list_variants:
+        from ..diagnose import variant_matrix
+
+        matrix = variant_matrix()
+        if json_out:
+            sys.stdout.write(json.dumps(matrix, indent=2) + "\n")
+        else:
+            from ..render import print_variant_matrix
+
+            print_variant_matrix(matrix)
+        return
+    if all_variants and variants is not None:
+        raise MismatchError("--all and --variants exclude each other: --all runs every variant")
+    names = parse_variants("all" if all_variants else variants)  # bad flags fail first
     if out is None:
         raise MismatchError("--out DIR is required: the diagnose directory to create")
     cfg = MeasureConfig(
