@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mismatch_cli.cli import app
 from mismatch_cli.correction_rules import parse_sets
-from mismatch_cli.diagnose import parse_variants
+from mismatch_cli.diagnose import DEFAULT_VARIANTS, VARIANT_NAMES, parse_variants
 from mismatch_cli.errors import MismatchError
 from mismatch_cli.synthetic import write_synthetic_run
 
@@ -143,7 +143,10 @@ def test_typer_usage_errors_are_one_line(run: Path, tmp_path: Path) -> None:
 
 def test_parsers() -> None:
     assert parse_variants("null") == ["baseline", "null"]
-    assert parse_variants("all") == parse_variants(None)
+    # all: the whole matrix (what cannot run here is skipped); none given: the default set
+    assert parse_variants("all") == list(VARIANT_NAMES)
+    assert parse_variants(None) == list(DEFAULT_VARIANTS)
+    assert set(DEFAULT_VARIANTS) < set(VARIANT_NAMES)
     for spec in ("", ",", " , ", "null,null", "all,null"):
         with pytest.raises(MismatchError):
             parse_variants(spec)
