@@ -410,7 +410,9 @@ def rescore_run(
             k: getattr(opts, k) if getattr(opts, k) is not None else was[k]
             for k in ("train_dtype", "attn_implementation", "rescore_batch_tokens", "device")
         }
-        infer_dtype = opts.infer_dtype or was["infer_dtype"]
+        # an engine change may set the engine's dtype (decode-fp16, decode-fp32): record it
+        engine_dtype = opts.engine.config.get("infer_dtype") if opts.engine is not None else None
+        infer_dtype = opts.infer_dtype or engine_dtype or was["infer_dtype"]
         changed = {k: [was[k], v] for k, v in now_.items() if v != was[k]}
         if model_path != meta.model_path:
             changed["model_path"] = [meta.model_path, model_path]
