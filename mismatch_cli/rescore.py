@@ -333,14 +333,8 @@ def forward_logits(
         return forward_packed(model, seqs, device)
     if layout == "left":
         return _forward_left(model, seqs, device)
-    B = len(seqs)
-    full = [list(s.prompt_token_ids) + list(s.response_token_ids)[:-1] for s in seqs]
-    L = max(len(f) for f in full)
-    input_ids = torch.zeros(B, L, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    for i, f in enumerate(full):
-        input_ids[i, : len(f)] = torch.tensor(f, dtype=torch.long)
-        mask[i, : len(f)] = 1
+    _, input_ids, mask = _padded(seqs, left=False)
+    L = input_ids.shape[1]
     starts = [len(s.prompt_token_ids) - 1 for s in seqs]  # logits at P-1 predict y_0
     ends = [st + len(s.response_token_ids) for st, s in zip(starts, seqs, strict=True)]
     lo = min(starts)
@@ -356,13 +350,9 @@ def forward_logits(
         use_cache=False,
     )
     logits = out.logits  # [B, L - lo, V]
-    rows, slices, n = [], [], 0
-    for i in range(B):
-        t = ends[i] - starts[i]
-        rows.append(logits[i, starts[i] - lo : ends[i] - lo])
-        slices.append(slice(n, n + t))
-        n += t
-    return torch.cat(rows, dim=0), slices
+    return _gathered(
+        logits, [st - lo for st in starts], [e - st for st, e in zip(starts, ends, strict=True)]
+    )
 
 
 def _forward_left(
@@ -370,14 +360,8 @@ def _forward_left(
 ) -> tuple[torch.Tensor, list[slice]]:
     """`forward_logits` with left padding: each row's tokens end at column L; position ids
     count from 0 at each row's first real token (cumsum of the mask), as in generation."""
-    B = len(seqs)
-    full = [list(s.prompt_token_ids) + list(s.response_token_ids)[:-1] for s in seqs]
-    L = max(len(f) for f in full)
-    input_ids = torch.zeros(B, L, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    for i, f in enumerate(full):
-        input_ids[i, L - len(f) :] = torch.tensor(f, dtype=torch.long)
-        mask[i, L - len(f) :] = 1
+    full, input_ids, mask = _padded(seqs, left=True)
+    L = input_ids.shape[1]
     position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # [B, L]
     dev = input_device(model, device)
     out = model(
@@ -387,11 +371,34 @@ def _forward_left(
         use_cache=False,
     )
     logits = out.logits  # [B, L, V]
+    # row i's first token sits at column L - len(full[i]); logits at P-1 predict y_0
+    starts = [L - len(f) + len(s.prompt_token_ids) - 1 for f, s in zip(full, seqs, strict=True)]
+    return _gathered(logits, starts, [len(s.response_token_ids) for s in seqs])
+
+
+def _padded(
+    seqs: Sequence[SeqInput], left: bool
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """The batch's inputs (prompt + response but its last token) padded to one length, on
+    the right or the left: the token lists, input ids [B, L] and attention mask [B, L]."""
+    full = [list(s.prompt_token_ids) + list(s.response_token_ids)[:-1] for s in seqs]
+    L = max(len(f) for f in full)
+    input_ids = torch.zeros(len(full), L, dtype=torch.long)
+    mask = torch.zeros(len(full), L, dtype=torch.long)
+    for i, f in enumerate(full):
+        cols = slice(L - len(f), L) if left else slice(0, len(f))
+        input_ids[i, cols] = torch.tensor(f, dtype=torch.long)
+        mask[i, cols] = 1
+    return full, input_ids, mask
+
+
+def _gathered(
+    logits: torch.Tensor, starts: Sequence[int], lengths: Sequence[int]
+) -> tuple[torch.Tensor, list[slice]]:
+    """Row i's logits [starts[i], starts[i] + lengths[i]) of [B, L, V], concatenated
+    [N_tokens, V], and each row's slice of the result."""
     rows, slices, n = [], [], 0
-    for i, s in enumerate(seqs):
-        off = L - len(full[i])  # column of the row's first token
-        st = off + len(s.prompt_token_ids) - 1  # logits at P-1 predict y_0
-        t = len(s.response_token_ids)
+    for i, (st, t) in enumerate(zip(starts, lengths, strict=True)):
         rows.append(logits[i, st : st + t])
         slices.append(slice(n, n + t))
         n += t
