@@ -101,6 +101,12 @@ class VllmEngine:
         # on 2 cores). Set VLLM_CPU_OMP_THREADS_BIND yourself to override.
         if not _cuda_available() and os.cpu_count():
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+        if not _cuda_available():
+            # vLLM gives one engine step 300 s before it declares the engine dead; a whole
+            # prefill of a chunk with prompt log-probs (thousands of tokens x the vocabulary)
+            # on a loaded 2-core CPU took longer (diagnose's prefill-bf16 died that way). A
+            # CPU step that slow is slow, not hung: allow an hour.
+            os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
         from vllm import LLM
 
         kwargs = vllm_engine_kwargs(model_path, cfg)
