@@ -21,7 +21,7 @@ from mismatch_cli.rescore_run import rescore_run
 from mismatch_cli.runs import RunDir, read_tokens, staging_path
 
 from . import import_fixtures as F
-from .conftest import ROOT, assert_one_line_error, cli_in_process, run_cli
+from .conftest import ROOT, assert_one_line_error, run_cli
 from .test_import import _with_model_logprobs
 from .test_rescore_run import make_run
 
@@ -145,16 +145,12 @@ def test_resume_needs_an_unfinished_job(
 def test_bad_ray_input_is_one_line(four_part_run: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "new")
     base = ["rescore", str(four_part_run), "--out", out]
-    assert_one_line_error(
-        cli_in_process(*base, "--ray", "--workers", "0"), "--workers must be >= 1"
-    )
-    assert_one_line_error(cli_in_process(*base, "--workers", "2"), "--workers", "need(s) --ray")
-    assert_one_line_error(cli_in_process(*base, "--resume"), "--resume", "need(s) --ray")
+    assert_one_line_error(run_cli(*base, "--ray", "--workers", "0"), "--workers must be >= 1")
+    assert_one_line_error(run_cli(*base, "--workers", "2"), "--workers", "need(s) --ray")
+    assert_one_line_error(run_cli(*base, "--resume"), "--resume", "need(s) --ray")
     proc = run_cli(*base, "--ray", "--ray-address", "127.0.0.1:1", timeout=120)
     assert_one_line_error(proc, "--ray-address 127.0.0.1:1", "no Ray cluster answers")
-    assert_one_line_error(
-        cli_in_process(*base, "--ray", "--ray-address", "nowhere"), "not HOST:PORT"
-    )
+    assert_one_line_error(run_cli(*base, "--ray", "--ray-address", "nowhere"), "not HOST:PORT")
     assert not Path(out).exists()
 
 
