@@ -35,6 +35,44 @@ def run_cli(*args: str, timeout: int = 900, check: bool = False) -> subprocess.C
     return proc
 
 
+def cli_in_process(
+    *args: str, check: bool = False, timeout: int | None = None
+) -> subprocess.CompletedProcess:
+    """`mismatch ARGS` in this process: `cli.main` with `sys.argv` set, its stdout and stderr
+    captured, its exit code from `SystemExit`; returned as `run_cli` returns a process. For
+    tests of what a command prints and how it exits, which would otherwise pay an interpreter
+    start and the CLI's imports (2-5 s) per call. Tests of the process itself (signals,
+    buffering, which modules a fresh process imports, engines spawned from it) use `run_cli`.
+    An exception `main` lets through is a traceback on stderr, as it would be from a process.
+    `timeout` is accepted for `run_cli`'s signature and not enforced."""
+    import contextlib
+    import io
+    import traceback
+
+    from mismatch_cli import cli as _cli
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["mismatch", *args])
+        mp.setenv("COLUMNS", "200")
+        mp.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                _cli.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # reported as a process would report it
+                err.write(traceback.format_exc())
+                code = 1
+    proc = subprocess.CompletedProcess(["mismatch", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(
+            f"mismatch {' '.join(args)} exited {code}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
     """A user error: non-zero exit, no traceback, exactly one non-empty stderr line."""
     assert proc.returncode != 0
@@ -82,6 +120,31 @@ def vllm_topp_run(runs_dir: Path) -> Path:
         "--out", str(out), check=True,
     )  # fmt: skip
     return out
+
+
+# The one `diagnose` run of the suite, on the session's vLLM run: its variants cover what
+# test_integration_diagnose.py and test_integration_matrix.py assert on the real engines, one
+# row per mechanism (see each file's docstring): the null check, a transformers-only
+# rescore on both sides (batch-shape), a vLLM prefill at another dtype (prefill-fp32), one
+# with engine arguments (chunked-prefill), a decode again with a config change
+# (decode-fp32), a training-side numerics change (logsoftmax-bf16), a variant skipped with
+# its reason (eager on an eager baseline), the precise reference and its float64 check.
+DIAGNOSED = ["null", "batch-shape", "prefill-fp32", "eager", "logsoftmax-bf16",
+             "chunked-prefill", "decode-fp32"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def diagnosed(vllm_run: Path, runs_dir: Path) -> dict:
+    """`diagnose --run vllm_run --variants DIAGNOSED --reference-fp64 2 --json`: the result
+    (its variant runs under `out`). Three vLLM engines start (prefill-fp32, chunked-prefill,
+    decode-fp32); the other rows are transformers only."""
+    import json
+
+    out = runs_dir / "diagnose"
+    proc = run_cli("diagnose", "--run", str(vllm_run), "--variants", ",".join(DIAGNOSED),
+                   "--reference-fp64", "2", "--out", str(out), "--json", timeout=3000,
+                   check=True)  # fmt: skip
+    return json.loads(proc.stdout)
 
 
 # transformers generating and rescoring, both float32: 4 prompts x 2 samples x 8 tokens in

@@ -17,7 +17,7 @@ from mismatch_cli.errors import MismatchError
 from mismatch_cli.importers.ingest import ImportOptions, run_import
 from mismatch_cli.importers.watch import Watcher, WatchOptions
 from tests import import_fixtures as F
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, cli_in_process, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ def test_append_with_another_model_is_refused(
         run_import(_opts(steps, grown, tiny_model_dir, append=True, temperature=1.0))
     args = ["import", "verl", str(steps[1]), "--out", str(grown), "--append", "--trust-pickle",
             "--device", "cpu", "--temperature", "0.9"]  # fmt: skip
-    assert_one_line_error(run_cli(*args, "--model", str(other)), "was rescored with")
-    assert_one_line_error(run_cli(*args), "pass --model")
+    assert_one_line_error(cli_in_process(*args, "--model", str(other)), "was rescored with")
+    assert_one_line_error(cli_in_process(*args), "pass --model")
 
 
 def test_watch_rescore_loads_the_model_once(

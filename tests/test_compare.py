@@ -13,7 +13,7 @@ from mismatch_cli.compare import compare, moved
 from mismatch_cli.runs import read_sequences, read_tokens, token_frame, write_run
 from mismatch_cli.synthetic import synthetic_meta, write_synthetic_run
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import assert_one_line_error, cli_in_process
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +61,10 @@ def test_runs_with_other_rollouts_are_not_shared(pair, tmp_path: Path) -> None:
 
 def test_compare_cli(pair, tmp_path: Path) -> None:
     a, b, _ = pair
-    proc = run_cli("compare", str(a), str(b), "--json")
+    proc = cli_in_process("compare", str(a), str(b), "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["moved"][0]["shared"]
-    proc = run_cli("compare", str(a), str(b))
+    proc = cli_in_process("compare", str(a), str(b))
     assert proc.returncode == 0, proc.stderr
     assert "moved" in proc.stdout and "k3" in proc.stdout
-    assert_one_line_error(run_cli("compare", str(a), str(tmp_path / "nope")), "not found")
+    assert_one_line_error(cli_in_process("compare", str(a), str(tmp_path / "nope")), "not found")

@@ -22,7 +22,7 @@ from mismatch_cli.errors import MismatchError
 from mismatch_cli.runs import token_frame, write_run
 from mismatch_cli.synthetic import synthetic_meta, write_synthetic_run
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import assert_one_line_error, cli_in_process
 
 INF = math.inf
 LN3, LN4 = math.log(3), math.log(4)
@@ -581,7 +581,7 @@ def test_figure_draws_the_result(run_dir: Path, result: dict) -> None:
 
 
 def test_cli_table(run_dir: Path) -> None:
-    proc = run_cli("corrections", str(run_dir), check=True)
+    proc = cli_in_process("corrections", str(run_dir), check=True)
     assert "Pareto front" in proc.stdout and "verdict" in proc.stdout
     for n in R.METHOD_NAMES:
         assert n in proc.stdout
@@ -589,7 +589,7 @@ def test_cli_table(run_dir: Path) -> None:
 
 def test_cli_json_csv_method_set(run_dir: Path, tmp_path: Path) -> None:
     csv = tmp_path / "rows.csv"
-    proc = run_cli(
+    proc = cli_in_process(
         "corrections", str(run_dir), "--json", "--csv", str(csv), "--method", "icepop,none",
         "--method", "dvp-minp", "--set", "icepop.lo=0.8", "--rho", "0.001",
         "--edges", "0,0.01,1", check=True,
@@ -626,11 +626,11 @@ def test_cli_json_csv_method_set(run_dir: Path, tmp_path: Path) -> None:
     ],
 )
 def test_cli_bad_input(run_dir: Path, args: list[str], message: str) -> None:
-    assert_one_line_error(run_cli("corrections", str(run_dir), *args), message)
+    assert_one_line_error(cli_in_process("corrections", str(run_dir), *args), message)
 
 
 def test_cli_missing_run(tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("corrections", str(tmp_path / "nope")), "not found")
+    assert_one_line_error(cli_in_process("corrections", str(tmp_path / "nope")), "not found")
 
 
 def _decision_input(points: dict[str, tuple[float, float]], x: str = "removed_token_share"):

@@ -19,7 +19,7 @@ from mismatch_cli.errors import MismatchError
 from mismatch_cli.synthetic import write_synthetic_run
 
 from .conftest import assert_one_line_error
-from .conftest import run_cli as cli
+from .conftest import cli_in_process as cli
 
 runner = CliRunner()
 

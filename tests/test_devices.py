@@ -22,7 +22,7 @@ from mismatch_cli.rescore import SeqInput, score_sequences
 from mismatch_cli.rollout import vllm_engine_kwargs
 from mismatch_cli.sampling import Sampling
 
-from .conftest import ROOT, assert_one_line_error, run_cli
+from .conftest import ROOT, assert_one_line_error, cli_in_process, run_cli
 
 
 def _seqs(vocab: int = 97) -> list[SeqInput]:
@@ -68,7 +68,7 @@ def test_max_memory_parses_like_accelerate_wants_it() -> None:
     ],
 )
 def test_bad_parallelism_flags_are_one_line(tmp_path: Path, flags: list[str], needle: str) -> None:
-    proc = run_cli("measure", *flags, "--out", str(tmp_path / "r"))
+    proc = cli_in_process("measure", *flags, "--out", str(tmp_path / "r"))
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "r").exists()
 

@@ -17,7 +17,7 @@ from mismatch_cli.runs import read_sequences, read_tokens, token_frame, write_ru
 from mismatch_cli.schema import DIAGNOSE_JSON
 from mismatch_cli.synthetic import synthetic_meta, write_synthetic_run
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import assert_one_line_error, cli_in_process
 
 # synthetic stand-ins: a variant's perturbation size sets its mismatch
 EPS = {"baseline": 0.1, "hf-bf16-vs-fp32": 0.15, "prefill-fp32": 0.01, "attention": 0.002}
@@ -86,23 +86,23 @@ def test_figure_bars_are_the_k3_values(diag_dir: Path, tmp_path: Path) -> None:
 
 
 def test_plot_of_a_diagnose_directory(diag_dir: Path) -> None:
-    proc = run_cli("plot", str(diag_dir))
+    proc = cli_in_process("plot", str(diag_dir))
     assert proc.returncode == 0, proc.stderr
     assert (diag_dir / "figures" / "diagnose.png").is_file()
     assert not (diag_dir / "figures" / "bound.png").exists()
 
 
 def test_bad_input_is_one_line(diag_dir: Path, tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("diagnose", "--variants", "null,fp8", "--out", str(tmp_path / "x")),
+    assert_one_line_error(cli_in_process("diagnose", "--variants", "null,fp8", "--out", str(tmp_path / "x")),
                           "unknown variant 'fp8'")  # fmt: skip
-    assert_one_line_error(run_cli("diagnose", "--out", str(diag_dir)), "--overwrite")
+    assert_one_line_error(cli_in_process("diagnose", "--out", str(diag_dir)), "--overwrite")
     assert_one_line_error(
-        run_cli("diagnose", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")),
+        cli_in_process("diagnose", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")),
         "not found",
     )
     synthetic = diag_dir / "variants" / "baseline"
     assert_one_line_error(
-        run_cli("diagnose", "--run", str(synthetic), "--out", str(tmp_path / "x")),
+        cli_in_process("diagnose", "--run", str(synthetic), "--out", str(tmp_path / "x")),
         "is not a baseline",
     )
     assert not (tmp_path / "x").exists()

@@ -23,7 +23,7 @@ from mismatch_cli.diagnose import (
 from mismatch_cli.errors import MismatchError
 from mismatch_cli.rescore_run import engine_env
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import assert_one_line_error, cli_in_process
 
 _BY = {v.name: v for v in VARIANTS}
 # The variants that need a CUDA GPU (or two, or an AVX-512 CPU): none can run on this
@@ -71,13 +71,13 @@ def test_not_runnable_here_listed_with_reason_and_refused_when_named() -> None:
 
 
 def test_list_json_and_table() -> None:
-    proc = run_cli("diagnose", "--list", "--json", check=True)
+    proc = cli_in_process("diagnose", "--list", "--json", check=True)
     rows = json.loads(proc.stdout)
     assert [r["name"] for r in rows] == list(VARIANT_NAMES)
     for r in rows:
         assert {"name", "side", "isolates", "runs_on", "runnable"} <= set(r)
         assert ("reason" in r) == (not r["runnable"])
-    proc = run_cli("diagnose", "--list", check=True)
+    proc = cli_in_process("diagnose", "--list", check=True)
     assert "The diagnose matrix" in proc.stdout
     for name in ("lm-head-fp32", "attn-flashinfer", "tp2"):
         assert name in proc.stdout
@@ -85,23 +85,25 @@ def test_list_json_and_table() -> None:
 
 def test_bad_variant_requests_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(
-        run_cli("diagnose", "--variants", "null,nope", "--out", str(tmp_path / "x")),
+        cli_in_process("diagnose", "--variants", "null,nope", "--out", str(tmp_path / "x")),
         "unknown variant 'nope'",
         "--list",
     )
     assert_one_line_error(
-        run_cli("diagnose", "--all", "--variants", "null", "--out", str(tmp_path / "x")),
+        cli_in_process("diagnose", "--all", "--variants", "null", "--out", str(tmp_path / "x")),
         "--all and --variants",
     )
     if _cpu_only():
         assert_one_line_error(
-            run_cli("diagnose", "--variants", "attn-flashinfer", "--out", str(tmp_path / "x")),
+            cli_in_process(
+                "diagnose", "--variants", "attn-flashinfer", "--out", str(tmp_path / "x")
+            ),
             "cannot run here",
             "CUDA GPU",
             "runs on: cuda",
         )
         assert_one_line_error(
-            run_cli("diagnose", "--variants", "tp2", "--out", str(tmp_path / "x")),
+            cli_in_process("diagnose", "--variants", "tp2", "--out", str(tmp_path / "x")),
             "2 CUDA GPUs",
             "runs on: >=2 GPUs",
         )

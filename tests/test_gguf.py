@@ -21,7 +21,7 @@ from mismatch_cli.models import (
     resolve_model,
 )
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import assert_one_line_error, cli_in_process, run_cli
 
 N_HEAD, N_KV, HIDDEN, LAYERS, CONTEXT = 4, 2, 32, 2, 1024
 MERGES = ["h e", "l l", "he ll", "hell o"]
@@ -216,7 +216,7 @@ def test_model_file_picks_a_gguf_in_a_folder_or_a_package(
 def test_not_a_gguf_is_one_line(cache: Path, tmp_path: Path) -> None:
     f = tmp_path / "model.gguf"
     f.write_text("hello, I am text\n")
-    proc = run_cli("measure", str(f), "--out", str(tmp_path / "r"))
+    proc = cli_in_process("measure", str(f), "--out", str(tmp_path / "r"))
     assert_one_line_error(proc, "is not a GGUF file")
     assert not (tmp_path / "r").exists()
 
@@ -224,7 +224,7 @@ def test_not_a_gguf_is_one_line(cache: Path, tmp_path: Path) -> None:
 def test_architecture_transformers_cannot_read_is_one_line(cache: Path, tmp_path: Path) -> None:
     f = tmp_path / "odd.gguf"
     write_tiny_gguf(f, architecture="rwkv6")
-    proc = run_cli("measure", str(f), "--out", str(tmp_path / "r"))
+    proc = cli_in_process("measure", str(f), "--out", str(tmp_path / "r"))
     assert_one_line_error(proc, "transformers cannot read odd.gguf", "'rwkv6'")
     with pytest.raises(MismatchError, match="not supported"):
         convert_gguf(f, quiet=True)

@@ -22,7 +22,7 @@ from mismatch_cli.runs import read_sequences, read_tokens, token_frame, write_ru
 from mismatch_cli.schema import DIAGNOSE_JSON, REPORT_HTML
 from mismatch_cli.synthetic import synthetic_meta, write_synthetic_run
 
-from .conftest import ROOT, assert_one_line_error, run_cli
+from .conftest import ROOT, assert_one_line_error, cli_in_process
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import page_browser as B
@@ -162,20 +162,20 @@ def test_diagnose_directory_page(pages: dict[str, Path]) -> None:
 
 def test_cli_writes_the_page_and_refuses_bad_input(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "p.html"
-    proc = run_cli("report", str(runs["steps"]), "--html", str(out))
+    proc = cli_in_process("report", str(runs["steps"]), "--html", str(out))
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and "wrote" in proc.stderr
     # a directory, an unwritable path, a run that is not complete: one line, nothing written
     assert_one_line_error(
-        run_cli("report", str(runs["steps"]), "--html", str(tmp_path)), "is a directory"
+        cli_in_process("report", str(runs["steps"]), "--html", str(tmp_path)), "is a directory"
     )
     bad = tmp_path / "file.txt"
     bad.write_text("")
     assert_one_line_error(
-        run_cli("report", str(runs["steps"]), "--html", str(bad / "p.html")), "not a folder"
+        cli_in_process("report", str(runs["steps"]), "--html", str(bad / "p.html")), "not a folder"
     )
     assert_one_line_error(
-        run_cli("report", str(runs["steps"]), "--html", str(tmp_path / "no" / "p.html")),
+        cli_in_process("report", str(runs["steps"]), "--html", str(tmp_path / "no" / "p.html")),
         "does not exist",
     )
     inc = tmp_path / "inc"
@@ -183,9 +183,9 @@ def test_cli_writes_the_page_and_refuses_bad_input(runs: dict[str, Path], tmp_pa
     meta = json.loads((inc / "run.json").read_text())
     (inc / "run.json").write_text(json.dumps({**meta, "status": "incomplete"}))
     target = tmp_path / "inc.html"
-    assert_one_line_error(run_cli("report", str(inc), "--html", str(target)), "not complete")
+    assert_one_line_error(cli_in_process("report", str(inc), "--html", str(target)), "not complete")
     assert not target.exists() and not list(tmp_path.glob(".inc.html.*"))
-    assert_one_line_error(run_cli("report", str(runs["steps"]), str(runs["demo"])), "--html")  # fmt: skip
+    assert_one_line_error(cli_in_process("report", str(runs["steps"]), str(runs["demo"])), "--html")  # fmt: skip
 
 
 def test_a_failed_write_leaves_nothing(

@@ -29,7 +29,7 @@ from mismatch_cli.importers.toolkit import ReadContext
 
 from . import import_fixtures as F
 from .conftest import assert_one_line_error
-from .conftest import run_cli as cli
+from .conftest import cli_in_process as cli
 
 DATA = Path(__file__).resolve().parent / "data"
 

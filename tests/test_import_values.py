@@ -17,7 +17,7 @@ from mismatch_cli.importers.ingest import ImportOptions, run_import
 
 from . import import_fixtures as F
 from .conftest import assert_one_line_error
-from .conftest import run_cli as cli
+from .conftest import cli_in_process as cli
 
 BASE = {
     "prompt_token_ids": [1, 2, 3],

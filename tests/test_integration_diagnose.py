@@ -1,6 +1,7 @@
 """End-to-end on the real engines (vLLM CPU build, transformers, the default model):
 `rescore` reproduces a measured run exactly, and `diagnose` builds the null, batch-shape and
-prefill-fp32 variants on the session's vLLM run."""
+prefill-fp32 variants and the precise reference on the session's vLLM run (`diagnosed` in
+conftest.py: one diagnose run shared with test_integration_matrix.py)."""
 
 from __future__ import annotations
 
@@ -35,15 +36,6 @@ def test_rescore_with_the_same_settings_reproduces_logp_train(
     assert meta["rescored_from"]["changed"] == {}
     assert meta["model"]["weights_sha256"] == json.loads((vllm_run / "run.json").read_text())[
         "model"]["weights_sha256"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def diagnosed(vllm_run: Path, runs_dir: Path) -> dict:
-    out = runs_dir / "diagnose"
-    proc = run_cli("diagnose", "--run", str(vllm_run), "--variants",
-                   "null,batch-shape,prefill-fp32", "--reference-fp64", "2", "--out", str(out),
-                   "--json", check=True)  # fmt: skip
-    return json.loads(proc.stdout)
 
 
 def test_null_variant_is_exactly_zero(diagnosed: dict) -> None:
@@ -104,15 +96,17 @@ def test_each_side_against_the_precise_reference(diagnosed: dict) -> None:
     assert meta["config"]["rescore_batch_tokens"] == 1
     assert meta["config"]["train_dtype"] == "float32"
     assert meta["config"]["attn_implementation"] == "eager"
-    lref = _tokens(Path(ref["run"]))["logp_train"].to_numpy(np.float64)
+    refk = _tokens(Path(ref["run"]))[["seq_id", "pos", "logp_train"]]
     attr = {a["name"]: a for a in diagnosed["attribution"]}
-    for row in diagnosed["variants"]:
-        if row["skipped"]:
-            continue
-        tok = _tokens(Path(row["run"]))
+    built = [row for row in diagnosed["variants"] if not row["skipped"]]
+    assert {"baseline", "null", "batch-shape", "prefill-fp32"} <= {r["name"] for r in built}
+    for row in built:
+        # matched on (seq_id, pos): a decode-again row holds a subset of the sequences
+        tok = _tokens(Path(row["run"])).merge(refk, on=["seq_id", "pos"], suffixes=("", "_ref"))
         a = attr[row["name"]]
         assert a["shared"], a
         li, lt = tok["logp_infer"].to_numpy(np.float64), tok["logp_train"].to_numpy(np.float64)
+        lref = tok["logp_train_ref"].to_numpy(np.float64)
         ok = np.isfinite(li) & np.isfinite(lt) & np.isfinite(lref)
         ei, et = li[ok] - lref[ok], lt[ok] - lref[ok]
         assert a["num_tokens"] == ok.sum()

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from . import import_fixtures as F
-from .conftest import run_cli
+from .conftest import cli_in_process, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,7 @@ def test_verl_dump_of_vllm_rollouts_rescored_matches_measure(
     assert fit["fitted"] == pytest.approx(1.0, abs=0.05)
     assert not any("best explained by temperature" in w for w in res["warnings"])
     # a rescored import has the pruning grid: the sweep works
-    sweep = run_cli("sweep-threshold", str(out), "--json", check=True)
+    sweep = cli_in_process("sweep-threshold", str(out), "--json", check=True)
     assert json.loads(sweep.stdout)["rows"]
 
 
@@ -110,8 +110,8 @@ def test_tokens_export_of_vllm_run_reproduces_it(vllm_run: Path, tmp_path: Path)
     print(f"scored import of the vLLM run: slope of logp_infer on logp_train {slope:.4f}")
     assert slope == pytest.approx(1.0, abs=0.02)
     assert not any("temperature" in w for w in res["warnings"])
-    rep = run_cli("report", str(out), "--json", check=True)
-    orig = run_cli("report", str(vllm_run), "--json", check=True)
+    rep = cli_in_process("report", str(out), "--json", check=True)
+    orig = cli_in_process("report", str(vllm_run), "--json", check=True)
     a, b = json.loads(rep.stdout)["metrics"], json.loads(orig.stdout)["metrics"]
     for k in ("mean_abs_delta", "k3", "mean_delta", "chi2_token", "ess_seq"):
         assert a[k] == pytest.approx(b[k], rel=1e-12), k

@@ -4,7 +4,27 @@ what it claims (run.json records the setting, which reached the scoring code or 
 engine) on the baseline's tokens (token ids identical to the baseline's, on every
 sequence, or for a decode-again variant on the sequences that came out identical), and its
 difference is reported. Never that the difference is nonzero: a CPU's kernels may be
-bit-identical under a knob, and 0 is then the true answer."""
+bit-identical under a knob, and 0 is then the true answer.
+
+One real row per MECHANISM, in the session's one diagnose run (`diagnosed`, conftest.py):
+- a training-side numerics change: logsoftmax-bf16 (`RescoreOptions` -> `TrainNumerics` ->
+  `score_sequences`, recorded in engines.train.numerics). lm-head-fp32 takes the same path
+  with another field: its numerics are tested on a tiny model in test_train_numerics.py
+  (test_cast_head_fp32), its options in test_diagnose_matrix.py (test_matrix_metadata).
+  packed and padding-left are layouts through the same path, with both sides transformers
+  bf16 as batch-shape (test_integration_diagnose.py) runs them: their positions are tested
+  against the right-padded layout in test_train_numerics.py
+  (test_layouts_score_the_same_positions, test_packed_rows_hold_several_sequences).
+- an engine-argument change: chunked-prefill (a vLLM prefill with `EngineChange` engine
+  arguments). max-num-seqs-1 and no-prefix-cache pass other engine arguments the same way:
+  test_diagnose_matrix.py (test_engine_arguments_reach_vllm_engine_args) checks that each
+  one's arguments reach vLLM's `EngineArgs`, and that nothing else changes.
+- a decode again with a config change: decode-fp32 (the baseline's prompts decoded again,
+  the identical sequences rescored, the engine's dtype recorded). decode-fp16 differs only
+  in the dtype (test_engine_arguments_reach_vllm_engine_args), and whether a CPU build
+  accepts float16 is the machine's property, not the code's.
+- the reference: test_integration_diagnose.py (test_each_side_against_the_precise_reference).
+- a variant this run cannot build (eager on an eager baseline): skipped with its reason."""
 
 from __future__ import annotations
 
@@ -15,35 +35,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from .conftest import run_cli
-
 pytestmark = pytest.mark.integration
 
-TRAINING = ["lm-head-fp32", "logsoftmax-bf16", "packed", "padding-left"]
-DECODE = ["max-num-seqs-1", "no-prefix-cache", "decode-fp16", "decode-fp32"]
+TRAINING = ["logsoftmax-bf16"]
+DECODE = ["decode-fp32"]
 PREFILL = ["chunked-prefill"]
-
-
-def _diagnose(vllm_run: Path, runs_dir: Path, tag: str, names: list[str]) -> dict:
-    out = runs_dir / f"diagnose-matrix-{tag}"
-    proc = run_cli("diagnose", "--run", str(vllm_run), "--variants", ",".join(names),
-                   "--out", str(out), "--json", "--no-html", "--no-plots", "--no-reference",
-                   timeout=3000,
-                   check=True)  # fmt: skip
-    return json.loads(proc.stdout)
-
-
-@pytest.fixture(scope="module")
-def training(vllm_run: Path, runs_dir: Path) -> dict:
-    """The training-side variants (transformers only) and `eager` (skipped: the session's
-    run is eager already)."""
-    return _diagnose(vllm_run, runs_dir, "training", ["eager", *TRAINING])
-
-
-@pytest.fixture(scope="module")
-def inference(vllm_run: Path, runs_dir: Path) -> dict:
-    """The inference-side variants: one vLLM engine each."""
-    return _diagnose(vllm_run, runs_dir, "inference", [*PREFILL, *DECODE])
 
 
 def _rows(matrix: dict) -> dict[str, dict]:
@@ -77,14 +73,14 @@ def _same_tokens(base: pd.DataFrame, tok: pd.DataFrame, every: bool) -> None:
     assert len(kept) == len(tok)  # whole sequences
 
 
-def test_eager_on_an_eager_baseline_is_skipped_with_its_reason(training: dict) -> None:
-    row = _rows(training)["eager"]
+def test_eager_on_an_eager_baseline_is_skipped_with_its_reason(diagnosed: dict) -> None:
+    row = _rows(diagnosed)["eager"]
     assert row["run"] is None and "already runs with enforce_eager True" in row["skipped"]
 
 
 @pytest.mark.parametrize("name", TRAINING)
-def test_training_side_variants(training: dict, name: str) -> None:
-    rows = _rows(training)
+def test_training_side_variants(diagnosed: dict, name: str) -> None:
+    rows = _rows(diagnosed)
     row = rows[name]
     _reported(row)
     base = _tokens(rows["baseline"]["run"])
@@ -114,8 +110,8 @@ def test_training_side_variants(training: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", DECODE + PREFILL)
-def test_inference_side_variants(inference: dict, name: str) -> None:
-    rows = _rows(inference)
+def test_inference_side_variants(diagnosed: dict, name: str) -> None:
+    rows = _rows(diagnosed)
     row = rows[name]
     _reported(row)
     base = _tokens(rows["baseline"]["run"])
@@ -150,11 +146,11 @@ def test_inference_side_variants(inference: dict, name: str) -> None:
     assert np.abs(m["logp_train"] - m["logp_train_b"]).max() < 1e-3
 
 
-def test_not_runnable_listed(training: dict) -> None:
-    names = {m["name"] for m in training["not_runnable"]}
+def test_not_runnable_listed(diagnosed: dict) -> None:
+    names = {m["name"] for m in diagnosed["not_runnable"]}
+    for m in diagnosed["not_runnable"]:
+        assert m["reason"] and m["runs_on"]
     import torch
 
     if not torch.cuda.is_available():
         assert {"attn-flash-attn", "tp2", "fp8-weights", "vllm-batch-invariant"} <= names
-        for m in training["not_runnable"]:
-            assert m["reason"] and m["runs_on"]

@@ -1,5 +1,7 @@
 """`measure` refuses bad input with one clear line, a non-zero exit code and no traceback,
-before any engine starts, and leaves no output that looks like a run."""
+before any engine starts, and leaves no output that looks like a run. In this process
+(`cli_in_process`: what the command prints and exits with), but for `--help`, whose
+speed in a fresh process is what its test checks."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 from mismatch_cli.config import MeasureConfig, parse_engine_args
 from mismatch_cli.errors import MismatchError
 
-from .conftest import run_cli
+from .conftest import cli_in_process, run_cli
 
 
 def _assert_clean_failure(proc, needle: str) -> None:
@@ -44,13 +46,13 @@ def _assert_clean_failure(proc, needle: str) -> None:
 )
 def test_impossible_flag_values(tmp_path: Path, flags: list[str], needle: str) -> None:
     out = tmp_path / "run"
-    proc = run_cli("measure", *flags, "--out", str(out))
+    proc = cli_in_process("measure", *flags, "--out", str(out))
     _assert_clean_failure(proc, needle)
     assert not out.exists()
 
 
 def test_missing_model_path(tmp_path: Path) -> None:
-    proc = run_cli("measure", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "r"))
+    proc = cli_in_process("measure", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "r"))
     _assert_clean_failure(proc, "model not found")
 
 
@@ -58,12 +60,12 @@ def test_model_that_is_not_a_causal_lm(tmp_path: Path) -> None:
     m = tmp_path / "bert"
     m.mkdir()
     (m / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    proc = run_cli("measure", str(m), "--out", str(tmp_path / "r"))
+    proc = cli_in_process("measure", str(m), "--out", str(tmp_path / "r"))
     _assert_clean_failure(proc, "not a causal LM")
 
 
 def test_folder_without_config(tmp_path: Path) -> None:
-    proc = run_cli("measure", str(tmp_path), "--out", str(tmp_path / "r"))
+    proc = cli_in_process("measure", str(tmp_path), "--out", str(tmp_path / "r"))
     _assert_clean_failure(proc, "no config.json")
 
 
@@ -81,7 +83,7 @@ def test_bad_prompt_files(tmp_path: Path, name: str, content: str | None, needle
     if content is not None:
         f.write_text(content)
     out = tmp_path / "run"
-    proc = run_cli("measure", "--prompts", str(f), "--out", str(out))
+    proc = cli_in_process("measure", "--prompts", str(f), "--out", str(out))
     _assert_clean_failure(proc, needle)
     assert not out.exists()
 
@@ -89,19 +91,19 @@ def test_bad_prompt_files(tmp_path: Path, name: str, content: str | None, needle
 def test_unwritable_out(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    proc = run_cli("measure", "--num-prompts", "1", "--out", str(blocker / "run"))
+    proc = cli_in_process("measure", "--num-prompts", "1", "--out", str(blocker / "run"))
     _assert_clean_failure(proc, "cannot write to output directory")
 
 
 def test_out_is_an_existing_file(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_text("x")
-    proc = run_cli("measure", "--num-prompts", "1", "--out", str(f))
+    proc = cli_in_process("measure", "--num-prompts", "1", "--out", str(f))
     _assert_clean_failure(proc, "exists and is a file")
 
 
 def test_resume_without_a_run(tmp_path: Path) -> None:
-    proc = run_cli("measure", "--resume", "--out", str(tmp_path / "nothing"))
+    proc = cli_in_process("measure", "--resume", "--out", str(tmp_path / "nothing"))
     _assert_clean_failure(proc, "not a mismatch run")
 
 

@@ -22,7 +22,7 @@ from mismatch_cli.synthetic import write_synthetic_run
 
 from . import import_fixtures as F
 from .conftest import assert_one_line_error
-from .conftest import run_cli as cli
+from .conftest import cli_in_process as cli
 from .test_rescore_run import make_run
 
 

@@ -15,7 +15,7 @@ from mismatch_cli import analysis as A
 from mismatch_cli import plots as P
 
 from .conftest import assert_one_line_error
-from .conftest import run_cli as cli
+from .conftest import cli_in_process as cli
 
 DPI = 60  # small images keep the tests fast; one test checks the default 200 dpi
 

@@ -17,7 +17,7 @@ from mismatch_cli.cli import app
 from mismatch_cli.render import print_report
 
 from .conftest import assert_one_line_error
-from .conftest import run_cli as cli
+from .conftest import cli_in_process as cli
 
 runner = CliRunner()
 

@@ -21,7 +21,7 @@ from mismatch_cli.runs import RunDir, new_meta, read_tokens
 from mismatch_cli.sampling import Sampling
 from mismatch_cli.schema import STATUS_COMPLETE
 
-from .conftest import ROOT, assert_one_line_error, run_cli
+from .conftest import ROOT, assert_one_line_error, cli_in_process
 
 K = 5
 
@@ -225,21 +225,23 @@ def test_changed_weights_are_refused(tiny_model_dir: Path, tmp_path: Path) -> No
 
 
 def test_bad_input_is_one_line(tiny_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("rescore", str(tiny_run), "--out", str(tiny_run)),
+    assert_one_line_error(cli_in_process("rescore", str(tiny_run), "--out", str(tiny_run)),
                           "is the input run")  # fmt: skip
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
     meta = json.loads((tiny_run / "run.json").read_text())
     (incomplete / "run.json").write_text(json.dumps({**meta, "status": "incomplete"}))
-    assert_one_line_error(run_cli("rescore", str(incomplete), "--out", str(tmp_path / "o")),
+    assert_one_line_error(cli_in_process("rescore", str(incomplete), "--out", str(tmp_path / "o")),
                           "incomplete")  # fmt: skip
     assert_one_line_error(
-        run_cli("rescore", str(tiny_run), "--out", str(tmp_path / "o"), "--infer-dtype",
+        cli_in_process("rescore", str(tiny_run), "--out", str(tmp_path / "o"), "--infer-dtype",
                 "float16"),
         "--infer-dtype needs --infer-side",
     )  # fmt: skip
     assert_one_line_error(
-        run_cli("rescore", str(tiny_run), "--out", str(tmp_path / "o"), "--train-dtype", "fp8"),
+        cli_in_process(
+            "rescore", str(tiny_run), "--out", str(tmp_path / "o"), "--train-dtype", "fp8"
+        ),
         "--train-dtype must be one of",
     )
     assert not (tmp_path / "o").exists()
@@ -249,7 +251,7 @@ def test_vllm_prefill_is_refused_at_temperature_below_one(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     src = make_run(tmp_path / "t07", tiny_model_dir, temperature=0.7)
-    proc = run_cli("rescore", str(src), "--out", str(tmp_path / "o"), "--infer-side",
+    proc = cli_in_process("rescore", str(src), "--out", str(tmp_path / "o"), "--infer-side",
                    "vllm-prefill", "--infer-dtype", "float32")  # fmt: skip
     assert_one_line_error(proc, "temperature 1 without truncation", "temperature 0.7")
     assert not (tmp_path / "o").exists()

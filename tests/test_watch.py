@@ -1,6 +1,8 @@
-"""`import --append` and `mismatch watch`, as real processes: a run grown file by file (or
-step by step while a writer produces them) equals a one-shot import token by token; Ctrl-C
-mid-import leaves a complete run that `--append` finishes; a changed file is refused."""
+"""`import --append` and `mismatch watch`: a run grown file by file (or step by step while a
+writer produces them) equals a one-shot import token by token; Ctrl-C mid-import leaves a
+complete run that `--append` finishes; a changed file is refused. The Ctrl-C test and the
+watcher following a writer run real processes (a signal, a process that runs on); the
+others call the CLI in this process (`cli_in_process`)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import ROOT, assert_one_line_error, cli_in_process, run_cli
 from tests.import_fixtures import known_run, write_prime_rl
 
 STEPS = (1, 2, 3, 4)
@@ -46,17 +48,17 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_append_step_by_step_equals_one_shot(export: Path, tmp_path: Path) -> None:
     one, grown = tmp_path / "one", tmp_path / "grown"
-    run_cli("import", "prime-rl", str(export), "--out", str(one), check=True)
+    cli_in_process("import", "prime-rl", str(export), "--out", str(one), check=True)
     steps = sorted((export / "token_exports").iterdir())
-    run_cli("import", "prime-rl", str(steps[0]), "--out", str(grown), check=True)
+    cli_in_process("import", "prime-rl", str(steps[0]), "--out", str(grown), check=True)
     for s in steps[1:3]:
-        run_cli("import", "prime-rl", str(s), "--out", str(grown), "--append", check=True)
+        cli_in_process("import", "prime-rl", str(s), "--out", str(grown), "--append", check=True)
     # the whole folder: only the last step is new
-    run_cli("import", "prime-rl", str(export), "--out", str(grown), "--append", check=True)
+    cli_in_process("import", "prime-rl", str(export), "--out", str(grown), "--append", check=True)
     _assert_same_run(one, grown)
     files = json.loads((grown / "run.json").read_text())["source"]["files"]
     assert len(files) == 12 and all({"bytes", "mtime_ns", "sha256"} <= set(f) for f in files)
-    again = run_cli("import", "prime-rl", str(export), "--out", str(grown), "--append")
+    again = cli_in_process("import", "prime-rl", str(export), "--out", str(grown), "--append")
     assert again.returncode == 0 and "nothing to append" in again.stderr
 
 
@@ -64,16 +66,18 @@ def test_a_changed_file_is_refused_a_touched_one_is_not(export: Path, tmp_path: 
     dump = tmp_path / "dump"
     shutil.copytree(export, dump)
     run = tmp_path / "run"
-    run_cli("import", "prime-rl", str(dump), "--out", str(run), check=True)
+    cli_in_process("import", "prime-rl", str(dump), "--out", str(run), check=True)
     f = dump / "token_exports" / "step_2" / "rank_1.jsonl"
     os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))  # same bytes, new mtime
-    same = run_cli("import", "prime-rl", str(dump), "--out", str(run), "--append")
+    same = cli_in_process("import", "prime-rl", str(dump), "--out", str(run), "--append")
     assert same.returncode == 0 and "nothing to append" in same.stderr
     lines = f.read_text().splitlines(keepends=True)
     f.write_text("".join(lines[:-1]))  # a record less: a different file under the same path
-    proc = run_cli("import", "prime-rl", str(dump), "--out", str(run), "--append")
+    proc = cli_in_process("import", "prime-rl", str(dump), "--out", str(run), "--append")
     assert_one_line_error(proc, "changed since", str(f))
-    both = run_cli("import", "prime-rl", str(dump), "--out", str(run), "--append", "--overwrite")
+    both = cli_in_process(
+        "import", "prime-rl", str(dump), "--out", str(run), "--append", "--overwrite"
+    )
     assert_one_line_error(both, "pick one")
 
 
@@ -180,21 +184,21 @@ def test_watch_follows_a_writer_and_ends_equal_to_one_shot(export: Path, tmp_pat
     assert steps_csv["step"].tolist() == list(STEPS)
     assert (run / "figures" / "drift.png").stat().st_size > 0
     one = tmp_path / "one"
-    run_cli("import", "prime-rl", str(live), "--out", str(one), check=True)
+    cli_in_process("import", "prime-rl", str(live), "--out", str(one), check=True)
     _assert_same_run(one, run)
-    again = run_cli("watch", str(live), "--format", "prime-rl", "--out", str(run), "--once")
+    again = cli_in_process("watch", str(live), "--format", "prime-rl", "--out", str(run), "--once")
     assert again.returncode == 0 and "step " not in again.stdout
 
 
 def test_watch_once_on_an_empty_folder_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    proc = run_cli(
+    proc = cli_in_process(
         "watch", str(tmp_path / "empty"), "--format", "prime-rl", "--out", str(tmp_path / "r"),
         "--once",
     )  # fmt: skip
     assert_one_line_error(proc, "no complete prime-rl step")
     assert proc.stdout.strip() == ""
-    bad = run_cli(
+    bad = cli_in_process(
         "watch", str(tmp_path / "nope"), "--format", "slime", "--out", str(tmp_path / "r")
     )
     assert_one_line_error(bad, "not a folder")
@@ -210,12 +214,12 @@ def test_watch_settle_rule_for_files_without_a_marker(tmp_path: Path) -> None:
     now = time.time()
     os.utime(f, (now, now))
     run = tmp_path / "run"
-    early = run_cli(
+    early = cli_in_process(
         "watch", str(live), "--format", "tokens", "--out", str(run), "--once", "--settle", "30"
     )
     assert_one_line_error(early, "no complete tokens step")
     os.utime(f, (now - 60, now - 60))
-    done = run_cli(
+    done = cli_in_process(
         "watch", str(live), "--format", "tokens", "--out", str(run), "--once", "--settle", "30"
     )
     assert done.returncode == 0, done.stderr
@@ -237,7 +241,7 @@ def test_watch_alert_names_the_metric_that_rose(tmp_path: Path) -> None:
             c.logp_infer = np.minimum(c.logp_infer, 0.0)
     write_prime_rl(known, tmp_path / "out", ranks=1)
     run = tmp_path / "run"
-    proc = run_cli(
+    proc = cli_in_process(
         "watch", str(tmp_path / "out"), "--format", "prime-rl", "--out", str(run), "--once",
         "--no-figure",
     )  # fmt: skip
