@@ -747,6 +747,7 @@ def corrections(
     *,
     batch_rows: int = BATCH_ROWS,
     exact_limit: int = EXACT_LIMIT,
+    sweeps_out: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Apply every correction (or `methods`) to a run (path) or a token table.
 
@@ -761,6 +762,9 @@ def corrections(
     Returns a strict-JSON dict: run, num_tokens, num_sequences, num_finite, num_infinite,
     edges, has_advantage, has_step, all_tokens, methods (METHOD_KEYS each, registry order),
     pareto (names), pareto_axes, dvp_curves, verdict, warnings, quantiles, conventions.
+    `sweeps_out` (a dict): filled with each DVP rule's `sweep.SweepAccumulator` of the
+    second pass, whose `result(run=...)` is `sweep.sweep` of the run for that rule (`plot`
+    draws the sweep figure from it instead of reading the run again).
     """
     from . import sweep as sw
     from .aggregates import parse_edges
@@ -815,7 +819,7 @@ def corrections(
     # pass 1: the sequences (and steps)
     has_step = "step" in have
     seq_parts, step_parts = [], []
-    for b in src.read(["seq_id", *(["step"] if has_step else [])]):
+    for b in src.stream(["seq_id", *(["step"] if has_step else [])]):
         seq_parts.append(distinct(b["seq_id"]))
         if has_step:
             step_parts.append(b["step"])
@@ -829,7 +833,7 @@ def corrections(
     sweeps = {r: sw.SweepAccumulator(r, g, S, exact_limit) for r in rules}
     cols = ["seq_id", "delta", *(["kept_train"] if "kept_train" in have else [])]
     cols += [c for c in sw.scalar_columns(rules, have) if c not in cols]
-    for b in src.read(cols, [sw.MASS_COLUMN[r] for r in rules]):
+    for b in src.stream(cols, [sw.MASS_COLUMN[r] for r in rules]):
         seq = seqs.codes(b["seq_id"])
         bs = BatchSeqs(seq)
         acc.add(_token_delta(b), bs)
@@ -841,6 +845,8 @@ def corrections(
                 del sweeps[r]
     view = acc.view()
     del acc
+    if sweeps_out is not None:
+        sweeps_out.update(sweeps)
     num_tokens = int(view.T.sum())
     sweep_res = {r: s.result() for r, s in sweeps.items()}
     del sweeps
@@ -869,7 +875,7 @@ def corrections(
     cols = [*BASE_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in have)]
     if not any(r == "min-p" for r, _ in dvp_live.values()) and "p_max_train" in cols:
         cols.remove("p_max_train")
-    for b in src.read(cols):
+    for b in src.stream(cols):
         seq = seqs.codes(b["seq_id"])
         t = _prepare(b, seq, S, e, step_values)
         bs = BatchSeqs(seq)
