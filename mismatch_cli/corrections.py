@@ -819,7 +819,7 @@ def corrections(
     # pass 1: the sequences (and steps)
     has_step = "step" in have
     seq_parts, step_parts = [], []
-    for b in src.stream(["seq_id", *(["step"] if has_step else [])]):
+    for b in src.read(["seq_id", *(["step"] if has_step else [])]):
         seq_parts.append(distinct(b["seq_id"]))
         if has_step:
             step_parts.append(b["step"])
@@ -833,7 +833,7 @@ def corrections(
     sweeps = {r: sw.SweepAccumulator(r, g, S, exact_limit) for r in rules}
     cols = ["seq_id", "delta", *(["kept_train"] if "kept_train" in have else [])]
     cols += [c for c in sw.scalar_columns(rules, have) if c not in cols]
-    for b in src.stream(cols, [sw.MASS_COLUMN[r] for r in rules]):
+    for b in src.read(cols, [sw.MASS_COLUMN[r] for r in rules]):
         seq = seqs.codes(b["seq_id"])
         bs = BatchSeqs(seq)
         acc.add(_token_delta(b), bs)
@@ -875,7 +875,7 @@ def corrections(
     cols = [*BASE_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in have)]
     if not any(r == "min-p" for r, _ in dvp_live.values()) and "p_max_train" in cols:
         cols.remove("p_max_train")
-    for b in src.stream(cols):
+    for b in src.read(cols):
         seq = seqs.codes(b["seq_id"])
         t = _prepare(b, seq, S, e, step_values)
         bs = BatchSeqs(seq)

@@ -625,9 +625,9 @@ def sweep(
     if err is not None:
         raise err
     resolve_rhos(rhos, g)  # a bad --rho fails before any token is read
-    seqs = SeqIndex.scan(b["seq_id"] for b in src.stream(["seq_id"]))
+    seqs = SeqIndex.scan(b["seq_id"] for b in src.read(["seq_id"]))
     acc = SweepAccumulator(rule, g, seqs.num, exact_limit)
-    for b in src.stream(scalar_columns([rule], src.columns), [MASS_COLUMN[rule]]):
+    for b in src.read(scalar_columns([rule], src.columns), [MASS_COLUMN[rule]]):
         acc.add_batch(b, seqs.codes(b["seq_id"]))
     return acc.result(rhos, max_bias, target_mismatch, run)
 

@@ -117,14 +117,6 @@ class TokenBatches:
                     out[c] = _list_values(batch.column(c), c)
                 yield out
 
-    def stream(
-        self, columns: Sequence[str], lists: Sequence[str] = ()
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """`read`, a file's next batch decoded in a thread while the caller works on this
-        one (`prefetch`); a DataFrame's slices as they are."""
-        it = self.read(columns, lists)
-        return prefetch(it) if self.file is not None else it
-
     def _frame_batches(
         self, columns: list[str], lists: list[str], rows: int
     ) -> Iterator[dict[str, np.ndarray]]:
