@@ -277,6 +277,16 @@ class Batch:
         return out
 
     @cached_property
+    def bucket_ip(self) -> np.ndarray:
+        """`bucket` as intp, what bincount and the sketches index with (cast once). [m]"""
+        return self.bucket.astype(np.intp)
+
+    @cached_property
+    def bucket_all_ip(self) -> np.ndarray:
+        """`bucket_all` as intp. [n]"""
+        return self.bucket_ip if self.all_finite else self.bucket_all.astype(np.intp)
+
+    @cached_property
     def seqs(self) -> BatchSeqs:
         """The batch's sequences over every row."""
         assert self.seq is not None
@@ -397,15 +407,19 @@ class _Coarse:
         self.sum = np.zeros(G)
         self.q = QuantileAccumulator(G, exact_limit)
 
-    def add(self, v: np.ndarray, bucket: np.ndarray) -> None:
+    def add(self, v: np.ndarray, bucket: np.ndarray, rows: np.ndarray) -> None:
+        """Add a batch's values v [n] with their buckets [n] (intp) and the batch's rows
+        per bucket [G] (the count of finite values is rows less the non-finite ones)."""
         G = self.n.size
         ok = np.isfinite(v)
+        inf = np.zeros(G, np.int64)
         if not ok.all():
-            self.n_inf += np.bincount(bucket[~ok], minlength=G)
+            inf = np.bincount(bucket[~ok], minlength=G)
+            self.n_inf += inf
             v, bucket = v[ok], bucket[ok]
-        self.n += np.bincount(bucket, minlength=G)
+        self.n += rows - inf
         self.sum += np.bincount(bucket, weights=v, minlength=G)
-        self.q.add(v, bucket)
+        self.q.add(v, bucket, finite=True)
 
 
 def quantile_with_inf(acc: QuantileAccumulator, q: float, num_inf: int) -> float:
@@ -588,9 +602,10 @@ class Aggregates:
         _add_sizes(s, self.seq_n)
         s.add(self.seq_sum_x, 1.0 - b.p_all)  # over every token, finite or not
         if self.coarse:
-            self.rows_bucket += np.bincount(b.bucket_all, minlength=nb1)
+            rows = np.bincount(b.bucket_all_ip, minlength=nb1)  # [nb + 1]
+            self.rows_bucket += rows
             for c, acc in self.coarse.items():
-                acc.add(b.column(c), b.bucket_all)
+                acc.add(b.column(c), b.bucket_all_ip, rows)
         if "eps_hat" in b.rows:
             self.eps_hat_acc.add(b.rows["eps_hat"])  # every row; NaN (imports) ignored
         if b.m:
@@ -605,7 +620,7 @@ class Aggregates:
     def _add_finite(self, b: Batch) -> None:
         d, ad, x = b.delta, b.ad, b.x  # [m]
         tail = b.p < self.tail  # [m]
-        g = b.bucket.astype(np.intp) * 2 + tail  # [m] flat (bucket, tail) group
+        g = b.bucket_ip * 2 + tail  # [m] flat (bucket, tail) group
         G = self.sum_ad.size
         self.delta.add(d, g)
         self.sum_ad += np.bincount(g, weights=ad, minlength=G).reshape(self.sum_ad.shape)
@@ -615,7 +630,7 @@ class Aggregates:
         self.sxy += float(x @ ad)
         self.syy += float(ad @ ad)
         self.max_ad = max(self.max_ad, float(ad.max()))
-        self.q_ad.add(ad, b.bucket)
+        self.q_ad.add(ad, b.bucket_ip, finite=True)
         cover = theory.eps_to_cover(ad, x)  # [m]
         self.n_cover_inf += int(np.count_nonzero(np.isinf(cover)))
         self.q_cover.add(cover)
@@ -971,6 +986,81 @@ def _batches(src: TokenBatches, columns: Sequence[str]) -> Iterator[dict[str, np
     return prefetch(src.read(cols)) if src.file is not None else src.read(cols)
 
 
+class Scanner:
+    """`scan` one batch at a time, for a caller that reads the batches itself (`compare`
+    reads two runs in lockstep, each batch feeding both runs' scans and the moves between
+    them): construct (the first pass, when asked for, runs here), `feed` every batch of
+    `columns` in table order, then `finish` (eps learnt, the envelope counts) for the
+    aggregates. `scan` is this with its own reader."""
+
+    def __init__(
+        self,
+        src: TokenBatches,
+        *,
+        edges: np.ndarray,
+        by: str = "train",
+        tail: float = DEFAULT_TAIL,
+        eps: float | None = None,
+        exact_limit: int = EXACT_LIMIT,
+        extras: Sequence[Extra] = (),
+        flag_infinite: bool = False,
+    ) -> None:
+        self.src, self.by, self.edges, self.extras = src, by, edges, list(extras)
+        have = set(src.columns)
+        self._kept = ["kept_train"] if "kept_train" in have else []
+        coarse = [c for c in COARSE_COLUMNS if c in have]
+        eps_hat = QuantileAccumulator(1, exact_limit)
+        self.first_pass = flag_infinite or any(getattr(x, "needs_sequences", False) for x in extras)
+        if self.first_pass:
+            index, flags = _first_pass(src, by, edges, flag_infinite)
+            agg = Aggregates(edges, by, tail, index.ids, eps_hat, coarse, exact_limit)
+            agg.seq_infinite = flags
+        else:  # one pass: the sequences are added as the batches bring them
+            agg = Aggregates(edges, by, tail, np.empty(0, np.int64), eps_hat, coarse, exact_limit)
+        if eps is not None:
+            agg.set_eps(eps, "--eps")
+        else:
+            agg.defer_envelopes()
+        for x in extras:
+            x.start(agg)
+        self.agg = agg
+        hat = ["eps_hat"] if "eps_hat" in have else []
+        cols = [
+            *NEEDED_COLUMNS,
+            *self._kept,
+            *hat,
+            *coarse,
+            *(c for x in extras for c in x.columns),
+        ]
+        # the columns each batch must hold (those the table has)
+        self.columns = list(dict.fromkeys(c for c in cols if c in have))
+
+    def feed(self, rows: dict[str, np.ndarray]) -> None:
+        """Add one batch (a dict holding at least `columns`), in table order."""
+        agg = self.agg
+        sid = rows["seq_id"]
+        if not self.first_pass:
+            agg.add_sequences(distinct(sid))
+        b = Batch(rows, SeqIndex(agg.seq_ids).codes(sid), self.by, self.edges)
+        agg.add(b)
+        for x in self.extras:
+            x.add(b)
+
+    def finish(self) -> Aggregates:
+        """The aggregates, eps set (learnt from the pass unless given) and the envelopes
+        counted (a pass of their own only when the candidates fell short)."""
+        agg = self.agg
+        if agg.eps is None:  # eps from this pass: q0.99 of eps_hat, else of the eps needed
+            eps_data, _ = agg.eps_hat()
+            if math.isfinite(eps_data):
+                counted = agg.set_eps(eps_data, theory.eps_estimator_name())
+            else:
+                counted = agg.set_eps(agg.eps_needed(0.99), NO_EPS_HAT_ESTIMATOR)
+            if not counted:  # the candidates fell short: the counts in a pass of their own
+                agg.count_envelopes(_batches(self.src, ["delta", f"p_{self.by}", *self._kept]))
+        return agg
+
+
 def scan(
     src: TokenBatches,
     *,
@@ -988,43 +1078,15 @@ def scan(
     (2) every column, eps_hat included, each batch also handed to `extras`, the sequences
     added as they come unless (1) listed them; eps (unless given) is learnt from it, and
     the envelope counts at eps come from its candidates; (3) only when those fall short
-    (eps below their floor, too many of them): the envelope counts in a pass of their own."""
-    have = set(src.columns)
-    kept = ["kept_train"] if "kept_train" in have else []
-    coarse = [c for c in COARSE_COLUMNS if c in have]
-    eps_hat = QuantileAccumulator(1, exact_limit)
-    first_pass = flag_infinite or any(getattr(x, "needs_sequences", False) for x in extras)
-    if first_pass:
-        index, flags = _first_pass(src, by, edges, flag_infinite)
-        agg = Aggregates(edges, by, tail, index.ids, eps_hat, coarse, exact_limit)
-        agg.seq_infinite = flags
-    else:  # one pass: the sequences are added as the batches bring them
-        agg = Aggregates(edges, by, tail, np.empty(0, np.int64), eps_hat, coarse, exact_limit)
-    if eps is not None:
-        agg.set_eps(eps, "--eps")
-    else:
-        agg.defer_envelopes()
-    for x in extras:
-        x.start(agg)
-    hat = ["eps_hat"] if "eps_hat" in have else []
-    main = [*NEEDED_COLUMNS, *kept, *hat, *coarse, *(c for x in extras for c in x.columns)]
-    for rows in _batches(src, main):
-        sid = rows["seq_id"]
-        if not first_pass:
-            agg.add_sequences(distinct(sid))
-        b = Batch(rows, SeqIndex(agg.seq_ids).codes(sid), by, edges)
-        agg.add(b)
-        for x in extras:
-            x.add(b)
-    if agg.eps is None:  # eps from this pass: q0.99 of eps_hat, else of the eps needed
-        eps_data, _ = agg.eps_hat()
-        if math.isfinite(eps_data):
-            counted = agg.set_eps(eps_data, theory.eps_estimator_name())
-        else:
-            counted = agg.set_eps(agg.eps_needed(0.99), NO_EPS_HAT_ESTIMATOR)
-        if not counted:  # the candidates fell short: the counts in a pass of their own
-            agg.count_envelopes(_batches(src, ["delta", f"p_{by}", *kept]))
-    return agg
+    (eps below their floor, too many of them): the envelope counts in a pass of their own.
+    (`Scanner` is the same pass fed by the caller.)"""
+    sc = Scanner(
+        src, edges=edges, by=by, tail=tail, eps=eps, exact_limit=exact_limit,
+        extras=extras, flag_infinite=flag_infinite,
+    )  # fmt: skip
+    for rows in _batches(src, sc.columns):
+        sc.feed(rows)
+    return sc.finish()
 
 
 def _first_pass(
@@ -1089,6 +1151,7 @@ __all__ = [
     "EnvelopeCounts",
     "Extra",
     "Moments",
+    "Scanner",
     "bucket_index",
     "fit_from_sums",
     "parse_edges",

@@ -16,13 +16,21 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .aggregates import DEFAULT_EDGES, bucket_index, parse_edges, report_tokens, scan
+from .aggregates import (
+    DEFAULT_EDGES,
+    Aggregates,
+    Scanner,
+    bucket_index,
+    parse_edges,
+    report_tokens,
+    scan,
+)
 from .analysis import report
 from .errors import MismatchError
-from .pairing import PairCounts, pair_runs
+from .pairing import KEYS, PairCounts, pair_runs
 from .results import json_ready
 from .runs import RunMeta, run_labels
-from .tokens import BATCH_ROWS, SIDES, open_run_tokens
+from .tokens import BATCH_ROWS, SIDES, TokenBatches, open_run_tokens, prefetch
 
 # The headline metrics, in display order: (key, label). The ratio to the first run is
 # given for each.
@@ -77,11 +85,15 @@ def run_summary(
     """One run's headline numbers (HEADLINE keys), its bucket means and its verdict, from
     one streamed `aggregates.scan` (the report) and the p99 of |delta| over finite tokens
     (exact up to the scan's exact limit, the sketch beyond)."""
-    path = Path(path)
-    src = report_tokens(path, batch_rows, complete=True)
+    src = report_tokens(Path(path), batch_rows, complete=True)
+    return _summary(src, scan(src, edges=parse_edges(edges)), label)
+
+
+def _summary(src: TokenBatches, agg: Aggregates, label: str | None) -> dict[str, Any]:
+    """`run_summary` of a run's token table from its scan's aggregates."""
     meta = src.meta
-    assert meta is not None
-    agg = scan(src, edges=parse_edges(edges))
+    assert meta is not None and src.run is not None
+    path = Path(src.run)
     rep = report(agg, None, src.warnings)
     p99 = float(agg.abs_delta_quantile(0.99)[0]) if agg.num_finite else math.nan
     m = rep["metrics"]
@@ -216,6 +228,11 @@ def moved(
     """
     e = parse_edges(edges)
     acc = pair_runs(a, b, _MOVE_COLUMNS, lambda: _Moves(e), batch_rows=batch_rows)
+    return _moved_result(a, b, acc)
+
+
+def _moved_result(a: str | Path, b: str | Path, acc: _Moves) -> dict[str, Any]:
+    """`moved`'s dict from its accumulator."""
     base: dict[str, Any] = {
         "a": str(a),
         "b": str(b),
@@ -226,6 +243,53 @@ def moved(
     if (why := acc.unshared()) is not None:
         return {**base, "shared": False, "reason": why}
     return json_ready({**base, **acc.result()})
+
+
+def _lockstep(
+    src_a: TokenBatches, src_b: TokenBatches, edges: np.ndarray, scan_a: bool
+) -> tuple[Aggregates | None, Aggregates, _Moves | None]:
+    """One read of each of two runs: every batch of a (when `scan_a`) and of b feeds its
+    run's report scan (`aggregates.Scanner`) and, while the two hold the same (seq_id,
+    pos) row for row (a rescored run and its source do), the moves between them. Returns
+    (a's aggregates or None, b's aggregates, the moves; None when the rows did not pair
+    row for row, and `moved` joins them in a pass of its own)."""
+    sa = Scanner(src_a, edges=edges) if scan_a else None
+    sb = Scanner(src_b, edges=edges)
+    moves: _Moves | None = None
+    if src_a.num_rows == src_b.num_rows and all(
+        c in src.columns for src in (src_a, src_b) for c in _MOVE_COLUMNS
+    ):
+        moves = _Moves(edges)
+    extra = _MOVE_COLUMNS if moves is not None else []
+    cols_a = list(dict.fromkeys([*(sa.columns if sa is not None else []), *extra]))
+    cols_b = list(dict.fromkeys([*sb.columns, *extra]))
+    it_a = prefetch(src_a.read(cols_a)) if cols_a else None
+    it_b = prefetch(src_b.read(cols_b))
+    try:
+        for rb in it_b:
+            ra = next(it_a, None) if it_a is not None else None
+            if ra is not None and sa is not None:
+                sa.feed(ra)
+            sb.feed(rb)
+            if moves is None:
+                continue
+            if ra is not None and all(np.array_equal(ra[k], rb[k]) for k in KEYS):
+                moves.add(ra, rb)
+                continue
+            moves = None  # not row for row: `moved` joins them instead
+            if sa is None and it_a is not None:
+                it_a.close()
+                it_a = None
+        if it_a is not None:
+            for ra in it_a:  # a's batches beyond b's (the same rows in other batches)
+                moves = None
+                if sa is not None:
+                    sa.feed(ra)
+    finally:
+        for it in (it_a, it_b):
+            if it is not None:
+                it.close()
+    return (sa.finish() if sa is not None else None), sb.finish(), moves
 
 
 def compare(
@@ -256,7 +320,18 @@ def compare(
     if reference is not None:  # a missing or unreadable REF fails before any work
         open_run_tokens(reference, verb="compare --reference", needed=["logp_train"])
     names = run_labels(paths, labels)
-    runs = [run_summary(p, n, e) for p, n in zip(paths, names, strict=True)]
+    # every run opened (a missing or damaged one fails in one line before any reading),
+    # then one read of each: the first run against each later one in lockstep
+    srcs = [report_tokens(Path(p), BATCH_ROWS, complete=True) for p in paths]
+    runs: list[dict[str, Any]] = []
+    moves: list[dict[str, Any]] = []
+    for k in range(1, len(paths)):
+        agg_a, agg_b, mv = _lockstep(srcs[0], srcs[k], e, scan_a=k == 1)
+        if agg_a is not None:
+            runs.append(_summary(srcs[0], agg_a, names[0]))
+        runs.append(_summary(srcs[k], agg_b, names[k]))
+        moved_k = _moved_result(paths[0], paths[k], mv) if mv is not None else None
+        moves.append({"label": names[k], **(moved_k or moved(paths[0], paths[k], e))})
     ref = runs[0]
     ratios = [
         {"label": r["label"], **{k: _ratio(r.get(k), ref.get(k)) for k, _ in HEADLINE}}
@@ -267,10 +342,6 @@ def compare(
          **{r["label"]: r["buckets"][i]["mean_abs_delta"] for r in runs}}
         for i in range(len(e) - 1)
     ]  # fmt: skip
-    moves = [
-        {"label": r["label"], **moved(paths[0], p, e)}
-        for r, p in zip(runs[1:], paths[1:], strict=True)
-    ]
     attribution = None
     if reference is not None:
         from .attribution import attribution_row, attribution_verdict, side_errors

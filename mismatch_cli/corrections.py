@@ -747,6 +747,7 @@ def corrections(
     *,
     batch_rows: int = BATCH_ROWS,
     exact_limit: int = EXACT_LIMIT,
+    sweeps_out: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Apply every correction (or `methods`) to a run (path) or a token table.
 
@@ -761,6 +762,9 @@ def corrections(
     Returns a strict-JSON dict: run, num_tokens, num_sequences, num_finite, num_infinite,
     edges, has_advantage, has_step, all_tokens, methods (METHOD_KEYS each, registry order),
     pareto (names), pareto_axes, dvp_curves, verdict, warnings, quantiles, conventions.
+    `sweeps_out` (a dict): filled with each DVP rule's `sweep.SweepAccumulator` of the
+    second pass, whose `result(run=...)` is `sweep.sweep` of the run for that rule (`plot`
+    draws the sweep figure from it instead of reading the run again).
     """
     from . import sweep as sw
     from .aggregates import parse_edges
@@ -841,6 +845,8 @@ def corrections(
                 del sweeps[r]
     view = acc.view()
     del acc
+    if sweeps_out is not None:
+        sweeps_out.update(sweeps)
     num_tokens = int(view.T.sum())
     sweep_res = {r: s.result() for r, s in sweeps.items()}
     del sweeps

@@ -80,37 +80,78 @@ class QuantileSketch:
         if not ok.all():  # copies only when something is dropped
             x = x[ok]
             g = None if g is None else g[ok]
+        self.add_finite(x, g)
+
+    def add_finite(self, x: np.ndarray, g: np.ndarray | None = None) -> None:
+        """`add` of values already known finite (float64 [n]; groups [n] or None): no check
+        for NaN / inf, which the caller has dropped."""
         if x.size == 0:
             return
         lo = x.min()
         if lo < 0:
             raise ValueError("QuantileSketch takes non-negative values")
         G, B = self.groups, self.num_buckets
-        pos, gp = x, g
+        key = self._keys(x)  # [n]; zeros land in bucket 0, taken back out below
+        zeros = None
         if lo == 0:
-            zero = x == 0
-            self.zeros += np.bincount(_group_or_zero(g, zero), minlength=G)
-            pos = x[~zero]
-            gp = None if g is None else g[~zero]
-        if pos.size:
-            with np.errstate(divide="ignore"):
-                k = np.log(pos)  # [n'] then the bucket key, in place
-            k *= self._inv_log_gamma
-            np.ceil(k, out=k)
-            key = k.astype(np.int64)
-            key -= self._k0
-            np.clip(key, 0, B - 1, out=key)
-            if gp is None:  # one group: no composite index
-                self.counts[0] += np.bincount(key, minlength=B)
-            else:
-                key += gp.astype(np.int64) * B
-                self.counts += np.bincount(key, minlength=G * B).reshape(G, B)
-        if g is None:
+            zeros = np.bincount(_group_or_zero(g, x == 0), minlength=G)  # [G]
+            self.zeros += zeros
+        if g is None:  # one group: no composite index
+            counts = np.bincount(key, minlength=B)
+            if zeros is not None:
+                counts[0] -= zeros[0]
+            self.counts[0] += counts
             self.min[0] = min(self.min[0], lo)
             self.max[0] = max(self.max[0], x.max())
-        else:
-            np.minimum.at(self.min, g, x)
-            np.maximum.at(self.max, g, x)
+            return
+        key += g.astype(np.int64, copy=False) * B
+        both = np.bincount(key, minlength=G * B).reshape(G, B)  # zeros in bucket 0
+        self._extremes(x, g, key, both)  # a group's zeros are its minimum: kept here
+        if zeros is not None:
+            both[:, 0] -= zeros
+        self.counts += both
+
+    def _keys(self, x: np.ndarray) -> np.ndarray:
+        """Bucket index 0..B-1 of each value x >= 0 [n] (0 for x = 0, the end buckets for
+        values beyond [MIN_VALUE, MAX_VALUE]), as int64 [n]."""
+        with np.errstate(divide="ignore"):
+            k = np.log(x)  # [n] then the bucket key, in place
+        k *= self._inv_log_gamma
+        np.ceil(k, out=k)
+        np.clip(k, self._k0, self._k0 + self.num_buckets - 1, out=k)  # log 0 = -inf: bucket 0
+        key = k.astype(np.int64)
+        key -= self._k0
+        return key
+
+    def _extremes(self, x: np.ndarray, g: np.ndarray, key: np.ndarray, counts: np.ndarray) -> None:
+        """Merge each group's exact min and max of values x [n] (groups g [n], composite
+        keys key [n] = g B + bucket, this batch's counts [G, B]) into min / max. A group's
+        minimum lies in its lowest non-empty bucket (the key grows with the value), so only
+        the values of that bucket and the next (a margin for the log's rounding at a bucket
+        edge) are compared, likewise at the top, and none at all for a group whose
+        current extreme lies beyond this batch's end buckets: the exact extremes at a
+        fraction of `np.minimum.at` over every value."""
+        G, B = counts.shape
+        nz = counts > 0  # [G, B]
+        has = nz.any(axis=1)  # [G]
+        first = np.argmax(nz, axis=1)  # [G] lowest non-empty bucket
+        last = B - 1 - np.argmax(nz[:, ::-1], axis=1)  # [G] highest
+        cur_lo = self._keys(np.where(np.isfinite(self.min), self.min, 0.0))  # [G]
+        cur_hi = self._keys(np.where(np.isfinite(self.max), self.max, 0.0))  # [G]
+        lower = has & (~np.isfinite(self.min) | (first <= cur_lo + 1))  # [G] may lower min
+        higher = has & (~np.isfinite(self.max) | (last >= cur_hi - 1))  # [G] may raise max
+        base = np.arange(G) * B
+        pick = np.zeros(G * B, dtype=bool)
+        for may, ends, step in ((lower, first, 1), (higher, last, -1)):
+            if may.any():
+                pick[(base + ends)[may]] = True
+                pick[(base + np.clip(ends + step, 0, B - 1))[may]] = True
+        if not pick.any():
+            return
+        sel = pick[key]  # [n] the candidates
+        xs, gs = x[sel], g[sel]
+        np.minimum.at(self.min, gs, xs)
+        np.maximum.at(self.max, gs, xs)
 
     def merge(self, other: QuantileSketch) -> QuantileSketch:
         """Add another sketch's counts (same groups and alpha) into this one; returns self."""
@@ -237,14 +278,18 @@ class QuantileAccumulator(_ExactThenSketch):
         """Finite values added, over every group."""
         return self._n if self.sketch is None else int(self.sketch.count.sum())
 
-    def add(self, values: np.ndarray, group: np.ndarray | None = None) -> None:
-        """Add finite values [n] to their groups [n] (0 if None); non-finite ones are ignored."""
+    def add(
+        self, values: np.ndarray, group: np.ndarray | None = None, *, finite: bool = False
+    ) -> None:
+        """Add finite values [n] to their groups [n] (0 if None); non-finite ones are ignored
+        (`finite=True`: the caller has dropped them, no check)."""
         x = np.asarray(values, dtype=np.float64)
         g = None if group is None else np.asarray(group)
-        ok = np.isfinite(x)
-        if not ok.all():
-            x = x[ok]
-            g = None if g is None else g[ok]
+        if not finite:
+            ok = np.isfinite(x)
+            if not ok.all():
+                x = x[ok]
+                g = None if g is None else g[ok]
         if self.groups == 1:
             g = None
         if self.sketch is None and g is not None:
@@ -256,7 +301,7 @@ class QuantileAccumulator(_ExactThenSketch):
 
     def _to_sketch(self, values: np.ndarray, labels: np.ndarray | None) -> None:
         assert self.sketch is not None
-        self.sketch.add(values, labels)
+        self.sketch.add_finite(values, labels)  # `add` dropped the non-finite values
 
     def _kept(self) -> tuple[np.ndarray, np.ndarray]:
         """Every kept value [n] and its group [n] (exact mode)."""

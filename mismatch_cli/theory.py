@@ -71,9 +71,16 @@ def eps_to_cover(abs_delta: np.ndarray, one_minus_p: np.ndarray) -> np.ndarray:
     (inf where 1 - p <= 0 and |Delta| > 0: a log-prob rounded above 0 is a p of 1)."""
     ad = np.asarray(abs_delta, dtype=np.float64)
     x = np.maximum(np.asarray(one_minus_p, dtype=np.float64), 0.0)
+    if ad.ndim == 0 or ad.shape != x.shape:  # scalars, broadcasting: the formula as it reads
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return 0.5 * np.log1p(np.where(ad > 0, np.expm1(ad) / x, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(ad > 0, np.expm1(ad) / x, 0.0)
-    return 0.5 * np.log1p(ratio)
+        ratio = np.expm1(ad)  # [N] then the ratio and eps, in place (no temporaries)
+        ratio /= x
+    ratio[~(ad > 0)] = 0.0  # |Delta| = 0 (or NaN): covered by eps = 0, at p = 1 too
+    np.log1p(ratio, out=ratio)
+    ratio *= 0.5
+    return ratio
 
 
 # ----------------------------------------------------------------------------- identity

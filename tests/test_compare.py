@@ -68,3 +68,35 @@ def test_compare_cli(pair, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "moved" in proc.stdout and "k3" in proc.stdout
     assert_one_line_error(cli_in_process("compare", str(a), str(tmp_path / "nope")), "not found")
+
+
+@pytest.mark.parametrize("batch_rows", [1 << 20, 113])
+def test_one_read_per_run_gives_the_separate_summaries_and_moves(
+    pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_rows: int
+) -> None:
+    """compare reads each run once (the first against each later one in lockstep, feeding
+    both report scans and the moves): its runs and moved equal `run_summary` and `moved`
+    computed apart, for runs paired row for row, a run whose rows are in another order
+    (the moves then joined in a pass of their own) and a run of other rollouts."""
+    import mismatch_cli.compare as C
+
+    a, b, _ = pair
+    tok = read_tokens(b)
+    shuffled = write_run(
+        tmp_path / "shuffled",
+        tok.iloc[np.random.default_rng(1).permutation(len(tok))].reset_index(drop=True),
+        read_sequences(b),
+        synthetic_meta(),
+    )
+    other = write_synthetic_run(tmp_path / "other", num_sequences=16, seed=4)
+    monkeypatch.setattr(C, "BATCH_ROWS", batch_rows)
+    paths = [a, b, shuffled, other]
+    r = compare(paths)
+    want = [C.run_summary(p, p.name, batch_rows=batch_rows) for p in paths]
+    assert r["runs"] == want
+    for m, p in zip(r["moved"], paths[1:], strict=True):
+        assert m == {"label": p.name, **moved(a, p, batch_rows=batch_rows)}
+    assert [m["shared"] for m in r["moved"]] == [True, True, False]
+    joined, paired = r["moved"][1]["train"], r["moved"][0]["train"]  # the same moves
+    assert joined["num_tokens"] == paired["num_tokens"] and joined["max_abs"] == paired["max_abs"]
+    assert joined["mean_abs"] == pytest.approx(paired["mean_abs"], rel=1e-12)

@@ -683,3 +683,13 @@ def test_decision_reads_the_advantage_axis_and_leads_the_verdict(result: dict) -
     assert result["verdict"].startswith("Decision: ")
     assert result["decision"] == C.decide(result)
     assert result["decision"]["method"] in [m["name"] for m in result["methods"]]
+
+
+def test_the_corrections_pass_holds_the_sweep(run_dir: Path) -> None:
+    """`plot` draws the sweep figure from the corrections' second pass when it draws both:
+    that pass's min-p accumulator gives exactly `sweep.sweep` of the run."""
+    sweeps: dict = {}
+    C.corrections(run_dir, sweeps_out=sweeps)
+    assert set(sweeps) == {"min-p", "absolute"}
+    assert sweeps["min-p"].result(run=str(run_dir)) == sw.sweep(run_dir)
+    assert sweeps["absolute"].result(run=str(run_dir)) == sw.sweep(run_dir, rule="absolute")

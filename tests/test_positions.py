@@ -129,3 +129,35 @@ def test_figure_draws_report_numbers_and_overlays_runs(run: Path, tmp_path: Path
                    "--out", str(tmp_path / "fig"), check=True)  # fmt: skip
     assert (tmp_path / "fig" / "position.png").is_file(), proc.stdout
     assert "position" not in make_figures.__globals__["DEFAULT_FIGURES"]
+
+
+def test_rows_in_runs_of_a_bucket_are_summed_per_run(tmp_path: Path) -> None:
+    """Every delta finite and a sequence's positions in order: the sums are taken per run of
+    one bucket (`_add_runs`), and give the direct computation (counts exact, sums to
+    rounding), in one batch and in batches that split runs."""
+    from mismatch_cli.analysis import _add_rows, _add_runs
+
+    src = write_synthetic_run(tmp_path / "r", num_sequences=8, max_len=400, vocab=16, seed=5)
+    tok = read_tokens(src)
+    assert np.isfinite(tok["delta"]).all() and tok["pos"].max() >= 256
+    for rows in (len(tok), 97):
+        rep = analyze(src, batch_rows=rows)
+        for got, want in zip(rep["by_position"], expected(tok, rep["tail"]["threshold"]),
+                             strict=True):  # fmt: skip
+            for k, v in want.items():
+                if v is None or isinstance(v, int):
+                    assert got[k] == v, (rows, got["position"], k)
+                else:
+                    assert got[k] == pytest.approx(v, rel=1e-12), (rows, got["position"], k)
+    # the per-run sums against the per-row ones on the same arrays
+    g = position_bucket(tok["pos"].to_numpy())
+    d = tok["delta"].to_numpy()
+    ad, k3 = np.abs(d), M.k3_per_token(d)
+    tail, out = tok["p_train"].to_numpy() < 0.1, ad > np.log(2)
+    runs, rows_ = np.zeros((7, len(POSITION_EDGES))), np.zeros((7, len(POSITION_EDGES)))
+    assert _add_runs(runs, g, ad, d, k3, tail, out)
+    _add_rows(rows_, g, g, ad, d, k3, tail, out)
+    np.testing.assert_array_equal(runs[[0, 1, 6]], rows_[[0, 1, 6]])  # counts
+    np.testing.assert_allclose(runs, rows_, rtol=1e-12, atol=1e-15)
+    shuffled = np.random.default_rng(0).permutation(g)  # no runs: left to the per-row sums
+    assert not _add_runs(np.zeros_like(runs), shuffled, ad, d, k3, tail, out)

@@ -111,3 +111,28 @@ def test_quantiles_asked_together_equal_each_alone_and_follow_new_values(groups:
         assert (acc.quantile(qs) >= 0).all()
         if n == 2000:
             acc.add(v[2000:], g[2000:])
+
+
+def test_group_extremes_are_exact_from_the_end_buckets() -> None:
+    """Per group, min and max come from the values of the lowest / highest buckets only:
+    they equal the exact extremes, with zeros, values clamped into the end buckets, values
+    on bucket edges and a group holding only zeros, over batches."""
+    rng = np.random.default_rng(7)
+    s = QuantileSketch(groups=5)
+    want_min, want_max = np.full(5, np.inf), np.full(5, -np.inf)
+    edges = s.gamma ** np.arange(-40, 40)  # values on (or a rounding away from) bucket edges
+    for _ in range(4):
+        x = np.concatenate([
+            rng.lognormal(-4, 3, 3000), np.zeros(50), rng.choice(edges, 200),
+            [1e-40, 1e-31, 1e12, 5e10],  # below MIN_VALUE / above MAX_VALUE: end buckets
+        ])  # fmt: skip
+        g = rng.integers(0, 4, x.size)  # group 4 holds zeros only
+        x, g = np.r_[x, 0.0, 0.0], np.r_[g, 4, 4]
+        s.add(x, g)
+        np.minimum.at(want_min, g, x)
+        np.maximum.at(want_max, g, x)
+    np.testing.assert_array_equal(s.min, want_min)
+    np.testing.assert_array_equal(s.max, want_max)
+    q = s.quantile([0.0, 1.0])
+    np.testing.assert_array_equal(q[:, 0], want_min)
+    np.testing.assert_array_equal(q[:, 1], want_max)

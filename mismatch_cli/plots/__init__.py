@@ -134,6 +134,9 @@ def make_figures(
     if figures is None:
         names = [n for n in names if getattr(_MODULE_OF[n], "applies", lambda _: True)(runs)]
     check_writable_dir(out)
+    if {"sweep", "corrections"} <= set(names):  # the sweep from the corrections' pass
+        for r in runs:
+            r.cache["share_corrections"] = True
     written: list[Path] = []
     with plt.rc_context(STYLE):
         for name in names:

@@ -23,7 +23,7 @@ from ..correction_rules import (
 )
 from ..errors import MismatchError
 from ..formatting import bucket_label, edge
-from .data import RunData
+from .data import RunData, corrections_of
 from .style import LINE_IN, NATS, TITLE_IN
 
 NAME = "corrections"
@@ -50,9 +50,7 @@ def _kind_label(kind: str) -> str:
 
 
 def _results(runs: Sequence[RunData]) -> list[dict[str, Any]]:
-    from .. import corrections as C  # lazy: the module is only needed here
-
-    return [C.corrections(r.path if r.path is not None else r.frame, edges=r.edges) for r in runs]
+    return [corrections_of(r) for r in runs]
 
 
 def _points(res: dict[str, Any], y: str) -> list[tuple[str, float, float]]:

@@ -293,6 +293,8 @@ class RunData:
     path: Path | None = None
     color: str = PALETTE[0]
     warnings: list[str] = field(default_factory=list)  # the reader's (e.g. an incomplete run)
+    # what one figure computed and another reuses (`corrections_of`)
+    cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -325,6 +327,21 @@ class RunData:
             bits.append(samp)
         bits.append(f"{self.num_tokens:,} tokens")
         return ", ".join(bits)
+
+
+def corrections_of(r: RunData) -> dict[str, Any]:
+    """`corrections.corrections` of a run, computed once per RunData (the corrections
+    figure and, when both are drawn, the sweep figure read it: its second pass holds the
+    min-p sweep, so the run is not read again for it). Its DVP rules' sweep accumulators
+    are kept in r.cache["sweeps"]."""
+    if "corrections" not in r.cache:
+        from .. import corrections as C  # lazy: the module is only needed here
+
+        sweeps: dict[str, Any] = {}
+        src = r.path if r.path is not None else r.frame
+        r.cache["corrections"] = C.corrections(src, edges=r.edges, sweeps_out=sweeps)
+        r.cache["sweeps"] = sweeps
+    return r.cache["corrections"]
 
 
 def run_data(

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from ..errors import MismatchError
 from ..formatting import edge
-from .data import RunData
+from .data import RunData, corrections_of
 from .style import NATS, is_pow10, new_fig
 
 NAME = "sweep"
@@ -28,7 +28,7 @@ def plot_sweep(runs: Sequence[RunData], sweeps: Sequence[dict[str, Any]] | None 
     if sweeps is None:
         from .. import sweep as S  # lazy: the sweep module is only needed here
 
-        sweeps = [S.sweep(r.path if r.path is not None else _sweep_source(r)) for r in runs]
+        sweeps = [_sweep_of(r, S) for r in runs]
     fig, (ax1, ax2) = new_fig(len(runs), ncols=2, width=11.5, height=4.8)
     multi = len(runs) > 1
     run_handles = []
@@ -104,6 +104,22 @@ def _is_label_rho(r: float) -> bool:
     if abs(r - 0.5) < 1e-12 or abs(r - 0.1) < 1e-12:
         return True
     return is_pow10(r) and round(math.log10(r)) % 2 == 0
+
+
+def _sweep_of(r: RunData, S: Any) -> dict[str, Any]:
+    """`sweep.sweep` of a run (min-p), from the corrections' pass when the corrections
+    figure is drawn too (r.cache["share_corrections"], set by `make_figures`), else its own."""
+    if r.path is None:
+        return S.sweep(_sweep_source(r))
+    if r.cache.get("share_corrections"):
+        try:
+            corrections_of(r)
+        except MismatchError:
+            pass  # the corrections figure says why; the sweep gets its own pass below
+        acc = r.cache.get("sweeps", {}).get("min-p")
+        if acc is not None:
+            return acc.result(run=str(r.path))
+    return S.sweep(r.path)
 
 
 def _sweep_source(r: RunData) -> Any:
