@@ -729,7 +729,7 @@ def generate_on_ray(
             save(data_parallel=record)
             with timed(timings, "generate"):
                 last = _drive_generation(ray, actors, shards, chunks, mine, prompt_ids, record,
-                                         prog, save, total - before)  # fmt: skip
+                                         prog, save, total - before, run.path)  # fmt: skip
         finally:
             closing = [a.close.remote() for a in actors.values()]
             ray.wait(closing, num_returns=len(closing), timeout=60)  # engines gone first
