@@ -1,4 +1,5 @@
-"""Rescoring spread over a Ray cluster (`rescore --ray`, `import --rescore --ray`).
+"""Rescoring spread over a Ray cluster (`rescore --ray`, `import --rescore --ray`), and
+generation on several vLLM engines (`measure --data-parallel N`, at the end of this module).
 
 The run's rollout parts (the units `rescore_parts` scores one process at a time) are grouped
 into shards balanced by token count (`plan_shards`); N Ray actors (`ShardScorer`) each load
@@ -40,6 +41,7 @@ from .pipeline import (
     Progress,
     TrainSide,
     _response_tokens,
+    generate_chunks,
     load_train_model,
     score_part,
     timed,
@@ -54,6 +56,8 @@ POLL_S = 0.5  # how often the driver asks the workers how far they are
 # BATCHES forward passes into it, on the shard's first attempt only, as a killed or
 # out-of-memory actor would.
 FAULT_ENV = "MISMATCH_RAY_FAULT"
+# Test hook of --data-parallel: "SHARD" makes that shard's engine fail before its first part.
+DP_FAULT_ENV = "MISMATCH_DP_FAULT"
 
 
 @dataclass(frozen=True)
@@ -84,13 +88,14 @@ class RayOptions:
             raise MismatchError(f"attempts per shard must be >= 1, got {self.max_attempts}")
 
 
-def import_ray() -> Any:
-    """The `ray` module, or one line saying which extra installs it."""
+def import_ray(flag: str = "--ray") -> Any:
+    """The `ray` module, or one line saying which extra installs it (`flag`: the option
+    that needs it)."""
     try:
         import ray
     except ImportError:
         raise MismatchError(
-            f"--ray needs Ray, which is not installed: pip install 'mismatch-cli[{RAY_EXTRA}]'"
+            f"{flag} needs Ray, which is not installed: pip install 'mismatch-cli[{RAY_EXTRA}]'"
         ) from None
     return ray
 
@@ -516,14 +521,315 @@ def _poll(ray: Any, workers: list[_Worker]) -> None:
         w.poll = w.actor.progress.remote()
 
 
+# --- measure --data-parallel N: the inference side on N vLLM engines -------------------
+#
+# vLLM's offline `LLM` refuses data parallelism in one process, so each engine is a Ray
+# actor (`ShardGenerator`) holding one `rollout.VllmEngine` with the run's own tensor and
+# pipeline parallel sizes, over one shard of the prompts (a contiguous range of prompt ids,
+# `pipeline.plan_prompt_shards`; its chunks are `pipeline.plan_chunks`'). Each actor writes
+# its rollout parts into the run directory with `pipeline.generate_chunks`, the one-process
+# code path: same parts, same seq_ids, same seeds per prompt. On a CPU each engine's OpenMP
+# threads are bound to cores of its own (`cpu_bind`), so two engines never share a core.
+
+
+def engine_shape(n: int, world: int, resources: dict[str, float]) -> tuple[float, int]:
+    """(GPUs, CPUs) per engine for `n` engines of `world` = tensor x pipeline ranks each on a
+    cluster holding `resources`: `world` GPUs each where the cluster has GPUs, else the CPUs
+    shared out (at least one core per rank); one line if they do not fit (Ray would wait
+    for them forever)."""
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    if gpus > 0:
+        if n * world > gpus:
+            raise MismatchError(
+                f"the Ray cluster has {gpus:g} GPU(s): --data-parallel {n} x {world} GPU(s) "
+                "per engine (tensor x pipeline parallel size) do not fit"
+            )
+        return float(world), 1
+    cores = int(cpus // n)
+    if cores < world:
+        raise MismatchError(
+            f"the Ray cluster has {cpus:g} CPU(s): --data-parallel {n} needs {n * world} "
+            f"(one core per engine{' rank' if world > 1 else ''})"
+        )
+    return 0.0, cores
+
+
+def cpu_bind(index: int, cores: int, world: int, node_cpus: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for engine `index` holding `cores` cores: cores
+    index*cores .. index*cores + cores - 1 (modulo the node's `node_cpus`), split into
+    `world` rank groups joined by `|` (vLLM's syntax: one core list per tensor/pipeline
+    rank), e.g. engine 1 of 1 core each: "1"; engine 0 of 4 cores, 2 ranks: "0-1|2-3"."""
+    ids = [(index * cores + j) % max(node_cpus, 1) for j in range(cores)]
+    per, extra = divmod(len(ids), world)
+    groups, at = [], 0
+    for r in range(world):
+        g = ids[at : at + per + (r < extra)]
+        at += len(g)
+        contiguous = g == list(range(g[0], g[-1] + 1))
+        groups.append(f"{g[0]}-{g[-1]}" if contiguous and len(g) > 1 else ",".join(map(str, g)))
+    return "|".join(groups)
+
+
+class ShardGenerator:
+    """One vLLM engine (a Ray actor, made by `ray.remote(...)(ShardGenerator)`) over one
+    shard of the prompts: on a CPU its OpenMP threads bound to its own cores (`cpu_bind`),
+    on GPUs those Ray gave it (CUDA_VISIBLE_DEVICES). Threaded (two calls at once), so
+    `progress` answers while `generate` runs."""
+
+    def __init__(
+        self,
+        run_path: str,
+        model_path: str,
+        cfg: Any,
+        index: int,
+        cores: int,
+        gpus: float,
+        fail: bool = False,
+    ) -> None:
+        t0 = time.perf_counter()
+        self.index, self.cfg, self.fail = index, cfg, fail
+        self.bind: str | None = None
+        if gpus <= 0:  # before vLLM reads it; overrides a bind the driver's env carried
+            world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+            self.bind = cpu_bind(index, cores, world, os.cpu_count() or cores)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.bind
+        from .rollout import VllmEngine
+
+        self.engine = VllmEngine(model_path, cfg)
+        self.run = RunDir(Path(run_path))
+        self.load_s = time.perf_counter() - t0
+        self._lock = threading.Lock()
+        self._completions = 0  # finished completions, this job
+        self._tokens = 0  # generated tokens of the finished parts
+        self._busy = 0.0
+        self._since: float | None = None
+
+    def info(self) -> dict[str, Any]:
+        """Where this engine runs and how: node, pid, GPUs, CPU bind, KV cache, load time."""
+        import ray
+
+        return {
+            "worker": self.index,
+            "node": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "cpu_bind": self.bind,
+            "kv_cache_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE") if self.bind else None,
+            "tensor_parallel_size": self.cfg.tensor_parallel_size,
+            "pipeline_parallel_size": self.cfg.pipeline_parallel_size,
+            "load_s": round(self.load_s, 3),
+        }
+
+    def generate(
+        self, chunks: Sequence[Sequence[int]], mine: Sequence[int], prompt_ids: dict[int, Any]
+    ) -> list[int]:
+        """Generate this shard's chunks `mine` (indices into the run's `chunks`) that have
+        no rollout part yet, part by part; returns those generated."""
+        todo = [i for i in mine if not self.run.has_part(ROLLOUT, i)]
+        if self.fail:
+            raise RuntimeError(f"fault injected by {DP_FAULT_ENV}")
+
+        def advance(n: int) -> None:
+            with self._lock:
+                self._completions += n
+
+        for i in todo:  # one part at a time, so `progress` sees its tokens when it lands
+            with self._lock:
+                self._since = time.perf_counter()
+            made = generate_chunks(self.engine, self.run, self.cfg, chunks, [i], prompt_ids,
+                                   advance)  # fmt: skip
+            with self._lock:
+                self._busy += time.perf_counter() - (self._since or time.perf_counter())
+                self._since, self._tokens = None, self._tokens + made
+        return todo
+
+    def progress(self) -> dict[str, Any]:
+        """Completions so far, tokens of the finished parts and the seconds they took."""
+        with self._lock:
+            busy = self._busy + (time.perf_counter() - self._since if self._since else 0.0)
+            return {"completions": self._completions, "tokens": self._tokens, "busy_s": busy}
+
+    def close(self) -> None:
+        """Shut the engine's processes down (before the training side loads)."""
+        self.engine.close()
+
+
+def generate_on_ray(
+    run: RunDir,
+    cfg: Any,
+    model_path: str,
+    prompt_ids: Sequence[Any],
+    shards: Sequence[tuple[int, int]],
+    chunks: Sequence[Sequence[int]],
+    address: str | None = None,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+    save: Callable[..., None] = lambda **_: None,
+) -> dict[str, Any]:
+    """The generate phase of `measure --data-parallel N`: one engine per shard of prompts
+    (`shards`: prompt-id ranges [start, end); `chunks`: the run's chunks, each inside one
+    shard) that still lacks a rollout part, on the Ray cluster at `address` (None: a local
+    Ray on every core). One progress bar counts completions across the engines, with tokens
+    per second per engine. Returns run.json's `data_parallel` record (size, address, the
+    shard plan, each engine's node, GPUs or CPU bind), also given to `save(data_parallel=)`
+    whenever it changes. A failing engine is one MismatchError naming its shard; the parts
+    already written stay, so `--resume` continues without regenerating them."""
+    prog = progress or Progress()
+    timings = {} if timings is None else timings
+    spp = cfg.samples_per_prompt
+    mine = [[i for i, c in enumerate(chunks) if a <= c[0] < b] for a, b in shards]
+    done = [all(run.has_part(ROLLOUT, i) for i in m) for m in mine]
+    record: dict[str, Any] = {
+        "size": len(shards),
+        "address": None,
+        "shards": [
+            {
+                "shard": k,
+                "prompts": [a, b],
+                "chunks": mine[k],
+                "status": "done before" if done[k] else "todo",
+                "worker": None,
+            }
+            for k, (a, b) in enumerate(shards)
+        ],
+        "workers": [],
+    }
+    total = sum(len(c) for c in chunks) * spp
+    before = sum(len(chunks[i]) for i in range(len(chunks)) if run.has_part(ROLLOUT, i)) * spp
+    prog.start("generate", total, before)
+    todo = [k for k in range(len(shards)) if not done[k]]
+    if not todo:  # a resumed run's rollouts are all there: its record stays as it was
+        return record
+    with connect(RayOptions(address=address)) as cluster:
+        ray = cluster.ray
+        world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+        gpus, cores = engine_shape(len(shards), world, cluster.resources)
+        record.update(
+            address=cluster.address,
+            cluster_resources={k: v for k, v in cluster.resources.items() if k in ("CPU", "GPU")},
+            gpus_per_worker=gpus,
+            cpus_per_worker=cores,
+        )
+        remote = ray.remote(num_cpus=cores if gpus <= 0 else 1, num_gpus=gpus,
+                            max_concurrency=2)(ShardGenerator)  # fmt: skip
+        fault = os.environ.get(DP_FAULT_ENV)
+        actors = {
+            k: remote.remote(str(run.path), model_path, cfg, k, cores, gpus, fault == str(k))
+            for k in todo
+        }
+        try:
+            with timed(timings, "engine_start"):
+                try:
+                    infos = ray.get([actors[k].info.remote() for k in todo])
+                except ray.exceptions.RayError as e:
+                    raise MismatchError(
+                        f"a vLLM engine could not start on Ray: {_cause(e)}"
+                    ) from None
+            record["workers"] = infos
+            save(data_parallel=record)
+            with timed(timings, "generate"):
+                last = _drive_generation(ray, actors, shards, chunks, mine, prompt_ids, record,
+                                         prog, save, total - before, run.path)  # fmt: skip
+        finally:
+            closing = [a.close.remote() for a in actors.values()]
+            ray.wait(closing, num_returns=len(closing), timeout=60)  # engines gone first
+            for a in actors.values():
+                ray.kill(a)
+    for w in record["workers"]:
+        p = last.get(w["worker"])
+        if p is not None:
+            w.update(completions=p["completions"], tokens=p["tokens"], busy_s=round(p["busy_s"], 3))
+            if p["busy_s"] > 0:
+                w["tokens_per_s"] = round(p["tokens"] / p["busy_s"], 1)
+    save(data_parallel=record)
+    return record
+
+
+def _drive_generation(
+    ray: Any,
+    actors: dict[int, Any],
+    shards: Sequence[tuple[int, int]],
+    chunks: Sequence[Sequence[int]],
+    mine: list[list[int]],
+    prompt_ids: Sequence[Any],
+    record: dict[str, Any],
+    prog: Progress,
+    save: Callable[..., None],
+    todo_completions: int,
+    run_path: Path,
+) -> dict[int, dict[str, Any]]:
+    """Start every engine on its shard, follow their progress on one bar until all are
+    done, and return each engine's last progress. A failed shard is one line naming it,
+    raised once the other engines have finished theirs (their parts are kept for
+    `--resume`)."""
+    rows = {r["shard"]: r for r in record["shards"]}
+    refs = {}
+    for k, a in actors.items():
+        ids = {pid: list(prompt_ids[pid]) for pid in range(*shards[k])}
+        refs[a.generate.remote(chunks, mine[k], ids)] = k
+        rows[k].update(status="running", worker=k)
+    last: dict[int, dict[str, Any]] = {}
+    polls: dict[int, Any] = {}
+    failed: list[int] = []
+    shown = 0
+    while refs:
+        finished, _ = ray.wait(list(refs), num_returns=1, timeout=POLL_S)
+        for ref in finished:
+            k = refs.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                rows[k].update(status="failed", cause=_cause(e))
+                failed.append(k)
+                prog.log(f"warning: data-parallel shard {k} failed: {_cause(e)}")
+            else:
+                rows[k]["status"] = "done"
+            save(data_parallel=record)
+        for k, a in actors.items():  # never blocking: an answer is collected next time
+            if k in polls:
+                ready, _ = ray.wait([polls[k]], timeout=0)
+                if not ready:
+                    continue
+                try:
+                    last[k] = ray.get(polls[k])
+                except ray.exceptions.RayError:
+                    pass  # a dead engine: its generate call says so
+            polls[k] = a.progress.remote()
+        now = min(sum(p["completions"] for p in last.values()), todo_completions)
+        if now > shown:
+            prog.advance("generate", now - shown)
+            shown = now
+        rates = [f"e{k} {p['tokens'] / p['busy_s']:.3g} tok/s"
+                 for k, p in sorted(last.items()) if p["busy_s"] > 0 and p["tokens"]]  # fmt: skip
+        if rates:
+            prog.detail("generate", ", ".join(rates))
+    if failed:
+        k = failed[0]
+        a, b = shards[k]
+        raise MismatchError(
+            f"data-parallel shard {k} (prompts {a}-{b - 1}) failed on its engine: "
+            f"{rows[k]['cause']}; the finished parts are kept: resume with `mismatch measure "
+            f"--resume --out {run_path}`"
+        )
+    last.update(zip(actors, ray.get([a.progress.remote() for a in actors.values()]), strict=True))
+    if todo_completions > shown:
+        prog.advance("generate", todo_completions - shown)
+    return last
+
+
 __all__ = [
+    "DP_FAULT_ENV",
     "FAULT_ENV",
     "MAX_ATTEMPTS",
     "RAY_EXTRA",
     "Cluster",
     "RayOptions",
+    "ShardGenerator",
     "ShardScorer",
     "connect",
+    "cpu_bind",
+    "engine_shape",
+    "generate_on_ray",
     "import_ray",
     "plan_shards",
     "score_on_ray",

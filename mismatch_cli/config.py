@@ -60,6 +60,7 @@ class MeasureConfig:
     device_map: str | None = None
     max_memory: str | None = None
     rescore_memory: str | None = None
+    data_parallel: int = 1  # vLLM engines over shards of the prompts (Ray actors when > 1)
 
     def validate(self) -> None:
         """Raise a one-line MismatchError for any impossible value."""
@@ -106,6 +107,10 @@ class MeasureConfig:
             bad(f"--rescore-batch-tokens must be >= 1, got {self.rescore_batch_tokens}")
         if self.pipeline_parallel_size < 1:
             bad(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.data_parallel < 1:
+            bad(f"--data-parallel must be >= 1, got {self.data_parallel}")
+        if self.data_parallel > 1 and self.infer_engine != "vllm":
+            bad("--data-parallel runs vLLM engines: it needs --infer-engine vllm")
         if self.max_memory is not None and self.device_map is None:
             bad("--max-memory needs --device-map (e.g. --device-map auto)")
         parse_max_memory(self.max_memory)

@@ -34,7 +34,8 @@ from typing import Any
 
 from .config import MeasureConfig
 from .errors import MismatchError, first_line
-from .pipeline import Progress, run_measure
+from .measurement import run_measure
+from .pipeline import Progress
 from .rescore_run import (
     DECODE_REPEAT,
     VLLM_DECODE,
@@ -456,6 +457,7 @@ def run_diagnose(
     progress: Progress | None = None,
     reference: bool = True,
     reference_fp64: int = 0,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Generate once (or take `run`), build the precise reference (unless `reference` is
     False; `reference_fp64` > 0: also its float64 check on that many sequences) and the
@@ -467,7 +469,9 @@ def run_diagnose(
     there (or `model`, hashed against RUN's weights), its token table readable to the end.
     A variant that cannot be built here (a dtype the CPU build refuses, a run sampled at
     temperature != 1 for the vLLM prefill rows, no identical sequence for decode-repeat) is
-    skipped with its one-line reason, reported through `progress.log` and in `skipped`."""
+    skipped with its one-line reason, reported through `progress.log` and in `skipped`.
+    `cfg.data_parallel` > 1 generates the baseline on that many vLLM engines (Ray actors at
+    `ray_address`, `measurement.run_measure`); the variants that decode again use one."""
     from .compare import run_summary
     from .rescore_run import _weights_check, run_model_path
     from .runs import check_out, open_run, replacing
@@ -508,7 +512,7 @@ def run_diagnose(
                 b.write_meta(m)
         else:
             prog.log(f"diagnose: generating the baseline into {out / VARIANTS_DIR / BASELINE}")
-            run_measure(cfg, base, progress=prog)
+            run_measure(cfg, base, progress=prog, ray_address=ray_address)
         seconds = {BASELINE: time.perf_counter() - t0}
         skipped: dict[str, str] = {}
         refs = _build_references(base, work, out, reference, reference_fp64, seconds, skipped, prog)

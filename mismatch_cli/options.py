@@ -148,6 +148,30 @@ def ray_options(
     return opts
 
 
+# `--data-parallel N` (measure, diagnose's baseline): N vLLM engines as Ray actors.
+DataParallelOpt = Annotated[
+    int,
+    typer.Option(
+        "--data-parallel",
+        help="vLLM engines generating at once, each a Ray actor over a contiguous shard of "
+        "the prompts with the run's own tensor / pipeline parallel size (on a CPU: its own "
+        "cores); 1: one engine in this process. The rollouts are those of one process "
+        "(same parts, same seeds). Needs the `ray` extra when > 1.",
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
+DataParallelAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="The Ray cluster for --data-parallel: `auto` (the one `ray start` made on this "
+        "node), HOST:PORT or ray://HOST:PORT (default: a new local Ray on every core).",
+        show_default=False,
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
+
+
 # Input and sampling options that `measure` and `diagnose` declare alike (each command sets
 # its own default).
 ChatTemplateOpt = Annotated[

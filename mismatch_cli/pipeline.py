@@ -1,6 +1,8 @@
 """The measurement pipeline: prompts -> rollouts (inference engine) -> rescoring
-(transformers) -> run directory. `run_measure` is what `mismatch measure`, `demo` and
-`sweep-threshold --validate` call; it reports to a `Progress` callback and never prints.
+(transformers) -> run directory: the chunk plan, the generate and rescore phases, the part
+code paths (`generate_chunks`, `score_part`) one process and every Ray actor run. The
+whole measurement, `measurement.run_measure`, calls them; they report to a `Progress`
+callback and never print.
 
 Work is done in chunks of prompts. Each chunk's rollouts and token rows are written as
 Parquet parts the moment they exist, so an interrupted run loses at most one chunk and
@@ -11,11 +13,9 @@ chunk is done, and only then does run.json say `complete`.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +26,7 @@ import pandas as pd
 
 from .config import MeasureConfig, parse_size
 from .errors import MismatchError
-from .prompts import encode_prompts, load_prompts
-from .runs import RunDir, check_writable_dir, new_meta, now, token_frame
+from .runs import RunDir, check_writable_dir, token_frame
 from .schema import COARSE_COLUMNS, STATUS_COMPLETE, TOKEN_EXTRA_COLUMNS
 
 ROLLOUT = "rollout"
@@ -168,125 +167,6 @@ class Progress:
     def detail(self, phase: str, text: str) -> None: ...  # e.g. tokens/s per Ray worker
 
 
-def run_measure(
-    cfg: MeasureConfig,
-    out: Path | None,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-    on_ready: Callable[[Path], None] | None = None,
-) -> Path:
-    """Run (or resume) a measurement and return the complete run directory."""
-    from .models import hardware, load_tokenizer, pick_device, resolve_model, weights_hash
-
-    prog = progress or Progress()
-    if resume:
-        if out is None:
-            raise MismatchError("--resume needs --out pointing at the incomplete run")
-        # A resumed run keeps its saved settings (prepare_out checks that it is resumable).
-        cfg = MeasureConfig.from_dict(RunDir(out).read_meta()["config"])
-    cfg.validate()
-    if out is not None:  # what --out holds (read only), before anything slow loads
-        check_measure_out(out, resume=resume, overwrite=overwrite)
-    model_path, model_name = resolve_model(cfg.model, cfg.model_file)
-    # Everything a user can get wrong is checked before the output directory is touched;
-    # the prompt file before the tokenizer, whose import (transformers) takes seconds.
-    prompts = load_prompts(cfg.prompts, cfg.prompt_column)
-    tokenizer = load_tokenizer(model_path)
-    if cfg.num_prompts is not None:
-        prompts = prompts[: cfg.num_prompts]
-    prompt_ids = encode_prompts(prompts, tokenizer, cfg.chat_template)
-    vocab = len(tokenizer)
-    if cfg.top_logprobs > vocab:
-        raise MismatchError(f"--top-logprobs {cfg.top_logprobs} exceeds the vocabulary ({vocab})")
-    device = pick_device(cfg.device)
-    if out is None:
-        out = default_out(model_name)
-    run = prepare_out(out, resume=resume, overwrite=overwrite)
-    if on_ready:
-        on_ready(out)
-
-    chunks = [
-        list(range(i, min(i + cfg.chunk_prompts, len(prompts))))
-        for i in range(0, len(prompts), cfg.chunk_prompts)
-    ]
-
-    prompts_sha = hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()
-    if resume:
-        meta = run.read_meta()
-        # a resumed run must continue the same work: same prompt tokens, same weights
-        if meta.get("prompt_ids_sha256") not in (None, prompts_sha):
-            raise MismatchError(
-                f"cannot resume {out}: its prompts ({cfg.prompts}) changed since the run started"
-            )
-        if meta.model.get("weights_sha256") != weights_hash(model_path):
-            raise MismatchError(
-                f"cannot resume {out}: the model weights changed since the run started"
-            )
-    else:
-        meta = new_meta(
-            "measure",
-            config=cfg.to_dict(),
-            sampling=cfg.sampling(),
-            model={
-                "name": model_name,
-                "path": model_path,
-                "weights_sha256": weights_hash(model_path),
-                "vocab_size": vocab,
-            },
-            engines={
-                "infer": {"engine": cfg.infer_engine, "dtype": cfg.infer_dtype},
-                "train": {
-                    "engine": "transformers",
-                    "dtype": cfg.train_dtype,
-                    "attn_implementation": cfg.attn_implementation,
-                },
-            },
-            num_prompts=len(prompts),
-            prompt_ids_sha256=prompts_sha,
-            num_chunks=len(chunks),
-            hardware=hardware(device),
-            timings_s={},
-        )
-        run.write_meta(meta)
-    timings: dict[str, float] = dict(meta.get("timings_s") or {})
-
-    def save_progress(**extra: Any) -> None:
-        meta.update(extra)
-        meta["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        meta["chunks_done"] = {
-            ROLLOUT: sum(run.has_part(ROLLOUT, i) for i in range(len(chunks))),
-            TOKENS: sum(run.has_part(TOKENS, i) for i in range(len(chunks))),
-        }
-        run.write_meta(meta)
-
-    try:
-        _phase_generate(
-            cfg, run, chunks, prompt_ids, model_path, device, timings, prog, save_progress
-        )
-        per_position = _phase_rescore(
-            cfg, run, chunks, model_path, device, timings, prog, save_progress
-        )
-        if per_position is not None:
-            meta["engines"]["train"]["per_position"] = per_position
-        with timed(timings, "finalize"):
-            rollouts = pd.concat(
-                [run.read_part(ROLLOUT, i)[list(SEQUENCE_STATIC)] for i in range(len(chunks))],
-                ignore_index=True,
-            )
-            rollouts["finish_reason"] = rollouts["finish_reason"].astype(str)
-            rollouts["text"] = rollouts["text"].astype(str)
-            meta["summary"] = run.finalize(len(chunks), rollouts, tokens=TOKENS)
-    except BaseException:
-        save_progress()  # keep what was computed; the run stays `incomplete`
-        raise
-    # Only now, with both final tables in place, does the run become complete.
-    save_progress(status=STATUS_COMPLETE, completed=now())
-    shutil.rmtree(run.parts, ignore_errors=True)
-    return out
-
-
 def _phase_generate(cfg, run, chunks, prompt_ids, model_path, device, timings, prog, save) -> None:
     todo = [i for i in range(len(chunks)) if not run.has_part(ROLLOUT, i)]
     total = len(prompt_ids) * cfg.samples_per_prompt
@@ -303,15 +183,69 @@ def _phase_generate(cfg, run, chunks, prompt_ids, model_path, device, timings, p
             else HfEngine(model_path, cfg, device)
         )
     try:
-        for i in todo:
-            batch = [(pid, prompt_ids[pid]) for pid in chunks[i]]
-            with timed(timings, "generate"):
-                records = engine.generate(batch, lambda n: prog.advance("generate", n))
-            first = chunks[i][0] * cfg.samples_per_prompt
-            run.write_part(ROLLOUT, i, _rollout_frame(records, first))
-            save()
+        generate_chunks(
+            engine, run, cfg, chunks, todo, prompt_ids, lambda n: prog.advance("generate", n),
+            timings, save,
+        )  # fmt: skip
     finally:
         engine.close()
+
+
+def plan_prompt_shards(costs: Sequence[int], n: int) -> list[tuple[int, int]]:
+    """Prompts 0..P-1 (their expected tokens `costs`: prompt tokens plus samples x max
+    tokens) cut into `n` contiguous ranges [start, end) of nearly equal cost, none empty
+    (n <= P): cut k goes where the running cost is nearest k/n of the total. Deterministic,
+    so a resumed run plans the same shards; n = 1 is the whole range."""
+    P = len(costs)
+    n = max(1, min(n, P))
+    cum = np.concatenate([[0], np.cumsum(np.asarray(costs, dtype=np.float64))])
+    bounds = [0]
+    for k in range(1, n):
+        lo, hi = bounds[-1] + 1, P - (n - k)  # each range keeps at least one prompt
+        target = cum[-1] * k / n
+        cut = min(range(lo, hi + 1), key=lambda e: (abs(cum[e] - target), e))
+        bounds.append(cut)
+    bounds.append(P)
+    return [(bounds[k], bounds[k + 1]) for k in range(n)]
+
+
+def plan_chunks(shards: Sequence[tuple[int, int]], chunk_prompts: int) -> list[list[int]]:
+    """The run's chunks (prompt ids per rollout part): each shard's range cut into chunks of
+    `chunk_prompts`, shard after shard; one shard gives measure's usual chunks."""
+    return [
+        list(range(i, min(i + chunk_prompts, end)))
+        for start, end in shards
+        for i in range(start, end, chunk_prompts)
+    ]
+
+
+def generate_chunks(
+    engine: Any,
+    run: RunDir,
+    cfg: MeasureConfig,
+    chunks: Sequence[Sequence[int]],
+    todo: Sequence[int],
+    prompt_ids: Any,
+    advance: Callable[[int], None],
+    timings: dict[str, float] | None = None,
+    save: Callable[[], None] = lambda: None,
+) -> int:
+    """Generate chunks `todo` (indices into `chunks`, the prompt ids of each) with `engine`
+    and write each one's rollout part (atomically) the moment it exists: the one code path
+    of the inference side, what one process and every `--data-parallel` actor run, so a
+    part's seq_ids and seeds depend only on its prompt ids. `prompt_ids[pid]` is prompt
+    pid's token ids (a list or a dict of the shard's). Returns the response tokens made."""
+    timings = {} if timings is None else timings
+    made = 0
+    for i in todo:
+        batch = [(pid, prompt_ids[pid]) for pid in chunks[i]]
+        with timed(timings, "generate"):
+            records = engine.generate(batch, advance)
+        first = chunks[i][0] * cfg.samples_per_prompt
+        run.write_part(ROLLOUT, i, _rollout_frame(records, first))
+        made += sum(len(r["response_token_ids"]) for r in records)
+        save()
+    return made
 
 
 @dataclass(frozen=True)

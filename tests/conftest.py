@@ -169,7 +169,7 @@ def hf_null_run(runs_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_many_prompts_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One real vLLM run in this process (`pipeline.run_measure`, as `measure` calls it),
+    """One real vLLM run in this process (`measurement.run_measure`, as `measure` calls it),
     watched: 64 prompts (one chunk of measure's default 64) x 2 samples of ~56 prompt tokens
     (7,192 prefill tokens, more than vLLM's CPU step budget of 4096) x 2 tokens,
     enforce_eager. Spies record the processes
@@ -181,7 +181,7 @@ def vllm_many_prompts_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     from mismatch_cli import models, rollout
     from mismatch_cli.config import MeasureConfig
-    from mismatch_cli.pipeline import run_measure
+    from mismatch_cli.measurement import run_measure
 
     me = psutil.Process()
     started: set[int] = set()

@@ -181,7 +181,7 @@ def test_measure_frees_the_inference_engine_before_loading_the_training_side(
     """The order of a real (small) run: inference model loaded, engine closed, and only then
     the training model loaded, with the inference model already garbage."""
     from mismatch_cli import models, rollout
-    from mismatch_cli.pipeline import run_measure
+    from mismatch_cli.measurement import run_measure
 
     events: list[tuple[str, list[bool]]] = []
     alive: list[weakref.ref] = []

@@ -15,11 +15,18 @@ import typer
 
 
 def measure_with_progress(
-    cfg: Any, out: Path | None, *, resume: bool, overwrite: bool, console: Any
+    cfg: Any,
+    out: Path | None,
+    *,
+    resume: bool,
+    overwrite: bool,
+    console: Any,
+    ray_address: str | None = None,
 ) -> Path:
     """Run the pipeline with progress (bars on a terminal, lines in a log); Ctrl-C leaves a
-    resumable incomplete run and exits 130 with one line saying how to resume it."""
-    from ..pipeline import run_measure
+    resumable incomplete run and exits 130 with one line saying how to resume it.
+    `ray_address`: the Ray cluster of `--data-parallel`."""
+    from ..measurement import run_measure
     from ..progress import progress
 
     where: dict[str, Path] = {}
@@ -32,6 +39,7 @@ def measure_with_progress(
                 overwrite=overwrite,
                 progress=prog,
                 on_ready=lambda p: where.setdefault("out", p),
+                ray_address=ray_address,
             )
     except KeyboardInterrupt:
         p = where.get("out")

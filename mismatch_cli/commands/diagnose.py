@@ -16,6 +16,8 @@ from ..options import (
     PANEL_OUTPUT,
     PANEL_SAMPLING,
     ChatTemplateOpt,
+    DataParallelAddressOpt,
+    DataParallelOpt,
     HtmlPageOpt,
     JsonOpt,
     MaxModelLenOpt,
@@ -169,6 +171,8 @@ def diagnose(
     ] = False,
     json_out: JsonOpt = False,
     html: HtmlPageOpt = True,
+    data_parallel: DataParallelOpt = 1,
+    ray_address: DataParallelAddressOpt = None,
 ) -> None:
     """Find which knob causes the mismatch: generate once (demo-sized: 32 prompts x 2 samples
     x 128 tokens), then run a matrix of variants on the SAME tokens, each a run directory in
@@ -180,7 +184,8 @@ def diagnose(
     log-softmax, packed rows, left padding, vLLM engine arguments and modes: eager,
     max_num_seqs=1, chunked prefill, prefix caching off, an fp8 KV cache, batch-invariant
     mode, attention backends, fp16 / fp32 engines, tensor parallel 2, FP8 weights), each
-    run where it can run; `--list` prints the matrix.
+    run where it can run; `--list` prints the matrix. `--data-parallel N` generates the
+    baseline on N vLLM engines (Ray actors); the variants that decode again run on one.
 
     Each variant's two sides are also measured against a precise reference on the same
     tokens (transformers float32, eager, one sequence per pass): err_infer = logp_infer -
@@ -233,8 +238,11 @@ def diagnose(
         enforce_eager=enforce_eager,
         max_model_len=max_model_len,
         device=device,
+        data_parallel=data_parallel,
     )
     cfg.validate()
+    if run is not None and data_parallel > 1:
+        raise MismatchError("--data-parallel generates the baseline: it has no use with --run")
     err = Console(stderr=True)
     with progress(err) as prog:
         result = run_diagnose(
@@ -247,6 +255,7 @@ def diagnose(
             progress=prog,
             reference=reference,
             reference_fp64=reference_fp64 if reference else 0,
+            ray_address=ray_address,
         )
     if plots:
         notes: list[str] = []
