@@ -107,6 +107,9 @@ class VllmEngine:
             # on a loaded 2-core CPU took longer (diagnose's prefill-bf16 died that way). A
             # CPU step that slow is slow, not hung: allow an hour.
             os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
+            # reuse the compiled model vLLM cached on an earlier start instead of compiling
+            # it again (35-55 s a start here): mismatch_cli/vllm_plugin.py says why
+            os.environ.setdefault("MISMATCH_VLLM_AOT_LOAD", "1")
         from vllm import LLM
 
         kwargs = vllm_engine_kwargs(model_path, cfg)

@@ -72,6 +72,7 @@ UPSTREAM = {
     "mismatch_cli.dvp", "mismatch_cli.sampling", "mismatch_cli.prompts", "mismatch_cli.config",
     "mismatch_cli.synthetic", "mismatch_cli.diagnose", "mismatch_cli.validate",
     "mismatch_cli.monitor",  # inside a trainer: reads its torch tensors (never an engine)
+    "mismatch_cli.vllm_plugin",  # runs inside vLLM's engine processes
 }  # fmt: skip
 # integrations/: the monitor inside a trainer's loop (its torch tensors), upstream like it
 TERMINAL = {"mismatch_cli.render", "mismatch_cli.progress"}  # the only modules that draw with rich
