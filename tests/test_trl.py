@@ -268,6 +268,18 @@ def test_trl_vllm_colocate_on_the_cpu_build(
         model=str(path), reward_funcs=_reward, args=args, train_dataset=ds,
         processing_class=_tokenizer(),
     )  # fmt: skip
+    # TRL syncs the policy into vLLM with `model.load_weights`; where vLLM's CPU build packed
+    # its linear weights for oneDNN or AMX and dropped the originals (seen on a Xeon with AMX,
+    # not on an AVX2-only EPYC), that fails inside vLLM ("'Parameter' object has no attribute
+    # 'weight_loader'"): a TRL / vLLM-CPU limitation, not one of the plug-in's
+    vllm_model = trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker
+    vllm_model = vllm_model.model_runner.model
+    qkv = vllm_model.model.layers[0].self_attn.qkv_proj
+    if qkv.weight.numel() == 0:
+        pytest.skip(
+            "vLLM's CPU build packed its linear weights on this CPU (oneDNN/AMX) and dropped the "
+            "originals, so TRL's colocate weight sync (model.load_weights) cannot run here"
+        )
     trainer.train()
     logged = [h for h in trainer.state.log_history if f"{PREFIX}k3" in h]
     assert len(logged) == 2
