@@ -4,8 +4,8 @@ then ONE real data-parallel run of the default model (2 engines, 4 prompts x 2 s
 tokens), interrupted by an engine that fails and resumed without regenerating the finished
 shard, equals two single-engine runs over the same prompt shards (token ids, inference and
 training log-probs, per sequence; exactly where vLLM's CPU kernels are deterministic, within
-their noise elsewhere) and, in its token ids, mostly one engine over all prompts
-(other vLLM batches: bf16 batch noise may make a sequence diverge)."""
+their noise elsewhere) and, in the first token of every sequence, one engine over all
+prompts (other vLLM batches: bf16 batch noise may make a sequence diverge later)."""
 
 from __future__ import annotations
 
@@ -203,15 +203,13 @@ def test_data_parallel_run_equals_single_engine_runs_over_its_shards(
         assert np.median(d) < 0.01 and d.max() < 0.5, d
 
     # one engine over all four prompts in one chunk: other vLLM batches (4 prompts, not 2 + 2),
-    # so bf16 batch noise may flip a sampled token and the sequence diverges from there (seen
-    # once: 7 of 8 identical, the 8th from its second token). A wrong seed or prompt would
-    # differ from the first token of nearly every sequence.
+    # so bf16 batch noise may flip a sampled token and the sequence diverges from there (7 of
+    # 8 identical on an AVX2 EPYC; 3 of 8 on a Xeon with AMX, whose kernels also vary from run
+    # to run). A wrong seed or prompt changes the first token of nearly every sequence.
     one = _by_prompt(vllm_run)
     assert dp[["prompt_id", "sample_idx"]].equals(one[["prompt_id", "sample_idx"]])
     pairs = list(zip(dp["response_token_ids"], one["response_token_ids"], strict=True))
     assert all(x[0] == y[0] for x, y in pairs)  # the first token: the same seed, same prompt
-    identical = sum(x == y for x, y in pairs)
-    assert identical >= len(pairs) // 2, identical
 
 
 def _env() -> dict[str, str]:
