@@ -48,20 +48,51 @@ class Child:
     stdout: str
 
 
+# The measured command is started from this small launcher, not from the benchmark: on Linux a
+# process's peak-RSS record (ru_maxrss) starts from the memory of the process it was forked from
+# (exec keeps the old address space's high-water mark), so a child of a benchmark holding
+# gigabytes reported gigabytes it never used (a 1e7-row seed: 7.9 GB for a report using 0.67).
+# The launcher is a fresh interpreter of a few MB; its child's figures are the child's own.
+_LAUNCH = r"""
+import json, os, sys, time
+out, cmd = sys.argv[1], sys.argv[2:]
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(cmd[0], cmd)
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(out, "w") as f:
+    json.dump({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
+               "code": os.waitstatus_to_exitcode(status)}, f)
+"""
+
+
 def run_child(cmd: list[str], label: str, cwd: str | Path | None = None) -> Child:
-    """Run `cmd` in a fresh process and measure it: its own resource usage from os.wait4
-    (not the largest child so far). A non-zero exit ends the benchmark with `label`, the
-    exit code and the end of the child's stderr."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, env=os.environ)
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        code = os.waitstatus_to_exitcode(status)
+    """Run `cmd` in a fresh process and measure it: its wall time, CPU time and its own peak
+    resident memory (os.wait4 in a small launcher, see `_LAUNCH`). A non-zero exit ends the
+    benchmark with `label`, the exit code and the end of the child's stderr."""
+    import json
+    import sys
+
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        measured = Path(tmp) / "measured.json"
+        launcher = [sys.executable, "-c", _LAUNCH, str(measured), *cmd]
+        proc = subprocess.run(launcher, stdout=out, stderr=err, cwd=cwd, env=os.environ)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode()
-    if code != 0:
-        raise SystemExit(f"{label} failed with exit code {code}:\n{stderr[-3000:]}")
+        if proc.returncode != 0 or not measured.is_file():
+            raise SystemExit(f"{label}: the launcher failed ({proc.returncode}):\n{stderr[-3000:]}")
+        m = json.loads(measured.read_text())
+    if m["code"] != 0:
+        raise SystemExit(f"{label} failed with exit code {m['code']}:\n{stderr[-3000:]}")
     # ru_maxrss is in KiB on Linux
-    return Child(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024**2, stdout)
+    return Child(m["wall"], m["cpu"], m["maxrss_kib"] / 1024**2, stdout)
