@@ -51,14 +51,13 @@ SEED_ARGS = ["--num-prompts", "8", "--samples-per-prompt", "2", "--max-tokens", 
 # the ratio targets at 10^8 rows; below that size only report has one (<= 4x at 10^7)
 TARGETS = {"report": 2.0, "plot": 4.0, "sweep-threshold": 4.0, "corrections": 4.0, "compare": 4.0}
 SMALL_TARGETS = {"report": 4.0}
+MEMORY_GB = 4.0
 
 
 def target(name: str, rows: int) -> float | None:
     """The ratio target of a command at this many rows (None: none at this size)."""
     return TARGETS[name] if rows >= 100_000_000 else SMALL_TARGETS.get(name)
 
-
-MEMORY_GB = 4.0
 
 # A child that runs the CLI with pyarrow's readers wrapped: it writes the set of
 # tokens.parquet columns read (None = every column) to argv[1] as JSON.
@@ -220,7 +219,11 @@ def main() -> None:
             t = target(name, rows)
             ok = (t is None or ratio <= t) and peak < MEMORY_GB
             results[name] = {"wall_s": c, "scan_s": s, "ratio": ratio, "peak_gb": peak}
-            goal = f"target <= {t:g}x" if t else f"no target here; <= {TARGETS[name]:g}x at 10^8"
+            goal = (
+                f"target <= {t:g}x"
+                if t is not None
+                else f"no target here; <= {TARGETS[name]:g}x at 10^8"
+            )
             print(
                 f"{name:16s} {c:7.1f} s, bare scan of its {len(cols[name].split(','))} columns "
                 f"{s:6.1f} s: {ratio:5.2f}x ({goal}), peak RSS "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -75,9 +77,6 @@ def run_child(cmd: list[str], label: str, cwd: str | Path | None = None) -> Chil
     """Run `cmd` in a fresh process and measure it: its wall time, CPU time and its own peak
     resident memory (os.wait4 in a small launcher, see `_LAUNCH`). A non-zero exit ends the
     benchmark with `label`, the exit code and the end of the child's stderr."""
-    import json
-    import sys
-
     with (
         tempfile.TemporaryFile() as out,
         tempfile.TemporaryFile() as err,

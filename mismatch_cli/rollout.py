@@ -109,7 +109,9 @@ class VllmEngine:
             os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
             # reuse the compiled model vLLM cached on an earlier start instead of compiling
             # it again (35-55 s a start here): mismatch_cli/vllm_plugin.py says why
-            os.environ.setdefault("MISMATCH_VLLM_AOT_LOAD", "1")
+            from .vllm_plugin import ENV as AOT_LOAD_ENV
+
+            os.environ.setdefault(AOT_LOAD_ENV, "1")
         from vllm import LLM
 
         kwargs = vllm_engine_kwargs(model_path, cfg)

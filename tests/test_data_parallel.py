@@ -177,9 +177,14 @@ def test_data_parallel_run_equals_single_engine_runs_over_its_shards(
         procs.append(subprocess.Popen([sys.executable, "-m", "mismatch_cli", *cmd], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))  # fmt: skip
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-3000:]
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, err[-3000:]
+    finally:  # a failed run does not leave the other one's engine running
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     shard_runs = pd.concat(
         [_by_prompt(run, offset=a) for run, (a, _) in zip(runs, shards, strict=True)],
         ignore_index=True,

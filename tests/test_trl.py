@@ -272,9 +272,8 @@ def test_trl_vllm_colocate_on_the_cpu_build(
     # its linear weights for oneDNN or AMX and dropped the originals (seen on a Xeon with AMX,
     # not on an AVX2-only EPYC), that fails inside vLLM ("'Parameter' object has no attribute
     # 'weight_loader'"): a TRL / vLLM-CPU limitation, not one of the plug-in's
-    vllm_model = trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker
-    vllm_model = vllm_model.model_runner.model
-    qkv = vllm_model.model.layers[0].self_attn.qkv_proj
+    worker = trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker
+    qkv = worker.model_runner.model.model.layers[0].self_attn.qkv_proj
     if qkv.weight.numel() == 0:
         pytest.skip(
             "vLLM's CPU build packed its linear weights on this CPU (oneDNN/AMX) and dropped the "
