@@ -19,7 +19,7 @@ cancels. Targets (issue 24): at 10^8 report <= 2x and the others <= 4x, each < 4
 report <= 4x including start-up.
 
     .venv/bin/python benchmarks/bench_real_shape.py [--rows 10000000] [--large] [--seed RUN]
-        [--keep DIR] [--only report,plot] [--repeats 1]
+        [--keep DIR (reused when it holds a replica)] [--only report,plot] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -176,7 +176,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--large", action="store_true", help="10^8 rows")
     ap.add_argument("--seed", type=Path, default=None, help="a complete run to replicate")
-    ap.add_argument("--keep", type=Path, default=None, help="build the replica here and keep it")
+    ap.add_argument(
+        "--keep", type=Path, default=None,
+        help="build the replica here and keep it (a replica already there is reused)",
+    )  # fmt: skip
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(TARGETS))
     ap.add_argument("--repeats", type=int, default=1, help="bare scan / command alternations")
     args = ap.parse_args()
@@ -194,10 +197,16 @@ def main() -> None:
         tmp = Path(tmpname)
         run = args.keep or tmp / "run"
         t0 = time.perf_counter()
-        rows = replicate(seed, run, args.rows)
-        size = (run / "tokens.parquet").stat().st_size / 1e9
+        kept = run / "tokens.parquet"
+        if args.keep is not None and (run / "run.json").exists() and kept.exists():
+            rows = pq.ParquetFile(kept).metadata.num_rows  # a replica kept by an earlier run
+            print(f"reusing the replica in {run} ({rows:,} rows)")
+        else:
+            rows = replicate(seed, run, args.rows)
+        size = kept.stat().st_size / 1e9
         print(
-            f"replicated {seed} to {rows:,} rows ({size:.2f} GB) in {time.perf_counter() - t0:.0f} s"
+            f"replica of {seed}: {rows:,} rows ({size:.2f} GB), ready in "
+            f"{time.perf_counter() - t0:.0f} s"
         )
         print(f"cores available: {len(os.sched_getaffinity(0))}; repeats: {args.repeats}")
         cols = columns_read(seed, tmp, names)

@@ -21,7 +21,9 @@ Conventions: `analysis` (module doc). Importing this module does not import torc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,11 +31,11 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from . import kernels, theory
 from . import metrics as M
-from . import theory
 from .errors import MismatchError
 from .formatting import number_list
-from .per_sequence import BatchSeqs, SeqIndex, distinct
+from .per_sequence import BatchSeqs, SeqIndex, distinct, runs
 from .quantiles import EXACT_LIMIT, QuantileAccumulator, sketch_label
 from .schema import COARSE_COLUMNS
 from .tokens import BATCH_ROWS, TokenBatches, check_by, frame_tokens, open_run_tokens, prefetch
@@ -67,6 +69,12 @@ COARSE_QUANTILES = (0.9, 0.99)
 AD_BUCKET = (*QUANTILES, 1.0)
 AD_MERGED = (0.99,)
 _LOG_BAND = math.log(M.RATIO_BAND[1])  # |delta| above it: r outside [1/2, 2]
+_CAPS = np.asarray(M.CAPS, dtype=np.float64)
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    """a as a contiguous float64 array (no copy when it is one)."""
+    return np.ascontiguousarray(a, dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -102,21 +110,17 @@ def parse_edges(edges: str | Sequence[float] | None) -> np.ndarray:
 def _bucket_codes(p: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Bucket of each p: i with edges[i] <= p < edges[i+1], p == edges[-1] in the last
     bucket, and nb = len(edges) - 1 for p outside [edges[0], edges[-1]] or NaN. [n] -> [n]
-    (int8 for up to 126 buckets). One comparison per interior edge, counting the edges at
-    or below p: four times faster than a binary search for a dozen edges."""
-    nb = len(edges) - 1
-    idx = np.zeros(p.shape, dtype=np.int8 if nb < 127 else np.int32)
-    for e in edges[1:-1]:  # a loop over edges, never over tokens
-        idx += p >= e
-    idx[~((p >= edges[0]) & (p <= edges[-1]))] = nb  # NaN fails both
-    return idx
+    intp, in one compiled pass (`kernels.bucket_codes`)."""
+    out = np.empty(np.shape(p), dtype=np.intp)
+    kernels.bucket_codes(_f64(p).reshape(-1), np.asarray(edges, np.float64), out.reshape(-1))
+    return out
 
 
 def bucket_index(p: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Bucket of each p: i with edges[i] <= p < edges[i+1]; p == edges[-1] goes to the last
     bucket; -1 for p outside [edges[0], edges[-1]]. [n] -> [n] int64"""
     e = np.asarray(edges, dtype=np.float64)
-    idx = _bucket_codes(np.asarray(p, dtype=np.float64), e).astype(np.int64)
+    idx = _bucket_codes(p, e).astype(np.int64)
     idx[idx == len(e) - 1] = -1
     return idx
 
@@ -257,34 +261,20 @@ class Batch:
         return 1.0 - self.p
 
     @cached_property
-    def bucket(self) -> np.ndarray:
-        """Bucket of each finite token, nb outside the edges. [m]"""
-        return _bucket_codes(self.p, self.edges)
-
-    @cached_property
-    def p_infinite(self) -> np.ndarray:
-        """The `by` side's p of the tokens with an infinite delta. [n - m]"""
-        return self.p_all[~self.fin]
-
-    @cached_property
     def bucket_all(self) -> np.ndarray:
-        """Bucket of every row, finite delta or not. [n]"""
-        if self.all_finite:
-            return self.bucket
-        out = np.empty(self.n, dtype=self.bucket.dtype)
-        out[self.fin] = self.bucket
-        out[~self.fin] = _bucket_codes(self.p_infinite, self.edges)
-        return out
+        """Bucket of every row, finite delta or not (intp, what bincount and the sketches
+        index with), nb outside the edges. [n]"""
+        return _bucket_codes(self.p_all, self.edges)
 
     @cached_property
-    def bucket_ip(self) -> np.ndarray:
-        """`bucket` as intp, what bincount and the sketches index with (cast once). [m]"""
-        return self.bucket.astype(np.intp)
+    def bucket(self) -> np.ndarray:
+        """Bucket of each finite token. [m]"""
+        return self.finite(self.bucket_all)
 
     @cached_property
-    def bucket_all_ip(self) -> np.ndarray:
-        """`bucket_all` as intp. [n]"""
-        return self.bucket_ip if self.all_finite else self.bucket_all.astype(np.intp)
+    def bucket_infinite(self) -> np.ndarray:
+        """Bucket of each token with an infinite delta. [n - m]"""
+        return self.bucket_all[~self.fin]
 
     @cached_property
     def seqs(self) -> BatchSeqs:
@@ -299,11 +289,6 @@ class Batch:
         out = np.zeros(self.n, dtype=a.dtype)
         out[self.fin] = a
         return out
-
-
-def _add_sizes(bs: BatchSeqs, acc: np.ndarray) -> None:
-    """acc[s] += the batch's rows of sequence s (acc [S])."""
-    acc[bs.ids] += bs.part.sizes()
 
 
 ENVELOPES = ("first_order", "exact", "weak", "two_eps")
@@ -368,22 +353,27 @@ class EnvelopeCandidates:
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._n = 0
 
-    def add(self, b: Batch, guess: float) -> None:
-        """Keep the batch's candidates; `guess`: this batch's own eps estimate (first batch)."""
-        if self.overflow or not b.m:
+    def set_floor(self, guess: float) -> None:
+        """The floor, from the first batch's own eps estimate `guess`."""
+        self.floor = FLOOR_SHARE * guess if math.isfinite(guess) and guess > 0 else 0.0
+
+    @property
+    def line(self) -> float:
+        """A token is a candidate when |delta| > line min(1 - p, 1); -1 when none is kept
+        any more (too many)."""
+        assert self.floor is not None
+        return -1.0 if self.overflow else 2.0 * (self.floor * (1.0 - 1e-6))
+
+    def keep(self, b: Batch, idx: np.ndarray) -> None:
+        """Keep the batch's candidates, the finite tokens at idx [k] (the kernel's picks)."""
+        if self.overflow or not idx.size:
             return
-        if self.floor is None:
-            self.floor = FLOOR_SHARE * guess if math.isfinite(guess) and guess > 0 else 0.0
-        line = 2.0 * (self.floor * (1.0 - 1e-6)) * np.minimum(b.x, 1.0)  # [m]
-        keep = ~(b.ad <= line)  # NaN 1 - p is kept too
-        k = int(np.count_nonzero(keep))
-        if not k:
-            return
-        self._n += k
+        self._n += idx.size
         if self._n > self.limit:
             self.overflow, self._parts = True, []
             return
-        self._parts.append((b.ad[keep], b.x[keep], b.bucket[keep]))
+        code = np.min_scalar_type(len(b.edges))  # int8 for the usual dozen buckets
+        self._parts.append((b.ad[idx], b.x[idx], b.bucket[idx].astype(code)))
 
     def complete(self, eps: float) -> bool:
         """Do the candidates hold every token above an envelope at eps?"""
@@ -410,16 +400,12 @@ class _Coarse:
     def add(self, v: np.ndarray, bucket: np.ndarray, rows: np.ndarray) -> None:
         """Add a batch's values v [n] with their buckets [n] (intp) and the batch's rows
         per bucket [G] (the count of finite values is rows less the non-finite ones)."""
-        G = self.n.size
-        ok = np.isfinite(v)
-        inf = np.zeros(G, np.int64)
-        if not ok.all():
-            inf = np.bincount(bucket[~ok], minlength=G)
-            self.n_inf += inf
-            v, bucket = v[ok], bucket[ok]
+        v = _f64(v)
+        inf = np.zeros(self.n.size, np.int64)
+        kernels.group_sums(v, bucket, inf, self.sum)
+        self.n_inf += inf
         self.n += rows - inf
-        self.sum += np.bincount(bucket, weights=v, minlength=G)
-        self.q.add(v, bucket, finite=True)
+        self.q.add(v, bucket)  # the non-finite values are left out there
 
 
 def quantile_with_inf(acc: QuantileAccumulator, q: float, num_inf: int) -> float:
@@ -449,6 +435,43 @@ class Extra(Protocol):
     def start(self, agg: Aggregates) -> None: ...
 
     def add(self, b: Batch) -> None: ...
+
+
+class _Side:
+    """A worker thread that runs accumulator adds beside the main pass (the quantile
+    sketches and the distribution-level columns, whose compiled loops release the GIL), so
+    that on two cores they overlap the rest of the batch's work. Tasks run in the order
+    given; at most two batches' tasks are pending (their arrays held), and `settle` waits
+    for every one (raising the first error) before anything reads what they add into."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mismatch-side")
+        self._batches: deque[list[Future]] = deque()
+
+    def start_batch(self) -> None:
+        self._batches.append([])
+        while len(self._batches) > 2:
+            for f in self._batches.popleft():
+                f.result()
+
+    def run(self, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
+        self._batches[-1].append(self._pool.submit(fn, *args, **kw))
+
+    def settle(self) -> None:
+        try:
+            while self._batches:
+                for f in self._batches.popleft():
+                    f.result()
+        finally:
+            self._batches.clear()
+
+    def close(self) -> None:
+        try:
+            self.settle()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Aggregates:
@@ -506,6 +529,31 @@ class Aggregates:
         # distribution level
         self.rows_bucket = np.zeros(nb + 1, np.int64)
         self.coarse = {c: _Coarse(nb, exact_limit) for c in coarse}
+        self._side: _Side | None = None  # `side_thread`
+
+    def side_thread(self) -> None:
+        """Run the quantile and distribution-level adds in a worker thread from now on
+        (`_Side`); `settle` before reading any result, `close_side` when done."""
+        if self._side is None:
+            self._side = _Side()
+
+    def settle(self) -> None:
+        """Wait for the worker thread's pending adds (a no-op without one)."""
+        if self._side is not None:
+            self._side.settle()
+
+    def close_side(self) -> None:
+        """Settle, then stop the worker thread: the adds run in the caller's thread again."""
+        side, self._side = self._side, None
+        if side is not None:
+            side.close()
+
+    def _later(self, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
+        """fn(*args, **kw) in the worker thread when there is one, else now."""
+        if self._side is None:
+            fn(*args, **kw)
+        else:
+            self._side.run(fn, *args, **kw)
 
     # ------------------------------------------------------------------ accumulation
 
@@ -551,10 +599,23 @@ class Aggregates:
         ids = np.asarray(ids)
         if ids.size and self.seq_ids.size and ids[0] <= self.seq_ids[-1]:
             raise ValueError("new sequence ids must come after the current ones")
-        self.seq_ids = np.concatenate([self.seq_ids, ids])
-        for name in self._PER_SEQUENCE:
-            a = getattr(self, name)
-            setattr(self, name, np.concatenate([a, np.zeros(ids.size, a.dtype)]))
+        S, k = self.seq_ids.size, ids.size
+        names = ("seq_ids", *self._PER_SEQUENCE)
+        buf = self.__dict__.setdefault("_seq_buffers", {})
+        id_type = np.result_type(self.seq_ids.dtype, ids.dtype)
+        if not buf or buf["seq_ids"].size < S + k or buf["seq_ids"].dtype != id_type:
+            # room for twice as many: appending a batch's sequences copies nothing, where
+            # growing every array by concatenation cost O(S) per batch (O(S^2) per pass)
+            cap = max(2 * (S + k), 1024)
+            for name in names:
+                a = getattr(self, name)
+                dtype = id_type if name == "seq_ids" else a.dtype
+                b = np.zeros(cap, dtype)
+                b[:S] = a
+                buf[name] = b
+        buf["seq_ids"][S : S + k] = ids
+        for name in names:
+            setattr(self, name, buf[name][: S + k])  # views of the buffers
         self._forget()
 
     def add_sequences(self, ids: np.ndarray) -> None:
@@ -584,6 +645,7 @@ class Aggregates:
             b[where] = a
             setattr(self, name, b)
         self.seq_ids = merged
+        self.__dict__.pop("_seq_buffers", None)  # the arrays are no longer views of them
         self._forget()
 
     def _forget(self) -> None:
@@ -595,79 +657,101 @@ class Aggregates:
     def add(self, b: Batch) -> None:
         """Add one batch of token rows (main pass)."""
         nb1 = self.nb + 1
+        if self._side is not None:
+            self._side.start_batch()
         self.num_tokens += b.n
-        if not b.all_finite:
-            self.n_inf_bucket += np.bincount(_bucket_codes(b.p_infinite, self.edges), minlength=nb1)
         s = b.seqs
-        _add_sizes(s, self.seq_n)
-        s.add(self.seq_sum_x, 1.0 - b.p_all)  # over every token, finite or not
+        k = s.ids.size
+        # every row, finite delta or not: its bucket, the rows per bucket and per sequence,
+        # the sequences' sums of 1 - p (one compiled pass)
+        bucket, rows = np.empty(b.n, np.intp), np.zeros(nb1, np.int64)
+        seq_n, seq_x = np.zeros(k, np.int64), np.zeros(k)
+        kernels.row_sums(_f64(b.p_all), self.edges, s.local, bucket, rows, seq_n, seq_x)
+        b.__dict__["bucket_all"] = bucket
+        self.seq_n[s.ids] += seq_n
+        self.seq_sum_x[s.ids] += seq_x
+        if not b.all_finite:
+            self.n_inf_bucket += np.bincount(b.bucket_infinite, minlength=nb1)
         if self.coarse:
-            rows = np.bincount(b.bucket_all_ip, minlength=nb1)  # [nb + 1]
             self.rows_bucket += rows
             for c, acc in self.coarse.items():
-                acc.add(b.column(c), b.bucket_all_ip, rows)
-        if "eps_hat" in b.rows:
-            self.eps_hat_acc.add(b.rows["eps_hat"])  # every row; NaN (imports) ignored
+                self._later(acc.add, b.column(c), b.bucket_all, rows)
+        if "eps_hat" in b.rows:  # every row; NaN (imports) ignored
+            self._later(self.eps_hat_acc.add, b.rows["eps_hat"])
+        c = self.candidates
+        if c is not None and c.floor is None and b.m:
+            c.set_floor(self._guess_eps(b))
         if b.m:
-            self._add_finite(b)
+            self._add_finite(b)  # the candidates' picks too
         if self.envelope is not None:
             self.envelope.add(b)
-        elif self.candidates is not None:
-            c = self.candidates
-            c.add(b, self._guess_eps(b) if c.floor is None and b.m else math.nan)
         self._forget()
 
     def _add_finite(self, b: Batch) -> None:
-        d, ad, x = b.delta, b.ad, b.x  # [m]
-        tail = b.p < self.tail  # [m]
-        g = b.bucket_ip * 2 + tail  # [m] flat (bucket, tail) group
-        G = self.sum_ad.size
-        self.delta.add(d, g)
-        self.sum_ad += np.bincount(g, weights=ad, minlength=G).reshape(self.sum_ad.shape)
-        self.sum_x += np.bincount(g, weights=x, minlength=G).reshape(self.sum_x.shape)
-        self.abs_delta.add(ad)
-        self.sxx += float(x @ x)
-        self.sxy += float(x @ ad)
-        self.syy += float(ad @ ad)
-        self.max_ad = max(self.max_ad, float(ad.max()))
-        self.q_ad.add(ad, b.bucket_ip, finite=True)
-        cover = theory.eps_to_cover(ad, x)  # [m]
-        self.n_cover_inf += int(np.count_nonzero(np.isinf(cover)))
-        self.q_cover.add(cover)
-        # the RL metrics' token sums (metrics.py: c = -delta clamped to +-20)
-        c = M.clamped_log_ratio(d)  # [m]
-        self.sum_k2 += float(c @ c)
-        self.sum_k3 += float(b.k3.sum())
-        r = np.exp(c)  # [m] importance ratio
-        self.sum_r += float(r.sum())
-        self.sum_r2 += float(r @ r)
-        self.min_r, self.max_r = min(self.min_r, float(r.min())), max(self.max_r, float(r.max()))
-        self.sum_chi2 += float(np.expm1(2 * c).sum())
-        for i, cap in enumerate(M.CAPS):
-            self.above_cap[i] += int(np.count_nonzero(r > cap))
-        self.n_outside += int(np.count_nonzero(ad > _LOG_BAND))  # r outside RATIO_BAND
-        dp = np.abs(b.p_train - b.p_infer)  # [m]
-        self.sum_dp += float(dp.sum())
-        self.max_dp = max(self.max_dp, float(dp.max()))
-        self._add_pearson(b.p_train, b.p_infer)
-        # per sequence: over every row of the batch, the infinite ones adding 0
-        s, full = b.seqs, b.full
-        s.add(self.seq_n_fin, b.fin)
-        s.add(self.seq_sum_d, full(d))
-        s.add(self.seq_sum_ad, full(ad))
-        s.add(self.seq_tail_n, full(tail))
-        s.add(self.seq_tail_d, full(np.where(tail, d, 0.0)))
+        """The finite tokens' sums, in one compiled pass (`kernels.finite_sums`); its |delta|,
+        1 - p and k3_t become the batch's (`Batch.ad`, `x`, `k3`) for what reads them next."""
+        m, nb1 = b.m, self.nb + 1
+        G = nb1 * 2
+        bs = b.seqs
+        k = bs.ids.size
+        ad, x, k3, cover = (np.empty(m) for _ in range(4))
+        g_n, g_mean, g_m2, g_ad, g_x = np.empty(G, np.int64), *(np.empty(G) for _ in range(4))
+        per_seq = [np.empty(k) for _ in range(5)]
+        above = np.zeros(len(M.CAPS), np.int64)
+        cands = self.candidates if self.envelope is None else None
+        line = cands.line if cands is not None else -1.0
+        picks = np.empty(m if line >= 0 else 0, np.intp)
+        sums = np.empty(len(kernels.SUMS))
+        kernels.finite_sums(
+            b.delta, _f64(b.p), _f64(b.p_train), _f64(b.p_infer), b.bucket,
+            b.finite(bs.local), self.tail, _CAPS, _LOG_BAND, M.LOG_RATIO_CLAMP, G, k, line,
+            ad, x, k3, cover, g_n, g_mean, g_m2, g_ad, g_x, above, *per_seq, picks, sums,
+        )  # fmt: skip
+        v = dict(zip(kernels.SUMS, sums.tolist(), strict=True))
+        b.__dict__.update(ad=ad, x=x, k3=k3)  # the cached properties, computed here
+        if cands is not None:
+            cands.keep(b, picks[: int(v["n_cand"])])
+        shape = self.sum_ad.shape
+        self.delta.merge(g_n.reshape(shape), g_mean.reshape(shape), g_m2.reshape(shape))
+        self.sum_ad += g_ad.reshape(shape)
+        self.sum_x += g_x.reshape(shape)
+        self.abs_delta.merge(np.int64(m), np.float64(v["sum_ad"] / m), np.float64(v["m2_ad"]))
+        self.sxx += v["sxx"]
+        self.sxy += v["sxy"]
+        self.syy += v["syy"]
+        self.max_ad = max(self.max_ad, v["max_ad"])
+        self._later(self.q_ad.add, ad, b.bucket, finite=True)
+        self.n_cover_inf += int(v["n_cover_inf"])
+        self._later(self.q_cover.add, cover)
+        # the RL metrics' token sums (metrics.py: c = -delta clamped to +-20, r = exp(c))
+        self.sum_k2 += v["sum_k2"]
+        self.sum_k3 += v["sum_k3"]
+        self.sum_r += v["sum_r"]
+        self.sum_r2 += v["sum_r2"]
+        self.min_r, self.max_r = min(self.min_r, v["min_r"]), max(self.max_r, v["max_r"])
+        self.sum_chi2 += v["sum_chi2"]
+        self.above_cap += above
+        self.n_outside += int(v["n_outside"])  # r outside RATIO_BAND
+        self.sum_dp += v["sum_dp"]
+        self.max_dp = max(self.max_dp, v["max_dp"])
+        self._merge_pearson(m, v)
+        # per sequence: the batch's sequences' partial sums
+        ids = bs.ids
+        for acc, part in zip(
+            (self.seq_n_fin, self.seq_sum_d, self.seq_sum_ad, self.seq_tail_n, self.seq_tail_d),
+            per_seq,
+            strict=True,
+        ):
+            acc[ids] += part
 
-    def _add_pearson(self, pt: np.ndarray, pi: np.ndarray) -> None:
+    def _merge_pearson(self, n_b: int, v: dict[str, float]) -> None:
         """Merge a batch's moments and co-moment of (p_train, p_infer) (Chan et al.)."""
-        n_b = pt.size
-        mt, mi = pt.sum() / n_b, pi.sum() / n_b
-        dt, di = pt - mt, pi - mi  # [m]
+        mt, mi = v["sum_pt"] / n_b, v["sum_pi"] / n_b
         a, b = self.p_train, self.p_infer
         frac = n_b / (a.n + n_b)
-        self.comoment += float(dt @ di) + float((mt - a.mean) * (mi - b.mean) * a.n * frac)
-        a.merge(np.int64(n_b), mt, float(dt @ dt))
-        b.merge(np.int64(n_b), mi, float(di @ di))
+        self.comoment += v["co_p"] + float((mt - a.mean) * (mi - b.mean) * a.n * frac)
+        a.merge(np.int64(n_b), np.float64(mt), np.float64(v["m2_pt"]))
+        b.merge(np.int64(n_b), np.float64(mi), np.float64(v["m2_pi"]))
 
     def count_envelopes(self, batches: Iterable[dict[str, np.ndarray]]) -> None:
         """The envelope counts in a pass of their own (eps learnt from the main pass)."""
@@ -1023,6 +1107,7 @@ class Scanner:
             agg.defer_envelopes()
         for x in extras:
             x.start(agg)
+        agg.side_thread()  # closed by finish (or `close`)
         self.agg = agg
         hat = ["eps_hat"] if "eps_hat" in have else []
         cols = [
@@ -1038,18 +1123,34 @@ class Scanner:
     def feed(self, rows: dict[str, np.ndarray]) -> None:
         """Add one batch (a dict holding at least `columns`), in table order."""
         agg = self.agg
-        sid = rows["seq_id"]
+        sid = np.asarray(rows["seq_id"])
+        starts, first = runs(sid)  # the rows' sequences found once, for every use below
+        grouped = bool(np.all(first[1:] > first[:-1]))  # the writers' order
         if not self.first_pass:
-            agg.add_sequences(distinct(sid))
-        b = Batch(rows, SeqIndex(agg.seq_ids).codes(sid), self.by, self.edges)
+            agg.add_sequences(first if grouped else np.unique(sid))
+        if grouped and sid.size:
+            at = np.searchsorted(agg.seq_ids, first).astype(np.int64, copy=False)  # [r]
+            seq = np.repeat(at, np.diff(np.r_[starts, sid.size]))
+            b = Batch(rows, seq, self.by, self.edges)
+            b.__dict__["seqs"] = BatchSeqs.grouped(seq, starts)
+        else:
+            b = Batch(rows, SeqIndex(agg.seq_ids).codes(sid), self.by, self.edges)
         agg.add(b)
         for x in self.extras:
             x.add(b)
+
+    def close(self) -> None:
+        """Stop the worker thread of a pass left unfinished (an error, an interrupt)."""
+        try:
+            self.agg.close_side()
+        except Exception:  # the pass's own error is the one to report
+            pass
 
     def finish(self) -> Aggregates:
         """The aggregates, eps set (learnt from the pass unless given) and the envelopes
         counted (a pass of their own only when the candidates fell short)."""
         agg = self.agg
+        agg.close_side()
         if agg.eps is None:  # eps from this pass: q0.99 of eps_hat, else of the eps needed
             eps_data, _ = agg.eps_hat()
             if math.isfinite(eps_data):
@@ -1084,8 +1185,12 @@ def scan(
         src, edges=edges, by=by, tail=tail, eps=eps, exact_limit=exact_limit,
         extras=extras, flag_infinite=flag_infinite,
     )  # fmt: skip
-    for rows in _batches(src, sc.columns):
-        sc.feed(rows)
+    try:
+        for rows in _batches(src, sc.columns):
+            sc.feed(rows)
+    except BaseException:
+        sc.close()
+        raise
     return sc.finish()
 
 

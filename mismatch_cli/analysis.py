@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import kernels, theory
 from . import metrics as M
-from . import theory
 from .aggregates import (
     DEFAULT_EDGES,
     DEFAULT_TAIL,
@@ -250,29 +250,17 @@ class GroupAccumulator:
             self._values = list(self._index)
             grow = len(self._values) - self._sums.shape[1]
             self._sums = np.concatenate([self._sums, np.zeros((7, grow))], axis=1)
-        has = codes >= 0  # [n]
-        every = bool(has.all())
         if lut.size and not np.array_equal(lut, np.arange(lut.size)):
-            codes = lut[np.maximum(codes, 0)]
-        g = (codes if every else np.where(has, codes, -1)).astype(np.intp, copy=False)  # [n]
-        gf = b.finite(g)  # [m]
-        if every:  # no row lacks a key (positions always have one): no copies
-            d, k3, p = b.delta, b.k3, b.p
-        else:
-            ok = gf >= 0
-            gf, d, k3, p = gf[ok], b.delta[ok], b.k3[ok], b.p[ok]  # [m'] with a key
-        ad = b.ad if every else np.abs(d)
-        tail = p < self.tail
-        out = ad > math.log(M.RATIO_BAND[1])  # r = exp(-delta) outside [1/2, 2]
-        s = self._sums
-        # rows in runs of one group (positions, steps) are summed per run
-        if not (every and b.all_finite and _add_runs(s, g, ad, d, k3, tail, out)):
-            _add_rows(s, g if every else g[has], gf, ad, d, k3, tail, out)
-        sid = np.asarray(b.rows["seq_id"])  # a sequence by its id: the index may grow
-        pg, ps = (g, sid) if every else (g[has], sid[has])  # [n']
-        if pg.size:  # rows are grouped: keep the changes, then the distinct pairs
-            c = np.r_[True, (pg[1:] != pg[:-1]) | (ps[1:] != ps[:-1])]
-            self._pairs.append(_distinct_pairs(pg[c], ps[c]))
+            codes = np.where(codes >= 0, lut[np.maximum(codes, 0)], -1)
+        g = np.ascontiguousarray(codes, dtype=np.intp)  # [n], -1 where null
+        sid = np.ascontiguousarray(b.rows["seq_id"], dtype=np.int64)  # the index may grow
+        pair_g, pair_s = np.empty(g.size, np.intp), np.empty(g.size, np.int64)
+        k = kernels.keyed_sums(
+            g, np.ascontiguousarray(b.fin), b.delta, b.ad, b.k3, np.ascontiguousarray(b.p),
+            sid, self.tail, math.log(M.RATIO_BAND[1]), self._sums, pair_g, pair_s,
+        )  # fmt: skip
+        if k:  # rows are grouped: the changes, then their distinct pairs
+            self._pairs.append(_distinct_pairs(pair_g[:k], pair_s[:k]))
 
     def result(self) -> list[dict[str, Any]]:
         """`group_metrics`' rows, ascending by key value."""
@@ -302,63 +290,6 @@ class GroupAccumulator:
             }
             for g in order
         ]
-
-
-def _add_rows(
-    s: np.ndarray,
-    g: np.ndarray,
-    gf: np.ndarray,
-    ad: np.ndarray,
-    d: np.ndarray,
-    k3: np.ndarray,
-    tail: np.ndarray,
-    out: np.ndarray,
-) -> None:
-    """`GroupAccumulator`'s sums row by row (the general case): add into s [7, G] every
-    keyed row's group g [n'], and the finite ones' groups gf [m'] with their |delta|,
-    delta, k3, tail and outside-band flags."""
-    G = s.shape[1]
-    s[0] += np.bincount(g, minlength=G)
-    s[1] += np.bincount(gf, minlength=G)
-    s[2] += np.bincount(gf, weights=ad, minlength=G)
-    s[3] += np.bincount(gf, weights=d, minlength=G)
-    s[4] += np.bincount(gf, weights=k3, minlength=G)
-    s[5] += np.bincount(gf, weights=np.where(tail, ad, 0.0), minlength=G)
-    s[6] += np.bincount(gf, weights=out, minlength=G)
-
-
-def _add_runs(
-    s: np.ndarray,
-    g: np.ndarray,
-    ad: np.ndarray,
-    d: np.ndarray,
-    k3: np.ndarray,
-    tail: np.ndarray,
-    out: np.ndarray,
-) -> bool:
-    """`GroupAccumulator._add_rows` for a batch whose rows all have a key and a finite delta,
-    when they come in runs of one group (a sequence's positions share a bucket for 64
-    tokens; a step's rows are stored together): each sum is one `np.add.reduceat` over the
-    runs, then a bincount of the runs, instead of a bincount over every row (counts equal,
-    sums up to the order of float additions). False (nothing added) when the runs are too
-    short for that to pay."""
-    n = g.size
-    if n < 2:
-        return False
-    starts = np.flatnonzero(g[1:] != g[:-1]) + 1
-    if starts.size > n // 8:
-        return False
-    starts = np.r_[0, starts]  # [r] first row of each run
-    rg = g[starts]  # [r] the run's group
-    G = s.shape[1]
-    size = np.diff(np.r_[starts, n])  # [r]
-    cnt = np.bincount(rg, weights=size, minlength=G)
-    s[0] += cnt
-    s[1] += cnt
-    for i, v in ((2, ad), (3, d), (4, k3), (5, np.where(tail, ad, 0.0))):
-        s[i] += np.bincount(rg, weights=np.add.reduceat(v, starts), minlength=G)
-    s[6] += np.bincount(rg, weights=np.add.reduceat(out, starts, dtype=np.int64), minlength=G)
-    return True
 
 
 def _distinct_pairs(g: np.ndarray, sid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

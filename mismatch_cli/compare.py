@@ -285,6 +285,11 @@ def _lockstep(
                 moves = None
                 if sa is not None:
                     sa.feed(ra)
+    except BaseException:
+        for sc in (sa, sb):
+            if sc is not None:
+                sc.close()  # their worker threads
+        raise
     finally:
         for it in (it_a, it_b):
             if it is not None:

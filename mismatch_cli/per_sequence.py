@@ -124,6 +124,18 @@ class SeqIndex:
         return np.searchsorted(self.ids, seq_id).astype(np.int64, copy=False)
 
 
+def runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of equal values of x [n]: (first row of each [r], its value [r]). x is
+    grouped in ascending order (the writers' order) exactly when the values strictly rise."""
+    x = np.asarray(x)
+    if not x.size:
+        return np.empty(0, np.intp), x[:0]
+    starts = np.flatnonzero(x[1:] != x[:-1])
+    starts += 1
+    starts = np.r_[0, starts]
+    return starts, x[starts]
+
+
 def distinct(x: np.ndarray) -> np.ndarray:
     """Distinct values of x, sorted (a linear pass when x is already sorted)."""
     if x.size > 1 and x.dtype.kind in "iuf" and bool(np.all(x[1:] >= x[:-1])):
@@ -148,6 +160,19 @@ class BatchSeqs:
         self.local = local  # [n] index into ids
         self.part = Segments.of(local, self.ids.size)
 
+    @classmethod
+    def grouped(cls, seq: np.ndarray, starts: np.ndarray) -> BatchSeqs:
+        """`BatchSeqs(seq)` for seq [n] (int64) already known ascending, whose runs start at
+        `starts` [r] (`runs`): no pass over the rows to find them again."""
+        self = cls.__new__(cls)
+        self.seq = seq
+        first = int(seq[0])
+        self.ids = np.arange(first, int(seq[-1]) + 1)
+        self.local = seq - first
+        whole = starts.size == self.ids.size  # every sequence in between has rows here
+        self.part = Segments(self.local, self.ids.size, starts if whole else None)
+        return self
+
     def add(self, acc: np.ndarray, values: np.ndarray) -> None:
         """acc[s] += sum of values [n] over the batch's rows of sequence s (acc [S])."""
         acc[self.ids] += self.part.sum(values)
@@ -165,4 +190,4 @@ class BatchSeqs:
         acc[self.ids] = np.maximum(acc[self.ids], self.part.max(values))
 
 
-__all__ = ["BatchSeqs", "Segments", "SeqIndex", "distinct"]
+__all__ = ["BatchSeqs", "Segments", "SeqIndex", "distinct", "runs"]

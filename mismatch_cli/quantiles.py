@@ -37,10 +37,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from . import kernels
+
 DEFAULT_ALPHA = 0.005
 MIN_VALUE = 1e-30
 MAX_VALUE = 1e10
 EXACT_LIMIT = 1 << 20  # values kept for exact quantiles (cheap to partition); beyond, the sketch
+_LOG_BLOCK = 1 << 14  # values whose logs `QuantileSketch.add` computes at a time
 
 
 def sketch_label(exact: bool, alpha: float = DEFAULT_ALPHA) -> str:
@@ -72,86 +75,27 @@ class QuantileSketch:
         return self.counts.sum(axis=1) + self.zeros
 
     def add(self, values: np.ndarray, group: np.ndarray | None = None) -> None:
-        """Add finite non-negative values [n] to their groups [n] (group 0 if None).
-        NaN and infinite values are ignored (callers count those themselves)."""
-        x = np.asarray(values, dtype=np.float64)
-        g = None if group is None else np.asarray(group)
-        ok = np.isfinite(x)
-        if not ok.all():  # copies only when something is dropped
-            x = x[ok]
-            g = None if g is None else g[ok]
-        self.add_finite(x, g)
-
-    def add_finite(self, x: np.ndarray, g: np.ndarray | None = None) -> None:
-        """`add` of values already known finite (float64 [n]; groups [n] or None): no check
-        for NaN / inf, which the caller has dropped."""
+        """Add non-negative values [n] to their groups [n] (group 0 if None): numpy's log of a
+        block of values, then one compiled pass over it (`kernels.sketch_add`: the bucket key,
+        the count, the exact min and max). NaN and infinite values are ignored (callers
+        count those themselves); a negative value is a ValueError, nothing added."""
+        x = np.ascontiguousarray(values, dtype=np.float64)
         if x.size == 0:
             return
-        lo = x.min()
-        if lo < 0:
+        if kernels.any_negative(x):
             raise ValueError("QuantileSketch takes non-negative values")
-        G, B = self.groups, self.num_buckets
-        key = self._keys(x)  # [n]; zeros land in bucket 0, taken back out below
-        zeros = None
-        if lo == 0:
-            zeros = np.bincount(_group_or_zero(g, x == 0), minlength=G)  # [G]
-            self.zeros += zeros
-        if g is None:  # one group: no composite index
-            counts = np.bincount(key, minlength=B)
-            if zeros is not None:
-                counts[0] -= zeros[0]
-            self.counts[0] += counts
-            self.min[0] = min(self.min[0], lo)
-            self.max[0] = max(self.max[0], x.max())
-            return
-        key += g.astype(np.int64, copy=False) * B
-        both = np.bincount(key, minlength=G * B).reshape(G, B)  # zeros in bucket 0
-        self._extremes(x, g, key, both)  # a group's zeros are its minimum: kept here
-        if zeros is not None:
-            both[:, 0] -= zeros
-        self.counts += both
+        g = None if group is None else np.ascontiguousarray(group, np.intp)
+        none = np.empty(0, np.intp)
+        args = (self.counts, self.zeros, self.min, self.max, self._inv_log_gamma, self._k0)
+        logs = np.empty(min(x.size, _LOG_BLOCK))
+        for i in range(0, x.size, _LOG_BLOCK):  # blocks that stay in the cache
+            xb = x[i : i + _LOG_BLOCK]
+            lb = logs[: xb.size]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                np.log(xb, out=lb)
+            kernels.sketch_add(xb, lb, none if g is None else g[i : i + _LOG_BLOCK], *args)
 
-    def _keys(self, x: np.ndarray) -> np.ndarray:
-        """Bucket index 0..B-1 of each value x >= 0 [n] (0 for x = 0, the end buckets for
-        values beyond [MIN_VALUE, MAX_VALUE]), as int64 [n]."""
-        with np.errstate(divide="ignore"):
-            k = np.log(x)  # [n] then the bucket key, in place
-        k *= self._inv_log_gamma
-        np.ceil(k, out=k)
-        np.clip(k, self._k0, self._k0 + self.num_buckets - 1, out=k)  # log 0 = -inf: bucket 0
-        key = k.astype(np.int64)
-        key -= self._k0
-        return key
-
-    def _extremes(self, x: np.ndarray, g: np.ndarray, key: np.ndarray, counts: np.ndarray) -> None:
-        """Merge each group's exact min and max of values x [n] (groups g [n], composite
-        keys key [n] = g B + bucket, this batch's counts [G, B]) into min / max. A group's
-        minimum lies in its lowest non-empty bucket (the key grows with the value), so only
-        the values of that bucket and the next (a margin for the log's rounding at a bucket
-        edge) are compared, likewise at the top, and none at all for a group whose
-        current extreme lies beyond this batch's end buckets: the exact extremes at a
-        fraction of `np.minimum.at` over every value."""
-        G, B = counts.shape
-        nz = counts > 0  # [G, B]
-        has = nz.any(axis=1)  # [G]
-        first = np.argmax(nz, axis=1)  # [G] lowest non-empty bucket
-        last = B - 1 - np.argmax(nz[:, ::-1], axis=1)  # [G] highest
-        cur_lo = self._keys(np.where(np.isfinite(self.min), self.min, 0.0))  # [G]
-        cur_hi = self._keys(np.where(np.isfinite(self.max), self.max, 0.0))  # [G]
-        lower = has & (~np.isfinite(self.min) | (first <= cur_lo + 1))  # [G] may lower min
-        higher = has & (~np.isfinite(self.max) | (last >= cur_hi - 1))  # [G] may raise max
-        base = np.arange(G) * B
-        pick = np.zeros(G * B, dtype=bool)
-        for may, ends, step in ((lower, first, 1), (higher, last, -1)):
-            if may.any():
-                pick[(base + ends)[may]] = True
-                pick[(base + np.clip(ends + step, 0, B - 1))[may]] = True
-        if not pick.any():
-            return
-        sel = pick[key]  # [n] the candidates
-        xs, gs = x[sel], g[sel]
-        np.minimum.at(self.min, gs, xs)
-        np.maximum.at(self.max, gs, xs)
+    add_finite = add  # the kernel skips NaN / inf itself: no check to save
 
     def merge(self, other: QuantileSketch) -> QuantileSketch:
         """Add another sketch's counts (same groups and alpha) into this one; returns self."""
@@ -285,6 +229,9 @@ class QuantileAccumulator(_ExactThenSketch):
         (`finite=True`: the caller has dropped them, no check)."""
         x = np.asarray(values, dtype=np.float64)
         g = None if group is None else np.asarray(group)
+        if self.sketch is not None:  # its kernel leaves out the non-finite values itself
+            self.sketch.add(x, None if self.groups == 1 else g)
+            return
         if not finite:
             ok = np.isfinite(x)
             if not ok.all():

@@ -131,12 +131,10 @@ def test_figure_draws_report_numbers_and_overlays_runs(run: Path, tmp_path: Path
     assert "position" not in make_figures.__globals__["DEFAULT_FIGURES"]
 
 
-def test_rows_in_runs_of_a_bucket_are_summed_per_run(tmp_path: Path) -> None:
-    """Every delta finite and a sequence's positions in order: the sums are taken per run of
-    one bucket (`_add_runs`), and give the direct computation (counts exact, sums to
-    rounding), in one batch and in batches that split runs."""
-    from mismatch_cli.analysis import _add_rows, _add_runs
-
+def test_by_position_in_any_batches_equals_the_direct_computation(tmp_path: Path) -> None:
+    """A sequence's positions in order: the compiled per-group sums (`kernels.keyed_sums`)
+    give the direct computation (counts exact, sums to rounding), in one batch and in
+    batches that split sequences."""
     src = write_synthetic_run(tmp_path / "r", num_sequences=8, max_len=400, vocab=16, seed=5)
     tok = read_tokens(src)
     assert np.isfinite(tok["delta"]).all() and tok["pos"].max() >= 256
@@ -149,15 +147,34 @@ def test_rows_in_runs_of_a_bucket_are_summed_per_run(tmp_path: Path) -> None:
                     assert got[k] == v, (rows, got["position"], k)
                 else:
                     assert got[k] == pytest.approx(v, rel=1e-12), (rows, got["position"], k)
-    # the per-run sums against the per-row ones on the same arrays
-    g = position_bucket(tok["pos"].to_numpy())
-    d = tok["delta"].to_numpy()
-    ad, k3 = np.abs(d), M.k3_per_token(d)
-    tail, out = tok["p_train"].to_numpy() < 0.1, ad > np.log(2)
-    runs, rows_ = np.zeros((7, len(POSITION_EDGES))), np.zeros((7, len(POSITION_EDGES)))
-    assert _add_runs(runs, g, ad, d, k3, tail, out)
-    _add_rows(rows_, g, g, ad, d, k3, tail, out)
-    np.testing.assert_array_equal(runs[[0, 1, 6]], rows_[[0, 1, 6]])  # counts
-    np.testing.assert_allclose(runs, rows_, rtol=1e-12, atol=1e-15)
-    shuffled = np.random.default_rng(0).permutation(g)  # no runs: left to the per-row sums
-    assert not _add_runs(np.zeros_like(runs), shuffled, ad, d, k3, tail, out)
+
+
+def test_keyed_sums_equal_numpy_with_null_keys_and_infinite_rows() -> None:
+    """Rows without a key (-1) are left out, infinite rows count as rows only, and a pair
+    (group, seq_id) is noted where either changes between keyed rows."""
+    from mismatch_cli import kernels
+
+    rng = np.random.default_rng(2)
+    n, G = 3000, 5
+    g = rng.integers(-1, G, n)
+    g[:40] = 3  # a run
+    sid = np.sort(rng.integers(0, 60, n))
+    fin = rng.random(n) > 0.1
+    m = int(fin.sum())
+    d = rng.normal(0, 0.5, m)
+    ad, k3, p = np.abs(d), M.k3_per_token(d), rng.random(m)
+    sums = np.zeros((7, G))
+    pg, ps = np.empty(n, np.intp), np.empty(n, np.int64)
+    k = kernels.keyed_sums(g, fin, d, ad, k3, p, sid, 0.1, np.log(2), sums, pg, ps)
+    keyed, gf = g >= 0, g[fin]
+    kf = gf >= 0
+    want = np.zeros((7, G))
+    want[0] = np.bincount(g[keyed], minlength=G)
+    for i, w in enumerate((np.ones(m), ad, d, k3, np.where(p < 0.1, ad, 0.0), ad > np.log(2))):
+        want[i + 1] = np.bincount(gf[kf], weights=w[kf], minlength=G)
+    np.testing.assert_array_equal(sums[[0, 1, 6]], want[[0, 1, 6]])
+    np.testing.assert_allclose(sums, want, rtol=1e-12, atol=1e-15)
+    kg, ks = g[keyed], sid[keyed]
+    change = np.r_[True, (kg[1:] != kg[:-1]) | (ks[1:] != ks[:-1])]
+    np.testing.assert_array_equal(pg[:k], kg[change])
+    np.testing.assert_array_equal(ps[:k], ks[change])

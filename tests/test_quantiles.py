@@ -113,10 +113,9 @@ def test_quantiles_asked_together_equal_each_alone_and_follow_new_values(groups:
             acc.add(v[2000:], g[2000:])
 
 
-def test_group_extremes_are_exact_from_the_end_buckets() -> None:
-    """Per group, min and max come from the values of the lowest / highest buckets only:
-    they equal the exact extremes, with zeros, values clamped into the end buckets, values
-    on bucket edges and a group holding only zeros, over batches."""
+def test_group_extremes_are_exact() -> None:
+    """Per group, min and max are the exact extremes, with zeros, values clamped into the
+    end buckets, values on bucket edges and a group holding only zeros, over batches."""
     rng = np.random.default_rng(7)
     s = QuantileSketch(groups=5)
     want_min, want_max = np.full(5, np.inf), np.full(5, -np.inf)

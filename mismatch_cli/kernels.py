@@ -1,0 +1,65 @@
+"""Compiled loops for the streamed passes' hot spots (numba): one pass over a batch where numpy
+would make one pass per operation. What brings `report` on 10^8 tokens near the speed of
+reading them (docs/architecture.md, "Performance on real-shaped runs").
+
+- `sketch_add`: values into a `quantiles.QuantileSketch` (bucket key, count, exact min / max)
+  from their logs, which numpy's vectorised log computes block by block (four times the
+  speed of a compiled loop's scalar log here);
+- `bucket_codes`: each token's probability bucket; `row_sums` the same with the rows per
+  bucket and per sequence and the sequences' sums of 1 - p;
+- `group_sums`: per-bucket sums and non-finite counts of a column (the distribution level);
+- `keyed_sums`: the per-group sums of `report --group-by` and `by_position`;
+- `finite_sums`: every token sum `aggregates.Aggregates` takes of a batch's finite tokens
+  (bucket x tail moments, the fit's sums, the RL metrics' sums, the eps each token needs,
+  the per-sequence partial sums), two loops over the batch instead of ~60 numpy passes.
+
+Each computes what the numpy code it replaced computed, with the same formulas in the same
+order per value; sums are accumulated one value after another (numpy sums pairwise), so
+they agree up to the order of float additions, and a bucket key can differ where the log's
+last bit does (the sketch's error bound holds either way). Compiled on first use and cached
+on disk (`cache=True`: beside `_kernels.py`, or numba's user cache where that is read-only);
+`nogil`, so a reader thread decodes the next batch meanwhile. Floats follow numpy's error
+model (x / 0 is inf or NaN, never an exception).
+
+Importing this module does not import numba (about a second): each kernel is compiled (or
+loaded from the cache) on its first use, from `_kernels`, so a trainer importing `monitor`
+pays for it only when a step is added. Loading numba also loads llvmlite, whose FFI object
+answers any attribute, `__dict__` included; vLLM 0.32 starting an in-process engine (TRL's
+colocate mode) scans every loaded module's objects and failed on it, so `_kernels` makes
+that object refuse dunder names (tests/test_trl.py runs the engine after the monitor).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# the scalar sums `finite_sums` returns, in this order (aggregates.Aggregates reads them)
+SUMS = (
+    "sum_ad", "sxx", "sxy", "syy", "max_ad", "n_cover_inf",
+    "sum_k2", "sum_k3", "sum_r", "sum_r2", "min_r", "max_r", "sum_chi2", "n_outside",
+    "sum_dp", "max_dp", "sum_pt", "sum_pi", "m2_ad", "m2_pt", "m2_pi", "co_p", "n_cand",
+)  # fmt: skip
+
+_KERNELS = (
+    "any_negative",
+    "bucket_codes",
+    "finite_sums",
+    "group_sums",
+    "keyed_sums",
+    "row_sums",
+    "sketch_add",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """A kernel, compiled on first use (module doc)."""
+    if name not in _KERNELS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import _kernels
+
+    fn = getattr(_kernels, name)
+    globals()[name] = fn  # later uses skip this hook
+    return fn
+
+
+__all__ = ["SUMS"]

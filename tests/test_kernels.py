@@ -1,0 +1,192 @@
+"""The compiled loops (`mismatch_cli.kernels`) against the numpy they replaced, written out
+independently here: the same counts, extremes and per-value arrays, sums to the order of
+float additions; and the worker thread of a streamed pass changes nothing and is gone after
+an error."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from mismatch_cli import kernels as K
+from mismatch_cli import metrics as M
+from mismatch_cli import theory
+from mismatch_cli.aggregates import DEFAULT_EDGES, parse_edges, report_tokens, scan
+from mismatch_cli.errors import MismatchError
+from mismatch_cli.quantiles import MAX_VALUE, MIN_VALUE, QuantileSketch
+from mismatch_cli.synthetic import write_synthetic_run
+
+REL = 1e-12
+
+
+def numpy_sketch(x: np.ndarray, g: np.ndarray, s: QuantileSketch) -> tuple[np.ndarray, ...]:
+    """DDSketch's keys with numpy (the code `kernels.sketch_add` replaced): counts [G, B],
+    zeros [G], min [G], max [G] of the finite values."""
+    ok = np.isfinite(x)
+    x, g = x[ok], g[ok]
+    counts = np.zeros_like(s.counts)
+    pos = x > 0
+    k = np.ceil(np.log(x[pos]) * s._inv_log_gamma).astype(np.int64)
+    k = np.clip(k, s._k0, s._k0 + s.num_buckets - 1) - s._k0
+    np.add.at(counts, (g[pos], k), 1)
+    zeros = np.bincount(g[~pos], minlength=s.groups)
+    lo, hi = np.full(s.groups, np.inf), np.full(s.groups, -np.inf)
+    np.minimum.at(lo, g, x)
+    np.maximum.at(hi, g, x)
+    return counts, zeros, lo, hi
+
+
+def test_sketch_add_equals_the_numpy_keys() -> None:
+    rng = np.random.default_rng(3)
+    x = np.concatenate([
+        rng.lognormal(-5, 4, 20_000), np.zeros(300), [np.nan, np.inf, -np.inf] * 10,
+        [MIN_VALUE / 10, MAX_VALUE * 10, 1.0],  # clamped into the end buckets
+    ])  # fmt: skip
+    g = rng.integers(0, 6, x.size)
+    s = QuantileSketch(groups=6)
+    s.add(x[:7000], g[:7000])
+    s.add(x[7000:], g[7000:])  # two batches: the state carries over
+    for got, want in zip((s.counts, s.zeros, s.min, s.max), numpy_sketch(x, g, s), strict=True):
+        np.testing.assert_array_equal(got, want)
+    one = QuantileSketch()  # one group: no group array at all
+    one.add(x)
+    np.testing.assert_array_equal(one.counts[0], s.counts.sum(axis=0))
+
+
+def test_a_negative_value_is_refused_and_adds_nothing() -> None:
+    s = QuantileSketch(groups=2)
+    with pytest.raises(ValueError, match="non-negative"):
+        s.add(np.array([1.0, 2.0, -1e-9]), np.array([0, 1, 0]))
+    assert s.count.sum() == 0 and np.isinf(s.min).all()
+
+
+def test_bucket_codes_equal_a_search_of_the_edges() -> None:
+    edges = parse_edges(DEFAULT_EDGES)
+    rng = np.random.default_rng(5)
+    p = np.concatenate([rng.random(5000), edges, [np.nan, -0.1, 1.1, 0.0, 1.0]])
+    got = np.empty(p.size, np.intp)
+    K.bucket_codes(p, edges, got)
+    want = np.searchsorted(edges, p, side="right") - 1
+    want[p == edges[-1]] = len(edges) - 2  # 1.0 in the last bucket
+    want[~((p >= edges[0]) & (p <= edges[-1]))] = len(edges) - 1  # outside or NaN
+    np.testing.assert_array_equal(got, want)
+
+
+def test_group_sums_leave_out_and_count_the_nonfinite() -> None:
+    v = np.array([1.0, np.nan, 2.0, np.inf, 4.0, -np.inf])
+    g = np.array([0, 0, 1, 1, 1, 2])
+    inf, sums = np.zeros(3, np.int64), np.zeros(3)
+    K.group_sums(v, g, inf, sums)
+    np.testing.assert_array_equal(inf, [1, 1, 1])
+    np.testing.assert_array_equal(sums, [1.0, 6.0, 0.0])
+
+
+def test_finite_sums_equal_numpy() -> None:
+    """Every output of `finite_sums` against numpy: deltas beyond the +-20 clamp, p = 1
+    (an infinite eps to cover), the tail, a dozen buckets, sequences, envelope candidates."""
+    rng = np.random.default_rng(9)
+    m = 4000
+    d = rng.normal(0, 0.3, m)
+    d[:5] = [25.0, -30.0, 0.0, 1e-9, -21.0]
+    p = rng.random(m) ** 3
+    p[5:8] = 1.0
+    pt, pi = p, np.clip(p * np.exp(-d), 0, 1)
+    edges = parse_edges(DEFAULT_EDGES)
+    bucket = np.empty(m, np.intp)
+    K.bucket_codes(p, edges, bucket)
+    local = np.sort(rng.integers(0, 37, m))
+    tail, line, G, S = 0.1, 0.05, 2 * len(edges), 37
+    out = {n: np.empty(m) for n in ("ad", "x", "k3", "cover")}
+    grp = [np.empty(G, np.int64)] + [np.empty(G) for _ in range(4)]
+    above = np.zeros(len(M.CAPS), np.int64)
+    seq = [np.empty(S) for _ in range(5)]
+    cand, sums = np.empty(m, np.intp), np.empty(len(K.SUMS))
+    K.finite_sums(
+        d, p, pt, pi, bucket, local, tail, np.asarray(M.CAPS), math.log(2.0),
+        M.LOG_RATIO_CLAMP, G, S, line, *out.values(), *grp, above, *seq, cand, sums,
+    )  # fmt: skip
+    v = dict(zip(K.SUMS, sums, strict=True))
+    ad, x = np.abs(d), 1.0 - p
+    np.testing.assert_array_equal(out["ad"], ad)
+    np.testing.assert_array_equal(out["x"], x)
+    np.testing.assert_allclose(out["k3"], M.k3_per_token(d), rtol=REL)
+    np.testing.assert_allclose(out["cover"], theory.eps_to_cover(ad, x), rtol=REL)
+    assert v["n_cover_inf"] == np.isinf(theory.eps_to_cover(ad, x)).sum() > 0
+    c = M.clamped_log_ratio(d)
+    r = np.exp(c)
+    want = {
+        "sum_ad": ad.sum(), "sxx": x @ x, "sxy": x @ ad, "syy": ad @ ad, "max_ad": ad.max(),
+        "sum_k2": c @ c, "sum_k3": M.k3_per_token(d).sum(), "sum_r": r.sum(), "sum_r2": r @ r,
+        "min_r": r.min(), "max_r": r.max(), "sum_chi2": np.expm1(2 * c).sum(),
+        "n_outside": (ad > math.log(2.0)).sum(), "sum_dp": np.abs(pt - pi).sum(),
+        "max_dp": np.abs(pt - pi).max(), "sum_pt": pt.sum(), "sum_pi": pi.sum(),
+        "m2_ad": ((ad - ad.mean()) ** 2).sum(), "m2_pt": ((pt - pt.mean()) ** 2).sum(),
+        "m2_pi": ((pi - pi.mean()) ** 2).sum(),
+        "co_p": ((pt - pt.mean()) * (pi - pi.mean())).sum(),
+    }  # fmt: skip
+    for k, w in want.items():
+        assert v[k] == pytest.approx(w, rel=1e-10, abs=1e-12), k
+    np.testing.assert_array_equal(above, [(r > cap).sum() for cap in M.CAPS])
+    gi = bucket * 2 + (p < tail)
+    df = pd.DataFrame({"g": gi, "d": d, "ad": ad, "x": x})
+    by = df.groupby("g")
+    n_g, mean_g, m2_g, ad_g, x_g = grp
+    idx = by.size().index.to_numpy()
+    np.testing.assert_array_equal(n_g[idx], by.size().to_numpy())
+    assert (n_g[np.setdiff1d(np.arange(G), idx)] == 0).all()
+    np.testing.assert_allclose(mean_g[idx], by["d"].mean(), rtol=1e-10)
+    np.testing.assert_allclose(m2_g[idx], by["d"].var(ddof=0) * by.size(), rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(ad_g[idx], by["ad"].sum(), rtol=1e-10)
+    np.testing.assert_allclose(x_g[idx], by["x"].sum(), rtol=1e-10)
+    tl = p < tail
+    for got, w in zip(seq, (np.ones(m), d, ad, tl, np.where(tl, d, 0.0)), strict=True):
+        np.testing.assert_allclose(got, np.bincount(local, weights=w, minlength=S), rtol=1e-10)
+    picks = cand[: int(v["n_cand"])]
+    np.testing.assert_array_equal(picks, np.flatnonzero(~(ad <= line * np.minimum(x, 1.0))))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_run(tmp_path_factory.mktemp("kernels") / "run", num_sequences=40)
+
+
+def test_the_worker_thread_changes_nothing(run: Path) -> None:
+    """The same pass with the quantile and distribution-level adds in the caller's thread
+    (as `Aggregates` does on its own) and in the scan's worker thread: equal results."""
+    from mismatch_cli import aggregates as A
+
+    edges = parse_edges(DEFAULT_EDGES)
+    threaded = scan(report_tokens(run, 97), edges=edges)
+    orig = A.Aggregates.side_thread
+    try:
+        A.Aggregates.side_thread = lambda self: None  # type: ignore[method-assign]
+        inline = scan(report_tokens(run, 97), edges=edges)
+    finally:
+        A.Aggregates.side_thread = orig  # type: ignore[method-assign]
+    pd.testing.assert_frame_equal(threaded.buckets(), inline.buckets())
+    assert threaded.metrics() == inline.metrics()
+    assert threaded.eps_hat() == inline.eps_hat()
+    np.testing.assert_array_equal(
+        threaded.q_ad.quantile([0.5, 0.99]), inline.q_ad.quantile([0.5, 0.99])
+    )
+
+
+def test_a_failed_pass_leaves_no_worker_thread(run: Path, tmp_path: Path) -> None:
+    """A token file damaged half way: the one-line error, and the worker thread is gone."""
+    table = pq.read_table(run / "tokens.parquet")
+    bad = tmp_path / "tokens.parquet"
+    pq.write_table(table, bad, row_group_size=200)
+    raw = bad.read_bytes()
+    cut = len(raw) // 2
+    bad.write_bytes(raw[:cut] + bytes(64) + raw[cut + 64 :])  # a later page is garbage
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(MismatchError):
+        scan(report_tokens(bad, 100), edges=parse_edges(None))  # batches fed before it
+    after = {t.name for t in threading.enumerate()} - before
+    assert not any(n.startswith("mismatch-side") for n in after), after
