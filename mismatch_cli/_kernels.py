@@ -127,6 +127,34 @@ def row_sums(
 
 
 @njit(**_JIT)
+def run_starts(x: np.ndarray, out: np.ndarray) -> int:
+    """The first row of each run of equal values of x [n] into out [n]; returns how many."""
+    if x.size == 0:
+        return 0
+    out[0] = 0
+    r = 1
+    for i in range(1, x.size):
+        if x[i] != x[i - 1]:
+            out[r] = i
+            r += 1
+    return r
+
+
+@njit(**_JIT)
+def expand_runs(at: np.ndarray, starts: np.ndarray, seq: np.ndarray, local: np.ndarray) -> None:
+    """Rows of runs (first rows `starts` [r], ascending; the runs cover seq [n]): seq[i] =
+    at[run of i], local[i] = at[run of i] - at[0]."""
+    n, r = seq.size, starts.size
+    for j in range(r):
+        stop = starts[j + 1] if j + 1 < r else n
+        v = at[j]
+        w = v - at[0]
+        for i in range(starts[j], stop):
+            seq[i] = v
+            local[i] = w
+
+
+@njit(**_JIT)
 def group_sums(v: np.ndarray, g: np.ndarray, nonfinite: np.ndarray, sums: np.ndarray) -> None:
     """Per group (g [n], intp): add the sum of the finite values of v [n] into sums [G] and
     the count of the others (NaN, +-inf) into nonfinite [G], in one pass."""
@@ -345,9 +373,11 @@ def finite_sums(
 __all__ = [
     "any_negative",
     "bucket_codes",
+    "expand_runs",
     "finite_sums",
     "group_sums",
     "keyed_sums",
     "row_sums",
+    "run_starts",
     "sketch_add",
 ]

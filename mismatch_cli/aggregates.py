@@ -428,7 +428,9 @@ class Extra(Protocol):
     the main pass, `add(batch)` for each batch of it. An extra that sizes arrays by the
     sequences in `start` sets `needs_sequences = True`: the scan then lists them in a
     first pass (otherwise the sequence index grows as the batches come, and `batch.seq`
-    numbers a sequence by its place among those seen so far)."""
+    numbers a sequence by its place among those seen so far). One whose `add` reads only
+    the batch and its own state sets `beside = True`: it then runs in the pass's worker
+    thread (`Aggregates.side_thread`), its results read after `Scanner.finish`."""
 
     columns: tuple[str, ...]
 
@@ -548,7 +550,7 @@ class Aggregates:
         if side is not None:
             side.close()
 
-    def _later(self, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
+    def later(self, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
         """fn(*args, **kw) in the worker thread when there is one, else now."""
         if self._side is None:
             fn(*args, **kw)
@@ -675,9 +677,9 @@ class Aggregates:
         if self.coarse:
             self.rows_bucket += rows
             for c, acc in self.coarse.items():
-                self._later(acc.add, b.column(c), b.bucket_all, rows)
+                self.later(acc.add, b.column(c), b.bucket_all, rows)
         if "eps_hat" in b.rows:  # every row; NaN (imports) ignored
-            self._later(self.eps_hat_acc.add, b.rows["eps_hat"])
+            self.later(self.eps_hat_acc.add, b.rows["eps_hat"])
         c = self.candidates
         if c is not None and c.floor is None and b.m:
             c.set_floor(self._guess_eps(b))
@@ -720,9 +722,9 @@ class Aggregates:
         self.sxy += v["sxy"]
         self.syy += v["syy"]
         self.max_ad = max(self.max_ad, v["max_ad"])
-        self._later(self.q_ad.add, ad, b.bucket, finite=True)
+        self.later(self.q_ad.add, ad, b.bucket, finite=True)
         self.n_cover_inf += int(v["n_cover_inf"])
-        self._later(self.q_cover.add, cover)
+        self.later(self.q_cover.add, cover)
         # the RL metrics' token sums (metrics.py: c = -delta clamped to +-20, r = exp(c))
         self.sum_k2 += v["sum_k2"]
         self.sum_k3 += v["sum_k3"]
@@ -1129,15 +1131,18 @@ class Scanner:
         if not self.first_pass:
             agg.add_sequences(first if grouped else np.unique(sid))
         if grouped and sid.size:
-            at = np.searchsorted(agg.seq_ids, first).astype(np.int64, copy=False)  # [r]
-            seq = np.repeat(at, np.diff(np.r_[starts, sid.size]))
-            b = Batch(rows, seq, self.by, self.edges)
-            b.__dict__["seqs"] = BatchSeqs.grouped(seq, starts)
+            at = np.searchsorted(agg.seq_ids, first)  # [r] each run's sequence index
+            seqs = BatchSeqs.grouped(at, starts, sid.size)
+            b = Batch(rows, seqs.seq, self.by, self.edges)
+            b.__dict__["seqs"] = seqs
         else:
             b = Batch(rows, SeqIndex(agg.seq_ids).codes(sid), self.by, self.edges)
         agg.add(b)
         for x in self.extras:
-            x.add(b)
+            if getattr(x, "beside", False):
+                agg.later(x.add, b)
+            else:
+                x.add(b)
 
     def close(self) -> None:
         """Stop the worker thread of a pass left unfinished (an error, an interrupt)."""

@@ -224,6 +224,8 @@ class GroupAccumulator:
     numbered as they first appear and sorted by value at the end; rows whose key is null
     are left out. An `Extra` of `scan` (its `columns` are the key)."""
 
+    beside = True  # `add` reads only the batch: it may run in the scan's worker thread
+
     def __init__(self, key: str, tail: float = DEFAULT_TAIL) -> None:
         self.key, self.tail = key, float(tail)
         self.columns: tuple[str, ...] = (key,)

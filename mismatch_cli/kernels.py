@@ -8,6 +8,8 @@ reading them (docs/architecture.md, "Performance on real-shaped runs").
 - `bucket_codes`: each token's probability bucket; `row_sums` the same with the rows per
   bucket and per sequence and the sequences' sums of 1 - p;
 - `group_sums`: per-bucket sums and non-finite counts of a column (the distribution level);
+- `run_starts` / `expand_runs`: a batch's runs of one sequence, and its rows' sequence
+  indices from them;
 - `keyed_sums`: the per-group sums of `report --group-by` and `by_position`;
 - `finite_sums`: every token sum `aggregates.Aggregates` takes of a batch's finite tokens
   (bucket x tail moments, the fit's sums, the RL metrics' sums, the eps each token needs,
@@ -43,10 +45,12 @@ SUMS = (
 _KERNELS = (
     "any_negative",
     "bucket_codes",
+    "expand_runs",
     "finite_sums",
     "group_sums",
     "keyed_sums",
     "row_sums",
+    "run_starts",
     "sketch_add",
 )
 

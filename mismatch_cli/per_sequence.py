@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
+
 
 @dataclass(frozen=True)
 class Segments:
@@ -127,12 +129,12 @@ class SeqIndex:
 def runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The runs of equal values of x [n]: (first row of each [r], its value [r]). x is
     grouped in ascending order (the writers' order) exactly when the values strictly rise."""
-    x = np.asarray(x)
-    if not x.size:
-        return np.empty(0, np.intp), x[:0]
-    starts = np.flatnonzero(x[1:] != x[:-1])
-    starts += 1
-    starts = np.r_[0, starts]
+    x = np.ascontiguousarray(x)
+    if x.dtype.kind in "iuf":  # one compiled pass
+        out = np.empty(x.size, np.intp)
+        starts = out[: kernels.run_starts(x, out)]
+    else:
+        starts = np.flatnonzero(np.r_[x.size > 0, x[1:] != x[:-1]])
     return starts, x[starts]
 
 
@@ -161,14 +163,14 @@ class BatchSeqs:
         self.part = Segments.of(local, self.ids.size)
 
     @classmethod
-    def grouped(cls, seq: np.ndarray, starts: np.ndarray) -> BatchSeqs:
-        """`BatchSeqs(seq)` for seq [n] (int64) already known ascending, whose runs start at
-        `starts` [r] (`runs`): no pass over the rows to find them again."""
+    def grouped(cls, at: np.ndarray, starts: np.ndarray, n: int) -> BatchSeqs:
+        """`BatchSeqs(seq)` for n rows in runs of one sequence each (first rows `starts` [r],
+        `runs`), run j of sequence index at[j] (ascending): seq and local in one compiled
+        pass, the runs not searched again."""
         self = cls.__new__(cls)
-        self.seq = seq
-        first = int(seq[0])
-        self.ids = np.arange(first, int(seq[-1]) + 1)
-        self.local = seq - first
+        self.seq, self.local = np.empty(n, np.int64), np.empty(n, np.int64)
+        kernels.expand_runs(np.ascontiguousarray(at, np.int64), starts, self.seq, self.local)
+        self.ids = np.arange(int(at[0]), int(at[-1]) + 1)
         whole = starts.size == self.ids.size  # every sequence in between has rows here
         self.part = Segments(self.local, self.ids.size, starts if whole else None)
         return self

@@ -190,3 +190,25 @@ def test_a_failed_pass_leaves_no_worker_thread(run: Path, tmp_path: Path) -> Non
         scan(report_tokens(bad, 100), edges=parse_edges(None))  # batches fed before it
     after = {t.name for t in threading.enumerate()} - before
     assert not any(n.startswith("mismatch-side") for n in after), after
+
+
+def test_runs_and_their_rows_equal_numpy() -> None:
+    """A batch's runs of one sequence (the compiled pass, and numpy's for other dtypes) and
+    each row's sequence index from them."""
+    from mismatch_cli.per_sequence import BatchSeqs, runs
+
+    sid = np.array([7, 7, 9, 9, 9, 12, 15, 15], np.int64)
+    starts, first = runs(sid)
+    np.testing.assert_array_equal(starts, [0, 2, 5, 6])
+    np.testing.assert_array_equal(first, [7, 9, 12, 15])
+    s2, f2 = runs(sid.astype(str))  # not a number: numpy's way, the same runs
+    np.testing.assert_array_equal(s2, starts)
+    assert runs(np.empty(0, np.int64))[0].size == 0
+    at = np.array([3, 4, 6, 7])  # sequence 5 has no row in this batch
+    bs = BatchSeqs.grouped(at, starts, sid.size)
+    np.testing.assert_array_equal(bs.seq, [3, 3, 4, 4, 4, 6, 7, 7])
+    np.testing.assert_array_equal(bs.local, bs.seq - 3)
+    np.testing.assert_array_equal(bs.ids, [3, 4, 5, 6, 7])
+    want = BatchSeqs(bs.seq)
+    v = np.arange(sid.size, dtype=np.float64)
+    np.testing.assert_array_equal(bs.part.sum(v), want.part.sum(v))
