@@ -298,20 +298,20 @@ def finite_sums(
         if math.isinf(c):
             n_inf += 1
         # metrics.py: the log-ratio -delta clamped, k3 unclamped, r = exp(clamped), and
-        # expm1(2 c) = r^2 - 1; inside the clamp all three come from one expm1(c) = r - 1
-        # (r = 1 + expm1(c) within an ulp of exp(c), (r - 1)(r + 1) without cancellation)
+        # expm1(2 c) = (r - 1)(r + 1); inside the clamp k3 and the latter come from one
+        # expm1(c), without cancellation (r itself is exp: 1 + expm1(c) loses its relative
+        # precision near c = -20 and can move r across a cap)
         lr = -di
         if -clamp <= lr <= clamp:
             cl = lr
             em1 = math.expm1(lr)
             k3i = em1 - lr
-            r = 1.0 + em1
             chi = em1 * (em1 + 2.0)
         else:
             cl = min(max(lr, -clamp), clamp)
             k3i = math.expm1(lr) - lr
-            r = math.exp(cl)
             chi = math.expm1(2.0 * cl)
+        r = math.exp(cl)
         k3[i] = k3i
         sum_k3 += k3i
         sum_k2 += cl * cl

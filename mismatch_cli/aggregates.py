@@ -441,8 +441,9 @@ class Extra(Protocol):
 
 class _Side:
     """A worker thread that runs accumulator adds beside the main pass (the quantile
-    sketches and the distribution-level columns, whose compiled loops release the GIL), so
-    that on two cores they overlap the rest of the batch's work. Tasks run in the order
+    sketches, the distribution-level columns, extras with `beside`; their compiled loops
+    and numpy release the GIL, their Python does not), so that on two cores they overlap
+    the rest of the batch's work. Tasks run in the order
     given; at most two batches' tasks are pending (their arrays held), and `settle` waits
     for every one (raising the first error) before anything reads what they add into."""
 
@@ -459,6 +460,8 @@ class _Side:
                 f.result()
 
     def run(self, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
+        if not self._batches:
+            self._batches.append([])
         self._batches[-1].append(self._pool.submit(fn, *args, **kw))
 
     def settle(self) -> None:
@@ -605,7 +608,8 @@ class Aggregates:
         names = ("seq_ids", *self._PER_SEQUENCE)
         buf = self.__dict__.setdefault("_seq_buffers", {})
         id_type = np.result_type(self.seq_ids.dtype, ids.dtype)
-        if not buf or buf["seq_ids"].size < S + k or buf["seq_ids"].dtype != id_type:
+        views = buf and all(getattr(self, n).base is buf[n] for n in names)  # not after a copy
+        if not views or buf["seq_ids"].size < S + k or buf["seq_ids"].dtype != id_type:
             # room for twice as many: appending a batch's sequences copies nothing, where
             # growing every array by concatenation cost O(S) per batch (O(S^2) per pass)
             cap = max(2 * (S + k), 1024)

@@ -254,7 +254,28 @@ def _lockstep(
     (a's aggregates or None, b's aggregates, the moves; None when the rows did not pair
     row for row, and `moved` joins them in a pass of its own)."""
     sa = Scanner(src_a, edges=edges) if scan_a else None
-    sb = Scanner(src_b, edges=edges)
+    try:
+        sb = Scanner(src_b, edges=edges)
+    except BaseException:
+        if sa is not None:
+            sa.close()
+        raise
+    try:
+        return _lockstep_pass(src_a, src_b, edges, sa, sb)
+    finally:  # an error anywhere, finish's included: no worker thread left running
+        for sc in (sa, sb):
+            if sc is not None:
+                sc.close()
+
+
+def _lockstep_pass(
+    src_a: TokenBatches,
+    src_b: TokenBatches,
+    edges: np.ndarray,
+    sa: Scanner | None,
+    sb: Scanner,
+) -> tuple[Aggregates | None, Aggregates, _Moves | None]:
+    """`_lockstep`'s pass, its scanners made (and closed) by it."""
     moves: _Moves | None = None
     if src_a.num_rows == src_b.num_rows and all(
         c in src.columns for src in (src_a, src_b) for c in _MOVE_COLUMNS
@@ -285,11 +306,6 @@ def _lockstep(
                 moves = None
                 if sa is not None:
                     sa.feed(ra)
-    except BaseException:
-        for sc in (sa, sb):
-            if sc is not None:
-                sc.close()  # their worker threads
-        raise
     finally:
         for it in (it_a, it_b):
             if it is not None:

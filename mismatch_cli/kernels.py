@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# the scalar sums `finite_sums` returns, in this order (aggregates.Aggregates reads them)
+# the scalar sums `finite_sums` writes, in this order (aggregates.Aggregates reads them)
 SUMS = (
     "sum_ad", "sxx", "sxy", "syy", "max_ad", "n_cover_inf",
     "sum_k2", "sum_k3", "sum_r", "sum_r2", "min_r", "max_r", "sum_chi2", "n_outside",

@@ -85,6 +85,8 @@ class QuantileSketch:
         if kernels.any_negative(x):
             raise ValueError("QuantileSketch takes non-negative values")
         g = None if group is None else np.ascontiguousarray(group, np.intp)
+        if g is not None and (g.size != x.size or g.min() < 0 or g.max() >= self.groups):
+            raise ValueError(f"groups must be {x.size} labels in 0..{self.groups - 1}")
         none = np.empty(0, np.intp)
         args = (self.counts, self.zeros, self.min, self.max, self._inv_log_gamma, self._k0)
         logs = np.empty(min(x.size, _LOG_BLOCK))

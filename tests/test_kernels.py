@@ -201,7 +201,7 @@ def test_runs_and_their_rows_equal_numpy() -> None:
     starts, first = runs(sid)
     np.testing.assert_array_equal(starts, [0, 2, 5, 6])
     np.testing.assert_array_equal(first, [7, 9, 12, 15])
-    s2, f2 = runs(sid.astype(str))  # not a number: numpy's way, the same runs
+    s2, _ = runs(sid.astype(str))  # not a number: numpy's way, the same runs
     np.testing.assert_array_equal(s2, starts)
     assert runs(np.empty(0, np.int64))[0].size == 0
     at = np.array([3, 4, 6, 7])  # sequence 5 has no row in this batch
@@ -212,3 +212,30 @@ def test_runs_and_their_rows_equal_numpy() -> None:
     want = BatchSeqs(bs.seq)
     v = np.arange(sid.size, dtype=np.float64)
     np.testing.assert_array_equal(bs.part.sum(v), want.part.sum(v))
+
+
+def test_a_group_out_of_range_is_refused() -> None:
+    s = QuantileSketch(groups=2)
+    for bad in ([2], [-1]):
+        with pytest.raises(ValueError, match=r"labels in 0\.\.1"):
+            s.add(np.array([1.0]), np.array(bad))
+    assert s.count.sum() == 0
+
+
+def test_per_sequence_sums_survive_a_pickle_between_batches() -> None:
+    """The per-sequence arrays are views of buffers with room to spare; a pickled (or
+    copied) Aggregates has arrays of its own, and growing it keeps what was added."""
+    import pickle
+
+    from mismatch_cli.aggregates import Aggregates
+    from mismatch_cli.quantiles import QuantileAccumulator
+
+    agg = Aggregates(parse_edges(None), "train", 0.1, np.empty(0, np.int64), QuantileAccumulator())
+    agg.extend_sequences(np.array([0, 1, 2]))
+    agg.seq_n[2] += 5
+    back = pickle.loads(pickle.dumps(agg))
+    back.seq_n[2] += 7
+    back.add_sequences(np.array([2, 3]))
+    np.testing.assert_array_equal(back.seq_n, [0, 0, 12, 0])
+    np.testing.assert_array_equal(back.seq_ids, [0, 1, 2, 3])
+    np.testing.assert_array_equal(agg.seq_n, [0, 0, 5])  # the original is untouched
