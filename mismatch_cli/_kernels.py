@@ -368,16 +368,3 @@ def finite_sums(
     )  # fmt: skip
     for j in range(len(vals)):
         out[j] = vals[j]
-
-
-__all__ = [
-    "any_negative",
-    "bucket_codes",
-    "expand_runs",
-    "finite_sums",
-    "group_sums",
-    "keyed_sums",
-    "row_sums",
-    "run_starts",
-    "sketch_add",
-]

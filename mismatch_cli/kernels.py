@@ -42,7 +42,7 @@ SUMS = (
     "sum_dp", "max_dp", "sum_pt", "sum_pi", "m2_ad", "m2_pt", "m2_pi", "co_p", "n_cand",
 )  # fmt: skip
 
-_KERNELS = (
+_KERNELS = (  # the public functions of `_kernels`
     "any_negative",
     "bucket_codes",
     "expand_runs",
