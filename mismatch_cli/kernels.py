@@ -11,6 +11,8 @@ reading them (docs/architecture.md, "Performance on real-shaped runs").
 - `run_starts` / `expand_runs`: a batch's runs of one sequence, and its rows' sequence
   indices from them;
 - `keyed_sums`: the per-group sums of `report --group-by` and `by_position`;
+- `segment_rows`: per-sequence float64 sums of a [n, G] grid (the pruned-mass columns);
+- `split_sums`: a column's sums over the rows a correction keeps and those it masks;
 - `finite_sums`: every token sum `aggregates.Aggregates` takes of a batch's finite tokens
   (bucket x tail moments, the fit's sums, the RL metrics' sums, the eps each token needs,
   the per-sequence partial sums), two loops over the batch instead of ~60 numpy passes.
@@ -51,7 +53,9 @@ _KERNELS = (  # the public functions of `_kernels`
     "keyed_sums",
     "row_sums",
     "run_starts",
+    "segment_rows",
     "sketch_add",
+    "split_sums",
 )
 
 
