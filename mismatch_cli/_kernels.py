@@ -255,8 +255,11 @@ def keyed_sums(
 
 
 @njit(**_JIT)
-def finite_sums(
+def finite_loop(
     d: np.ndarray,
+    ea: np.ndarray,
+    em1: np.ndarray,
+    rr: np.ndarray,
     p: np.ndarray,
     pt: np.ndarray,
     pi: np.ndarray,
@@ -287,9 +290,12 @@ def finite_sums(
     cand: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """One batch's finite tokens: delta d, the `by` side's p, p_train pt, p_infer pi, bucket
-    (intp), local (the batch-local sequence of each token), all [m]. Writes |delta| `ad`,
-    1 - p `x`, k3_t `k3` and the eps each token needs `cover` ([m] each, theory.eps_to_cover);
+    """The loop of `kernels.finite_sums`, which computes the transcendental functions first
+    with numpy: delta d, expm1|delta| `ea`, expm1(-delta) `em1`, exp(-delta clamped) `rr`,
+    the `by` side's p, p_train pt, p_infer pi, bucket (intp), local (the batch-local
+    sequence of each token), all [m]; |delta| `ad` read. Writes 1 - p `x`, k3_t `k3` and
+    the argument of the log1p of the eps each token needs `cover` ([m] each,
+    theory.eps_to_cover: expm1|delta| / max(1 - p, 0), 0 at delta 0);
     per flat group bucket * 2 + (p < tail) [groups]: the count `g_n`, mean and M2 of delta,
     sums of |delta| and of 1 - p; tokens with r above each cap [len(caps)]; per batch-local
     sequence [seqs]: finite tokens, sums of delta and |delta|, tail tokens and their delta.
@@ -314,11 +320,11 @@ def finite_sums(
     ncap = caps.size
     for i in range(m):
         di = d[i]
-        a = abs(di)
+        a = ad[i]
         xi = 1.0 - p[i]
         is_tail = p[i] < tail
         gi = bucket[i] * 2 + (1 if is_tail else 0)
-        ad[i], x[i] = a, xi
+        x[i] = xi
         g_n[gi] += 1
         g_mean[gi] += di  # the sum, divided below
         g_ad[gi] += a
@@ -329,9 +335,10 @@ def finite_sums(
         syy += a * a
         if a > max_ad:
             max_ad = a
-        # theory.eps_to_cover: log(1 + (exp(|delta|) - 1) / max(1 - p, 0)) / 2, 0 at delta 0
+        # theory.eps_to_cover: log(1 + (exp(|delta|) - 1) / max(1 - p, 0)) / 2, 0 at delta 0;
+        # its log1p and halving come after (numpy), inf stays inf
         if a > 0.0:
-            c = 0.5 * math.log1p(math.expm1(a) / max(xi, 0.0))
+            c = ea[i] / max(xi, 0.0)
         else:
             c = 0.0
         cover[i] = c
@@ -342,16 +349,15 @@ def finite_sums(
         # expm1(c), without cancellation (r itself is exp: 1 + expm1(c) loses its relative
         # precision near c = -20 and can move r across a cap)
         lr = -di
+        e = em1[i]
+        k3i = e - lr
         if -clamp <= lr <= clamp:
             cl = lr
-            em1 = math.expm1(lr)
-            k3i = em1 - lr
-            chi = em1 * (em1 + 2.0)
+            chi = e * (e + 2.0)
         else:
             cl = min(max(lr, -clamp), clamp)
-            k3i = math.expm1(lr) - lr
             chi = math.expm1(2.0 * cl)
-        r = math.exp(cl)
+        r = rr[i]
         k3[i] = k3i
         sum_k3 += k3i
         sum_k2 += cl * cl
