@@ -195,6 +195,61 @@ def segment_rows(values: np.ndarray, starts: np.ndarray, out: np.ndarray) -> Non
 
 
 @njit(**_JIT)
+def level_sums(
+    L: np.ndarray,
+    fin: np.ndarray,
+    absd: np.ndarray,
+    d: np.ndarray,
+    k3: np.ndarray,
+    outside: np.ndarray,
+    n: np.ndarray,
+    sums: np.ndarray,
+    level_max: np.ndarray,
+) -> None:
+    """A sweep batch's sums per level L [n] (each row's, >= 0): rows per level `n` [nb]
+    (added into); finite rows (fin [n] bool), |delta| `absd`, delta `d`, k3 `k3` [n] and rows
+    outside the ratio band (outside [n] bool) per level, `sums` [5, nb] (written); the
+    largest finite |delta| per level `level_max` [nb] (maxed into). Replaced six weighted
+    `np.bincount`s (each cast L and the bool weights first) and `np.maximum.at`; the sums
+    run over the rows in order, as bincount's do."""
+    sums[:] = 0.0
+    for i in range(L.size):
+        lv = L[i]
+        n[lv] += 1
+        a = absd[i]
+        if fin[i]:
+            sums[0, lv] += 1.0
+            if a > level_max[lv]:
+                level_max[lv] = a
+        sums[1, lv] += a
+        sums[2, lv] += d[i]
+        sums[3, lv] += k3[i]
+        if outside[i]:
+            sums[4, lv] += 1.0
+
+
+@njit(**_JIT)
+def column_stats(values: np.ndarray, total: np.ndarray, mx: np.ndarray) -> None:
+    """total[g] += the float64 sum of column g of values [n, G], the rows added in order
+    (numpy's order for `values.sum(axis=0, dtype=np.float64)` of a C-ordered array);
+    mx[g] = max(mx[g], the column's max), NaN kept as `np.maximum` keeps it. One pass over
+    the grid instead of numpy's two (its float32 -> float64 cast buffered, ~6 ms per
+    10^6 x 24 values each)."""
+    n, G = values.shape
+    t = np.zeros(G)
+    m = mx.copy()
+    for i in range(n):
+        for g in range(G):
+            v = values[i, g]
+            t[g] += v
+            if v > m[g] or v != v:
+                m[g] = v
+    for g in range(G):
+        total[g] += t[g]
+        mx[g] = m[g]
+
+
+@njit(**_JIT)
 def group_sums(v: np.ndarray, g: np.ndarray, nonfinite: np.ndarray, sums: np.ndarray) -> None:
     """Per group (g [n], intp): add the sum of the finite values of v [n] into sums [G] and
     the count of the others (NaN, +-inf) into nonfinite [G], in one pass."""

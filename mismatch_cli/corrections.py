@@ -277,8 +277,9 @@ class Summary:
         def sides(x: np.ndarray, total: float) -> tuple[float, float]:
             """(sum over the kept rows, over the masked rows), both summed directly in one
             pass: a total minus the other side would leave rounding of the order of the
-            total (a k3 left of 3e-15 where every kept token has k3 = 0)."""
-            return kernels.split_sums(mask, np.ascontiguousarray(x, dtype=np.float64))
+            total (a k3 left of 3e-15 where every kept token has k3 = 0). x as it is (bool,
+            float32 or float64: the kernel adds each value in float64), not cast first."""
+            return kernels.split_sums(mask, np.ascontiguousarray(x))
 
         def kept_sum(x: np.ndarray, total: float) -> float:
             return sides(x, total)[0]

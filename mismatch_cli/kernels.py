@@ -13,6 +13,8 @@ reading them (docs/architecture.md, "Performance on real-shaped runs").
 - `keyed_sums`: the per-group sums of `report --group-by` and `by_position`;
 - `segment_rows`: per-sequence float64 sums of a [n, G] grid (the pruned-mass columns);
 - `split_sums`: a column's sums over the rows a correction keeps and those it masks;
+- `level_sums` / `column_stats`: a sweep batch's sums and maxima per level, and the totals
+  and maxima of its pruned-mass grid (the sweep, `plot` and `corrections` share them);
 - `finite_sums`: every token sum `aggregates.Aggregates` takes of a batch's finite tokens
   (bucket x tail moments, the fit's sums, the RL metrics' sums, the eps each token needs,
   the per-sequence partial sums), two loops over the batch (`finite_loop`) instead of ~60
@@ -51,10 +53,12 @@ SUMS = (
 _KERNELS = (  # the public functions of `_kernels`
     "any_negative",
     "bucket_codes",
+    "column_stats",
     "expand_runs",
     "finite_loop",
     "group_sums",
     "keyed_sums",
+    "level_sums",
     "row_sums",
     "run_starts",
     "segment_rows",

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import metrics
+from . import kernels, metrics
 from .errors import MismatchError
 from .formatting import number_list
 from .per_sequence import BatchSeqs, SeqIndex
@@ -401,18 +401,17 @@ class SweepAccumulator:
         self.num_tokens += int(delta.size)
         self.num_infinite += int(np.count_nonzero(~(support & fin)))
         self.total_abs += float(absd.sum())
-        self.n += np.bincount(L, minlength=nb)
-        for k, w in (("fin", fin), ("abs", absd), ("d", d), ("k3", k3), ("out", outside)):
-            self.sums[k] += np.bincount(L, weights=w, minlength=nb)
-        np.maximum.at(self.level_max, L, np.where(fin, absd, -np.inf))
+        part = np.empty((len(self.sums), nb))  # [5, nb] this batch's sums per level
+        kernels.level_sums(L, fin, absd, d, k3, outside, self.n, part, self.level_max)
+        for k, row in zip(self.sums, part, strict=True):  # fin, abs, d, k3, out
+            self.sums[k] += row
         bs = BatchSeqs(seq) if bs is None else bs
         bs.minimum(self.seq_min_L, L)
         bs.maximum(self.seq_max_L, np.where(fin, L, -1).astype(np.int16))
         k = bs.ids.size
         M = np.bincount(bs.local * nb + L, weights=d, minlength=k * nb)  # [k * nb]
         self.seq_sum[bs.ids] += M.reshape(k, nb)
-        self.mass_total += mass.sum(axis=0, dtype=np.float64)
-        np.maximum(self.mass_max, mass.max(axis=0), out=self.mass_max)
+        kernels.column_stats(np.ascontiguousarray(mass), self.mass_total, self.mass_max)
         bs.add_rows(self.mass_seq, mass)
         self.quantiles.add(absd[fin], L[fin])
 

@@ -239,3 +239,59 @@ def test_per_sequence_sums_survive_a_pickle_between_batches() -> None:
     np.testing.assert_array_equal(back.seq_n, [0, 0, 12, 0])
     np.testing.assert_array_equal(back.seq_ids, [0, 1, 2, 3])
     np.testing.assert_array_equal(agg.seq_n, [0, 0, 5])  # the original is untouched
+
+
+def test_sweep_level_sums_equal_the_bincounts_they_replaced() -> None:
+    """`level_sums`: a sweep batch's per-level counts, sums and maxima are the weighted
+    bincounts and `np.maximum.at` of before, bit for bit (both sum the rows in order)."""
+    rng = np.random.default_rng(3)
+    n, nb = 5000, 26
+    L = rng.integers(0, nb, n).astype(np.int16)
+    fin = rng.random(n) > 0.1
+    delta = np.where(fin, rng.normal(0, 0.3, n), np.inf)
+    absd, d = np.where(fin, np.abs(delta), 0.0), np.where(fin, delta, 0.0)
+    k3 = np.expm1(d) - d
+    outside = fin & (np.abs(d) > math.log(2))
+    counts, level_max = np.full(nb, 7, np.int64), np.full(nb, -np.inf)
+    level_max[3] = 99.0  # an earlier batch's maximum stays
+    sums = np.full((5, nb), np.nan)  # written, not added into
+    K.level_sums(L, fin, absd, d, k3, outside, counts, sums, level_max)
+    np.testing.assert_array_equal(counts, 7 + np.bincount(L, minlength=nb))
+    for row, w in zip(sums, (fin, absd, d, k3, outside), strict=True):
+        np.testing.assert_array_equal(row, np.bincount(L, weights=w, minlength=nb))
+    want = np.full(nb, -np.inf)
+    want[3] = 99.0
+    np.maximum.at(want, L, np.where(fin, absd, -np.inf))
+    np.testing.assert_array_equal(level_max, want)
+
+
+def test_grid_column_stats_equal_numpy() -> None:
+    """`column_stats`: the pruned-mass grid's float64 column totals are numpy's
+    `sum(axis=0, dtype=float64)` bit for bit, its maxima `np.maximum`'s, NaN kept."""
+    rng = np.random.default_rng(4)
+    mass = rng.random((3001, 24)).astype(np.float32) * 1e-3
+    mass[17, 5] = np.nan
+    total, mx = np.full(24, 0.25), np.full(24, -np.inf)
+    mx[0] = 2.0  # an earlier batch's maximum stays
+    K.column_stats(mass, total, mx)
+    np.testing.assert_array_equal(total, 0.25 + mass.sum(axis=0, dtype=np.float64))
+    want = np.full(24, -np.inf)
+    want[0] = 2.0
+    np.testing.assert_array_equal(mx, np.maximum(want, mass.max(axis=0)))
+    assert np.isnan(mx[5]) and not np.isnan(mx[4])
+
+
+def test_split_and_segment_sums_equal_numpy() -> None:
+    """`split_sums` (a correction's kept and masked sums) and `segment_rows` (per-sequence
+    float64 sums of a grid) against numpy, to the order of float additions."""
+    rng = np.random.default_rng(5)
+    x, mask = rng.normal(size=1003), rng.random(1003) > 0.7
+    kept, masked = K.split_sums(mask, x)
+    assert kept == pytest.approx(x[~mask].sum(), rel=REL)
+    assert masked == pytest.approx(x[mask].sum(), rel=REL)
+    grid = rng.random((1003, 24)).astype(np.float32)
+    starts = np.array([0, 1, 400, 401, 1000], np.int64)
+    out = np.empty((starts.size, 24))
+    K.segment_rows(grid, starts, out)
+    want = np.add.reduceat(grid.astype(np.float64), starts, axis=0)
+    np.testing.assert_allclose(out, want, rtol=REL)
