@@ -179,6 +179,20 @@ def split_sums(mask: np.ndarray, x: np.ndarray) -> tuple[float, float]:
 
 
 @njit(**_JIT)
+def segment_counts(values: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
+    """out[s] = the sum, as a float64, of the bool or integer values [n] from starts[s] to
+    the next start (starts [S] ascending, the first 0): exact, as
+    `np.add.reduceat(values, starts, dtype=np.float64)` is, without its buffered cast."""
+    n, S = values.size, starts.size
+    for s in range(S):
+        stop = starts[s + 1] if s + 1 < S else n
+        c = 0
+        for i in range(starts[s], stop):
+            c += values[i]
+        out[s] = c
+
+
+@njit(**_JIT)
 def segment_rows(values: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
     """out[s] = the float64 sum of the rows of values [n, G] from starts[s] to the next start
     (starts [S] ascending, the first 0), in one pass over the rows (`np.add.reduceat` along

@@ -12,6 +12,7 @@ reading them (docs/architecture.md, "Performance on real-shaped runs").
   indices from them;
 - `keyed_sums`: the per-group sums of `report --group-by` and `by_position`;
 - `segment_rows`: per-sequence float64 sums of a [n, G] grid (the pruned-mass columns);
+  `segment_counts` the same of a bool or integer column;
 - `split_sums`: a column's sums over the rows a correction keeps and those it masks;
 - `level_sums` / `column_stats`: a sweep batch's sums and maxima per level, and the totals
   and maxima of its pruned-mass grid (the sweep, `plot` and `corrections` share them);
@@ -61,6 +62,7 @@ _KERNELS = (  # the public functions of `_kernels`
     "level_sums",
     "row_sums",
     "run_starts",
+    "segment_counts",
     "segment_rows",
     "sketch_add",
     "split_sums",

@@ -46,6 +46,10 @@ class Segments:
     def sum(self, values: np.ndarray) -> np.ndarray:
         """Per-sequence sum of values [N] (bool counts as 0/1) in float64. -> [S]"""
         if self.starts is not None:
+            if values.dtype.kind in "biu":  # counts: exact either way, without a cast
+                out = np.empty(self.num)
+                kernels.segment_counts(np.ascontiguousarray(values), self.starts, out)
+                return out
             return np.add.reduceat(values, self.starts, dtype=np.float64)
         return np.bincount(self.seq, weights=values, minlength=self.num)
 

@@ -295,3 +295,7 @@ def test_split_and_segment_sums_equal_numpy() -> None:
     K.segment_rows(grid, starts, out)
     want = np.add.reduceat(grid.astype(np.float64), starts, axis=0)
     np.testing.assert_allclose(out, want, rtol=REL)
+    flags = rng.random(1003) > 0.5
+    counted = np.empty(starts.size)
+    K.segment_counts(flags, starts, counted)
+    np.testing.assert_array_equal(counted, np.add.reduceat(flags, starts, dtype=np.float64))
