@@ -28,7 +28,7 @@ No torch here: the command must start fast.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from .formatting import fmt, params_text, pct
 from .per_sequence import BatchSeqs, SeqIndex, distinct
 from .quantiles import EXACT_LIMIT, KeyedQuantiles
 from .results import json_ready
-from .tokens import BATCH_ROWS, TokenBatches, frame_tokens, open_run_tokens
+from .tokens import BATCH_ROWS, TokenBatches, frame_tokens, open_run_tokens, prefetch
 
 LOG2 = math.log(2.0)
 
@@ -106,6 +106,12 @@ def _step_codes(values: np.ndarray, step: np.ndarray) -> np.ndarray:
     codes = np.full(step.shape, -1, dtype=np.int64)
     codes[~missing] = np.searchsorted(values, step[~missing])
     return codes
+
+
+def _ahead(src: TokenBatches, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[Any]:
+    """A file's batches decoded one ahead in a thread (`tokens.prefetch`: Arrow's decode
+    beside the numpy and compiled work on this batch); a frame's as they are."""
+    return prefetch(batches) if src.file is not None else batches
 
 
 def _prepare(
@@ -834,7 +840,7 @@ def corrections(
     sweeps = {r: sw.SweepAccumulator(r, g, S, exact_limit) for r in rules}
     cols = ["seq_id", "delta", *(["kept_train"] if "kept_train" in have else [])]
     cols += [c for c in sw.scalar_columns(rules, have) if c not in cols]
-    for b in src.read(cols, [sw.MASS_COLUMN[r] for r in rules]):
+    for b in _ahead(src, src.read(cols, [sw.MASS_COLUMN[r] for r in rules])):
         seq = seqs.codes(b["seq_id"])
         bs = BatchSeqs(seq)
         acc.add(_token_delta(b), bs)
@@ -876,7 +882,7 @@ def corrections(
     cols = [*BASE_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in have)]
     if not any(r == "min-p" for r, _ in dvp_live.values()) and "p_max_train" in cols:
         cols.remove("p_max_train")
-    for b in src.read(cols):
+    for b in _ahead(src, src.read(cols)):
         seq = seqs.codes(b["seq_id"])
         t = _prepare(b, seq, S, e, step_values)
         bs = BatchSeqs(seq)
