@@ -26,19 +26,22 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pandas as pd
 
 from . import kernels, theory
 from . import metrics as M
 from .errors import MismatchError
 from .formatting import number_list
+from .frames import is_frame
 from .per_sequence import BatchSeqs, SeqIndex, distinct, runs
 from .quantiles import EXACT_LIMIT, QuantileAccumulator, sketch_label
 from .schema import COARSE_COLUMNS
 from .tokens import BATCH_ROWS, TokenBatches, check_by, frame_tokens, open_run_tokens, prefetch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_EDGES: tuple[float, ...] = (
     0.0,
@@ -828,6 +831,8 @@ class Aggregates:
         mean 1 - p), frac_above_envelope (tokens with |delta| above the exact envelope at
         their own p), frac_above_first_order, share_abs_delta (the bucket's share of the
         run's sum |delta|). Empty buckets have count 0 and NaN statistics."""
+        import pandas as pd
+
         nb, e = self.nb, self.edges
         mom = self.delta.reduce(axis=1)  # [nb + 1] over head and tail
         count = mom.n[:nb]
@@ -938,6 +943,8 @@ class Aggregates:
 
     @cached_property
     def _sequences(self) -> pd.DataFrame:
+        import pandas as pd
+
         n_inf = self.seq_n - self.seq_n_fin.astype(np.int64)
         has_inf = n_inf > 0
         sum_d = np.where(has_inf, np.inf, self.seq_sum_d)
@@ -1018,6 +1025,8 @@ class Aggregates:
 
     def distribution_level(self) -> dict[str, Any] | None:
         """The distribution-level section (`distribution_level`); None without its columns."""
+        import pandas as pd
+
         if not self.coarse:
             return None
         nb, e = self.nb, self.edges
@@ -1064,7 +1073,7 @@ def report_tokens(
     """The token table `report` reads: a run (`tokens.open_run_tokens`: the report's
     columns; an incomplete run is refused unless `complete=False`, which reads it with a
     warning) or a DataFrame (the NEEDED_COLUMNS)."""
-    if isinstance(source, pd.DataFrame):
+    if is_frame(source):
         return frame_tokens(source, verb="report", needed=NEEDED_COLUMNS, batch_rows=batch_rows)
     return open_run_tokens(source, verb="report", batch_rows=batch_rows, complete=complete)
 

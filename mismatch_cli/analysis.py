@@ -23,10 +23,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from . import kernels, theory
 from . import metrics as M
@@ -51,6 +50,9 @@ from .runs import RunMeta
 from .schema import COARSE_COLUMNS, CONVENTIONS
 from .tokens import BATCH_ROWS, check_by
 from .verdict import verdict
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MAX_LENGTH_BINS = 8
 
@@ -151,6 +153,8 @@ def length_bins(seqs: pd.DataFrame, max_bins: int = MAX_LENGTH_BINS) -> pd.DataF
     mean_sum_delta, se_sum_delta, std_sum_delta. A linear drift of mean_sum_delta with
     length and a sqrt growth of its std are the accumulation of docs/theory.md, "Accumulation
     over a sequence"."""
+    import pandas as pd
+
     fin = seqs[np.isfinite(seqs["sum_delta"].to_numpy())]
     L = fin["num_tokens"].to_numpy(dtype=np.float64)
     y = fin["sum_delta"].to_numpy(dtype=np.float64)
@@ -239,6 +243,8 @@ class GroupAccumulator:
 
     def _keys(self, b: Batch) -> tuple[np.ndarray, list[Any]] | None:
         """The batch's rows as codes [n] into its distinct key values (-1 where null)."""
+        import pandas as pd
+
         codes, uniq = pd.factorize(b.rows[self.key])  # [n] batch-local, -1 where null
         return codes, (uniq.tolist() if hasattr(uniq, "tolist") else list(uniq))
 
@@ -266,6 +272,8 @@ class GroupAccumulator:
 
     def result(self) -> list[dict[str, Any]]:
         """`group_metrics`' rows, ascending by key value."""
+        import pandas as pd
+
         G = len(self._values)
         if not G:
             return []

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
+
+from .frames import is_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def json_ready(obj: Any) -> Any:
@@ -18,7 +22,7 @@ def json_ready(obj: Any) -> Any:
         return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_ready(v) for v in obj]
-    if isinstance(obj, pd.DataFrame):
+    if is_frame(obj):
         return json_ready(obj.to_dict(orient="records"))
     if isinstance(obj, np.ndarray):
         return json_ready(obj.tolist())
@@ -57,6 +61,8 @@ def _kv_frame(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 def write_report_csv(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Write each table of a report (`analysis.analyze`) as CSV into out_dir: buckets,
     bound, tail, accumulation, length_bins, metrics (`report --csv DIR`)."""
+    import pandas as pd
+
     from .runs import check_writable_dir
 
     out = Path(out_dir)

@@ -27,10 +27,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -49,6 +48,9 @@ from .schema import (
     TOKEN_COLUMNS,
     TOKENS_FILE,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # the process's umask, read once: files get the mode an open() would give
@@ -407,6 +409,8 @@ class RunDir:
         memory bounded by one part), then write sequences.parquet from `sequences` (the static
         per-completion columns; `sequence_frame` adds counts and sums). Both atomically.
         Returns the run's summary. Each sequence's token rows must lie in one part."""
+        import pandas as pd
+
         files = [self.part_path(tokens, i) for i in range(n_parts)]
         schema = pa.unify_schemas([pq.read_schema(f) for f in files]) if files else None
         sums, stats = [], _SummaryAccumulator()
@@ -492,6 +496,8 @@ def token_frame(columns: Mapping[str, Any]) -> pd.DataFrame:
     kept_train = logp_train is not -inf. Columns follow schema.TOKEN_COLUMNS' order, extras
     (step, env, advantage, ...) after them.
     """
+    import pandas as pd
+
     d = dict(columns)
     li = np.asarray(d["logp_infer"], dtype=np.float64)
     lt = np.asarray(d["logp_train"], dtype=np.float64)
@@ -513,6 +519,8 @@ def sequence_sums(tokens: pd.DataFrame | None) -> pd.DataFrame:
 
     bincount propagates inf / NaN: a sequence with a +inf delta sums to +inf, one holding
     both +inf and -inf to NaN (never 0, which would pass for "no mismatch")."""
+    import pandas as pd
+
     cols = ["seq_id", "num_tokens", *(k for k, _ in _SUMS)]
     if tokens is None or len(tokens) == 0:
         return pd.DataFrame(

@@ -14,14 +14,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import pandas as pd
 
 from .errors import MismatchError, first_line
+from .frames import import_beside, is_frame
 from .runs import RunMeta, finish_hint, open_run
 from .schema import TOKENS_FILE
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # The columns `report` reads from tokens.parquet (and nothing else).
 REQUIRED_COLUMNS: tuple[str, ...] = (
@@ -84,7 +87,7 @@ class TokenBatches:
         self.run: Path | None = None
         self.meta: RunMeta | None = None
         self.warnings: list[str] = []
-        if isinstance(source, pd.DataFrame):
+        if is_frame(source):
             self.frame: pd.DataFrame | None = source
             self.file: Path | None = None
             self.columns: list[str] = [str(c) for c in source.columns]
@@ -238,6 +241,7 @@ def prefetch(batches: Iterable[T], depth: int = 1) -> Iterator[T]:
     import queue
     import threading
 
+    import_beside()  # the tables at the pass's end need pandas: imported meanwhile
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
     done = object()
